@@ -1,0 +1,255 @@
+//! Memory presence: per-user sessions with expiry, status, last_seen, and room presence.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::{Memory, lock};
+use crate::backend::{
+    AppState, BackendResult, DevicePresence, Presence, SessionInfo, Status, SweepResult,
+    UserPresence,
+};
+use crate::event::now_ms;
+
+/// How long an offline user's last_seen and status are kept.
+const FORGET_AFTER_MS: i64 = 7 * 86_400 * 1000;
+
+#[derive(Default)]
+pub(super) struct PresenceState {
+    users: HashMap<Arc<str>, UserEntry>,
+    /// room -> user -> session -> expiry
+    rooms: HashMap<String, HashMap<String, HashMap<String, Instant>>>,
+}
+
+struct UserEntry {
+    sessions: HashMap<Arc<str>, (SessionInfo, Instant)>,
+    status: Status,
+    text: Option<String>,
+    last_seen: Option<i64>,
+}
+
+impl UserEntry {
+    fn new() -> Self {
+        UserEntry {
+            sessions: HashMap::new(),
+            status: Status::Online,
+            text: None,
+            last_seen: None,
+        }
+    }
+
+    fn view(&self, user: &str) -> UserPresence {
+        let mut devices: BTreeMap<&str, DevicePresence> = BTreeMap::new();
+        for (info, _) in self.sessions.values() {
+            let d = devices.entry(&info.device).or_insert_with(|| DevicePresence {
+                device: info.device.to_string(),
+                platform: info.platform.as_deref().map(str::to_string),
+                state: info.state,
+            });
+            // A device with any foreground session is in the foreground.
+            if info.state == AppState::Foreground {
+                d.state = AppState::Foreground;
+            }
+        }
+        let online = !self.sessions.is_empty();
+        UserPresence {
+            user: user.to_string(),
+            online,
+            status: self.status,
+            text: self.text.clone(),
+            devices: devices.into_values().collect(),
+            last_seen: if online { Some(now_ms()) } else { self.last_seen },
+        }
+    }
+}
+
+fn offline(user: &str) -> UserPresence {
+    UserPresence {
+        user: user.to_string(),
+        online: false,
+        status: Status::Online,
+        text: None,
+        devices: Vec::new(),
+        last_seen: None,
+    }
+}
+
+#[async_trait]
+impl Presence for Memory {
+    async fn connect(&self, info: &SessionInfo, ttl: Duration) -> BackendResult<bool> {
+        let mut p = lock(&self.presence);
+        let e = p.users.entry(info.user.clone()).or_insert_with(UserEntry::new);
+        let was_offline = e.sessions.is_empty();
+        e.sessions
+            .insert(info.session.clone(), (info.clone(), Instant::now() + ttl));
+        Ok(was_offline)
+    }
+
+    async fn disconnect(&self, user: &str, session: &str) -> BackendResult<Option<i64>> {
+        let mut p = lock(&self.presence);
+        let Some(e) = p.users.get_mut(user) else {
+            return Ok(None);
+        };
+        if e.sessions.remove(session).is_some() && e.sessions.is_empty() {
+            let now = now_ms();
+            e.last_seen = Some(now);
+            return Ok(Some(now));
+        }
+        Ok(None)
+    }
+
+    async fn heartbeat(&self, sessions: &[(Arc<str>, Arc<str>)], ttl: Duration) -> BackendResult<()> {
+        let mut p = lock(&self.presence);
+        let expiry = Instant::now() + ttl;
+        for (user, session) in sessions {
+            if let Some(e) = p.users.get_mut(user)
+                && let Some(s) = e.sessions.get_mut(session)
+            {
+                s.1 = expiry;
+            }
+        }
+        // Room presence entries of these sessions are refreshed too.
+        let wanted: std::collections::HashSet<&str> = sessions.iter().map(|(_, s)| &**s).collect();
+        for users in p.rooms.values_mut() {
+            for sess in users.values_mut() {
+                for (s, exp) in sess.iter_mut() {
+                    if wanted.contains(s.as_str()) {
+                        *exp = expiry;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()> {
+        let mut p = lock(&self.presence);
+        if let Some(e) = p.users.get_mut(user)
+            && let Some(s) = e.sessions.get_mut(session)
+        {
+            s.0.state = state;
+        }
+        Ok(())
+    }
+
+    async fn set_status(&self, user: &str, status: Status, text: Option<String>) -> BackendResult<()> {
+        let mut p = lock(&self.presence);
+        let e = p.users.entry(user.into()).or_insert_with(UserEntry::new);
+        e.status = status;
+        e.text = text;
+        Ok(())
+    }
+
+    async fn get(&self, users: &[String]) -> BackendResult<Vec<UserPresence>> {
+        let p = lock(&self.presence);
+        Ok(users
+            .iter()
+            .map(|u| p.users.get(u.as_str()).map_or_else(|| offline(u), |e| e.view(u)))
+            .collect())
+    }
+
+    async fn sweep(&self) -> BackendResult<SweepResult> {
+        let mut p = lock(&self.presence);
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let mut out = SweepResult::default();
+        p.users.retain(|user, e| {
+            let before = e.sessions.len();
+            e.sessions.retain(|_, (_, exp)| *exp > now);
+            if before > 0 && e.sessions.is_empty() {
+                e.last_seen = Some(now_ms);
+                out.offline.push((user.to_string(), now_ms));
+            }
+            // Forget long-gone users (bounded memory), like Redis' last_seen TTL.
+            !(e.sessions.is_empty() && e.last_seen.is_none_or(|t| now_ms - t > FORGET_AFTER_MS))
+                || e.status != Status::Online
+                || e.text.is_some()
+        });
+        p.rooms.retain(|room, users| {
+            users.retain(|user, sess| {
+                sess.retain(|_, exp| *exp > now);
+                if sess.is_empty() {
+                    out.room_left.push((room.clone(), user.clone()));
+                }
+                !sess.is_empty()
+            });
+            !users.is_empty()
+        });
+        Ok(out)
+    }
+
+    async fn online_count(&self) -> BackendResult<u64> {
+        let p = lock(&self.presence);
+        Ok(p.users.values().filter(|e| !e.sessions.is_empty()).count() as u64)
+    }
+
+    async fn online_page(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> BackendResult<(Vec<String>, Option<String>)> {
+        let p = lock(&self.presence);
+        let mut users: Vec<&str> = p
+            .users
+            .iter()
+            .filter(|(u, e)| !e.sessions.is_empty() && cursor.is_none_or(|c| &***u > c))
+            .map(|(u, _)| &**u)
+            .collect();
+        users.sort_unstable();
+        let more = users.len() > limit;
+        users.truncate(limit);
+        let next = if more { users.last().map(|u| u.to_string()) } else { None };
+        Ok((users.into_iter().map(str::to_string).collect(), next))
+    }
+
+    async fn room_join(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<bool> {
+        let mut p = lock(&self.presence);
+        let sess = p
+            .rooms
+            .entry(room.to_string())
+            .or_default()
+            .entry(user.to_string())
+            .or_default();
+        let new = sess.is_empty();
+        sess.insert(session.to_string(), Instant::now() + ttl);
+        Ok(new)
+    }
+
+    async fn room_leave(&self, room: &str, user: &str, session: &str) -> BackendResult<bool> {
+        let mut p = lock(&self.presence);
+        let Some(users) = p.rooms.get_mut(room) else {
+            return Ok(false);
+        };
+        let Some(sess) = users.get_mut(user) else {
+            return Ok(false);
+        };
+        let gone = sess.remove(session).is_some() && sess.is_empty();
+        if sess.is_empty() {
+            users.remove(user);
+        }
+        if users.is_empty() {
+            p.rooms.remove(room);
+        }
+        Ok(gone)
+    }
+
+    async fn room_users(&self, room: &str) -> BackendResult<Vec<String>> {
+        let p = lock(&self.presence);
+        let now = Instant::now();
+        let mut users: Vec<String> = p
+            .rooms
+            .get(room)
+            .map(|u| {
+                u.iter()
+                    .filter(|(_, s)| s.values().any(|exp| *exp > now))
+                    .map(|(u, _)| u.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        users.sort();
+        Ok(users)
+    }
+}

@@ -1,0 +1,236 @@
+//! Memory store: membership (+ reverse index), contacts, idempotency, unread, focus, devices,
+//! announcements.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{Memory, lock};
+use crate::backend::{Announcement, BackendResult, Idempotency, PushDevice, Store};
+use crate::event::Seq;
+
+#[derive(Default)]
+pub(super) struct StoreState {
+    members: HashMap<String, BTreeSet<String>>,
+    rooms_of: HashMap<String, BTreeSet<String>>,
+    contacts: HashMap<String, Vec<String>>,
+    idem: HashMap<String, (Option<Bytes>, Instant)>,
+    idem_pruned_at: usize,
+    countable: HashMap<String, BTreeSet<Seq>>,
+    read: HashMap<(String, String), Seq>,
+    /// room -> (user, session) -> expiry
+    focus: HashMap<String, HashMap<(String, String), Instant>>,
+    devices: HashMap<String, BTreeMap<String, PushDevice>>,
+    announcements: Vec<Announcement>,
+    announcement_cursor: HashMap<String, String>,
+}
+
+#[async_trait]
+impl Store for Memory {
+    async fn add_member(&self, room: &str, user: &str) -> BackendResult<bool> {
+        let mut s = lock(&self.store);
+        let new = s.members.entry(room.into()).or_default().insert(user.into());
+        s.rooms_of.entry(user.into()).or_default().insert(room.into());
+        Ok(new)
+    }
+
+    async fn remove_member(&self, room: &str, user: &str) -> BackendResult<bool> {
+        let mut s = lock(&self.store);
+        let was = s.members.get_mut(room).is_some_and(|m| m.remove(user));
+        if s.members.get(room).is_some_and(|m| m.is_empty()) {
+            s.members.remove(room);
+        }
+        if let Some(r) = s.rooms_of.get_mut(user) {
+            r.remove(room);
+            if r.is_empty() {
+                s.rooms_of.remove(user);
+            }
+        }
+        s.read.remove(&(user.to_string(), room.to_string()));
+        Ok(was)
+    }
+
+    async fn members(&self, room: &str) -> BackendResult<Vec<String>> {
+        let s = lock(&self.store);
+        Ok(s.members.get(room).map(|m| m.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> BackendResult<bool> {
+        let s = lock(&self.store);
+        Ok(s.members.get(room).is_some_and(|m| m.contains(user)))
+    }
+
+    async fn rooms_of(&self, user: &str) -> BackendResult<Vec<String>> {
+        let s = lock(&self.store);
+        Ok(s.rooms_of.get(user).map(|r| r.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn set_contacts(&self, user: &str, contacts: &[String]) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        let mut c: Vec<String> = contacts.to_vec();
+        c.sort();
+        c.dedup();
+        if c.is_empty() {
+            s.contacts.remove(user);
+        } else {
+            s.contacts.insert(user.into(), c);
+        }
+        Ok(())
+    }
+
+    async fn contacts(&self, user: &str) -> BackendResult<Vec<String>> {
+        let s = lock(&self.store);
+        Ok(s.contacts.get(user).cloned().unwrap_or_default())
+    }
+
+    async fn idem_begin(&self, key: &str, ttl: Duration) -> BackendResult<Idempotency> {
+        let mut s = lock(&self.store);
+        let now = Instant::now();
+        // Amortised pruning keeps the map bounded by the keys alive within their TTL.
+        if s.idem.len() > 1024 && s.idem.len() > 2 * s.idem_pruned_at {
+            s.idem.retain(|_, (_, exp)| *exp > now);
+            s.idem_pruned_at = s.idem.len();
+        }
+        match s.idem.get(key) {
+            Some((_, exp)) if *exp <= now => {}
+            Some((Some(reply), _)) => return Ok(Idempotency::Done(reply.clone())),
+            Some((None, _)) => return Ok(Idempotency::Pending),
+            None => {}
+        }
+        s.idem.insert(key.into(), (None, now + ttl));
+        Ok(Idempotency::Claimed)
+    }
+
+    async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        s.idem.insert(key.into(), (Some(reply), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn idem_release(&self, key: &str) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        if matches!(s.idem.get(key), Some((None, _))) {
+            s.idem.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        let set = s.countable.entry(room.into()).or_default();
+        set.insert(seq);
+        while set.len() > keep.max(1) {
+            set.pop_first();
+        }
+        Ok(())
+    }
+
+    async fn set_read(&self, user: &str, room: &str, seq: Seq) -> BackendResult<Seq> {
+        let mut s = lock(&self.store);
+        let p = s.read.entry((user.into(), room.into())).or_insert(0);
+        *p = (*p).max(seq);
+        Ok(*p)
+    }
+
+    async fn unread(&self, user: &str, rooms: &[String]) -> BackendResult<Vec<u64>> {
+        let s = lock(&self.store);
+        Ok(rooms
+            .iter()
+            .map(|room| {
+                let ptr = s.read.get(&(user.to_string(), room.clone())).copied().unwrap_or(0);
+                s.countable
+                    .get(room)
+                    .map_or(0, |set| set.range(ptr + 1..).count() as u64)
+            })
+            .collect())
+    }
+
+    async fn set_focus(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        s.focus
+            .entry(room.into())
+            .or_default()
+            .insert((user.into(), session.into()), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn clear_focus(&self, room: &str, user: &str, session: &str) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        if let Some(f) = s.focus.get_mut(room) {
+            f.remove(&(user.to_string(), session.to_string()));
+            if f.is_empty() {
+                s.focus.remove(room);
+            }
+        }
+        Ok(())
+    }
+
+    async fn focused(&self, room: &str) -> BackendResult<Vec<String>> {
+        let mut s = lock(&self.store);
+        let now = Instant::now();
+        let Some(f) = s.focus.get_mut(room) else {
+            return Ok(Vec::new());
+        };
+        f.retain(|_, exp| *exp > now);
+        let mut users: Vec<String> = f.keys().map(|(u, _)| u.clone()).collect();
+        users.sort();
+        users.dedup();
+        Ok(users)
+    }
+
+    async fn put_device(&self, user: &str, device: PushDevice) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        s.devices
+            .entry(user.into())
+            .or_default()
+            .insert(device.device.clone(), device);
+        Ok(())
+    }
+
+    async fn delete_device(&self, user: &str, device: &str) -> BackendResult<bool> {
+        let mut s = lock(&self.store);
+        let was = s.devices.get_mut(user).is_some_and(|d| d.remove(device).is_some());
+        if s.devices.get(user).is_some_and(|d| d.is_empty()) {
+            s.devices.remove(user);
+        }
+        Ok(was)
+    }
+
+    async fn devices(&self, user: &str) -> BackendResult<Vec<PushDevice>> {
+        let s = lock(&self.store);
+        Ok(s.devices.get(user).map(|d| d.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn add_announcement(&self, a: &Announcement) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        let now = crate::event::now_ms();
+        s.announcements.retain(|x| x.expires.is_none_or(|e| e > now));
+        s.announcements.push(a.clone());
+        // Bounded: the oldest never-expiring announcements go first past this many.
+        if s.announcements.len() > 1000 {
+            s.announcements.remove(0);
+        }
+        Ok(())
+    }
+
+    async fn announcements(&self, now: i64) -> BackendResult<Vec<Announcement>> {
+        let s = lock(&self.store);
+        Ok(s.announcements
+            .iter()
+            .filter(|a| a.expires.is_none_or(|e| e > now))
+            .cloned()
+            .collect())
+    }
+
+    async fn swap_announcement_cursor(&self, user: &str, id: &str) -> BackendResult<Option<String>> {
+        let mut s = lock(&self.store);
+        let prev = s.announcement_cursor.get(user).cloned();
+        if prev.as_deref().is_none_or(|p| p < id) {
+            s.announcement_cursor.insert(user.into(), id.into());
+        }
+        Ok(prev)
+    }
+}

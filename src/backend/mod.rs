@@ -1,0 +1,423 @@
+//! Shared state, one trait per concern: [`Broker`] (fan-out to every node, with the history append in the
+//! same atomic step), [`History`] (replay by seq), [`Presence`] (sessions, devices, status, room
+//! presence), [`Store`] (membership, contacts, idempotency, unread, focus, devices, announcements).
+//!
+//! No routing logic lives here, and nothing here imports `engine`, `transport` or `rules`. Every trait is
+//! async and batch-friendly, designed for Redis first; `memory` is the in-process implementation (the
+//! single-node product, and the reference the Redis implementation is tested against).
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::channels::ChannelName;
+use crate::event::{Position, Seq, StoredEvent};
+
+/// A backend failure. Every operation either completes or fails with nothing half-done.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The backend cannot be reached or did not answer in time (`unavailable`, HTTP 503).
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else (`internal`).
+    #[error("backend error: {0}")]
+    Internal(String),
+}
+
+/// Result of a backend operation.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// How much history a channel keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryLimits {
+    /// Most events kept (older ones are trimmed).
+    pub size: usize,
+    /// Oldest event replayed; enforced when reading.
+    pub age: Duration,
+}
+
+/// Who a live delivery skips: filters apply to live delivery only, never to history or replay.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryFilter {
+    /// Users whose sessions do not get the event live (e.g. the sender).
+    pub except: Vec<Arc<str>>,
+    /// When set, only sessions whose JWT `attrs` hold every one of these values get the event live
+    /// (targeted announcements on `global`).
+    pub audience: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+}
+
+impl DeliveryFilter {
+    /// True when `user` (with these JWT attrs) is excluded.
+    pub fn excludes(&self, user: &str, attrs: &serde_json::Map<String, serde_json::Value>) -> bool {
+        self.except.iter().any(|u| &**u == user)
+            || self.audience.as_ref().is_some_and(|a| !audience_admits(a, attrs))
+    }
+
+    /// True when the filter excludes no one.
+    pub fn is_empty(&self) -> bool {
+        self.except.is_empty() && self.audience.is_none()
+    }
+}
+
+/// True when every `audience` key equals the user's attr of the same name.
+pub fn audience_admits(
+    audience: &serde_json::Map<String, serde_json::Value>,
+    attrs: &serde_json::Map<String, serde_json::Value>,
+) -> bool {
+    audience.iter().all(|(k, v)| attrs.get(k) == Some(v))
+}
+
+/// What the broker hands to every node subscribed to a channel: the encoded frame, shared by every
+/// local recipient.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The channel.
+    pub channel: ChannelName,
+    /// `Some` for stored events (the frame carries the same epoch and seq).
+    pub position: Option<Position>,
+    /// Event type (SSE's `event:` line), or the frame type for non-event frames.
+    pub event: Arc<str>,
+    /// The complete frame, as the WebSocket sends it.
+    pub frame: Bytes,
+    /// Live-delivery filter.
+    pub filter: DeliveryFilter,
+}
+
+/// The receiving end of a node: the broker calls it for every delivery on a channel the node subscribed
+/// to, in `seq` order per channel. Must not block.
+pub trait DeliverySink: Send + Sync + 'static {
+    /// One delivery.
+    fn deliver(&self, delivery: Arc<Delivery>);
+}
+
+/// One publish to one channel.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Target channel.
+    pub channel: ChannelName,
+    /// Event type (or frame type for non-event frames).
+    pub event: Arc<str>,
+    /// For events: the body encoded once per publish (see [`crate::event::EventBody::encode`]); the
+    /// broker builds the frame with the seq it assigns. For non-event frames (`presence.changed`…): the
+    /// whole frame, with `persist` `None`.
+    pub payload: OutgoingPayload,
+    /// Store in history and assign a seq, with these limits; `None` = ephemeral.
+    pub persist: Option<HistoryLimits>,
+    /// Live-delivery filter.
+    pub filter: DeliveryFilter,
+}
+
+/// The payload of an [`Outgoing`].
+#[derive(Debug, Clone)]
+pub enum OutgoingPayload {
+    /// An event body; framed by [`crate::event::event_frame`].
+    EventBody(Bytes),
+    /// A complete frame sent as is (never stored).
+    Frame(Bytes),
+}
+
+/// Fan-out to every node, and the history append in the same step.
+///
+/// Guarantees: for a persisted publish, the seq is assigned, the event is stored and it is handed to every
+/// subscribed node's sink **atomically and in seq order per channel** (publishers on different nodes
+/// included). Delivery to sinks is at most once (Redis Pub/Sub); the engine heals gaps from history.
+/// An error means nothing was stored.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Sets the node's sink; called once at start, before any subscribe.
+    fn attach(&self, sink: Arc<dyn DeliverySink>);
+    /// Stores (when `persist`) and fans out. Returns the event's position when stored.
+    async fn publish(&self, msg: Outgoing) -> BackendResult<Option<Position>>;
+    /// This node wants deliveries for `channel` (the hub reference-counts and calls it once).
+    async fn subscribe(&self, channel: &ChannelName) -> BackendResult<()>;
+    /// This node no longer has local subscribers for `channel`.
+    async fn unsubscribe(&self, channel: &ChannelName) -> BackendResult<()>;
+    /// Checks the backend is reachable (`/readyz`).
+    async fn ping(&self) -> BackendResult<()>;
+}
+
+/// A page of history.
+#[derive(Clone, Debug)]
+pub struct HistoryPage {
+    /// The channel's position now.
+    pub position: Position,
+    /// The oldest seq still served (within size and age), or `position.seq + 1` when none is.
+    pub first_available: Seq,
+    /// Events, oldest first.
+    pub events: Vec<StoredEvent>,
+}
+
+/// Replayable, seq-numbered history per channel.
+///
+/// Guarantees: seqs are 1, 2, 3 … per epoch with no gap; an epoch changes only when history was lost;
+/// reads enforce the age limit and return events in seq order.
+#[async_trait]
+pub trait History: Send + Sync + 'static {
+    /// The channel's position, creating its metadata (with a fresh epoch, seq 0) when absent.
+    async fn position(&self, channel: &ChannelName) -> BackendResult<Position>;
+    /// Events with `after < seq <= until` (`until` = the last when `None`), at most `limit`, oldest first,
+    /// none older than `max_age`.
+    async fn read(
+        &self,
+        channel: &ChannelName,
+        after: Seq,
+        until: Option<Seq>,
+        limit: usize,
+        max_age: Duration,
+    ) -> BackendResult<HistoryPage>;
+}
+
+/// A device's app state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    /// On screen.
+    #[default]
+    Foreground,
+    /// Backgrounded (push policies may still notify it).
+    Background,
+}
+
+/// A user's custom status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Available.
+    #[default]
+    Online,
+    /// Away.
+    Away,
+    /// Busy.
+    Busy,
+    /// Do not disturb.
+    Dnd,
+}
+
+/// One live session as presence records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Globally unique session id.
+    pub session: Arc<str>,
+    /// User id.
+    pub user: Arc<str>,
+    /// Device id.
+    pub device: Arc<str>,
+    /// `web|ios|android|desktop`, when known.
+    pub platform: Option<Arc<str>>,
+    /// App state.
+    pub state: AppState,
+    /// Node the session is on.
+    pub node: Arc<str>,
+}
+
+/// A device as shown in `presence.changed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePresence {
+    /// Device id.
+    pub device: String,
+    /// Platform, when known.
+    pub platform: Option<String>,
+    /// App state.
+    pub state: AppState,
+}
+
+/// A user's presence: the `presence.changed` object without `type`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserPresence {
+    /// User id.
+    pub user: String,
+    /// Any live session.
+    pub online: bool,
+    /// Custom status.
+    pub status: Status,
+    /// Custom status text.
+    pub text: Option<String>,
+    /// Live devices (one entry per device, even with several sessions).
+    pub devices: Vec<DevicePresence>,
+    /// Unix ms: when last seen (now-ish while online; when they went offline otherwise). `None` = never.
+    pub last_seen: Option<i64>,
+}
+
+/// What one sweep found expired.
+#[derive(Clone, Debug, Default)]
+pub struct SweepResult {
+    /// Users whose last session expired, with their last_seen.
+    pub offline: Vec<(String, i64)>,
+    /// `(room, user)` pairs whose room presence expired.
+    pub room_left: Vec<(String, String)>,
+}
+
+/// Who is connected: per user and per device, with expiry, status and room presence.
+///
+/// Guarantees: `connect` returns true for exactly one of any set of concurrent first sessions of a
+/// user, and `disconnect`/`sweep` report "offline" exactly once when the last one goes. A session that
+/// is not refreshed by `heartbeat` within its TTL expires and is reported by the next `sweep` (on any
+/// node). Times are the backend's clock.
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// Registers (or refreshes) a session; true when the user was offline before.
+    async fn connect(&self, info: &SessionInfo, ttl: Duration) -> BackendResult<bool>;
+    /// Removes a session; `Some(last_seen)` when it was the user's last.
+    async fn disconnect(&self, user: &str, session: &str) -> BackendResult<Option<i64>>;
+    /// Extends the expiry of many sessions (one call per node per heartbeat). Sessions already expired
+    /// are not revived.
+    async fn heartbeat(&self, sessions: &[(Arc<str>, Arc<str>)], ttl: Duration) -> BackendResult<()>;
+    /// Sets a session's app state.
+    async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()>;
+    /// Sets a user's custom status.
+    async fn set_status(&self, user: &str, status: Status, text: Option<String>) -> BackendResult<()>;
+    /// Presence of many users (in the given order).
+    async fn get(&self, users: &[String]) -> BackendResult<Vec<UserPresence>>;
+    /// Expires what is past its TTL and reports it.
+    async fn sweep(&self) -> BackendResult<SweepResult>;
+    /// Number of online users.
+    async fn online_count(&self) -> BackendResult<u64>;
+    /// Online users after `cursor` (ordered by id), at most `limit`; the next cursor when there are more.
+    async fn online_page(&self, cursor: Option<&str>, limit: usize) -> BackendResult<(Vec<String>, Option<String>)>;
+    /// Adds (or refreshes) a session to a room's presence; true when the user was not present before.
+    async fn room_join(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<bool>;
+    /// Removes a session from a room's presence; true when it was the user's last there.
+    async fn room_leave(&self, room: &str, user: &str, session: &str) -> BackendResult<bool>;
+    /// Users present in a room.
+    async fn room_users(&self, room: &str) -> BackendResult<Vec<String>>;
+}
+
+/// The state of an idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Idempotency {
+    /// This caller owns the key: publish, then `idem_complete` or `idem_release`.
+    Claimed,
+    /// Another publish with the key is in flight.
+    Pending,
+    /// Done before: the stored first reply.
+    Done(Bytes),
+}
+
+/// A registered push device (stored now, used by the push issue).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushDevice {
+    /// Device id.
+    pub device: String,
+    /// `fcm|apns|webpush|webhook`.
+    pub provider: String,
+    /// Provider token (fcm, apns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Web Push subscription object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<serde_json::Value>,
+    /// Platform, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+}
+
+/// An announcement (seed 004's global notice).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// Id (time-ordered).
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Body text.
+    pub body: String,
+    /// Landing URL.
+    pub url: Option<String>,
+    /// Image URL.
+    pub image: Option<String>,
+    /// Unix ms after which it is no longer shown; `None` = never expires.
+    pub expires: Option<i64>,
+    /// Attribute filter: every key must equal the user's JWT `attrs` value.
+    #[serde(default)]
+    pub audience: serde_json::Map<String, serde_json::Value>,
+    /// Creation time, unix ms.
+    pub ts: i64,
+}
+
+/// Everything else shared: membership, contacts, idempotency, unread, focus, devices, announcements.
+///
+/// Guarantees: each call is atomic; membership has a reverse index (rooms of a user); read pointers
+/// only move forward; countable seqs are kept per room up to a bound (the history size); idempotency
+/// keys and focus expire.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Adds a member; true when new.
+    async fn add_member(&self, room: &str, user: &str) -> BackendResult<bool>;
+    /// Removes a member; true when they were one.
+    async fn remove_member(&self, room: &str, user: &str) -> BackendResult<bool>;
+    /// Members of a room, sorted.
+    async fn members(&self, room: &str) -> BackendResult<Vec<String>>;
+    /// Whether `user` is a member of `room`.
+    async fn is_member(&self, room: &str, user: &str) -> BackendResult<bool>;
+    /// Rooms of a user, sorted.
+    async fn rooms_of(&self, user: &str) -> BackendResult<Vec<String>>;
+    /// Replaces a user's contacts.
+    async fn set_contacts(&self, user: &str, contacts: &[String]) -> BackendResult<()>;
+    /// A user's contacts, sorted.
+    async fn contacts(&self, user: &str) -> BackendResult<Vec<String>>;
+
+    /// Claims an idempotency key (pending marker with `ttl`), or reports its state.
+    async fn idem_begin(&self, key: &str, ttl: Duration) -> BackendResult<Idempotency>;
+    /// Stores the first reply for a claimed key.
+    async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()>;
+    /// Releases a claimed key after a failed publish.
+    async fn idem_release(&self, key: &str) -> BackendResult<()>;
+
+    /// Records `seq` of `room` as countable for unread, keeping at most `keep` of them.
+    async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()>;
+    /// Moves a user's read pointer in a room forward to `seq` (never back); returns the pointer after.
+    async fn set_read(&self, user: &str, room: &str, seq: Seq) -> BackendResult<Seq>;
+    /// Unread counts for `rooms` of a user (countable seqs after the read pointer), in the given order.
+    async fn unread(&self, user: &str, rooms: &[String]) -> BackendResult<Vec<u64>>;
+
+    /// Marks a user as focused on a room (one entry per session) until `ttl`.
+    async fn set_focus(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<()>;
+    /// Clears a session's focus.
+    async fn clear_focus(&self, room: &str, user: &str, session: &str) -> BackendResult<()>;
+    /// Users focused on a room now.
+    async fn focused(&self, room: &str) -> BackendResult<Vec<String>>;
+
+    /// Registers or replaces a push device.
+    async fn put_device(&self, user: &str, device: PushDevice) -> BackendResult<()>;
+    /// Removes a push device; true when it existed.
+    async fn delete_device(&self, user: &str, device: &str) -> BackendResult<bool>;
+    /// A user's push devices.
+    async fn devices(&self, user: &str) -> BackendResult<Vec<PushDevice>>;
+
+    /// Stores an announcement.
+    async fn add_announcement(&self, a: &Announcement) -> BackendResult<()>;
+    /// Unexpired announcements at `now` (unix ms), oldest first.
+    async fn announcements(&self, now: i64) -> BackendResult<Vec<Announcement>>;
+    /// Moves a user's announcement cursor to `id` (never back); returns the previous cursor.
+    async fn swap_announcement_cursor(&self, user: &str, id: &str) -> BackendResult<Option<String>>;
+}
+
+/// The four backends of one engine.
+#[derive(Clone)]
+pub struct Backends {
+    /// Fan-out + history append.
+    pub broker: Arc<dyn Broker>,
+    /// History reads.
+    pub history: Arc<dyn History>,
+    /// Presence.
+    pub presence: Arc<dyn Presence>,
+    /// Everything else.
+    pub store: Arc<dyn Store>,
+}
+
+impl Backends {
+    /// The in-memory backend (single node).
+    pub fn memory() -> Self {
+        let m = Arc::new(memory::Memory::new());
+        Backends {
+            broker: m.clone(),
+            history: m.clone(),
+            presence: m.clone(),
+            store: m,
+        }
+    }
+}

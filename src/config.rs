@@ -1,0 +1,626 @@
+//! Server settings: `herald.toml` + environment + flags -> [`Config`].
+//!
+//! Precedence: flag > env > `herald.toml` > default. The file is parsed strictly: an unknown key or a bad
+//! value stops the start with an error naming the file, the line and the key. Secrets (JWT secret, API
+//! keys) are generated at start when not configured, and never logged.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::channels::{ConfigFileError, de_duration, parse_duration, parse_toml};
+
+/// JWT signing algorithm accepted for client tokens (pinned: exactly one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with a shared secret (default).
+    HS256,
+    /// RSA PKCS#1 v1.5 SHA-256 with a public key.
+    RS256,
+    /// ECDSA P-256 SHA-256 with a public key.
+    ES256,
+}
+
+/// Client token verification settings.
+#[derive(Clone, Debug)]
+pub struct JwtConfig {
+    /// The one accepted algorithm.
+    pub algorithm: JwtAlgorithm,
+    /// HS256 secret (also used by `herald token`).
+    pub secret: Option<String>,
+    /// PEM public key contents for RS256/ES256.
+    pub public_key_pem: Option<Vec<u8>>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Clock leeway for `exp`/`nbf`.
+    pub leeway: Duration,
+    /// True when the secret was generated at start (printed with a demo token).
+    pub generated_secret: bool,
+}
+
+/// Per-connection and per-user limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest client frame (and publish body), bytes.
+    pub frame_bytes: usize,
+    /// Client frames per second per connection.
+    pub frames_per_second: u32,
+    /// Open sessions (WebSocket + SSE) per user on one node.
+    pub connections_per_user: usize,
+    /// Outbound queue per session, frames; a session whose queue fills is disconnected (4008).
+    pub queue_frames: usize,
+    /// Subscriptions per connection.
+    pub subscriptions_per_connection: usize,
+    /// Rate-limit violations tolerated (per 10 s) before the connection is closed with 4010.
+    pub violations_before_disconnect: u32,
+    /// Time a WebSocket has to send its `connect` frame when it brought no token.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_bytes: 64 * 1024,
+            frames_per_second: 100,
+            connections_per_user: 16,
+            queue_frames: 1024,
+            subscriptions_per_connection: 512,
+            violations_before_disconnect: 20,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Push provider settings (`[push.*]`). Parsed and validated now; delivery arrives with the push issue.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    /// Firebase Cloud Messaging (HTTP v1).
+    pub fcm: Option<FcmConfig>,
+    /// Apple Push Notification service (HTTP/2, provider token).
+    pub apns: Option<ApnsConfig>,
+    /// Web Push (VAPID, aes128gcm).
+    pub webpush: Option<WebPushConfig>,
+    /// Signed webhook.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// `[push.fcm]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    /// Base URL (tests point it at a local server).
+    pub endpoint: Option<String>,
+    /// Service-account JSON file.
+    pub credentials: Option<PathBuf>,
+}
+
+/// `[push.apns]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsConfig {
+    /// Base URL.
+    pub endpoint: Option<String>,
+    /// The .p8 signing key file.
+    pub key_file: Option<PathBuf>,
+    /// Key id.
+    pub key_id: Option<String>,
+    /// Team id.
+    pub team_id: Option<String>,
+    /// Bundle id (apns-topic).
+    pub topic: Option<String>,
+}
+
+/// `[push.webpush]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebPushConfig {
+    /// VAPID private key (base64url) or file.
+    pub vapid_key: Option<String>,
+    /// VAPID subject (mailto: or https:).
+    pub subject: Option<String>,
+}
+
+/// `[push.webhook]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where jobs are POSTed.
+    pub url: Option<String>,
+    /// HMAC-SHA256 secret for `X-Herald-Signature`.
+    pub secret: Option<String>,
+}
+
+impl PushConfig {
+    /// True when any provider is configured.
+    pub fn any(&self) -> bool {
+        self.fcm.is_some() || self.apns.is_some() || self.webpush.is_some() || self.webhook.is_some()
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole server configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Redis URL; `None` = memory backend.
+    pub redis: Option<String>,
+    /// Rules directory.
+    pub rules_dir: PathBuf,
+    /// `channels.toml` path.
+    pub channels_file: PathBuf,
+    /// Whether `channels_file` must exist (it was named explicitly).
+    pub channels_required: bool,
+    /// This node's id.
+    pub node_id: String,
+    /// Client token verification.
+    pub jwt: JwtConfig,
+    /// Backend API key.
+    pub api_key: String,
+    /// Admin key.
+    pub admin_key: String,
+    /// True when the keys were generated at start (printed).
+    pub generated_keys: bool,
+    /// Limits.
+    pub limits: Limits,
+    /// Presence TTL: a session that has not heartbeated for this long is offline.
+    pub presence_ttl: Duration,
+    /// Heartbeat interval (presence refresh, WebSocket ping, offline sweep).
+    pub heartbeat: Duration,
+    /// CORS origins for client endpoints (`*` = any).
+    pub cors_origins: Vec<String>,
+    /// WebSocket `Origin` allowlist; empty = off.
+    pub ws_origins: Vec<String>,
+    /// Put `/metrics` behind the admin key.
+    pub metrics_require_admin: bool,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_grace: Duration,
+    /// Push providers (not delivered yet).
+    pub push: PushConfig,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// `herald.toml`, as written (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    redis: Option<String>,
+    rules: Option<PathBuf>,
+    channels: Option<PathBuf>,
+    node_id: Option<String>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    auth: FileAuth,
+    limits: Option<Limits>,
+    #[serde(default)]
+    presence: FilePresence,
+    #[serde(default)]
+    http: FileHttp,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    idempotency_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default)]
+    push: PushConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    algorithm: Option<JwtAlgorithm>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<PathBuf>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    leeway: Option<Duration>,
+    api_key: Option<String>,
+    admin_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePresence {
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    heartbeat: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    cors_origins: Option<Vec<String>>,
+    ws_origins: Option<Vec<String>>,
+    metrics_require_admin: Option<bool>,
+}
+
+fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+/// What flags (and their env twins, read by clap) set for `serve`.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen` / HERALD_LISTEN.
+    pub listen: Option<String>,
+    /// `--redis` / HERALD_REDIS.
+    pub redis: Option<String>,
+    /// `--rules` / HERALD_RULES.
+    pub rules: Option<PathBuf>,
+    /// `--channels` / HERALD_CHANNELS.
+    pub channels: Option<PathBuf>,
+    /// `--config` / HERALD_CONFIG.
+    pub config: Option<PathBuf>,
+    /// `--node-id` / HERALD_NODE_ID.
+    pub node_id: Option<String>,
+    /// `--presence-ttl` / HERALD_PRESENCE_TTL (seconds).
+    pub presence_ttl: Option<u64>,
+    /// `--heartbeat` / HERALD_HEARTBEAT (seconds).
+    pub heartbeat: Option<u64>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration error: what, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
+    /// A value (from a flag, env or file) is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// A random key: 32 URL-safe characters.
+pub fn random_key() -> String {
+    use base64::Engine as _;
+    let bytes: [u8; 24] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "herald".into());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Config {
+    /// Builds the configuration from flags/env (`o`), the environment and `herald.toml`.
+    pub fn load(o: Overrides) -> Result<Config, ConfigError> {
+        let (file, file_name) = match &o.config {
+            Some(p) => (read_file_config(p)?, p.display().to_string()),
+            None => {
+                let p = Path::new("herald.toml");
+                if p.exists() {
+                    (read_file_config(p)?, "herald.toml".into())
+                } else {
+                    (FileConfig::default(), String::new())
+                }
+            }
+        };
+        let _ = file_name;
+        let mut c = Config::defaults();
+
+        if let Some(l) = o.listen.or(file.listen) {
+            c.listen = l
+                .parse()
+                .map_err(|_| ConfigError::Invalid(format!("listen: bad address {l:?} (expected e.g. 127.0.0.1:7070)")))?;
+        }
+        c.redis = o.redis.or(file.redis);
+        if let Some(r) = &c.redis
+            && !(r.starts_with("redis://") || r.starts_with("rediss://") || r.starts_with("unix://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "redis: URL must start with redis://, rediss:// or unix:// (got {:?})",
+                r.split('@').next_back().unwrap_or("")
+            )));
+        }
+        if let Some(r) = o.rules.or(file.rules) {
+            c.rules_dir = r;
+        }
+        match o.channels.or(file.channels) {
+            Some(ch) => {
+                c.channels_file = ch;
+                c.channels_required = true;
+            }
+            None => c.channels_required = false,
+        }
+        if let Some(n) = o.node_id.or(file.node_id) {
+            if n.is_empty() || n.len() > 64 || n.contains(char::is_whitespace) {
+                return Err(ConfigError::Invalid(format!("node-id: {n:?} must be 1-64 non-space characters")));
+            }
+            c.node_id = n;
+        }
+        if let Some(f) = o.log_format.or(file.log_format) {
+            c.log_format = f;
+        }
+        if let Some(l) = file.limits {
+            c.limits = l;
+        }
+        if let Some(t) = o.presence_ttl.map(Duration::from_secs).or(file.presence.ttl) {
+            c.presence_ttl = t;
+        }
+        if let Some(h) = o.heartbeat.map(Duration::from_secs).or(file.presence.heartbeat) {
+            c.heartbeat = h;
+        }
+        if c.heartbeat.is_zero() || c.presence_ttl < c.heartbeat {
+            return Err(ConfigError::Invalid(format!(
+                "presence: heartbeat ({}s) must be > 0 and not longer than the presence TTL ({}s)",
+                c.heartbeat.as_secs_f64(),
+                c.presence_ttl.as_secs_f64()
+            )));
+        }
+        if let Some(t) = file.idempotency_ttl {
+            c.idempotency_ttl = t;
+        }
+        if let Some(t) = file.shutdown_grace {
+            c.shutdown_grace = t;
+        }
+
+        // Auth.
+        let a = file.auth;
+        let public_key = env("HERALD_JWT_PUBLIC_KEY").map(PathBuf::from).or(a.jwt_public_key);
+        let secret = env("HERALD_JWT_SECRET").or(a.jwt_secret);
+        let algorithm = match env("HERALD_JWT_ALGORITHM") {
+            Some(s) => Some(parse_alg(&s)?),
+            None => a.algorithm,
+        };
+        c.jwt.audience = env("HERALD_JWT_AUDIENCE").or(a.audience);
+        c.jwt.issuer = env("HERALD_JWT_ISSUER").or(a.issuer);
+        if let Some(l) = a.leeway {
+            c.jwt.leeway = l;
+        }
+        match public_key {
+            Some(path) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    ConfigError::Invalid(format!("jwt public key {}: cannot read: {e}", path.display()))
+                })?;
+                let alg = match algorithm {
+                    Some(JwtAlgorithm::HS256) => {
+                        return Err(ConfigError::Invalid(
+                            "auth.algorithm = HS256 cannot be used with a public key (use RS256 or ES256)".into(),
+                        ));
+                    }
+                    Some(a) => a,
+                    None => guess_alg(&pem).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "jwt public key {}: not an RSA or EC PEM public key; set auth.algorithm",
+                            path.display()
+                        ))
+                    })?,
+                };
+                c.jwt.algorithm = alg;
+                c.jwt.public_key_pem = Some(pem);
+                c.jwt.secret = secret;
+                c.jwt.generated_secret = false;
+            }
+            None => {
+                if let Some(a) = algorithm
+                    && a != JwtAlgorithm::HS256
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "auth.algorithm = {a:?} needs a public key (HERALD_JWT_PUBLIC_KEY or auth.jwt_public_key)"
+                    )));
+                }
+                if let Some(s) = secret {
+                    if s.len() < 16 {
+                        return Err(ConfigError::Invalid(
+                            "jwt secret must be at least 16 characters".into(),
+                        ));
+                    }
+                    c.jwt.secret = Some(s);
+                    c.jwt.generated_secret = false;
+                }
+            }
+        }
+        let api = env("HERALD_API_KEY").or(a.api_key);
+        let admin = env("HERALD_ADMIN_KEY").or(a.admin_key);
+        c.generated_keys = api.is_none() || admin.is_none();
+        if let Some(k) = api {
+            c.api_key = k;
+        }
+        if let Some(k) = admin {
+            c.admin_key = k;
+        }
+        if c.api_key == c.admin_key {
+            return Err(ConfigError::Invalid("the API key and the admin key must differ".into()));
+        }
+
+        // HTTP.
+        if let Some(o) = env("HERALD_CORS_ORIGINS").map(|v| split_list(&v)).or(file.http.cors_origins) {
+            c.cors_origins = o;
+        }
+        if let Some(o) = env("HERALD_WS_ORIGINS").map(|v| split_list(&v)).or(file.http.ws_origins) {
+            c.ws_origins = o;
+        }
+        if let Some(m) = file.http.metrics_require_admin {
+            c.metrics_require_admin = m;
+        }
+
+        // Push (env overrides per key).
+        c.push = file.push;
+        apply_push_env(&mut c.push);
+        Ok(c)
+    }
+
+    /// Every default, with fresh random secrets: what `cargo run` gets with no config.
+    pub fn defaults() -> Config {
+        Config {
+            listen: "127.0.0.1:7070".parse().expect("valid address"),
+            redis: None,
+            rules_dir: "rules".into(),
+            channels_file: "channels.toml".into(),
+            channels_required: false,
+            node_id: default_node_id(),
+            jwt: JwtConfig {
+                algorithm: JwtAlgorithm::HS256,
+                secret: Some(random_key()),
+                public_key_pem: None,
+                audience: None,
+                issuer: None,
+                leeway: Duration::from_secs(5),
+                generated_secret: true,
+            },
+            api_key: random_key(),
+            admin_key: random_key(),
+            generated_keys: true,
+            limits: Limits::default(),
+            presence_ttl: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(20),
+            cors_origins: vec!["*".into()],
+            ws_origins: Vec::new(),
+            metrics_require_admin: false,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            shutdown_grace: Duration::from_secs(10),
+            push: PushConfig::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn read_file_config(p: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(p).map_err(|e| ConfigFileError {
+        file: p.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    Ok(parse_toml(&p.display().to_string(), &text)?)
+}
+
+fn parse_alg(s: &str) -> Result<JwtAlgorithm, ConfigError> {
+    match s.to_ascii_uppercase().as_str() {
+        "HS256" => Ok(JwtAlgorithm::HS256),
+        "RS256" => Ok(JwtAlgorithm::RS256),
+        "ES256" => Ok(JwtAlgorithm::ES256),
+        other => Err(ConfigError::Invalid(format!(
+            "jwt algorithm {other:?} is not supported (HS256, RS256 or ES256)"
+        ))),
+    }
+}
+
+fn guess_alg(pem: &[u8]) -> Option<JwtAlgorithm> {
+    let text = String::from_utf8_lossy(pem);
+    if text.contains("BEGIN RSA PUBLIC KEY") {
+        return Some(JwtAlgorithm::RS256);
+    }
+    if text.contains("BEGIN PUBLIC KEY") {
+        // SubjectPublicKeyInfo: RSA and EC keys share the armour; try both parsers.
+        if jsonwebtoken::DecodingKey::from_ec_pem(pem).is_ok() {
+            return Some(JwtAlgorithm::ES256);
+        }
+        if jsonwebtoken::DecodingKey::from_rsa_pem(pem).is_ok() {
+            return Some(JwtAlgorithm::RS256);
+        }
+    }
+    None
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+fn apply_push_env(p: &mut PushConfig) {
+    if env("HERALD_PUSH_FCM_ENDPOINT").is_some() || env("HERALD_PUSH_FCM_CREDENTIALS").is_some() {
+        let f = p.fcm.get_or_insert_with(Default::default);
+        if let Some(v) = env("HERALD_PUSH_FCM_ENDPOINT") {
+            f.endpoint = Some(v);
+        }
+        if let Some(v) = env("HERALD_PUSH_FCM_CREDENTIALS") {
+            f.credentials = Some(v.into());
+        }
+    }
+    let apns_keys = ["ENDPOINT", "KEY_FILE", "KEY_ID", "TEAM_ID", "TOPIC"];
+    if apns_keys.iter().any(|k| env(&format!("HERALD_PUSH_APNS_{k}")).is_some()) {
+        let a = p.apns.get_or_insert_with(Default::default);
+        if let Some(v) = env("HERALD_PUSH_APNS_ENDPOINT") {
+            a.endpoint = Some(v);
+        }
+        if let Some(v) = env("HERALD_PUSH_APNS_KEY_FILE") {
+            a.key_file = Some(v.into());
+        }
+        if let Some(v) = env("HERALD_PUSH_APNS_KEY_ID") {
+            a.key_id = Some(v);
+        }
+        if let Some(v) = env("HERALD_PUSH_APNS_TEAM_ID") {
+            a.team_id = Some(v);
+        }
+        if let Some(v) = env("HERALD_PUSH_APNS_TOPIC") {
+            a.topic = Some(v);
+        }
+    }
+    if env("HERALD_PUSH_WEBPUSH_VAPID_KEY").is_some() || env("HERALD_PUSH_WEBPUSH_SUBJECT").is_some() {
+        let w = p.webpush.get_or_insert_with(Default::default);
+        if let Some(v) = env("HERALD_PUSH_WEBPUSH_VAPID_KEY") {
+            w.vapid_key = Some(v);
+        }
+        if let Some(v) = env("HERALD_PUSH_WEBPUSH_SUBJECT") {
+            w.subject = Some(v);
+        }
+    }
+    if env("HERALD_PUSH_WEBHOOK_URL").is_some() || env("HERALD_PUSH_WEBHOOK_SECRET").is_some() {
+        let w = p.webhook.get_or_insert_with(Default::default);
+        if let Some(v) = env("HERALD_PUSH_WEBHOOK_URL") {
+            w.url = Some(v);
+        }
+        if let Some(v) = env("HERALD_PUSH_WEBHOOK_SECRET") {
+            w.secret = Some(v);
+        }
+    }
+}
+
+/// Parses a duration flag value (used by the CLI for `--ttl`-like flags given as strings).
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_in_herald_toml_names_file_line_key() {
+        let err = parse_toml::<FileConfig>("herald.toml", "listen = \"127.0.0.1:1\"\n[auth]\nsecrte = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("herald.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("secrte"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_line() {
+        let err = parse_toml::<FileConfig>("herald.toml", "[presence]\nttl = \"5 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+}

@@ -1,0 +1,350 @@
+//! The local registry: connection handles, channel -> local subscribers, user -> local sessions.
+//!
+//! Sharded by channel so fan-out on one channel does not block another; locks are `std` locks held only
+//! for non-blocking work (never across `.await`). Fan-out `try_send`s the same `Arc<Delivery>` (and so
+//! the same frame bytes) to every subscriber's bounded queue; a full queue marks that session for
+//! disconnection (slow consumer) and never slows the others.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicI64, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc};
+
+use crate::backend::{Delivery, DeliverySink};
+use crate::channels::ChannelName;
+
+const SHARDS: usize = 64;
+
+/// Something for a session's writer.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A broker delivery (shared by every local recipient).
+    Deliver(Arc<Delivery>),
+    /// A frame for this session only.
+    Frame(Bytes),
+    /// Time to send a transport-level ping.
+    Ping,
+}
+
+/// Why a session is being closed (a `disconnect` code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// 4001.
+    Unauthorized,
+    /// 4002.
+    TokenExpired,
+    /// 4003.
+    Forbidden,
+    /// 4008: its outbound queue filled.
+    SlowConsumer,
+    /// 4009.
+    TooManyConnections,
+    /// 4010: repeated limit violations.
+    BadFrameLimit,
+    /// 4011: no heartbeat within the presence TTL.
+    HeartbeatTimeout,
+    /// 4012: closed by the API (`/users/{user}/disconnect`).
+    Kicked,
+    /// 1001: the node is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The code.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::Unauthorized => 4001,
+            CloseReason::TokenExpired => 4002,
+            CloseReason::Forbidden => 4003,
+            CloseReason::SlowConsumer => 4008,
+            CloseReason::TooManyConnections => 4009,
+            CloseReason::BadFrameLimit => 4010,
+            CloseReason::HeartbeatTimeout => 4011,
+            CloseReason::Kicked => 4012,
+            CloseReason::Shutdown => 1001,
+        }
+    }
+
+    /// A short reason text.
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::TokenExpired => "token expired",
+            CloseReason::Forbidden => "forbidden",
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::TooManyConnections => "too many connections",
+            CloseReason::BadFrameLimit => "bad frame limit exceeded",
+            CloseReason::HeartbeatTimeout => "heartbeat timeout",
+            CloseReason::Kicked => "disconnected by the server",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether the client should reconnect.
+    pub fn reconnect(self) -> bool {
+        matches!(
+            self,
+            CloseReason::SlowConsumer
+                | CloseReason::HeartbeatTimeout
+                | CloseReason::Shutdown
+                | CloseReason::TokenExpired
+        )
+    }
+
+    fn from_code(c: u16) -> Option<Self> {
+        Some(match c {
+            4001 => CloseReason::Unauthorized,
+            4002 => CloseReason::TokenExpired,
+            4003 => CloseReason::Forbidden,
+            4008 => CloseReason::SlowConsumer,
+            4009 => CloseReason::TooManyConnections,
+            4010 => CloseReason::BadFrameLimit,
+            4011 => CloseReason::HeartbeatTimeout,
+            4012 => CloseReason::Kicked,
+            1001 => CloseReason::Shutdown,
+            _ => return None,
+        })
+    }
+
+    /// The `disconnect` frame.
+    pub fn frame(self) -> Bytes {
+        Bytes::from(format!(
+            "{{\"type\":\"disconnect\",\"code\":{},\"reason\":\"{}\",\"reconnect\":{}}}",
+            self.code(),
+            self.text(),
+            self.reconnect()
+        ))
+    }
+}
+
+/// A live session as the hub sees it.
+#[derive(Debug)]
+pub struct SessionHandle {
+    /// Local numeric id.
+    pub id: u64,
+    /// Global session id (node-qualified).
+    pub session: Arc<str>,
+    /// User.
+    pub user: Arc<str>,
+    /// Device.
+    pub device: Arc<str>,
+    /// JWT attrs (announcement audiences).
+    pub attrs: Arc<serde_json::Map<String, serde_json::Value>>,
+    tx: mpsc::Sender<Outbound>,
+    close: AtomicU16,
+    closed: Notify,
+    /// Last inbound activity, unix ms (presence heartbeats only count live sessions).
+    pub last_activity: AtomicI64,
+}
+
+impl SessionHandle {
+    /// A handle and the receiving end of its bounded queue.
+    pub fn new(
+        id: u64,
+        session: Arc<str>,
+        user: Arc<str>,
+        device: Arc<str>,
+        attrs: Arc<serde_json::Map<String, serde_json::Value>>,
+        queue: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        (
+            Arc::new(SessionHandle {
+                id,
+                session,
+                user,
+                device,
+                attrs,
+                tx,
+                close: AtomicU16::new(0),
+                closed: Notify::new(),
+                last_activity: AtomicI64::new(crate::event::now_ms()),
+            }),
+            rx,
+        )
+    }
+
+    /// Queues something for this session; a full queue closes it (slow consumer).
+    pub fn send(&self, o: Outbound) -> bool {
+        match self.tx.try_send(o) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                crate::metrics::slow_consumer();
+                self.close(CloseReason::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with `reason` (the first reason wins).
+    pub fn close(&self, reason: CloseReason) {
+        if self
+            .close
+            .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.closed.notify_one();
+        }
+    }
+
+    /// The close reason, once asked.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_code(self.close.load(Ordering::Acquire))
+    }
+
+    /// Resolves when the session is asked to close.
+    pub async fn closing(&self) -> CloseReason {
+        loop {
+            if let Some(r) = self.close_reason() {
+                return r;
+            }
+            self.closed.notified().await;
+        }
+    }
+
+    /// Records inbound activity (any frame, pong, or SSE write).
+    pub fn touch(&self) {
+        self.last_activity.store(crate::event::now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// The local registry.
+pub struct Hub {
+    channels: Vec<RwLock<HashMap<ChannelName, Vec<Arc<SessionHandle>>>>>,
+    sessions: Mutex<HashMap<u64, Arc<SessionHandle>>>,
+    users: Mutex<HashMap<Arc<str>, Vec<u64>>>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Hub {
+            channels: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            sessions: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn shard(&self, ch: &ChannelName) -> &RwLock<HashMap<ChannelName, Vec<Arc<SessionHandle>>>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ch.hash(&mut h);
+        &self.channels[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Registers a session unless its user already has `max_per_user` here.
+    pub fn register(&self, s: &Arc<SessionHandle>, max_per_user: usize) -> bool {
+        let mut users = lock(&self.users);
+        let list = users.entry(s.user.clone()).or_default();
+        if list.len() >= max_per_user {
+            if list.is_empty() {
+                users.remove(&s.user);
+            }
+            return false;
+        }
+        list.push(s.id);
+        drop(users);
+        lock(&self.sessions).insert(s.id, s.clone());
+        true
+    }
+
+    /// Removes a session (its subscriptions are removed by the caller).
+    pub fn unregister(&self, s: &SessionHandle) {
+        lock(&self.sessions).remove(&s.id);
+        let mut users = lock(&self.users);
+        if let Some(list) = users.get_mut(&s.user) {
+            list.retain(|id| *id != s.id);
+            if list.is_empty() {
+                users.remove(&s.user);
+            }
+        }
+    }
+
+    /// Adds a subscriber; true when it is the channel's first local one.
+    pub fn subscribe(&self, ch: &ChannelName, s: &Arc<SessionHandle>) -> bool {
+        let mut shard = write(self.shard(ch));
+        let list = shard.entry(ch.clone()).or_default();
+        let first = list.is_empty();
+        if !list.iter().any(|x| x.id == s.id) {
+            list.push(s.clone());
+        }
+        first
+    }
+
+    /// Removes a subscriber; true when it was the channel's last local one.
+    pub fn unsubscribe(&self, ch: &ChannelName, id: u64) -> bool {
+        let mut shard = write(self.shard(ch));
+        let Some(list) = shard.get_mut(ch) else {
+            return false;
+        };
+        if let Some(i) = list.iter().position(|x| x.id == id) {
+            list.swap_remove(i);
+        }
+        if list.is_empty() {
+            shard.remove(ch);
+            return true;
+        }
+        false
+    }
+
+    /// Every local session.
+    pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
+        lock(&self.sessions).values().cloned().collect()
+    }
+
+    /// A user's local sessions.
+    pub fn user_sessions(&self, user: &str) -> Vec<Arc<SessionHandle>> {
+        let ids = lock(&self.users).get(user).cloned().unwrap_or_default();
+        let sessions = lock(&self.sessions);
+        ids.iter().filter_map(|id| sessions.get(id).cloned()).collect()
+    }
+
+    /// Number of local sessions.
+    pub fn len(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// True when no session is connected here.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl DeliverySink for Hub {
+    fn deliver(&self, d: Arc<Delivery>) {
+        let shard = read(self.shard(&d.channel));
+        let Some(list) = shard.get(&d.channel) else {
+            return;
+        };
+        let filtered = !d.filter.is_empty();
+        let mut n = 0u64;
+        for s in list {
+            if filtered && d.filter.excludes(&s.user, &s.attrs) {
+                continue;
+            }
+            if s.send(Outbound::Deliver(d.clone())) {
+                n += 1;
+            }
+        }
+        crate::metrics::delivered(n);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,206 @@
+//! The heart of herald: owns the hub, the backends, the rule set; runs the publish pipeline, sessions
+//! and presence. Knows nothing of HTTP, WebSocket framing or Redis: transports call it, backends serve it.
+//!
+//! Layout:
+//! - [`hub`]: local registry and fan-out;
+//! - [`pipeline`]: publish path (dedupe -> route -> append+publish -> unread -> reply);
+//! - [`session`]: one connected device and its ops;
+//! - [`presence`]: heartbeats, expiry sweeps, `presence.changed` / `presence.update`;
+//! - [`api`]: the operations the backend HTTP API exposes.
+
+pub mod api;
+pub mod hub;
+pub mod pipeline;
+pub mod presence;
+pub mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{BackendError, Backends};
+use crate::channels::ChannelKinds;
+use crate::config::Config;
+use crate::rules::RuleSet;
+
+pub use hub::{CloseReason, Hub, Outbound, SessionHandle};
+pub use pipeline::{PublishReply, PublishRequest};
+pub use session::{Session, SessionOpen, Transport};
+
+/// How long a backend operation may take before the caller gets `unavailable`.
+pub const BACKEND_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Error codes of the wire contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Unparseable frame or body, unknown op, bad field.
+    BadFrame,
+    /// Invalid channel name or id.
+    BadChannel,
+    /// Bad or missing credentials.
+    Unauthorized,
+    /// Not allowed.
+    Forbidden,
+    /// Not a member of the room.
+    NotMember,
+    /// Over a rate limit.
+    RateLimited,
+    /// Over a size or count limit.
+    TooLarge,
+    /// Dropped by a rule.
+    Rejected,
+    /// Backend down; nothing was stored.
+    Unavailable,
+    /// Not found (HTTP only).
+    NotFound,
+    /// A bug or an unexpected backend answer.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::BadChannel => "bad_channel",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An engine error: a wire code and a message safe to show to the caller.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineError {
+    /// Wire code.
+    pub code: ErrorCode,
+    /// Human-readable message (never internals or secrets).
+    pub message: String,
+}
+
+impl EngineError {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        EngineError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<BackendError> for EngineError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Unavailable(m) => {
+                tracing::warn!(error = %m, "Backend unavailable.");
+                EngineError::new(ErrorCode::Unavailable, "backend unavailable; nothing was stored")
+            }
+            BackendError::Internal(m) => {
+                tracing::error!(error = %m, "Backend error.");
+                EngineError::new(ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+}
+
+impl From<crate::channels::ChannelError> for EngineError {
+    fn from(e: crate::channels::ChannelError) -> Self {
+        EngineError::new(ErrorCode::BadChannel, e.to_string())
+    }
+}
+
+/// Result of an engine operation.
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// Runs a backend call with the [`BACKEND_DEADLINE`].
+pub(crate) async fn backend<T>(
+    f: impl Future<Output = Result<T, BackendError>>,
+) -> EngineResult<T> {
+    match tokio::time::timeout(BACKEND_DEADLINE, f).await {
+        Ok(r) => r.map_err(EngineError::from),
+        Err(_) => Err(BackendError::Unavailable("timed out".into()).into()),
+    }
+}
+
+/// The engine: cheap to clone, shared by every transport.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// What the engine owns.
+pub struct Inner {
+    /// Configuration.
+    pub config: Config,
+    /// Channel kinds.
+    pub kinds: Arc<ChannelKinds>,
+    /// Routing.
+    pub rules: RuleSet,
+    /// Shared state.
+    pub backends: Backends,
+    /// Local registry.
+    pub hub: Arc<Hub>,
+    /// This node's id.
+    pub node: Arc<str>,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+    next_session: AtomicU64,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl Engine {
+    /// Builds an engine on `backends` and starts its background loops (presence heartbeats and
+    /// sweeps), which stop when `shutdown` is cancelled.
+    pub fn start(config: Config, kinds: ChannelKinds, backends: Backends, shutdown: CancellationToken) -> Engine {
+        let kinds = Arc::new(kinds);
+        let hub = Arc::new(Hub::new());
+        backends.broker.attach(hub.clone());
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                node: config.node_id.as_str().into(),
+                rules: RuleSet::defaults(kinds.clone()),
+                config,
+                kinds,
+                backends,
+                hub,
+                shutdown,
+                next_session: AtomicU64::new(1),
+            }),
+        };
+        tokio::spawn(presence::run(engine.clone()));
+        engine
+    }
+
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Closes every local session with `reason` (shutdown: 1001, reconnect).
+    pub fn close_all(&self, reason: CloseReason) {
+        for s in self.hub.sessions() {
+            s.close(reason);
+        }
+    }
+
+    /// Whether the backend answers (`/readyz`).
+    pub async fn ready(&self) -> bool {
+        backend(self.backends.broker.ping()).await.is_ok()
+    }
+}

@@ -1,0 +1,680 @@
+//! One connected device (a WebSocket or SSE stream): its bounded queue, subscriptions with their last
+//! `seq`, focus, and the client ops of the protocol. Transports own the socket and call these methods.
+//!
+//! No gap, no duplicate on `subscribe` with `since`: the session joins the hub *before* it reads
+//! history, so every event after the read is already queued; the queue is then filtered by seq, so an
+//! event both replayed and queued is sent once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use super::hub::{Outbound, SessionHandle};
+use super::pipeline::PublishRequest;
+use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
+use crate::backend::{AppState, Delivery, SessionInfo, Status};
+use crate::channels::{ChannelName, Kind, PublishPolicy, SubscribePolicy, valid_id};
+use crate::event::{Epoch, Position, Seq, StoredEvent, replay_frame};
+use crate::rules::Source;
+
+/// Which transport a session uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket `/ws`.
+    Ws,
+    /// An SSE stream.
+    Sse,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// What opening a session needs (from the verified token and the connect frame).
+#[derive(Clone, Debug)]
+pub struct SessionOpen {
+    /// User (JWT `sub`).
+    pub user: Arc<str>,
+    /// Device id; a fresh one when `None`.
+    pub device: Option<String>,
+    /// Platform.
+    pub platform: Option<String>,
+    /// App state.
+    pub state: AppState,
+    /// JWT attrs.
+    pub attrs: Map<String, Value>,
+    /// Transport.
+    pub transport: Transport,
+}
+
+struct Sub {
+    epoch: Option<Epoch>,
+    last: Seq,
+    room_presence: bool,
+}
+
+/// What to do with a delivery.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Already sent (replayed) or no longer subscribed.
+    Skip,
+    /// Send it.
+    Deliver,
+    /// Send this `reset` frame, then the delivery.
+    Reset(Bytes),
+}
+
+/// One connected device.
+pub struct Session {
+    engine: Engine,
+    /// The hub's handle.
+    pub handle: Arc<SessionHandle>,
+    rx: mpsc::Receiver<Outbound>,
+    subs: HashMap<ChannelName, Sub>,
+    focus: HashSet<String>,
+    transport: Transport,
+}
+
+/// Most users in one `presence`/`watch` op.
+pub const MAX_USERS_PER_OP: usize = 1000;
+
+impl Engine {
+    /// Opens a session: registers it in the hub (per-user limit) and in presence (first device of a
+    /// user -> `presence.changed` online).
+    pub async fn open_session(&self, open: SessionOpen) -> EngineResult<Session> {
+        if let Some(d) = &open.device
+            && !valid_id(d)
+        {
+            return Err(EngineError::new(
+                ErrorCode::BadFrame,
+                "device: 1-128 characters of [A-Za-z0-9_.@-]",
+            ));
+        }
+        let id = self.next_session_id();
+        let session: Arc<str> = format!("{}:{id}", self.node).into();
+        let device: Arc<str> = open
+            .device
+            .map(Into::into)
+            .unwrap_or_else(|| format!("d-{}", uuid::Uuid::now_v7().simple()).into());
+        let (handle, rx) = SessionHandle::new(
+            id,
+            session.clone(),
+            open.user.clone(),
+            device.clone(),
+            Arc::new(open.attrs),
+            self.config.limits.queue_frames,
+        );
+        if !self.hub.register(&handle, self.config.limits.connections_per_user) {
+            return Err(EngineError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many connections for this user (limit {})",
+                    self.config.limits.connections_per_user
+                ),
+            ));
+        }
+        let info = SessionInfo {
+            session,
+            user: open.user.clone(),
+            device,
+            platform: open.platform.map(Into::into),
+            state: open.state,
+            node: self.node.clone(),
+        };
+        let first = match backend(self.backends.presence.connect(&info, self.config.presence_ttl)).await {
+            Ok(first) => first,
+            Err(e) => {
+                self.hub.unregister(&handle);
+                return Err(e);
+            }
+        };
+        crate::metrics::session_opened(open.transport.as_str());
+        tracing::debug!(conn = %handle.session, user = %handle.user, "Session opened.");
+        if first {
+            self.publish_presence(&open.user).await;
+        }
+        Ok(Session {
+            engine: self.clone(),
+            handle,
+            rx,
+            subs: HashMap::new(),
+            focus: HashSet::new(),
+            transport: open.transport,
+        })
+    }
+
+    /// Checks that `user` may subscribe to (or read the history of) `channel`.
+    pub async fn can_subscribe(&self, user: &str, channel: &ChannelName) -> EngineResult<()> {
+        match self.kinds.of(channel).subscribe {
+            SubscribePolicy::Any => Ok(()),
+            SubscribePolicy::Owner if channel.id() == user => Ok(()),
+            SubscribePolicy::Member => self.require_member(channel.id(), user).await,
+            SubscribePolicy::Watcher => {
+                if channel.id() == user || self.may_watch(user, channel.id()).await? {
+                    Ok(())
+                } else {
+                    Err(EngineError::new(
+                        ErrorCode::Forbidden,
+                        format!("{channel}: only contacts and room mates may watch this user"),
+                    ))
+                }
+            }
+            SubscribePolicy::Owner | SubscribePolicy::Nobody => Err(EngineError::new(
+                ErrorCode::Forbidden,
+                format!("{channel}: not allowed to subscribe"),
+            )),
+        }
+    }
+
+    /// Checks that `user` may publish to `channel` from a client.
+    pub async fn can_publish(&self, user: &str, channel: &ChannelName) -> EngineResult<()> {
+        match self.kinds.of(channel).publish {
+            PublishPolicy::Any => Ok(()),
+            PublishPolicy::Owner if channel.id() == user => Ok(()),
+            PublishPolicy::Member => self.require_member(channel.id(), user).await,
+            PublishPolicy::Owner | PublishPolicy::Backend => Err(EngineError::new(
+                ErrorCode::Forbidden,
+                format!("{channel}: clients may not publish here"),
+            )),
+        }
+    }
+
+    /// `not_member` unless `user` is a member of `room`.
+    pub async fn require_member(&self, room: &str, user: &str) -> EngineResult<()> {
+        if backend(self.backends.store.is_member(room, user)).await? {
+            Ok(())
+        } else {
+            Err(EngineError::new(
+                ErrorCode::NotMember,
+                format!("not a member of room {room}"),
+            ))
+        }
+    }
+
+    /// Whether `watcher` may see `target`'s presence: a contact, or they share a room.
+    pub async fn may_watch(&self, watcher: &str, target: &str) -> EngineResult<bool> {
+        let store = &self.backends.store;
+        if backend(store.contacts(watcher)).await?.iter().any(|c| c == target) {
+            return Ok(true);
+        }
+        let mine = backend(store.rooms_of(watcher)).await?;
+        if mine.is_empty() {
+            return Ok(false);
+        }
+        let theirs = backend(store.rooms_of(target)).await?;
+        Ok(mine.iter().any(|r| theirs.binary_search(r).is_ok()))
+    }
+}
+
+fn bad(msg: impl Into<String>) -> EngineError {
+    EngineError::new(ErrorCode::BadFrame, msg)
+}
+
+fn room_channel(kind: Kind, room: &str) -> EngineResult<ChannelName> {
+    ChannelName::try_of(kind, room).map_err(EngineError::from)
+}
+
+impl Session {
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The next item of the session's queue (`None` when the hub dropped it).
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        self.rx.recv().await
+    }
+
+    /// Takes another queued item without waiting (writers drain the queue before one flush).
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Channel positions of stored subscriptions (the SSE cursor).
+    pub fn positions(&self) -> impl Iterator<Item = (&ChannelName, Position)> {
+        self.subs.iter().filter_map(|(ch, s)| {
+            s.epoch.as_ref().map(|e| {
+                (
+                    ch,
+                    Position {
+                        epoch: e.clone(),
+                        seq: s.last,
+                    },
+                )
+            })
+        })
+    }
+
+    /// Decides what to do with a delivery: drop duplicates of what was replayed, send `reset` when the
+    /// epoch changed under the subscription.
+    pub fn check(&mut self, d: &Delivery) -> Verdict {
+        let Some(sub) = self.subs.get_mut(&d.channel) else {
+            return Verdict::Skip;
+        };
+        let mut verdict = Verdict::Deliver;
+        if let Some(p) = &d.position {
+            match &sub.epoch {
+                Some(e) if *e == p.epoch => {
+                    if p.seq <= sub.last {
+                        return Verdict::Skip;
+                    }
+                }
+                _ => {
+                    let reset = json!({
+                        "type": "reset", "channel": d.channel, "epoch": p.epoch,
+                        "seq": p.seq, "recovered": false,
+                    });
+                    verdict = Verdict::Reset(Bytes::from(reset.to_string()));
+                    sub.epoch = Some(p.epoch.clone());
+                }
+            }
+            sub.last = p.seq;
+        }
+        if d.channel.kind() == Kind::User && &*d.event == "room.left" {
+            self.on_room_left(&d.frame);
+        }
+        verdict
+    }
+
+    /// Another device of this user left a room: drop this session's subscriptions to it.
+    fn on_room_left(&mut self, frame: &[u8]) {
+        let room = serde_json::from_slice::<Value>(frame)
+            .ok()
+            .and_then(|v| v["data"]["room"].as_str().map(str::to_string));
+        let Some(room) = room else { return };
+        for kind in [Kind::Room, Kind::Active] {
+            if let Ok(ch) = ChannelName::try_of(kind, &room)
+                && let Some(sub) = self.subs.remove(&ch)
+            {
+                let engine = self.engine.clone();
+                let handle = self.handle.clone();
+                tokio::spawn(async move { release(&engine, &handle, &ch, sub.room_presence).await });
+            }
+        }
+        self.focus.remove(&room);
+    }
+
+    /// `subscribe`: join a channel; with `since`, the missed events to send after the reply.
+    pub async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<Position>,
+    ) -> EngineResult<(Value, Vec<StoredEvent>)> {
+        let ch = ChannelName::parse(channel)?;
+        self.engine.can_subscribe(&self.handle.user, &ch).await?;
+        self.subscribe_checked(ch, since).await
+    }
+
+    /// Subscribes without the permission check (own `user:` and `global` at connect, checked callers).
+    pub async fn subscribe_checked(
+        &mut self,
+        ch: ChannelName,
+        since: Option<Position>,
+    ) -> EngineResult<(Value, Vec<StoredEvent>)> {
+        let e = self.engine.clone();
+        let kind = e.kinds.of(&ch).clone();
+        if !self.subs.contains_key(&ch) {
+            if self.subs.len() >= e.config.limits.subscriptions_per_connection {
+                return Err(EngineError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "at most {} subscriptions per connection",
+                        e.config.limits.subscriptions_per_connection
+                    ),
+                ));
+            }
+            // Join the hub first: from here on every new event is queued (see the module doc).
+            if e.hub.subscribe(&ch, &self.handle)
+                && let Err(err) = backend(e.backends.broker.subscribe(&ch)).await
+            {
+                e.hub.unsubscribe(&ch, self.handle.id);
+                return Err(err);
+            }
+            self.subs.insert(
+                ch.clone(),
+                Sub {
+                    epoch: None,
+                    last: 0,
+                    room_presence: false,
+                },
+            );
+        }
+        let mut replay = Vec::new();
+        let mut reply = json!({ "channel": ch });
+        if kind.persist {
+            let page = match &since {
+                Some(s) => {
+                    backend(e.backends.history.read(&ch, s.seq, None, kind.history_size, kind.history_age))
+                        .await
+                }
+                None => backend(e.backends.history.position(&ch)).await.map(|position| {
+                    crate::backend::HistoryPage {
+                        first_available: position.seq + 1,
+                        position,
+                        events: Vec::new(),
+                    }
+                }),
+            };
+            let page = match page {
+                Ok(p) => p,
+                Err(err) => {
+                    self.drop_sub(&ch).await;
+                    return Err(err);
+                }
+            };
+            let recovered = match &since {
+                None => true,
+                Some(s) => {
+                    s.epoch == page.position.epoch
+                        && s.seq <= page.position.seq
+                        && s.seq + 1 >= page.first_available
+                }
+            };
+            let sub = self.subs.get_mut(&ch).expect("inserted above");
+            if recovered && since.is_some() {
+                replay = page
+                    .events
+                    .into_iter()
+                    .map(|ev| StoredEvent {
+                        frame: replay_frame(&ev.frame),
+                        ..ev
+                    })
+                    .collect();
+            }
+            sub.epoch = Some(page.position.epoch.clone());
+            sub.last = sub.last.max(page.position.seq);
+            reply["epoch"] = json!(page.position.epoch);
+            reply["seq"] = json!(page.position.seq);
+            reply["recovered"] = json!(recovered);
+        } else {
+            reply["recovered"] = json!(true);
+        }
+        if kind.presence && ch.kind() == Kind::Room {
+            let sub = self.subs.get_mut(&ch).expect("inserted above");
+            if !sub.room_presence {
+                sub.room_presence = true;
+                let joined = backend(e.backends.presence.room_join(
+                    ch.id(),
+                    &self.handle.user,
+                    &self.handle.session,
+                    e.config.presence_ttl,
+                ))
+                .await?;
+                if joined {
+                    e.publish_room_presence(ch.id(), &self.handle.user, "joined").await;
+                }
+            }
+        }
+        Ok((reply, replay))
+    }
+
+    async fn drop_sub(&mut self, ch: &ChannelName) -> Option<()> {
+        let sub = self.subs.remove(ch)?;
+        release(&self.engine, &self.handle, ch, sub.room_presence).await;
+        Some(())
+    }
+
+    /// `unsubscribe`.
+    pub async fn unsubscribe(&mut self, channel: &str) -> EngineResult<Value> {
+        let ch = ChannelName::parse(channel)?;
+        let was = self.drop_sub(&ch).await.is_some();
+        Ok(json!({ "channel": ch, "subscribed": false, "was_subscribed": was }))
+    }
+
+    /// `publish` from the client.
+    pub async fn publish(
+        &mut self,
+        channel: &str,
+        event: String,
+        data: Box<serde_json::value::RawValue>,
+        idempotency_key: Option<String>,
+    ) -> EngineResult<Value> {
+        let ch = ChannelName::parse(channel)?;
+        self.engine.can_publish(&self.handle.user, &ch).await?;
+        let reply = self
+            .engine
+            .publish(PublishRequest {
+                event,
+                targets: vec![ch],
+                from: Some(self.handle.user.clone()),
+                data,
+                idempotency_key,
+                source: Source::Client,
+            })
+            .await?;
+        Ok(serde_json::to_value(reply).expect("reply serialises"))
+    }
+
+    /// `ack`: this device has the event. (Cancels `unacked` push fallbacks once push lands; validated
+    /// and acknowledged now.)
+    pub async fn ack(&mut self, channel: &str, seq: Seq) -> EngineResult<Value> {
+        let ch = ChannelName::parse(channel)?;
+        if !self.subs.contains_key(&ch) {
+            return Err(EngineError::new(
+                ErrorCode::Forbidden,
+                format!("{ch}: not subscribed"),
+            ));
+        }
+        Ok(json!({ "channel": ch, "seq": seq }))
+    }
+
+    /// `read`: everything up to `seq` in `room` is read.
+    pub async fn read(&mut self, room: &str, seq: Seq) -> EngineResult<Value> {
+        let e = self.engine.clone();
+        e.mark_read(&self.handle.user, room, seq).await
+    }
+
+    /// `focus`: the room is open on this device.
+    pub async fn focus(&mut self, room: &str) -> EngineResult<Value> {
+        let e = self.engine.clone();
+        let active = room_channel(Kind::Active, room)?;
+        e.require_member(room, &self.handle.user).await?;
+        self.subscribe_checked(active, None).await?;
+        backend(e.backends.store.set_focus(
+            room,
+            &self.handle.user,
+            &self.handle.session,
+            e.config.presence_ttl,
+        ))
+        .await?;
+        self.focus.insert(room.to_string());
+        Ok(json!({ "room": room, "focused": true }))
+    }
+
+    /// `blur`: the room is no longer open.
+    pub async fn blur(&mut self, room: &str) -> EngineResult<Value> {
+        let e = self.engine.clone();
+        let active = room_channel(Kind::Active, room)?;
+        self.drop_sub(&active).await;
+        self.focus.remove(room);
+        backend(e.backends.store.clear_focus(room, &self.handle.user, &self.handle.session)).await?;
+        Ok(json!({ "room": room, "focused": false }))
+    }
+
+    /// `typing`: an ephemeral event to `active:{room}`.
+    pub async fn typing(&mut self, room: &str) -> EngineResult<Value> {
+        let e = self.engine.clone();
+        let active = room_channel(Kind::Active, room)?;
+        e.require_member(room, &self.handle.user).await?;
+        let data = serde_json::value::to_raw_value(&json!({ "room": room, "user": &*self.handle.user }))
+            .expect("serialises");
+        e.publish(PublishRequest {
+            event: "typing".into(),
+            targets: vec![active],
+            from: Some(self.handle.user.clone()),
+            data,
+            idempotency_key: None,
+            source: Source::Client,
+        })
+        .await?;
+        Ok(json!({ "room": room }))
+    }
+
+    /// `status`: custom status, broadcast as `presence.changed`.
+    pub async fn status(&mut self, status: Status, text: Option<String>) -> EngineResult<Value> {
+        if text.as_ref().is_some_and(|t| t.chars().count() > 256) {
+            return Err(EngineError::new(ErrorCode::TooLarge, "text: at most 256 characters"));
+        }
+        let e = self.engine.clone();
+        backend(e.backends.presence.set_status(&self.handle.user, status, text.clone())).await?;
+        e.publish_presence(&self.handle.user).await;
+        Ok(json!({ "status": status, "text": text }))
+    }
+
+    /// `state`: foreground or background.
+    pub async fn state(&mut self, state: AppState) -> EngineResult<Value> {
+        let e = self.engine.clone();
+        backend(e.backends.presence.set_state(&self.handle.user, &self.handle.session, state)).await?;
+        e.publish_presence(&self.handle.user).await;
+        Ok(json!({ "state": state }))
+    }
+
+    /// `history`: events by seq range, inclusive.
+    pub async fn history(
+        &mut self,
+        channel: &str,
+        from: Option<Seq>,
+        to: Option<Seq>,
+        limit: Option<usize>,
+    ) -> EngineResult<Value> {
+        let ch = ChannelName::parse(channel)?;
+        let e = self.engine.clone();
+        e.can_subscribe(&self.handle.user, &ch).await?;
+        let after = from.unwrap_or(1).saturating_sub(1);
+        e.history_json(&ch, after, to, limit).await
+    }
+
+    /// `leave`: the atomic leave (membership removed, `member.left` to the room, `room.left` to me).
+    pub async fn leave(&mut self, room: &str) -> EngineResult<Value> {
+        let e = self.engine.clone();
+        e.leave_room(room, &self.handle.user).await
+    }
+
+    /// `presence`: current presence of users.
+    pub async fn presence(&mut self, users: &[String]) -> EngineResult<Value> {
+        self.engine.presence_json(users).await
+    }
+
+    /// `watch`: receive these users' `presence.changed`.
+    pub async fn watch(&mut self, users: &[String]) -> EngineResult<Value> {
+        check_users(users)?;
+        let e = self.engine.clone();
+        for u in users {
+            if u.as_str() != &*self.handle.user && !e.may_watch(&self.handle.user, u).await? {
+                return Err(EngineError::new(
+                    ErrorCode::Forbidden,
+                    format!("may not watch {u}: only contacts and room mates"),
+                ));
+            }
+        }
+        for u in users {
+            let ch = ChannelName::of(Kind::Presence, u);
+            self.subscribe_checked(ch, None).await?;
+        }
+        let presence = e.presence_json(users).await?;
+        Ok(json!({ "users": users, "presence": presence["presence"] }))
+    }
+
+    /// `unwatch`.
+    pub async fn unwatch(&mut self, users: &[String]) -> EngineResult<Value> {
+        check_users(users)?;
+        for u in users {
+            self.drop_sub(&ChannelName::of(Kind::Presence, u)).await;
+        }
+        Ok(json!({ "users": users }))
+    }
+
+    /// The `connected` frame: own channels' positions and the login sync.
+    pub async fn connected_frame(&mut self, reference: Option<&Value>) -> EngineResult<Value> {
+        let e = self.engine.clone();
+        let mut channels = Map::new();
+        for ch in [ChannelName::of(Kind::User, &self.handle.user), ChannelName::global()] {
+            let (reply, _) = self.subscribe_checked(ch.clone(), None).await?;
+            channels.insert(
+                ch.to_string(),
+                json!({ "epoch": reply["epoch"], "seq": reply["seq"] }),
+            );
+        }
+        let sync = e.login_sync(&self.handle.user, &self.handle.attrs).await?;
+        let mut frame = json!({
+            "type": "connected",
+            "conn": &*self.handle.session,
+            "user": &*self.handle.user,
+            "device": &*self.handle.device,
+            "node": &*e.node,
+            "channels": channels,
+            "sync": sync,
+        });
+        if let Some(r) = reference {
+            frame["ref"] = r.clone();
+        }
+        Ok(frame)
+    }
+}
+
+fn check_users(users: &[String]) -> EngineResult<()> {
+    if users.len() > MAX_USERS_PER_OP {
+        return Err(EngineError::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_USERS_PER_OP} users"),
+        ));
+    }
+    if let Some(u) = users.iter().find(|u| !valid_id(u)) {
+        return Err(bad(format!("bad user id {:?}", u.chars().take(140).collect::<String>())));
+    }
+    Ok(())
+}
+
+/// Leaves a channel in the hub (and the broker when it was the last local subscriber) and room presence.
+async fn release(engine: &Engine, handle: &SessionHandle, ch: &ChannelName, room_presence: bool) {
+    if engine.hub.unsubscribe(ch, handle.id)
+        && let Err(e) = backend(engine.backends.broker.unsubscribe(ch)).await
+    {
+        tracing::warn!(channel = %ch, error = %e, "Broker unsubscribe failed.");
+    }
+    if room_presence {
+        match backend(engine.backends.presence.room_leave(ch.id(), &handle.user, &handle.session)).await {
+            Ok(true) => engine.publish_room_presence(ch.id(), &handle.user, "left").await,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(channel = %ch, error = %e, "Room presence leave failed."),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Cleanup needs the backends (async); the task outlives the socket task that dropped us.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let engine = self.engine.clone();
+        let handle = self.handle.clone();
+        let subs: Vec<(ChannelName, bool)> = self.subs.drain().map(|(c, s)| (c, s.room_presence)).collect();
+        let focus: Vec<String> = self.focus.drain().collect();
+        let transport = self.transport;
+        rt.spawn(async move {
+            for (ch, rp) in &subs {
+                release(&engine, &handle, ch, *rp).await;
+            }
+            for room in &focus {
+                let _ = backend(engine.backends.store.clear_focus(room, &handle.user, &handle.session)).await;
+            }
+            engine.hub.unregister(&handle);
+            crate::metrics::session_closed(transport.as_str());
+            match backend(engine.backends.presence.disconnect(&handle.user, &handle.session)).await {
+                Ok(Some(_)) => engine.publish_presence(&handle.user).await,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(conn = %handle.session, error = %e, "Presence disconnect failed."),
+            }
+            tracing::debug!(conn = %handle.session, user = %handle.user, "Session closed.");
+        });
+    }
+}

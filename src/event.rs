@@ -1,0 +1,258 @@
+//! Events and positions: `Event`, `EventId`, `Seq`, `Epoch`, `Position`, the encoded event frame, and the
+//! SSE cursor codec (`Cursor`, the opaque `Last-Event-ID`).
+//!
+//! Vocabulary shared by every module; imports nothing of the engine, the transports or the backends.
+//!
+//! An event is encoded **once** per publish and per target channel into the exact WebSocket frame
+//! (`{"type":"event","channel":…,"seq":…,"epoch":…,"id":…,…}`); every recipient, the history and the SSE
+//! stream share those bytes. The frame is built from a channel-independent *body* (`"id":…,"ts":…}`)
+//! encoded once per publish, so a publish to N channels serialises the payload once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::channels::ChannelName;
+
+/// A channel's sequence number: 1, 2, 3 … per channel and epoch. 0 means "nothing yet".
+pub type Seq = u64;
+
+/// A channel history's generation. A new epoch means the history was lost or reset, so positions taken
+/// under an older epoch cannot be served.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epoch(Arc<str>);
+
+impl Epoch {
+    /// A fresh random epoch (12 hex characters).
+    pub fn generate() -> Self {
+        let n: u64 = rand::random();
+        Epoch(format!("{:012x}", n & 0xffff_ffff_ffff).into())
+    }
+
+    /// Wraps an existing epoch string (from a backend or a client).
+    pub fn new(s: &str) -> Self {
+        Epoch(s.into())
+    }
+
+    /// The epoch as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a channel stands, or where a client stands in it: `{epoch, seq}` on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// The channel's epoch.
+    pub epoch: Epoch,
+    /// The last seq (of the channel, or seen by the client).
+    pub seq: Seq,
+}
+
+/// An event id: a UUID v7 (time-ordered) as a string.
+pub type EventId = Arc<str>;
+
+/// A new event id.
+pub fn new_event_id() -> EventId {
+    uuid::Uuid::now_v7().to_string().into()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What a publisher sends, before it is stored: encoded once per publish as the frame body.
+#[derive(Debug, Serialize)]
+pub struct EventBody<'a> {
+    /// Event id.
+    pub id: &'a str,
+    /// Event type (`chat.message`, `typing`, …).
+    pub event: &'a str,
+    /// Application payload, passed through untouched.
+    pub data: &'a RawValue,
+    /// Sender user id, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'a str>,
+    /// Publish time, unix ms.
+    pub ts: i64,
+}
+
+impl EventBody<'_> {
+    /// Serialises the body as the tail of an event frame: `"id":…,"ts":…}` (no opening brace), so
+    /// [`event_frame`] can prefix it per channel without re-encoding the payload.
+    pub fn encode(&self) -> Bytes {
+        let full = serde_json::to_vec(self).expect("event body serialises");
+        // `full` starts with '{'; keep the rest.
+        Bytes::copy_from_slice(&full[1..])
+    }
+}
+
+/// Builds the WebSocket frame for an event on `channel` from its encoded body: the one place the frame
+/// layout is fixed (the Redis Lua step must produce the same bytes).
+pub fn event_frame(channel: &ChannelName, position: Option<(&Epoch, Seq)>, body: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64 + channel.as_str().len() + body.len());
+    buf.put_slice(b"{\"type\":\"event\",\"channel\":\"");
+    // Channel names are validated to `[A-Za-z0-9_.@:-]`, so they need no JSON escaping.
+    buf.put_slice(channel.as_str().as_bytes());
+    buf.put_slice(b"\",");
+    if let Some((epoch, seq)) = position {
+        buf.put_slice(b"\"seq\":");
+        buf.put_slice(itoa_u64(seq).as_bytes());
+        buf.put_slice(b",\"epoch\":\"");
+        buf.put_slice(epoch.as_str().as_bytes());
+        buf.put_slice(b"\",");
+    }
+    buf.put_slice(body);
+    buf.freeze()
+}
+
+/// The same frame marked `"replay":true` (sent from history rather than live).
+pub fn replay_frame(frame: &[u8]) -> Bytes {
+    const HEAD: &[u8] = b"{\"type\":\"event\",";
+    let mut buf = BytesMut::with_capacity(frame.len() + 16);
+    if frame.starts_with(HEAD) {
+        buf.put_slice(HEAD);
+        buf.put_slice(b"\"replay\":true,");
+        buf.put_slice(&frame[HEAD.len()..]);
+    } else {
+        buf.put_slice(frame);
+    }
+    buf.freeze()
+}
+
+fn itoa_u64(n: u64) -> String {
+    n.to_string()
+}
+
+/// One stored event as history returns it.
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    /// Its seq in the channel.
+    pub seq: Seq,
+    /// Publish time, unix ms (for history age limits).
+    pub ts: i64,
+    /// The live frame bytes (as [`event_frame`] built them).
+    pub frame: Bytes,
+}
+
+/// The SSE cursor: every channel's `{epoch, seq}` of one stream, encoded as an opaque `Last-Event-ID`.
+///
+/// Encoding: URL-safe base64 (no padding) of `channel epoch seq` lines. Opaque to clients; stable enough
+/// that a cursor from one node works on any other.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Channel name -> position.
+    pub positions: BTreeMap<String, Position>,
+}
+
+impl Cursor {
+    /// Encodes the cursor.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        for (ch, p) in &self.positions {
+            s.push_str(ch);
+            s.push(' ');
+            s.push_str(p.epoch.as_str());
+            s.push(' ');
+            s.push_str(&p.seq.to_string());
+            s.push('\n');
+        }
+        URL_SAFE_NO_PAD.encode(s)
+    }
+
+    /// Decodes a cursor; `None` when it is not one of ours.
+    pub fn decode(s: &str) -> Option<Cursor> {
+        if s.len() > 16 * 1024 {
+            return None;
+        }
+        let raw = URL_SAFE_NO_PAD.decode(s.trim()).ok()?;
+        let text = std::str::from_utf8(&raw).ok()?;
+        let mut positions = BTreeMap::new();
+        for line in text.lines() {
+            let mut parts = line.split(' ');
+            let (ch, epoch, seq) = (parts.next()?, parts.next()?, parts.next()?);
+            if parts.next().is_some() || epoch.is_empty() {
+                return None;
+            }
+            positions.insert(
+                ch.to_string(),
+                Position {
+                    epoch: Epoch::new(epoch),
+                    seq: seq.parse().ok()?,
+                },
+            );
+        }
+        Some(Cursor { positions })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips() {
+        let mut c = Cursor::default();
+        c.positions.insert(
+            "room:r1".into(),
+            Position {
+                epoch: Epoch::new("abc"),
+                seq: 7,
+            },
+        );
+        c.positions.insert(
+            "global".into(),
+            Position {
+                epoch: Epoch::new("def"),
+                seq: 0,
+            },
+        );
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        assert_eq!(Cursor::decode("not base64!"), None);
+    }
+
+    #[test]
+    fn frame_is_valid_json_and_replay_marks_it() {
+        let ch = ChannelName::parse("room:r1").unwrap();
+        let data = RawValue::from_string("{\"text\":\"hi\"}".into()).unwrap();
+        let body = EventBody {
+            id: "e1",
+            event: "chat.message",
+            data: &data,
+            from: Some("u1"),
+            ts: 5,
+        }
+        .encode();
+        let f = event_frame(&ch, Some((&Epoch::new("ep"), 3)), &body);
+        let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["epoch"], "ep");
+        assert_eq!(v["data"]["text"], "hi");
+        let r: serde_json::Value = serde_json::from_slice(&replay_frame(&f)).unwrap();
+        assert_eq!(r["replay"], true);
+        assert_eq!(r["id"], "e1");
+    }
+}

@@ -1,0 +1,232 @@
+//! The `herald` binary: `serve` (the default), `token`, and (with the rules issue) `rules check`,
+//! `rules test`, `simulate`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use herald::config::{Config, LogFormat, Overrides};
+use herald::{ChannelKinds, transport::auth};
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "A real-time notification engine: WebSocket + SSE + HTTP API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Mint a client JWT with the configured HS256 secret (HERALD_JWT_SECRET or herald.toml).
+    Token(TokenArgs),
+    /// Check or test the Rhai rules (arrives with the rules issue).
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Print the Decision the rules take for an event (arrives with the rules issue).
+    Simulate {
+        /// The event JSON file.
+        #[arg(long)]
+        event: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Compile and lint the rules.
+    Check {
+        /// Rules directory.
+        dir: Option<PathBuf>,
+    },
+    /// Run the rule fixtures.
+    Test {
+        /// Rules directory.
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// Listen address.
+    #[arg(long, env = "HERALD_LISTEN")]
+    listen: Option<String>,
+    /// Redis URL (redis://, rediss://, unix://); none = the memory backend.
+    #[arg(long, env = "HERALD_REDIS")]
+    redis: Option<String>,
+    /// Rules directory.
+    #[arg(long, env = "HERALD_RULES")]
+    rules: Option<PathBuf>,
+    /// channels.toml path.
+    #[arg(long, env = "HERALD_CHANNELS")]
+    channels: Option<PathBuf>,
+    /// herald.toml path (default: ./herald.toml if present).
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id (default: hostname-pid).
+    #[arg(long, env = "HERALD_NODE_ID")]
+    node_id: Option<String>,
+    /// Presence TTL, seconds.
+    #[arg(long, env = "HERALD_PRESENCE_TTL")]
+    presence_ttl: Option<u64>,
+    /// Heartbeat interval, seconds (the offline sweeper runs every heartbeat).
+    #[arg(long, env = "HERALD_HEARTBEAT")]
+    heartbeat: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long, value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// User id (JWT `sub`).
+    #[arg(long)]
+    user: String,
+    /// Device id claim.
+    #[arg(long)]
+    device: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// herald.toml path.
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected text or json".into()),
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(a) => serve(a),
+        Command::Token(t) => token(t),
+        Command::Rules { .. } | Command::Simulate { .. } => Err(anyhow::anyhow!(
+            "not yet: Rhai rules arrive in a later release; routing uses channels.toml defaults"
+        )),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn token(t: TokenArgs) -> anyhow::Result<()> {
+    let config = Config::load(Overrides {
+        config: t.config,
+        ..Default::default()
+    })?;
+    if config.jwt.generated_secret {
+        anyhow::bail!("no JWT secret configured: set HERALD_JWT_SECRET (or auth.jwt_secret in herald.toml)");
+    }
+    let secret = config
+        .jwt
+        .secret
+        .as_deref()
+        .context("herald token needs an HS256 secret (a public key cannot sign)")?;
+    println!("{}", auth::mint_hs256(secret, &t.user, t.device.as_deref(), t.ttl)?);
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(Overrides {
+        listen: a.listen,
+        redis: a.redis,
+        rules: a.rules,
+        channels: a.channels,
+        config: a.config,
+        node_id: a.node_id,
+        presence_ttl: a.presence_ttl,
+        heartbeat: a.heartbeat,
+        log_format: a.log_format,
+    })?;
+    let kinds = ChannelKinds::load(&config.channels_file, config.channels_required)?;
+    init_logs(config.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        if config.push.any() {
+            tracing::warn!("Push providers are configured but push delivery is not implemented yet; no pushes will be sent.");
+        }
+        if !config.rules_dir.exists() {
+            tracing::debug!(dir = %config.rules_dir.display(), "Rules directory not found; channel defaults route every event.");
+        }
+        let demo = if config.jwt.generated_secret {
+            config
+                .jwt
+                .secret
+                .as_deref()
+                .map(|s| auth::mint_hs256(s, "demo", None, 24 * 3600))
+                .transpose()?
+        } else {
+            None
+        };
+        let banner_keys = config.generated_keys.then(|| (config.api_key.clone(), config.admin_key.clone()));
+        let generated_secret = config.jwt.generated_secret.then(|| config.jwt.secret.clone()).flatten();
+        let server = herald::start(config, kinds, listener, shutdown_signal()).await?;
+        println!("herald listening on http://{addr}  (node {}, memory backend)", server.engine.node);
+        println!("  WebSocket  ws://{addr}/ws");
+        println!("  SSE        http://{addr}/sse?channels=user:demo,global");
+        println!("  API        http://{addr}/api/v1");
+        println!("  admin      http://{addr}/admin");
+        if let Some((api, admin)) = banner_keys {
+            println!("  API key    {api}   (generated; set HERALD_API_KEY to keep one)");
+            println!("  admin key  {admin}   (generated; set HERALD_ADMIN_KEY)");
+        }
+        if let Some(secret) = generated_secret {
+            println!("  JWT secret {secret}   (generated; set HERALD_JWT_SECRET)");
+        }
+        if let Some(t) = demo {
+            println!("  demo token {t}");
+            println!("  try: websocat 'ws://{addr}/ws?token=<demo token>'");
+        }
+        server.stop().await?;
+        tracing::info!("Stopped.");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

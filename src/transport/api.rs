@@ -1,0 +1,476 @@
+//! The HTTP API for backends (`/api/v1`, API key), seed 002's `/api/online-status/*` (client JWT), and
+//! the root probes `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post, put};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+
+use super::{AdminKey, ApiError, ApiKey, ApiResult, AppState, Client, JsonBody};
+use crate::backend::{Announcement, PushDevice};
+use crate::channels::{ChannelName, Kind, parse_duration, valid_id};
+use crate::engine::{EngineError, ErrorCode, PublishRequest};
+use crate::event::{new_event_id, now_ms};
+use crate::rules::Source;
+
+pub(super) fn routes() -> Router<AppState> {
+    let v1 = Router::new()
+        .route("/events", post(publish))
+        .route("/notifications/publish", post(publish))
+        .route("/channels/{channel}/history", get(history))
+        .route("/rooms/{room}/events", get(room_events))
+        .route("/rooms/{room}/members/{user}", put(add_member).delete(remove_member))
+        .route("/rooms/{room}/members", get(members))
+        .route("/rooms/{room}/leave/{user}", post(leave))
+        .route("/rooms/{room}/presence", get(room_presence))
+        .route("/rooms/{room}/presence/heartbeat", post(room_heartbeat))
+        .route("/users/{user}/contacts", put(set_contacts).get(get_contacts))
+        .route("/presence/query", post(presence_query))
+        .route("/presence/online/count", get(online_count))
+        .route("/presence/online", get(online_list))
+        .route("/presence/{user}", get(presence_one))
+        .route("/users/{user}/unread", get(unread))
+        .route("/users/{user}/read", post(mark_read))
+        .route("/notifications/unread", get(unread_alias))
+        .route("/notifications/{id}/read", patch(read_by_event_id))
+        .route("/users/{user}/devices", get(devices))
+        .route("/users/{user}/devices/{device}", put(put_device).delete(delete_device))
+        .route("/announcements", post(create_announcement).get(list_announcements))
+        .route("/users/{user}/disconnect", post(disconnect));
+    let online = Router::new()
+        .route("/users", post(os_users))
+        .route("/user/{id}", get(os_user))
+        .route("/friends", get(os_friends))
+        .route("/heartbeat", post(os_heartbeat))
+        .route("/count", get(os_count))
+        .route("/online", get(os_online));
+    Router::new()
+        .nest("/api/v1", v1)
+        .nest("/api/online-status", online)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.engine.ready().await {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "backend unreachable").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>, parts: axum::http::request::Parts) -> Response {
+    if s.engine.config.metrics_require_admin {
+        let mut parts = parts;
+        if let Err(e) = <AdminKey as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &s).await {
+            return e.into_response();
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// `POST /events` body.
+#[derive(Deserialize)]
+struct PublishBody {
+    #[serde(alias = "type")]
+    event: String,
+    channel: Option<String>,
+    #[serde(alias = "roomId")]
+    room: Option<String>,
+    to: Option<Vec<String>>,
+    from: Option<String>,
+    data: Option<Box<RawValue>>,
+    idempotency_key: Option<String>,
+}
+
+async fn publish(
+    State(s): State<AppState>,
+    _: ApiKey,
+    headers: axum::http::HeaderMap,
+    JsonBody(b): JsonBody<PublishBody>,
+) -> ApiResult {
+    let mut targets = Vec::new();
+    if let Some(c) = &b.channel {
+        targets.push(ChannelName::parse(c).map_err(EngineError::from)?);
+    }
+    if let Some(r) = &b.room {
+        targets.push(ChannelName::try_of(Kind::Room, r).map_err(EngineError::from)?);
+    }
+    for u in b.to.iter().flatten() {
+        targets.push(ChannelName::try_of(Kind::User, u).map_err(EngineError::from)?);
+    }
+    targets.dedup();
+    if let Some(f) = &b.from
+        && !valid_id(f)
+    {
+        return Err(ApiError::bad("from: a user id (1-128 characters of [A-Za-z0-9_.@-])"));
+    }
+    let key = b.idempotency_key.or_else(|| {
+        headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    let data = b.data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("valid JSON"));
+    let reply = s
+        .engine
+        .publish(PublishRequest {
+            event: b.event,
+            targets,
+            from: b.from.map(|f| Arc::from(f.as_str())),
+            data,
+            idempotency_key: key,
+            source: Source::Api,
+        })
+        .await?;
+    Ok(Json(serde_json::to_value(reply).expect("serialises")))
+}
+
+fn num(q: &HashMap<String, String>, k: &str) -> Result<Option<u64>, ApiError> {
+    match q.get(k).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::bad(format!("{k}: expected a non-negative integer"))),
+    }
+}
+
+async fn history(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(channel): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let ch = ChannelName::parse(&channel).map_err(EngineError::from)?;
+    let since = num(&q, "since")?.unwrap_or(0);
+    let limit = num(&q, "limit")?.map(|l| l as usize);
+    Ok(Json(s.engine.history_json(&ch, since, None, limit).await?))
+}
+
+async fn room_events(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(room): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let ch = ChannelName::try_of(Kind::Room, &room).map_err(EngineError::from)?;
+    let since = num(&q, "since")?.unwrap_or(0);
+    let limit = num(&q, "limit")?.map(|l| l as usize);
+    Ok(Json(s.engine.history_json(&ch, since, None, limit).await?))
+}
+
+async fn add_member(State(s): State<AppState>, _: ApiKey, Path((room, user)): Path<(String, String)>) -> ApiResult {
+    Ok(Json(s.engine.add_member(&room, &user).await?))
+}
+
+async fn remove_member(State(s): State<AppState>, _: ApiKey, Path((room, user)): Path<(String, String)>) -> ApiResult {
+    Ok(Json(s.engine.remove_member(&room, &user).await?))
+}
+
+async fn members(State(s): State<AppState>, _: ApiKey, Path(room): Path<String>) -> ApiResult {
+    Ok(Json(s.engine.members_json(&room).await?))
+}
+
+async fn leave(State(s): State<AppState>, _: ApiKey, Path((room, user)): Path<(String, String)>) -> ApiResult {
+    Ok(Json(s.engine.leave_room(&room, &user).await?))
+}
+
+async fn room_presence(State(s): State<AppState>, _: ApiKey, Path(room): Path<String>) -> ApiResult {
+    Ok(Json(s.engine.room_presence_json(&room).await?))
+}
+
+#[derive(Deserialize)]
+struct UserBody {
+    #[serde(alias = "userId")]
+    user: Value,
+}
+
+fn id_of(v: &Value) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        _ => Err(ApiError::bad("user ids are strings or numbers")),
+    }
+}
+
+async fn room_heartbeat(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(room): Path<String>,
+    JsonBody(b): JsonBody<UserBody>,
+) -> ApiResult {
+    let user = id_of(&b.user)?;
+    Ok(Json(s.engine.http_heartbeat(&user, Some(&room)).await?))
+}
+
+#[derive(Deserialize)]
+struct ContactsBody {
+    contacts: Vec<String>,
+}
+
+async fn set_contacts(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(user): Path<String>,
+    JsonBody(b): JsonBody<ContactsBody>,
+) -> ApiResult {
+    Ok(Json(s.engine.set_contacts(&user, &b.contacts).await?))
+}
+
+async fn get_contacts(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
+    if !valid_id(&user) {
+        return Err(ApiError::from(EngineError::new(ErrorCode::BadChannel, "bad user id")));
+    }
+    let contacts = s.engine.contacts(&user).await?;
+    Ok(Json(json!({ "user": user, "contacts": contacts })))
+}
+
+async fn presence_one(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
+    let mut v = s.engine.presence_json(std::slice::from_ref(&user)).await?;
+    Ok(Json(v["presence"][&user].take()))
+}
+
+#[derive(Deserialize)]
+struct UsersBody {
+    #[serde(alias = "user_ids")]
+    users: Vec<Value>,
+}
+
+fn ids(v: &[Value]) -> Result<Vec<String>, ApiError> {
+    v.iter().map(id_of).collect()
+}
+
+async fn presence_query(State(s): State<AppState>, _: ApiKey, JsonBody(b): JsonBody<UsersBody>) -> ApiResult {
+    Ok(Json(s.engine.presence_json(&ids(&b.users)?).await?))
+}
+
+async fn online_count(State(s): State<AppState>, _: ApiKey) -> ApiResult {
+    Ok(Json(json!({ "count": s.engine.online_count().await? })))
+}
+
+async fn online_list(State(s): State<AppState>, _: ApiKey, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let limit = num(&q, "limit")?.unwrap_or(100) as usize;
+    let (users, cursor) = s
+        .engine
+        .online_page(q.get("cursor").map(String::as_str).filter(|c| !c.is_empty()), limit)
+        .await?;
+    Ok(Json(json!({ "users": users, "cursor": cursor })))
+}
+
+async fn unread(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
+    Ok(Json(s.engine.unread_json(&user).await?))
+}
+
+async fn unread_alias(State(s): State<AppState>, _: ApiKey, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let user = q
+        .get("userId")
+        .or_else(|| q.get("user"))
+        .ok_or_else(|| ApiError::bad("userId: required"))?;
+    let mut v = s.engine.unread_json(user).await?;
+    let total: u64 = v["unread"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+    v["total"] = json!(total);
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct ReadBody {
+    room: String,
+    seq: u64,
+}
+
+async fn mark_read(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(user): Path<String>,
+    JsonBody(b): JsonBody<ReadBody>,
+) -> ApiResult {
+    Ok(Json(s.engine.mark_read(&user, &b.room, b.seq).await?))
+}
+
+async fn read_by_event_id(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> ApiResult {
+    let from_body = body.get("userId").or_else(|| body.get("user")).cloned();
+    let user = match (q.get("userId").or_else(|| q.get("user")), from_body) {
+        (Some(u), _) => u.clone(),
+        (None, Some(v)) => id_of(&v)?,
+        (None, None) => return Err(ApiError::bad("userId: required (query or body)")),
+    };
+    let (room, seq) = s
+        .engine
+        .find_room_event(&user, &id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such event in this user's rooms"))?;
+    Ok(Json(s.engine.mark_read(&user, &room, seq).await?))
+}
+
+#[derive(Deserialize)]
+struct DeviceBody {
+    provider: String,
+    token: Option<String>,
+    subscription: Option<Value>,
+    platform: Option<String>,
+}
+
+async fn put_device(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path((user, device)): Path<(String, String)>,
+    JsonBody(b): JsonBody<DeviceBody>,
+) -> ApiResult {
+    match b.provider.as_str() {
+        "fcm" | "apns" | "webhook" if b.token.as_deref().is_some_and(|t| !t.is_empty() && t.len() <= 4096) => {}
+        "webhook" if b.token.is_none() => {}
+        "webpush" if b.subscription.as_ref().is_some_and(|v| v.get("endpoint").is_some_and(Value::is_string)) => {}
+        "fcm" | "apns" => return Err(ApiError::bad("token: required for fcm and apns (at most 4096 characters)")),
+        "webpush" => return Err(ApiError::bad("subscription: a Web Push subscription object with an endpoint")),
+        _ => return Err(ApiError::bad("provider: fcm, apns, webpush or webhook")),
+    }
+    let d = PushDevice {
+        device,
+        provider: b.provider,
+        token: b.token,
+        subscription: b.subscription,
+        platform: b.platform,
+    };
+    Ok(Json(s.engine.put_device(&user, d).await?))
+}
+
+async fn delete_device(State(s): State<AppState>, _: ApiKey, Path((user, device)): Path<(String, String)>) -> ApiResult {
+    Ok(Json(s.engine.delete_device(&user, &device).await?))
+}
+
+async fn devices(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
+    Ok(Json(s.engine.devices_json(&user).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnnouncementBody {
+    title: String,
+    body: String,
+    url: Option<String>,
+    image: Option<String>,
+    /// Unix ms, or a duration from now ("7d").
+    expires: Option<Value>,
+    #[serde(default)]
+    audience: Map<String, Value>,
+}
+
+async fn create_announcement(State(s): State<AppState>, _: ApiKey, JsonBody(b): JsonBody<AnnouncementBody>) -> ApiResult {
+    if b.title.is_empty() || b.title.chars().count() > 256 {
+        return Err(ApiError::bad("title: 1-256 characters"));
+    }
+    let now = now_ms();
+    let expires = match b.expires {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.as_i64().ok_or_else(|| ApiError::bad("expires: unix ms"))?),
+        Some(Value::String(d)) => Some(now + parse_duration(&d).map_err(ApiError::bad)?.as_millis() as i64),
+        Some(_) => return Err(ApiError::bad("expires: unix ms or a duration like \"7d\"")),
+    };
+    if expires.is_some_and(|e| e <= now) {
+        return Err(ApiError::bad("expires: already in the past"));
+    }
+    let a = Announcement {
+        id: new_event_id().to_string(),
+        title: b.title,
+        body: b.body,
+        url: b.url,
+        image: b.image,
+        expires,
+        audience: b.audience,
+        ts: now,
+    };
+    let (announcement, reply) = s.engine.create_announcement(a).await?;
+    Ok(Json(json!({ "announcement": announcement, "id": reply.id, "deliveries": reply.deliveries })))
+}
+
+async fn list_announcements(State(s): State<AppState>, _: ApiKey) -> ApiResult {
+    Ok(Json(s.engine.announcements_json().await?))
+}
+
+async fn disconnect(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
+    Ok(Json(s.engine.disconnect_user(&user)?))
+}
+
+// ---- seed 002: /api/online-status/* with a client JWT ----
+
+fn seed_status(p: &Value) -> Value {
+    let online = p["online"].as_bool().unwrap_or(false);
+    let mut v = json!({ "is_online": online, "status": p["status"], "text": p["text"] });
+    if online {
+        v["last_activity"] = p["last_seen"].clone();
+    } else {
+        v["last_seen"] = p["last_seen"].clone();
+    }
+    v
+}
+
+async fn seed_map(s: &AppState, users: &[String]) -> ApiResult {
+    let v = s.engine.presence_json(users).await?;
+    let mut out = Map::new();
+    for u in users {
+        out.insert(u.clone(), seed_status(&v["presence"][u]));
+    }
+    Ok(Json(Value::Object(out)))
+}
+
+async fn os_users(State(s): State<AppState>, Client(_): Client, JsonBody(b): JsonBody<UsersBody>) -> ApiResult {
+    seed_map(&s, &ids(&b.users)?).await
+}
+
+async fn os_user(State(s): State<AppState>, Client(_): Client, Path(id): Path<String>) -> ApiResult {
+    let v = s.engine.presence_json(std::slice::from_ref(&id)).await?;
+    let mut out = seed_status(&v["presence"][&id]);
+    out["user_id"] = json!(id);
+    Ok(Json(out))
+}
+
+async fn os_friends(State(s): State<AppState>, Client(c): Client) -> ApiResult {
+    let contacts = s.engine.contacts(&c.sub).await?;
+    seed_map(&s, &contacts).await
+}
+
+async fn os_heartbeat(State(s): State<AppState>, Client(c): Client) -> ApiResult {
+    Ok(Json(s.engine.http_heartbeat(&c.sub, None).await?))
+}
+
+async fn os_count(State(s): State<AppState>, Client(_): Client) -> ApiResult {
+    Ok(Json(json!({ "count": s.engine.online_count().await? })))
+}
+
+async fn os_online(State(s): State<AppState>, Client(_): Client, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let limit = num(&q, "limit")?.unwrap_or(100) as usize;
+    let (users, cursor) = s
+        .engine
+        .online_page(q.get("cursor").map(String::as_str).filter(|c| !c.is_empty()), limit)
+        .await?;
+    Ok(Json(json!({ "users": users, "cursor": cursor })))
+}

@@ -54,6 +54,11 @@ impl Server {
         self.shutdown.cancel();
     }
 
+    /// Waits until the server stops (its shutdown future resolved) and has drained.
+    pub async fn wait(self) -> std::io::Result<()> {
+        self.task.await.unwrap_or(Ok(()))
+    }
+
     /// Shuts down and waits until the server has drained.
     pub async fn stop(self) -> std::io::Result<()> {
         self.shutdown.cancel();

@@ -204,7 +204,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             println!("  demo token {t}");
             println!("  try: websocat 'ws://{addr}/ws?token=<demo token>'");
         }
-        server.stop().await?;
+        server.wait().await?;
         tracing::info!("Stopped.");
         Ok(())
     })
@@ -212,7 +212,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {

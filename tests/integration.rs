@@ -1,1 +1,10 @@
-//! tests
+//! Integration tests: real engines on port 0, driven through the real wire (WebSocket, SSE, HTTP).
+//! One binary (modules under `tests/integration/`) so the suite links once.
+
+#![allow(unreachable_pub, missing_docs)]
+
+#[path = "integration/common.rs"]
+mod common;
+
+#[path = "integration/ws.rs"]
+mod ws;

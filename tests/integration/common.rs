@@ -1,0 +1,369 @@
+//! The test harness: start an engine on port 0, mint tokens, and talk to it over HTTP, WebSocket and
+//! SSE with real clients. Every wait is bounded (`WAIT`), so a broken engine fails a test instead of
+//! hanging it.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use herald::config::Config;
+use herald::transport::auth::{Claims, unix_now};
+use herald::{ChannelKinds, Server};
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Longest a test waits for anything.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const SECRET: &str = "test-jwt-secret-0123456789";
+
+/// A running engine and an HTTP client for it.
+pub struct TestServer {
+    pub server: Server,
+    pub http: reqwest::Client,
+}
+
+/// The config tests start from: fixed keys, port 0, short presence timings where asked.
+pub fn test_config() -> Config {
+    let mut c = Config::defaults();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.api_key = API_KEY.into();
+    c.admin_key = ADMIN_KEY.into();
+    c.jwt.secret = Some(SECRET.into());
+    c.jwt.generated_secret = false;
+    c.generated_keys = false;
+    c.shutdown_grace = Duration::from_secs(3);
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
+        let mut c = test_config();
+        f(&mut c);
+        Self::start_config(c, ChannelKinds::default()).await
+    }
+
+    pub async fn start_config(c: Config, kinds: ChannelKinds) -> TestServer {
+        let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
+        let server = herald::start(c, kinds, listener, std::future::pending()).await.unwrap();
+        TestServer {
+            server,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.server.addr)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.server.addr)
+    }
+
+    /// A valid token for `user` (1 h).
+    pub fn token(&self, user: &str) -> String {
+        self.token_with(claims(user))
+    }
+
+    pub fn token_with(&self, c: Claims) -> String {
+        self.server.auth.mint(&c).unwrap()
+    }
+
+    /// A backend API call with the API key: (status, JSON body).
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call(method, path, body, Some(API_KEY)).await
+    }
+
+    /// Any HTTP call, with an optional bearer: (status, JSON body or Null).
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>, bearer: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.request(Method::from_bytes(method.as_bytes()).unwrap(), self.url(path));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("HTTP timed out").unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Adds `user` to `room`.
+    pub async fn join(&self, room: &str, user: &str) {
+        let (s, _) = self.api("PUT", &format!("/api/v1/rooms/{room}/members/{user}"), None).await;
+        assert_eq!(s, 200);
+    }
+
+    /// Publishes through the API; the reply.
+    pub async fn publish(&self, body: Value) -> Value {
+        let (s, v) = self.api("POST", "/api/v1/events", Some(body)).await;
+        assert_eq!(s, 200, "publish failed: {v}");
+        v
+    }
+
+    /// A connected WebSocket client for `user` (token in the query), past its `connected` frame.
+    pub async fn ws(&self, user: &str) -> Ws {
+        let mut ws = Ws::connect(&self.ws_url(&format!("?token={}", self.token(user)))).await;
+        let c = ws.next().await;
+        assert_eq!(c["type"], "connected", "first frame: {c}");
+        ws.connected = c;
+        ws
+    }
+
+    pub async fn stop(self) {
+        self.server.stop().await.unwrap();
+    }
+}
+
+/// Claims for `user`, valid for an hour.
+pub fn claims(user: &str) -> Claims {
+    Claims {
+        sub: user.into(),
+        exp: unix_now() + 3600,
+        nbf: None,
+        aud: None,
+        iss: None,
+        device: None,
+        platform: None,
+        attrs: Map::new(),
+    }
+}
+
+/// A WebSocket client that understands the protocol's frames.
+pub struct Ws {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read while waiting for something else.
+    pub backlog: std::collections::VecDeque<Value>,
+    /// The `connected` frame.
+    pub connected: Value,
+    next_ref: u64,
+}
+
+/// How a WebSocket ended.
+#[derive(Debug, PartialEq)]
+pub struct Closed {
+    /// The `disconnect` frame's code, if one came.
+    pub disconnect: Option<u64>,
+    /// The close frame's code, if one came.
+    pub close: Option<u16>,
+}
+
+impl Ws {
+    pub async fn connect(url: &str) -> Ws {
+        let (stream, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("ws connect timed out")
+            .expect("ws connect failed");
+        Ws {
+            stream,
+            backlog: Default::default(),
+            connected: Value::Null,
+            next_ref: 1,
+        }
+    }
+
+    /// Tries to connect; the HTTP status on refusal.
+    pub async fn try_connect(url: &str) -> Result<Ws, u16> {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((stream, _)) => Ok(Ws {
+                stream,
+                backlog: Default::default(),
+                connected: Value::Null,
+                next_ref: 1,
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.stream.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.stream.send(Message::Text(t.to_string().into())).await.unwrap();
+    }
+
+    /// The next JSON frame (backlog first). Panics after `WAIT`.
+    pub async fn next(&mut self) -> Value {
+        if let Some(v) = self.backlog.pop_front() {
+            return v;
+        }
+        self.read().await.expect("socket closed while waiting for a frame")
+    }
+
+    /// Reads one JSON frame from the socket; `None` when closed.
+    async fn read(&mut self) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.stream.next()).await.expect("no frame within WAIT")?;
+            match m.ok()? {
+                Message::Text(t) => return Some(serde_json::from_str(&t).expect("server frame is JSON")),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends an op with a fresh `ref` and returns its reply; other frames go to the backlog.
+    pub async fn request(&mut self, mut op: Value) -> Value {
+        let r = self.next_ref;
+        self.next_ref += 1;
+        op["ref"] = json!(r);
+        self.send(op).await;
+        self.reply(json!(r)).await
+    }
+
+    /// Waits for the reply carrying `r`.
+    pub async fn reply(&mut self, r: Value) -> Value {
+        loop {
+            let v = self.read().await.expect("socket closed while waiting for a reply");
+            if (v["type"] == "reply" || v["type"] == "pong") && v["ref"] == r {
+                return v;
+            }
+            self.backlog.push_back(v);
+        }
+    }
+
+    /// Waits for a frame matching `pred` (backlog first); skips others.
+    pub async fn wait_for(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.backlog.iter().position(&pred) {
+            return self.backlog.remove(i).unwrap();
+        }
+        loop {
+            let v = self.read().await.expect("socket closed while waiting");
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// The next `event` frame on `channel`.
+    pub async fn event_on(&mut self, channel: &str) -> Value {
+        let ch = channel.to_string();
+        self.wait_for(move |v| v["type"] == "event" && v["channel"] == ch).await
+    }
+
+    /// Asserts that nothing matching `pred` arrives within `d`.
+    pub async fn assert_none(&mut self, d: Duration, pred: impl Fn(&Value) -> bool) {
+        assert!(!self.backlog.iter().any(&pred), "unexpected frame in backlog: {:?}", self.backlog);
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return,
+                Ok(None) => return,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert!(!pred(&v), "unexpected frame: {v}");
+                    self.backlog.push_back(v);
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
+    /// Reads until the server closes; the `disconnect` code and the close code.
+    pub async fn closed(&mut self) -> Closed {
+        let mut out = Closed {
+            disconnect: None,
+            close: None,
+        };
+        for v in self.backlog.drain(..) {
+            if v["type"] == "disconnect" {
+                out.disconnect = v["code"].as_u64();
+            }
+        }
+        loop {
+            match tokio::time::timeout(WAIT, self.stream.next()).await.expect("server did not close within WAIT") {
+                None | Some(Err(_)) => return out,
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "disconnect" {
+                        out.disconnect = v["code"].as_u64();
+                    }
+                }
+                Some(Ok(Message::Close(f))) => {
+                    out.close = f.map(|f| u16::from(f.code));
+                    return out;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// An SSE client: `(id, event, data)` triples, parsed by `eventsource-stream`.
+pub struct Sse {
+    pub status: u16,
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<eventsource_stream::Event, String>> + Send>>,
+}
+
+/// One SSE event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: String,
+    pub event: String,
+    pub data: Value,
+}
+
+impl Sse {
+    /// Opens `url` with optional `Last-Event-ID`; panics unless 200 (use `try_open` for failures).
+    pub async fn open(url: &str, last_event_id: Option<&str>) -> Sse {
+        let s = Self::try_open(url, last_event_id).await;
+        assert_eq!(s.status, 200, "SSE open failed");
+        s
+    }
+
+    pub async fn try_open(url: &str, last_event_id: Option<&str>) -> Sse {
+        use eventsource_stream::Eventsource;
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("SSE open timed out").unwrap();
+        let status = resp.status().as_u16();
+        let stream = resp.bytes_stream().eventsource().map(|r| r.map_err(|e| e.to_string()));
+        Sse {
+            status,
+            stream: Box::pin(stream),
+        }
+    }
+
+    /// The next event (comments are skipped by the parser). Panics after `WAIT`.
+    pub async fn next(&mut self) -> SseEvent {
+        let e = tokio::time::timeout(WAIT, self.stream.next())
+            .await
+            .expect("no SSE event within WAIT")
+            .expect("SSE stream ended")
+            .expect("SSE parse error");
+        SseEvent {
+            id: e.id,
+            event: e.event,
+            data: serde_json::from_str(&e.data).unwrap_or(Value::String(e.data)),
+        }
+    }
+
+    /// The next event whose `event:` is `name`.
+    pub async fn next_named(&mut self, name: &str) -> SseEvent {
+        loop {
+            let e = self.next().await;
+            if e.event == name {
+                return e;
+            }
+        }
+    }
+}

@@ -55,8 +55,11 @@ pub struct SessionOpen {
     pub transport: Transport,
 }
 
+/// One subscription. This session has been handed every stored event with `lo < seq <= last`
+/// (replayed or live), so replay serves only seqs at or below `lo` and live delivery only above `last`.
 struct Sub {
     epoch: Option<Epoch>,
+    lo: Seq,
     last: Seq,
     room_presence: bool,
 }
@@ -321,7 +324,8 @@ impl Session {
     ) -> EngineResult<(Value, Vec<StoredEvent>)> {
         let e = self.engine.clone();
         let kind = e.kinds.of(&ch).clone();
-        if !self.subs.contains_key(&ch) {
+        let new = !self.subs.contains_key(&ch);
+        if new {
             if self.subs.len() >= e.config.limits.subscriptions_per_connection {
                 return Err(EngineError::new(
                     ErrorCode::TooLarge,
@@ -342,6 +346,7 @@ impl Session {
                 ch.clone(),
                 Sub {
                     epoch: None,
+                    lo: 0,
                     last: 0,
                     room_presence: false,
                 },
@@ -366,7 +371,9 @@ impl Session {
             let page = match page {
                 Ok(p) => p,
                 Err(err) => {
-                    self.drop_sub(&ch).await;
+                    if new {
+                        self.drop_sub(&ch).await;
+                    }
                     return Err(err);
                 }
             };
@@ -379,18 +386,26 @@ impl Session {
                 }
             };
             let sub = self.subs.get_mut(&ch).expect("inserted above");
-            if recovered && since.is_some() {
+            if new || sub.epoch.as_ref() != Some(&page.position.epoch) {
+                // Everything up to the position read is either replayed now or predates the
+                // subscription; what comes after is (or will be) in the queue.
+                sub.epoch = Some(page.position.epoch.clone());
+                sub.lo = page.position.seq;
+                sub.last = page.position.seq;
+            }
+            if let (true, Some(s)) = (recovered, &since) {
+                let hi = sub.lo;
                 replay = page
                     .events
                     .into_iter()
+                    .filter(|ev| ev.seq <= hi)
                     .map(|ev| StoredEvent {
                         frame: replay_frame(&ev.frame),
                         ..ev
                     })
                     .collect();
+                sub.lo = sub.lo.min(s.seq);
             }
-            sub.epoch = Some(page.position.epoch.clone());
-            sub.last = sub.last.max(page.position.seq);
             reply["epoch"] = json!(page.position.epoch);
             reply["seq"] = json!(page.position.seq);
             reply["recovered"] = json!(recovered);
@@ -660,7 +675,17 @@ impl Drop for Session {
         let subs: Vec<(ChannelName, bool)> = self.subs.drain().map(|(c, s)| (c, s.room_presence)).collect();
         let focus: Vec<String> = self.focus.drain().collect();
         let transport = self.transport;
+        let saw_global = subs.iter().any(|(c, _)| c.kind() == Kind::Global);
         rt.spawn(async move {
+            if saw_global {
+                // Announcements published while this session was live reached it on `global`: move the
+                // user's cursor so the next login sync does not show them again.
+                if let Ok(all) = backend(engine.backends.store.announcements(crate::event::now_ms())).await
+                    && let Some(newest) = all.last()
+                {
+                    let _ = backend(engine.backends.store.swap_announcement_cursor(&handle.user, &newest.id)).await;
+                }
+            }
             for (ch, rp) in &subs {
                 release(&engine, &handle, ch, *rp).await;
             }

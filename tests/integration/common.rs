@@ -367,3 +367,106 @@ impl Sse {
         }
     }
 }
+
+// ---- Helpers for the API, auth and CLI suites (api.rs, auth.rs, cli.rs). ----
+
+/// Asserts an HTTP error reply: the status, and the body `{"error":{"code","message"}}` with `code`.
+pub fn assert_error(got: &(u16, Value), status: u16, code: &str) {
+    let (s, v) = got;
+    assert_eq!(*s, status, "status (body {v})");
+    assert_eq!(v["error"]["code"], code, "error code: {v}");
+    assert!(
+        v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error message: {v}"
+    );
+}
+
+impl TestServer {
+    /// An HTTP call with a raw body and extra headers: (status, JSON body or Null).
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = self.http.request(Method::from_bytes(method.as_bytes()).unwrap(), self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("HTTP timed out").unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// History of `channel` through the API (`since` exclusive): the reply.
+    pub async fn history(&self, channel: &str, since: u64) -> Value {
+        let (s, v) = self.api("GET", &format!("/api/v1/channels/{channel}/history?since={since}"), None).await;
+        assert_eq!(s, 200, "history of {channel}: {v}");
+        v
+    }
+
+    /// A connected WebSocket client with a given token (query), past its `connected` frame.
+    pub async fn ws_token(&self, token: &str) -> Ws {
+        let mut ws = Ws::connect(&self.ws_url(&format!("?token={token}"))).await;
+        let c = ws.next().await;
+        assert_eq!(c["type"], "connected", "first frame: {c}");
+        ws.connected = c;
+        ws
+    }
+}
+
+impl Ws {
+    /// Connects with a prepared request (extra headers); the HTTP status on refusal.
+    pub async fn try_connect_request(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Ws, u16> {
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("ws connect timed out")
+        {
+            Ok((stream, _)) => Ok(Ws {
+                stream,
+                backlog: Default::default(),
+                connected: Value::Null,
+                next_ref: 1,
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("herald-{tag}-{}-{n}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+
+    pub fn join(&self, p: &str) -> std::path::PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

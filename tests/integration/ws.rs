@@ -42,3 +42,402 @@ async fn room_message_reaches_members_but_not_sender() {
     a.assert_none(std::time::Duration::from_millis(300), |v| v["type"] == "event" && v["channel"] == "room:r1")
         .await;
 }
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn is_event(ch: &'static str) -> impl Fn(&Value) -> bool {
+    move |v: &Value| v["type"] == "event" && v["channel"] == ch
+}
+
+#[tokio::test]
+async fn ping_gets_pong_with_ref() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    let r = a.request(json!({"op":"ping"})).await;
+    assert_eq!(r["type"], "pong");
+}
+
+#[tokio::test]
+async fn malformed_json_gets_bad_frame_with_null_ref() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    a.send_text("{not json").await;
+    let v = a.next().await;
+    assert_eq!(v["type"], "reply");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["ref"], Value::Null);
+    assert_eq!(v["error"]["code"], "bad_frame");
+    // The connection stays usable.
+    assert_eq!(a.request(json!({"op":"ping"})).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn unknown_op_and_missing_fields_get_bad_frame_with_ref() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    let r = a.request(json!({"op":"teleport"})).await;
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["error"]["code"], "bad_frame");
+    let r = a.request(json!({"op":"subscribe"})).await;
+    assert_eq!(r["error"]["code"], "bad_frame", "{r}");
+    a.send(json!({"ref":"x1"})).await;
+    let r = a.reply(json!("x1")).await;
+    assert_eq!(r["error"]["code"], "bad_frame");
+}
+
+#[tokio::test]
+async fn oversized_frame_gets_too_large() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    let big = "x".repeat(70 * 1024);
+    a.send(json!({"op":"ping","ref":"big","pad":big})).await;
+    let r = a.reply(json!("big")).await;
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["error"]["code"], "too_large");
+    assert_eq!(a.request(json!({"op":"ping"})).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn bad_channel_forbidden_and_not_member() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    let r = a.request(json!({"op":"subscribe","channel":"room:has space"})).await;
+    assert_eq!(r["error"]["code"], "bad_channel");
+    let r = a.request(json!({"op":"subscribe","channel":"nope:1"})).await;
+    assert_eq!(r["error"]["code"], "bad_channel");
+    let r = a.request(json!({"op":"subscribe","channel":"user:bob"})).await;
+    assert_eq!(r["error"]["code"], "forbidden");
+    let r = a.request(json!({"op":"subscribe","channel":"room:secret"})).await;
+    assert_eq!(r["error"]["code"], "not_member");
+    // Publishing: backends only on user: and global; members only on rooms. Failures say rollback.
+    let r = a
+        .request(json!({"op":"publish","channel":"global","event":"x","data":{}}))
+        .await;
+    assert_eq!(r["error"]["code"], "forbidden");
+    assert_eq!(r["action"], "rollback");
+    let r = a
+        .request(json!({"op":"publish","channel":"room:secret","event":"chat.message","data":{}}))
+        .await;
+    assert_eq!(r["error"]["code"], "not_member");
+    assert_eq!(r["action"], "rollback");
+    let r = a
+        .request(json!({"op":"publish","channel":"user:alice","event":"x","data":{}}))
+        .await;
+    assert_eq!(r["error"]["code"], "forbidden");
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    let mut a = t.ws("alice").await;
+    a.request(json!({"op":"subscribe","channel":"room:r1"})).await;
+    t.publish(json!({"event":"note","room":"r1","data":1})).await;
+    assert_eq!(a.event_on("room:r1").await["data"], 1);
+    let r = a.request(json!({"op":"unsubscribe","channel":"room:r1"})).await;
+    assert_eq!(r["ok"], true);
+    t.publish(json!({"event":"note","room":"r1","data":2})).await;
+    a.assert_none(Duration::from_millis(300), is_event("room:r1")).await;
+}
+
+#[tokio::test]
+async fn user_and_global_channels_are_joined_on_connect() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    t.publish(json!({"event":"notice","to":["alice"],"data":{"n":1}})).await;
+    let ev = a.event_on("user:alice").await;
+    assert_eq!(ev["event"], "notice");
+    assert_eq!(ev["seq"], 1);
+    t.publish(json!({"event":"maintenance","channel":"global","data":{}})).await;
+    assert_eq!(a.event_on("global").await["event"], "maintenance");
+}
+
+#[tokio::test]
+async fn idempotent_client_publish_stores_once() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    let mut a = t.ws("alice").await;
+    let op = json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{"t":1},"idempotency_key":"k1"});
+    let r1 = a.request(op.clone()).await;
+    let r2 = a.request(op).await;
+    assert_eq!(r1["ok"], true);
+    assert_eq!(r1["id"], r2["id"]);
+    assert_eq!(r1["deliveries"], r2["deliveries"]);
+    let (_, h) = t.api("GET", "/api/v1/channels/room:r1/history", None).await;
+    assert_eq!(h["events"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn typing_reaches_focused_members_only_and_is_not_stored() {
+    let t = TestServer::start().await;
+    for u in ["alice", "bob", "carol"] {
+        t.join("r1", u).await;
+    }
+    let mut a = t.ws("alice").await;
+    let mut b = t.ws("bob").await;
+    let mut c = t.ws("carol").await;
+    assert_eq!(b.request(json!({"op":"focus","room":"r1"})).await["ok"], true);
+    c.request(json!({"op":"subscribe","channel":"room:r1"})).await;
+    a.request(json!({"op":"focus","room":"r1"})).await;
+    let r = a.request(json!({"op":"typing","room":"r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let ev = b.event_on("active:r1").await;
+    assert_eq!(ev["event"], "typing");
+    assert_eq!(ev["data"]["user"], "alice");
+    assert!(ev.get("seq").is_none(), "typing is not stored: {ev}");
+    // Carol has the room but not open; alice is the sender.
+    c.assert_none(Duration::from_millis(300), |v| v["event"] == "typing").await;
+    a.assert_none(Duration::from_millis(100), |v| v["event"] == "typing").await;
+    // Blur: no more typing for bob.
+    b.request(json!({"op":"blur","room":"r1"})).await;
+    a.request(json!({"op":"typing","room":"r1"})).await;
+    b.assert_none(Duration::from_millis(300), |v| v["event"] == "typing").await;
+    // Not a member: no focus, no typing.
+    let mut d = t.ws("dave").await;
+    assert_eq!(d.request(json!({"op":"focus","room":"r1"})).await["error"]["code"], "not_member");
+    assert_eq!(d.request(json!({"op":"typing","room":"r1"})).await["error"]["code"], "not_member");
+}
+
+#[tokio::test]
+async fn read_moves_pointer_tells_other_devices_and_active_viewers() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    t.join("r1", "bob").await;
+    for i in 0..3 {
+        t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{"i":i}})).await;
+    }
+    let (_, u) = t.api("GET", "/api/v1/users/alice/unread", None).await;
+    assert_eq!(u["unread"]["r1"], 3);
+    let mut phone = t.ws("alice").await;
+    assert_eq!(phone.connected["sync"]["unread"]["r1"], 3);
+    let mut laptop = t.ws("alice").await;
+    let mut b = t.ws("bob").await;
+    b.request(json!({"op":"focus","room":"r1"})).await;
+    let r = phone.request(json!({"op":"read","room":"r1","seq":2})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["unread"], 1);
+    let sync = laptop.wait_for(|v| v["event"] == "read" && v["channel"] == "user:alice").await;
+    assert_eq!(sync["data"]["room"], "r1");
+    assert_eq!(sync["data"]["seq"], 2);
+    assert_eq!(sync["data"]["unread"], 1);
+    let receipt = b.event_on("active:r1").await;
+    assert_eq!(receipt["event"], "read");
+    assert_eq!(receipt["data"]["user"], "alice");
+    assert_eq!(receipt["data"]["seq"], 2);
+    let (_, u) = t.api("GET", "/api/v1/users/alice/unread", None).await;
+    assert_eq!(u["unread"]["r1"], 1);
+    // Not a member.
+    let mut d = t.ws("dave").await;
+    assert_eq!(d.request(json!({"op":"read","room":"r1","seq":1})).await["error"]["code"], "not_member");
+}
+
+#[tokio::test]
+async fn focused_member_does_not_accumulate_unread_and_own_messages_never_count() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    t.join("r1", "bob").await;
+    let mut a = t.ws("alice").await;
+    a.request(json!({"op":"focus","room":"r1"})).await;
+    let mut b = t.ws("bob").await;
+    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}})).await;
+    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}})).await;
+    let (_, ua) = t.api("GET", "/api/v1/users/alice/unread", None).await;
+    let (_, ub) = t.api("GET", "/api/v1/users/bob/unread", None).await;
+    assert!(ua["unread"].get("r1").is_none(), "focused: {ua}");
+    assert!(ub["unread"].get("r1").is_none(), "own messages: {ub}");
+    a.request(json!({"op":"blur","room":"r1"})).await;
+    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}})).await;
+    let (_, ua) = t.api("GET", "/api/v1/users/alice/unread", None).await;
+    assert_eq!(ua["unread"]["r1"], 1);
+}
+
+#[tokio::test]
+async fn history_op_returns_inclusive_range() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    for i in 1..=5 {
+        t.publish(json!({"event":"n","room":"r1","data":i})).await;
+    }
+    let mut a = t.ws("alice").await;
+    let r = a.request(json!({"op":"history","channel":"room:r1","from":2,"to":4})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let seqs: Vec<u64> = r["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![2, 3, 4]);
+    assert_eq!(r["recovered"], true);
+    assert!(r["epoch"].is_string());
+    let r = a.request(json!({"op":"history","channel":"room:r1","from":1,"limit":2})).await;
+    assert_eq!(r["events"].as_array().unwrap().len(), 2);
+    let r = a.request(json!({"op":"history","channel":"room:r1","limit":1001})).await;
+    assert_eq!(r["error"]["code"], "bad_frame");
+    let r = a.request(json!({"op":"history","channel":"room:other"})).await;
+    assert_eq!(r["error"]["code"], "not_member");
+}
+
+#[tokio::test]
+async fn leave_is_atomic_and_reaches_every_device() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    t.join("r1", "bob").await;
+    let mut a1 = t.ws("alice").await;
+    let mut a2 = t.ws("alice").await;
+    let mut b = t.ws("bob").await;
+    for ws in [&mut a1, &mut a2, &mut b] {
+        assert_eq!(ws.request(json!({"op":"subscribe","channel":"room:r1"})).await["ok"], true);
+    }
+    let r = a1.request(json!({"op":"leave","room":"r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let sys = b.wait_for(|v| v["event"] == "member.left").await;
+    assert_eq!(sys["data"]["user"], "alice");
+    assert!(sys["seq"].is_u64(), "member.left is stored: {sys}");
+    let left = a2.wait_for(|v| v["event"] == "room.left").await;
+    assert_eq!(left["channel"], "user:alice");
+    assert_eq!(left["data"]["room"], "r1");
+    // Alice's other device no longer gets the room.
+    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{}})).await;
+    a2.assert_none(Duration::from_millis(300), |v| v["channel"] == "room:r1" && v["event"] == "chat.message").await;
+    let (_, m) = t.api("GET", "/api/v1/rooms/r1/members", None).await;
+    assert_eq!(m["members"], json!(["bob"]));
+    assert_eq!(a1.request(json!({"op":"leave","room":"r1"})).await["error"]["code"], "not_member");
+}
+
+#[tokio::test]
+async fn ack_requires_a_subscription() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    let r = a.request(json!({"op":"ack","channel":"user:alice","seq":1})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let r = a.request(json!({"op":"ack","channel":"room:r9","seq":1})).await;
+    assert_eq!(r["ok"], false);
+}
+
+#[tokio::test]
+async fn rate_limit_then_disconnect_4010() {
+    let t = TestServer::start_with(|c| {
+        c.limits.frames_per_second = 5;
+        c.limits.violations_before_disconnect = 3;
+    })
+    .await;
+    let mut a = t.ws("alice").await;
+    for i in 0..30 {
+        a.send(json!({"op":"ping","ref":i})).await;
+    }
+    let mut limited = 0;
+    loop {
+        let v = a.next().await;
+        if v["type"] == "reply" && v["error"]["code"] == "rate_limited" {
+            limited += 1;
+        }
+        if v["type"] == "disconnect" {
+            assert_eq!(v["code"], 4010);
+            break;
+        }
+    }
+    assert!(limited >= 1);
+    let end = a.closed().await;
+    assert_eq!(end.close, Some(4010));
+}
+
+#[tokio::test]
+async fn too_many_connections_per_user_gets_4009() {
+    let t = TestServer::start_with(|c| c.limits.connections_per_user = 2).await;
+    let _a = t.ws("alice").await;
+    let _b = t.ws("alice").await;
+    let mut c = Ws::connect(&t.ws_url(&format!("?token={}", t.token("alice")))).await;
+    let v = c.next().await;
+    assert_eq!(v["type"], "disconnect");
+    assert_eq!(v["code"], 4009);
+    // Another user is unaffected.
+    let _d = t.ws("bob").await;
+}
+
+#[tokio::test]
+async fn binary_frame_gets_bad_frame() {
+    use futures_util::SinkExt;
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    a.stream
+        .send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    let v = a.next().await;
+    assert_eq!(v["error"]["code"], "bad_frame");
+}
+
+#[tokio::test]
+async fn status_and_presence_ops() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    let r = a.request(json!({"op":"status","status":"busy","text":"in a meeting"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let r = a.request(json!({"op":"status","status":"sleeping"})).await;
+    assert_eq!(r["error"]["code"], "bad_frame");
+    let r = a.request(json!({"op":"presence","users":["alice","nobody"]})).await;
+    assert_eq!(r["presence"]["alice"]["online"], true);
+    assert_eq!(r["presence"]["alice"]["status"], "busy");
+    assert_eq!(r["presence"]["alice"]["text"], "in a meeting");
+    assert_eq!(r["presence"]["nobody"]["online"], false);
+    let r = a.request(json!({"op":"state","state":"background"})).await;
+    assert_eq!(r["ok"], true);
+    let r = a.request(json!({"op":"presence","users":["alice"]})).await;
+    assert_eq!(r["presence"]["alice"]["devices"][0]["state"], "background");
+    let many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    let r = a.request(json!({"op":"presence","users":many})).await;
+    assert_eq!(r["error"]["code"], "too_large");
+}
+
+#[tokio::test]
+async fn shutdown_sends_1001_with_reconnect() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    t.server.shutdown();
+    let v = a.wait_for(|v| v["type"] == "disconnect").await;
+    assert_eq!(v["code"], 1001);
+    assert_eq!(v["reconnect"], true);
+}
+
+#[tokio::test]
+async fn token_expiry_closes_with_4002() {
+    let t = TestServer::start_with(|c| c.jwt.leeway = Duration::ZERO).await;
+    let mut claims = claims("alice");
+    claims.exp = herald::transport::auth::unix_now() + 2;
+    let mut a = Ws::connect(&t.ws_url(&format!("?token={}", t.token_with(claims)))).await;
+    assert_eq!(a.next().await["type"], "connected");
+    let v = a.wait_for(|v| v["type"] == "disconnect").await;
+    assert_eq!(v["code"], 4002);
+    assert_eq!(v["reconnect"], true);
+}
+
+/// Regression: a client that reconnects is already subscribed to `user:me`; subscribing again with
+/// `since` must replay what it missed while away, once, and never what it already got live.
+#[tokio::test]
+async fn resubscribe_own_channel_with_since_replays_missed_once() {
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    for i in 1..=3 {
+        t.publish(json!({"event":"n","to":["alice"],"data":i})).await;
+    }
+    let third = a.wait_for(|v| v["channel"] == "user:alice" && v["seq"] == 3).await;
+    let epoch = third["epoch"].clone();
+    drop(a);
+    for i in 4..=5 {
+        t.publish(json!({"event":"n","to":["alice"],"data":i})).await;
+    }
+    let mut a = t.ws("alice").await;
+    assert_eq!(a.connected["channels"]["user:alice"]["seq"], 5);
+    t.publish(json!({"event":"n","to":["alice"],"data":6})).await;
+    assert_eq!(a.event_on("user:alice").await["seq"], 6);
+    let r = a
+        .request(json!({"op":"subscribe","channel":"user:alice","since":{"epoch":epoch,"seq":3}}))
+        .await;
+    assert_eq!(r["recovered"], true, "{r}");
+    let mut seqs = vec![];
+    for _ in 0..2 {
+        let e = a.event_on("user:alice").await;
+        assert_eq!(e["replay"], true);
+        seqs.push(e["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, vec![4, 5]);
+    a.assert_none(Duration::from_millis(300), is_event("user:alice")).await;
+}

@@ -157,6 +157,17 @@ impl Engine {
         check_id("room", room)?;
         check_id("user", user)?;
         let removed = backend(self.backends.store.remove_member(room, user)).await?;
+        if removed {
+            // Not stored (the backend publishes its own event if it wants one), but the user's sessions
+            // on every node must stop receiving the room: they drop it on this `room.left`.
+            self.publish_ephemeral(
+                ChannelName::of(Kind::User, user),
+                "room.left",
+                json!({ "room": room, "user": user, "reason": "removed" }),
+                None,
+            )
+            .await?;
+        }
         Ok(json!({ "room": room, "user": user, "removed": removed }))
     }
 

@@ -441,3 +441,20 @@ async fn resubscribe_own_channel_with_since_replays_missed_once() {
     assert_eq!(seqs, vec![4, 5]);
     a.assert_none(Duration::from_millis(300), is_event("user:alice")).await;
 }
+
+/// Regression: a member removed through the API stops receiving the room live at once.
+#[tokio::test]
+async fn removed_member_stops_receiving_the_room() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    let mut a = t.ws("alice").await;
+    a.request(json!({"op":"subscribe","channel":"room:r1"})).await;
+    let (s, _) = t.api("DELETE", "/api/v1/rooms/r1/members/alice", None).await;
+    assert_eq!(s, 200);
+    let left = a.wait_for(|v| v["event"] == "room.left").await;
+    assert!(left.get("seq").is_none(), "removal stores no event: {left}");
+    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{}})).await;
+    a.assert_none(Duration::from_millis(300), is_event("room:r1")).await;
+    let (_, h) = t.api("GET", "/api/v1/channels/user:alice/history", None).await;
+    assert_eq!(h["events"].as_array().unwrap().len(), 0);
+}

@@ -6,5 +6,7 @@
 #[path = "integration/common.rs"]
 mod common;
 
+#[path = "integration/conformance.rs"]
+mod conformance;
 #[path = "integration/ws.rs"]
 mod ws;

@@ -275,7 +275,7 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
                 write_event(&mut out, None, "heartbeat", hb.to_string().as_bytes());
             }
             item = st.session.recv() => {
-                let Some(item) = item else { return None };
+                let item = item?;
                 st.write(item, &mut out);
                 while out.len() < 64 * 1024 {
                     let Some(more) = st.session.try_recv() else { break };

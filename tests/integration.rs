@@ -8,5 +8,7 @@ mod common;
 
 #[path = "integration/conformance.rs"]
 mod conformance;
+#[path = "integration/eviction.rs"]
+mod eviction;
 #[path = "integration/ws.rs"]
 mod ws;

@@ -135,6 +135,8 @@ pub struct SessionHandle {
     pub attrs: Arc<serde_json::Map<String, serde_json::Value>>,
     tx: mpsc::Sender<Outbound>,
     close: AtomicU16,
+    /// When the close was asked, unix ms (the reaper evicts sessions that do not close in time).
+    close_at: AtomicI64,
     closed: Notify,
     /// Last inbound activity, unix ms (presence heartbeats only count live sessions).
     pub last_activity: AtomicI64,
@@ -160,6 +162,7 @@ impl SessionHandle {
                 attrs,
                 tx,
                 close: AtomicU16::new(0),
+                close_at: AtomicI64::new(0),
                 closed: Notify::new(),
                 last_activity: AtomicI64::new(crate::event::now_ms()),
             }),
@@ -187,8 +190,14 @@ impl SessionHandle {
             .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
+            self.close_at.store(crate::event::now_ms(), Ordering::Release);
             self.closed.notify_one();
         }
+    }
+
+    /// When the close was asked (unix ms), if it was.
+    pub fn close_asked_at(&self) -> Option<i64> {
+        self.close_reason().map(|_| self.close_at.load(Ordering::Acquire))
     }
 
     /// The close reason, once asked.
@@ -294,6 +303,26 @@ impl Hub {
             return true;
         }
         false
+    }
+
+    /// Removes a session from every channel and from the registry, without its task's help (a task
+    /// stuck writing to a client that stopped reading). Returns the channels it was the last local
+    /// subscriber of. Scans every shard: only for rare evictions.
+    pub fn evict(&self, s: &SessionHandle) -> Vec<ChannelName> {
+        let mut emptied = Vec::new();
+        for shard in &self.channels {
+            let mut shard = write(shard);
+            shard.retain(|ch, list| {
+                let before = list.len();
+                list.retain(|x| x.id != s.id);
+                if list.is_empty() && before > 0 {
+                    emptied.push(ch.clone());
+                }
+                !list.is_empty()
+            });
+        }
+        self.unregister(s);
+        emptied
     }
 
     /// Every local session.

@@ -34,7 +34,14 @@ impl Engine {
         let now = now_ms();
         let ttl_ms = self.config.presence_ttl.as_millis() as i64;
         let mut alive = Vec::new();
+        let grace_ms = self.config.heartbeat.as_millis() as i64;
         for s in self.hub.sessions() {
+            if let Some(at) = s.close_asked_at() {
+                if now - at > grace_ms {
+                    self.evict(&s).await;
+                }
+                continue;
+            }
             if now - s.last_activity.load(Ordering::Relaxed) > ttl_ms {
                 s.close(CloseReason::HeartbeatTimeout);
                 continue;
@@ -47,6 +54,19 @@ impl Engine {
             && let Err(e) = backend(self.backends.presence.heartbeat(&alive, self.config.presence_ttl)).await
         {
             tracing::warn!(error = %e, sessions = alive.len(), "Presence heartbeat failed.");
+        }
+    }
+
+    /// Forcibly removes a session whose task did not close it within a heartbeat of being asked (an
+    /// SSE stream whose client stopped reading is never polled, so it cannot close itself). Its
+    /// later cleanup finds nothing left to do.
+    async fn evict(&self, s: &Arc<super::hub::SessionHandle>) {
+        tracing::info!(conn = %s.session, user = %s.user, "Evicting a session that did not close in time.");
+        for ch in self.hub.evict(s) {
+            let _ = backend(self.backends.broker.unsubscribe(&ch)).await;
+        }
+        if let Ok(Some(_)) = backend(self.backends.presence.disconnect(&s.user, &s.session)).await {
+            self.publish_presence(&s.user).await;
         }
     }
 

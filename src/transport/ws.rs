@@ -272,20 +272,11 @@ async fn session_loop(
             _ = &mut expiry => return Some(CloseReason::TokenExpired),
             out = session.recv() => {
                 let Some(out) = out else { return Some(CloseReason::Shutdown) };
-                if write_outbound(socket, session, out).await.is_err() {
-                    return None;
-                }
-                // Drain what else is queued, then flush once.
-                let mut n = 0;
-                while n < WRITE_BATCH {
-                    let Some(more) = session.try_recv() else { break };
-                    if write_outbound(socket, session, more).await.is_err() {
-                        return None;
-                    }
-                    n += 1;
-                }
-                if socket.flush().await.is_err() {
-                    return None;
+                // A client that stops reading blocks the write; the close signal (slow consumer,
+                // heartbeat timeout, shutdown) must still end the session.
+                tokio::select! {
+                    r = drain(socket, session, out) => if r.is_err() { return None },
+                    reason = handle.closing() => return Some(reason),
                 }
             }
             msg = socket.next() => {
@@ -351,6 +342,18 @@ fn replies_to_messages(v: Vec<Value>) -> impl Iterator<Item = Message> {
         Value::String(s) => Message::Text(s.into()),
         other => json_msg(&other),
     })
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+async fn drain(socket: &mut WebSocket, session: &mut Session, first: Outbound) -> Result<(), axum::Error> {
+    write_outbound(socket, session, first).await?;
+    let mut n = 0;
+    while n < WRITE_BATCH {
+        let Some(more) = session.try_recv() else { break };
+        write_outbound(socket, session, more).await?;
+        n += 1;
+    }
+    socket.flush().await
 }
 
 async fn write_outbound(socket: &mut WebSocket, session: &mut Session, out: Outbound) -> Result<(), axum::Error> {

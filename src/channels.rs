@@ -291,7 +291,7 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
         let msg = e.message().trim().to_string();
         let key = e
             .span()
-            .map(|sp| text[sp.clone()].lines().next().unwrap_or("").trim().to_string())
+            .map(|sp| key_at(text, sp))
             .filter(|k| !k.is_empty());
         let message = match (line, key) {
             (Some(l), Some(k)) => format!("line {l}, at `{k}`: {msg}"),
@@ -303,6 +303,21 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
             message,
         }
     })
+}
+
+/// What an error span points at; for a bad value, with its key (`ttl = "5 parsecs"`).
+fn key_at(text: &str, span: std::ops::Range<usize>) -> String {
+    let start = span.start.min(text.len());
+    let at = text[start..span.end.min(text.len())]
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim();
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    match text[line_start..start].split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() => format!("{} = {at}", k.trim()),
+        _ => at.to_string(),
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -382,9 +397,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: expected e.g. \"500ms\", \"30s\", \"5m\", \"7d\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("bad duration {s:?}: expected e.g. \"500ms\", \"30s\", \"5m\", \"7d\"")
+    })?;
     let d = match unit {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
@@ -392,9 +407,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n * 3600),
         "d" => Duration::from_secs(n * 86_400),
         _ => {
-            return Err(format!(
-                "bad duration {s:?}: unit must be ms, s, m, h or d"
-            ));
+            return Err(format!("bad duration {s:?}: unit must be ms, s, m, h or d"));
         }
     };
     Ok(d)
@@ -438,7 +451,9 @@ mod tests {
     #[test]
     fn unknown_key_names_line_and_key() {
         let text = DEFAULT_CHANNELS_TOML.replacen("[room]\n", "[room]\nbogus = 1\n", 1);
-        let err = ChannelKinds::parse("channels.toml", &text).unwrap_err().to_string();
+        let err = ChannelKinds::parse("channels.toml", &text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("channels.toml"), "{err}");
         assert!(err.contains("bogus"), "{err}");
         assert!(err.contains("line"), "{err}");

@@ -140,7 +140,10 @@ pub struct WebhookConfig {
 impl PushConfig {
     /// True when any provider is configured.
     pub fn any(&self) -> bool {
-        self.fcm.is_some() || self.apns.is_some() || self.webpush.is_some() || self.webhook.is_some()
+        self.fcm.is_some()
+            || self.apns.is_some()
+            || self.webpush.is_some()
+            || self.webhook.is_some()
     }
 }
 
@@ -332,13 +335,17 @@ impl Config {
         let mut c = Config::defaults();
 
         if let Some(l) = o.listen.or(file.listen) {
-            c.listen = l
-                .parse()
-                .map_err(|_| ConfigError::Invalid(format!("listen: bad address {l:?} (expected e.g. 127.0.0.1:7070)")))?;
+            c.listen = l.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "listen: bad address {l:?} (expected e.g. 127.0.0.1:7070)"
+                ))
+            })?;
         }
         c.redis = o.redis.or(file.redis);
         if let Some(r) = &c.redis
-            && !(r.starts_with("redis://") || r.starts_with("rediss://") || r.starts_with("unix://"))
+            && !(r.starts_with("redis://")
+                || r.starts_with("rediss://")
+                || r.starts_with("unix://"))
         {
             return Err(ConfigError::Invalid(format!(
                 "redis: URL must start with redis://, rediss:// or unix:// (got {:?})",
@@ -357,7 +364,9 @@ impl Config {
         }
         if let Some(n) = o.node_id.or(file.node_id) {
             if n.is_empty() || n.len() > 64 || n.contains(char::is_whitespace) {
-                return Err(ConfigError::Invalid(format!("node-id: {n:?} must be 1-64 non-space characters")));
+                return Err(ConfigError::Invalid(format!(
+                    "node-id: {n:?} must be 1-64 non-space characters"
+                )));
             }
             c.node_id = n;
         }
@@ -367,10 +376,18 @@ impl Config {
         if let Some(l) = file.limits {
             c.limits = l;
         }
-        if let Some(t) = o.presence_ttl.map(Duration::from_secs).or(file.presence.ttl) {
+        if let Some(t) = o
+            .presence_ttl
+            .map(Duration::from_secs)
+            .or(file.presence.ttl)
+        {
             c.presence_ttl = t;
         }
-        if let Some(h) = o.heartbeat.map(Duration::from_secs).or(file.presence.heartbeat) {
+        if let Some(h) = o
+            .heartbeat
+            .map(Duration::from_secs)
+            .or(file.presence.heartbeat)
+        {
             c.heartbeat = h;
         }
         if c.heartbeat.is_zero() || c.presence_ttl < c.heartbeat {
@@ -389,7 +406,9 @@ impl Config {
 
         // Auth.
         let a = file.auth;
-        let public_key = env("HERALD_JWT_PUBLIC_KEY").map(PathBuf::from).or(a.jwt_public_key);
+        let public_key = env("HERALD_JWT_PUBLIC_KEY")
+            .map(PathBuf::from)
+            .or(a.jwt_public_key);
         let secret = env("HERALD_JWT_SECRET").or(a.jwt_secret);
         let algorithm = match env("HERALD_JWT_ALGORITHM") {
             Some(s) => Some(parse_alg(&s)?),
@@ -403,7 +422,10 @@ impl Config {
         match public_key {
             Some(path) => {
                 let pem = std::fs::read(&path).map_err(|e| {
-                    ConfigError::Invalid(format!("jwt public key {}: cannot read: {e}", path.display()))
+                    ConfigError::Invalid(format!(
+                        "jwt public key {}: cannot read: {e}",
+                        path.display()
+                    ))
                 })?;
                 let alg = match algorithm {
                     Some(JwtAlgorithm::HS256) => {
@@ -453,14 +475,22 @@ impl Config {
             c.admin_key = k;
         }
         if c.api_key == c.admin_key {
-            return Err(ConfigError::Invalid("the API key and the admin key must differ".into()));
+            return Err(ConfigError::Invalid(
+                "the API key and the admin key must differ".into(),
+            ));
         }
 
         // HTTP.
-        if let Some(o) = env("HERALD_CORS_ORIGINS").map(|v| split_list(&v)).or(file.http.cors_origins) {
+        if let Some(o) = env("HERALD_CORS_ORIGINS")
+            .map(|v| split_list(&v))
+            .or(file.http.cors_origins)
+        {
             c.cors_origins = o;
         }
-        if let Some(o) = env("HERALD_WS_ORIGINS").map(|v| split_list(&v)).or(file.http.ws_origins) {
+        if let Some(o) = env("HERALD_WS_ORIGINS")
+            .map(|v| split_list(&v))
+            .or(file.http.ws_origins)
+        {
             c.ws_origins = o;
         }
         if let Some(m) = file.http.metrics_require_admin {
@@ -545,7 +575,10 @@ fn guess_alg(pem: &[u8]) -> Option<JwtAlgorithm> {
 }
 
 fn split_list(v: &str) -> Vec<String> {
-    v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+    v.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn apply_push_env(p: &mut PushConfig) {
@@ -559,7 +592,10 @@ fn apply_push_env(p: &mut PushConfig) {
         }
     }
     let apns_keys = ["ENDPOINT", "KEY_FILE", "KEY_ID", "TEAM_ID", "TOPIC"];
-    if apns_keys.iter().any(|k| env(&format!("HERALD_PUSH_APNS_{k}")).is_some()) {
+    if apns_keys
+        .iter()
+        .any(|k| env(&format!("HERALD_PUSH_APNS_{k}")).is_some())
+    {
         let a = p.apns.get_or_insert_with(Default::default);
         if let Some(v) = env("HERALD_PUSH_APNS_ENDPOINT") {
             a.endpoint = Some(v);
@@ -577,7 +613,9 @@ fn apply_push_env(p: &mut PushConfig) {
             a.topic = Some(v);
         }
     }
-    if env("HERALD_PUSH_WEBPUSH_VAPID_KEY").is_some() || env("HERALD_PUSH_WEBPUSH_SUBJECT").is_some() {
+    if env("HERALD_PUSH_WEBPUSH_VAPID_KEY").is_some()
+        || env("HERALD_PUSH_WEBPUSH_SUBJECT").is_some()
+    {
         let w = p.webpush.get_or_insert_with(Default::default);
         if let Some(v) = env("HERALD_PUSH_WEBPUSH_VAPID_KEY") {
             w.vapid_key = Some(v);
@@ -608,9 +646,12 @@ mod tests {
 
     #[test]
     fn unknown_key_in_herald_toml_names_file_line_key() {
-        let err = parse_toml::<FileConfig>("herald.toml", "listen = \"127.0.0.1:1\"\n[auth]\nsecrte = \"x\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse_toml::<FileConfig>(
+            "herald.toml",
+            "listen = \"127.0.0.1:1\"\n[auth]\nsecrte = \"x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("herald.toml"), "{err}");
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("secrte"), "{err}");

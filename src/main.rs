@@ -9,7 +9,11 @@ use herald::config::{Config, LogFormat, Overrides};
 use herald::{ChannelKinds, transport::auth};
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "A real-time notification engine: WebSocket + SSE + HTTP API")]
+#[command(
+    name = "herald",
+    version,
+    about = "A real-time notification engine: WebSocket + SSE + HTTP API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -107,7 +111,9 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -138,14 +144,19 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
         ..Default::default()
     })?;
     if config.jwt.generated_secret {
-        anyhow::bail!("no JWT secret configured: set HERALD_JWT_SECRET (or auth.jwt_secret in herald.toml)");
+        anyhow::bail!(
+            "no JWT secret configured: set HERALD_JWT_SECRET (or auth.jwt_secret in herald.toml)"
+        );
     }
     let secret = config
         .jwt
         .secret
         .as_deref()
         .context("herald token needs an HS256 secret (a public key cannot sign)")?;
-    println!("{}", auth::mint_hs256(secret, &t.user, t.device.as_deref(), t.ttl)?);
+    println!(
+        "{}",
+        auth::mint_hs256(secret, &t.user, t.device.as_deref(), t.ttl)?
+    );
     Ok(())
 }
 
@@ -163,7 +174,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     })?;
     let kinds = ChannelKinds::load(&config.channels_file, config.channels_required)?;
     init_logs(config.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -12,3 +12,21 @@ mod conformance;
 mod eviction;
 #[path = "integration/ws.rs"]
 mod ws;
+
+#[path = "integration/sse.rs"]
+mod sse;
+
+#[path = "integration/presence.rs"]
+mod presence;
+
+#[path = "integration/replay.rs"]
+mod replay;
+
+#[path = "integration/api.rs"]
+mod api;
+
+#[path = "integration/auth.rs"]
+mod auth;
+
+#[path = "integration/cli.rs"]
+mod cli;

@@ -55,7 +55,10 @@ impl DeliveryFilter {
     /// True when `user` (with these JWT attrs) is excluded.
     pub fn excludes(&self, user: &str, attrs: &serde_json::Map<String, serde_json::Value>) -> bool {
         self.except.iter().any(|u| &**u == user)
-            || self.audience.as_ref().is_some_and(|a| !audience_admits(a, attrs))
+            || self
+                .audience
+                .as_ref()
+                .is_some_and(|a| !audience_admits(a, attrs))
     }
 
     /// True when the filter excludes no one.
@@ -266,11 +269,20 @@ pub trait Presence: Send + Sync + 'static {
     async fn disconnect(&self, user: &str, session: &str) -> BackendResult<Option<i64>>;
     /// Extends the expiry of many sessions (one call per node per heartbeat). Sessions already expired
     /// are not revived.
-    async fn heartbeat(&self, sessions: &[(Arc<str>, Arc<str>)], ttl: Duration) -> BackendResult<()>;
+    async fn heartbeat(
+        &self,
+        sessions: &[(Arc<str>, Arc<str>)],
+        ttl: Duration,
+    ) -> BackendResult<()>;
     /// Sets a session's app state.
     async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()>;
     /// Sets a user's custom status.
-    async fn set_status(&self, user: &str, status: Status, text: Option<String>) -> BackendResult<()>;
+    async fn set_status(
+        &self,
+        user: &str,
+        status: Status,
+        text: Option<String>,
+    ) -> BackendResult<()>;
     /// Presence of many users (in the given order).
     async fn get(&self, users: &[String]) -> BackendResult<Vec<UserPresence>>;
     /// Expires what is past its TTL and reports it.
@@ -278,9 +290,19 @@ pub trait Presence: Send + Sync + 'static {
     /// Number of online users.
     async fn online_count(&self) -> BackendResult<u64>;
     /// Online users after `cursor` (ordered by id), at most `limit`; the next cursor when there are more.
-    async fn online_page(&self, cursor: Option<&str>, limit: usize) -> BackendResult<(Vec<String>, Option<String>)>;
+    async fn online_page(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> BackendResult<(Vec<String>, Option<String>)>;
     /// Adds (or refreshes) a session to a room's presence; true when the user was not present before.
-    async fn room_join(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<bool>;
+    async fn room_join(
+        &self,
+        room: &str,
+        user: &str,
+        session: &str,
+        ttl: Duration,
+    ) -> BackendResult<bool>;
     /// Removes a session from a room's presence; true when it was the user's last there.
     async fn room_leave(&self, room: &str, user: &str, session: &str) -> BackendResult<bool>;
     /// Users present in a room.
@@ -375,7 +397,13 @@ pub trait Store: Send + Sync + 'static {
     async fn unread(&self, user: &str, rooms: &[String]) -> BackendResult<Vec<u64>>;
 
     /// Marks a user as focused on a room (one entry per session) until `ttl`.
-    async fn set_focus(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<()>;
+    async fn set_focus(
+        &self,
+        room: &str,
+        user: &str,
+        session: &str,
+        ttl: Duration,
+    ) -> BackendResult<()>;
     /// Clears a session's focus.
     async fn clear_focus(&self, room: &str, user: &str, session: &str) -> BackendResult<()>;
     /// Users focused on a room now.
@@ -393,7 +421,8 @@ pub trait Store: Send + Sync + 'static {
     /// Unexpired announcements at `now` (unix ms), oldest first.
     async fn announcements(&self, now: i64) -> BackendResult<Vec<Announcement>>;
     /// Moves a user's announcement cursor to `id` (never back); returns the previous cursor.
-    async fn swap_announcement_cursor(&self, user: &str, id: &str) -> BackendResult<Option<String>>;
+    async fn swap_announcement_cursor(&self, user: &str, id: &str)
+    -> BackendResult<Option<String>>;
 }
 
 /// The four backends of one engine.

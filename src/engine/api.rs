@@ -3,15 +3,15 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
 use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
 
 use super::hub::CloseReason;
 use super::pipeline::{PublishReply, PublishRequest};
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::backend::{
-    Announcement, DeliveryFilter, HistoryLimits, Outgoing, OutgoingPayload, PushDevice, SessionInfo,
-    audience_admits,
+    Announcement, DeliveryFilter, HistoryLimits, Outgoing, OutgoingPayload, PushDevice,
+    SessionInfo, audience_admits,
 };
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::event::{EventBody, Seq, new_event_id, now_ms};
@@ -58,7 +58,12 @@ impl Engine {
                 format!("{ch}: this channel kind keeps no history"),
             ));
         }
-        let page = backend(self.backends.history.read(ch, after, to, limit, kind.history_age)).await?;
+        let page = backend(
+            self.backends
+                .history
+                .read(ch, after, to, limit, kind.history_age),
+        )
+        .await?;
         let recovered = after + 1 >= page.first_available || after >= page.position.seq;
         // Events are the stored frames, embedded as they are (no re-encoding).
         let mut events = Vec::with_capacity(page.events.len());
@@ -146,7 +151,12 @@ impl Engine {
         check_id("user", user)?;
         let added = backend(self.backends.store.add_member(room, user)).await?;
         if added {
-            let pos = backend(self.backends.history.position(&ChannelName::of(Kind::Room, room))).await?;
+            let pos = backend(
+                self.backends
+                    .history
+                    .position(&ChannelName::of(Kind::Room, room)),
+            )
+            .await?;
             backend(self.backends.store.set_read(user, room, pos.seq)).await?;
         }
         Ok(json!({ "room": room, "user": user, "added": added }))
@@ -229,7 +239,10 @@ impl Engine {
         let list = backend(self.backends.presence.get(users)).await?;
         let mut map = Map::new();
         for p in list {
-            map.insert(p.user.clone(), serde_json::to_value(&p).expect("serialises"));
+            map.insert(
+                p.user.clone(),
+                serde_json::to_value(&p).expect("serialises"),
+            );
         }
         Ok(json!({ "presence": map }))
     }
@@ -290,9 +303,16 @@ impl Engine {
         let all = backend(self.backends.store.announcements(now)).await?;
         let mut announcements = Vec::new();
         if let Some(newest) = all.last() {
-            let cursor = backend(self.backends.store.swap_announcement_cursor(user, &newest.id)).await?;
+            let cursor = backend(
+                self.backends
+                    .store
+                    .swap_announcement_cursor(user, &newest.id),
+            )
+            .await?;
             for a in &all {
-                if cursor.as_deref().is_some_and(|c| a.id.as_str() <= c) || !audience_admits(&a.audience, attrs) {
+                if cursor.as_deref().is_some_and(|c| a.id.as_str() <= c)
+                    || !audience_admits(&a.audience, attrs)
+                {
                     continue;
                 }
                 announcements.push(announcement_event(a));
@@ -303,14 +323,18 @@ impl Engine {
 
     /// Creates an announcement: stored for login sync and published live on `global` to those its
     /// audience admits.
-    pub async fn create_announcement(&self, a: Announcement) -> EngineResult<(Value, PublishReply)> {
+    pub async fn create_announcement(
+        &self,
+        a: Announcement,
+    ) -> EngineResult<(Value, PublishReply)> {
         backend(self.backends.store.add_announcement(&a)).await?;
         let ch = ChannelName::global();
         let kind = self.kinds.of(&ch);
-        let id = new_event_id();
+        // The live event carries the announcement's id, as the login sync does.
+        let id = a.id.as_str();
         let data = raw(announcement_data(&a));
         let body = EventBody {
-            id: &id,
+            id,
             event: "announcement",
             data: &data,
             from: None,
@@ -379,7 +403,10 @@ impl Engine {
     pub async fn set_contacts(&self, user: &str, contacts: &[String]) -> EngineResult<Value> {
         check_id("user", user)?;
         if contacts.len() > 10_000 {
-            return Err(EngineError::new(ErrorCode::TooLarge, "at most 10000 contacts"));
+            return Err(EngineError::new(
+                ErrorCode::TooLarge,
+                "at most 10000 contacts",
+            ));
         }
         for c in contacts {
             check_id("user", c)?;
@@ -399,8 +426,17 @@ impl Engine {
     }
 
     /// A page of online users.
-    pub async fn online_page(&self, cursor: Option<&str>, limit: usize) -> EngineResult<(Vec<String>, Option<String>)> {
-        backend(self.backends.presence.online_page(cursor, limit.clamp(1, 1000))).await
+    pub async fn online_page(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> EngineResult<(Vec<String>, Option<String>)> {
+        backend(
+            self.backends
+                .presence
+                .online_page(cursor, limit.clamp(1, 1000)),
+        )
+        .await
     }
 
     /// Closes every session of `user` on this node; `{user, closed}`.
@@ -415,21 +451,33 @@ impl Engine {
 
     /// Finds a stored event by id in the rooms of `user` (seed 003's `PATCH /notifications/{id}/read`):
     /// `(room, seq)`. Scans the retained history of the user's rooms.
-    pub async fn find_room_event(&self, user: &str, id: &str) -> EngineResult<Option<(String, Seq)>> {
+    pub async fn find_room_event(
+        &self,
+        user: &str,
+        id: &str,
+    ) -> EngineResult<Option<(String, Seq)>> {
         check_id("user", user)?;
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        {
             return Err(EngineError::new(ErrorCode::BadFrame, "bad event id"));
         }
         let needle = format!("\"id\":\"{id}\"");
         for room in backend(self.backends.store.rooms_of(user)).await? {
             let ch = ChannelName::of(Kind::Room, &room);
             let kind = self.kinds.of(&ch);
-            let page = backend(self.backends.history.read(&ch, 0, None, kind.history_size, kind.history_age)).await?;
-            if let Some(ev) = page
-                .events
-                .iter()
-                .find(|e| e.frame.windows(needle.len()).any(|w| w == needle.as_bytes()))
-            {
+            let page = backend(self.backends.history.read(
+                &ch,
+                0,
+                None,
+                kind.history_size,
+                kind.history_age,
+            ))
+            .await?;
+            if let Some(ev) = page.events.iter().find(|e| {
+                e.frame
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_bytes())
+            }) {
                 return Ok(Some((room, ev.seq)));
             }
         }

@@ -175,29 +175,33 @@ impl SessionHandle {
         match self.tx.try_send(o) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                crate::metrics::slow_consumer();
-                self.close(CloseReason::SlowConsumer);
+                if self.close(CloseReason::SlowConsumer) {
+                    crate::metrics::slow_consumer();
+                }
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
-    /// Asks the session to close with `reason` (the first reason wins).
-    pub fn close(&self, reason: CloseReason) {
-        if self
+    /// Asks the session to close with `reason`; true when this call set the reason (the first wins).
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self
             .close
             .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.close_at.store(crate::event::now_ms(), Ordering::Release);
+            .is_ok();
+        if first {
+            self.close_at
+                .store(crate::event::now_ms(), Ordering::Release);
             self.closed.notify_one();
         }
+        first
     }
 
     /// When the close was asked (unix ms), if it was.
     pub fn close_asked_at(&self) -> Option<i64> {
-        self.close_reason().map(|_| self.close_at.load(Ordering::Acquire))
+        self.close_reason()
+            .map(|_| self.close_at.load(Ordering::Acquire))
     }
 
     /// The close reason, once asked.
@@ -217,7 +221,8 @@ impl SessionHandle {
 
     /// Records inbound activity (any frame, pong, or SSE write).
     pub fn touch(&self) {
-        self.last_activity.store(crate::event::now_ms(), Ordering::Relaxed);
+        self.last_activity
+            .store(crate::event::now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -334,7 +339,9 @@ impl Hub {
     pub fn user_sessions(&self, user: &str) -> Vec<Arc<SessionHandle>> {
         let ids = lock(&self.users).get(user).cloned().unwrap_or_default();
         let sessions = lock(&self.sessions);
-        ids.iter().filter_map(|id| sessions.get(id).cloned()).collect()
+        ids.iter()
+            .filter_map(|id| sessions.get(id).cloned())
+            .collect()
     }
 
     /// Number of local sessions.

@@ -104,7 +104,10 @@ impl From<BackendError> for EngineError {
         match e {
             BackendError::Unavailable(m) => {
                 tracing::warn!(error = %m, "Backend unavailable.");
-                EngineError::new(ErrorCode::Unavailable, "backend unavailable; nothing was stored")
+                EngineError::new(
+                    ErrorCode::Unavailable,
+                    "backend unavailable; nothing was stored",
+                )
             }
             BackendError::Internal(m) => {
                 tracing::error!(error = %m, "Backend error.");
@@ -168,7 +171,12 @@ impl std::ops::Deref for Engine {
 impl Engine {
     /// Builds an engine on `backends` and starts its background loops (presence heartbeats and
     /// sweeps), which stop when `shutdown` is cancelled.
-    pub fn start(config: Config, kinds: ChannelKinds, backends: Backends, shutdown: CancellationToken) -> Engine {
+    pub fn start(
+        config: Config,
+        kinds: ChannelKinds,
+        backends: Backends,
+        shutdown: CancellationToken,
+    ) -> Engine {
         let kinds = Arc::new(kinds);
         let hub = Arc::new(Hub::new());
         backends.broker.attach(hub.clone());

@@ -71,7 +71,8 @@ pub struct PublishReply {
 fn valid_event_type(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 128
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
 }
 
 impl Engine {
@@ -109,7 +110,10 @@ impl Engine {
         if req.data.get().len() > self.config.limits.frame_bytes {
             return Err(EngineError::new(
                 ErrorCode::TooLarge,
-                format!("data is larger than {} bytes", self.config.limits.frame_bytes),
+                format!(
+                    "data is larger than {} bytes",
+                    self.config.limits.frame_bytes
+                ),
             ));
         }
         let key = match &req.idempotency_key {
@@ -134,7 +138,8 @@ impl Engine {
                 Ok(reply) => {
                     let bytes = Bytes::from(serde_json::to_vec(reply).expect("reply serialises"));
                     let ttl = self.config.idempotency_ttl;
-                    if let Err(e) = backend(self.backends.store.idem_complete(k, bytes, ttl)).await {
+                    if let Err(e) = backend(self.backends.store.idem_complete(k, bytes, ttl)).await
+                    {
                         tracing::warn!(error = %e, "Could not store an idempotent publish result.");
                     }
                 }
@@ -155,7 +160,10 @@ impl Engine {
                 Idempotency::Claimed => return Ok(None),
                 Idempotency::Done(bytes) => {
                     let reply = serde_json::from_slice(&bytes).map_err(|_| {
-                        EngineError::new(ErrorCode::Internal, "stored idempotent reply is unreadable")
+                        EngineError::new(
+                            ErrorCode::Internal,
+                            "stored idempotent reply is unreadable",
+                        )
                     })?;
                     return Ok(Some(reply));
                 }
@@ -195,10 +203,12 @@ impl Engine {
         let mut deliveries = Vec::with_capacity(decision.to.len());
         for channel in &decision.to {
             let kind = self.kinds.of(channel);
-            let persist = decision.persist_for(&self.kinds, channel).then_some(HistoryLimits {
-                size: kind.history_size,
-                age: kind.history_age,
-            });
+            let persist = decision
+                .persist_for(&self.kinds, channel)
+                .then_some(HistoryLimits {
+                    size: kind.history_size,
+                    age: kind.history_age,
+                });
             let filter = DeliveryFilter {
                 except: decision.except_for(&self.kinds, channel, req.from.as_deref()),
                 audience: None,
@@ -233,7 +243,13 @@ impl Engine {
 
     /// Unread bookkeeping for a countable room event: record it, and move the read pointers of the
     /// sender (own messages never count) and of those who have the room open.
-    async fn count_unread(&self, room: &str, seq: u64, keep: usize, from: Option<&str>) -> EngineResult<()> {
+    async fn count_unread(
+        &self,
+        room: &str,
+        seq: u64,
+        keep: usize,
+        from: Option<&str>,
+    ) -> EngineResult<()> {
         let store = &self.backends.store;
         backend(store.mark_countable(room, seq, keep)).await?;
         if let Some(f) = from {

@@ -51,7 +51,12 @@ impl Engine {
             s.send(Outbound::Ping);
         }
         if !alive.is_empty()
-            && let Err(e) = backend(self.backends.presence.heartbeat(&alive, self.config.presence_ttl)).await
+            && let Err(e) = backend(
+                self.backends
+                    .presence
+                    .heartbeat(&alive, self.config.presence_ttl),
+            )
+            .await
         {
             tracing::warn!(error = %e, sessions = alive.len(), "Presence heartbeat failed.");
         }
@@ -109,7 +114,8 @@ impl Engine {
         let Ok(ch) = ChannelName::try_of(Kind::Room, room) else {
             return;
         };
-        let frame = json!({ "type": "presence.update", "room": room, "user": user, "change": change });
+        let frame =
+            json!({ "type": "presence.update", "room": room, "user": user, "change": change });
         self.publish_frame(ch, "presence.update", frame).await;
     }
 

@@ -84,6 +84,7 @@ pub struct Session {
     subs: HashMap<ChannelName, Sub>,
     focus: HashSet<String>,
     transport: Transport,
+    seen_announcement: Option<String>,
 }
 
 /// Most users in one `presence`/`watch` op.
@@ -115,7 +116,10 @@ impl Engine {
             Arc::new(open.attrs),
             self.config.limits.queue_frames,
         );
-        if !self.hub.register(&handle, self.config.limits.connections_per_user) {
+        if !self
+            .hub
+            .register(&handle, self.config.limits.connections_per_user)
+        {
             return Err(EngineError::new(
                 ErrorCode::RateLimited,
                 format!(
@@ -132,7 +136,13 @@ impl Engine {
             state: open.state,
             node: self.node.clone(),
         };
-        let first = match backend(self.backends.presence.connect(&info, self.config.presence_ttl)).await {
+        let first = match backend(
+            self.backends
+                .presence
+                .connect(&info, self.config.presence_ttl),
+        )
+        .await
+        {
             Ok(first) => first,
             Err(e) => {
                 self.hub.unregister(&handle);
@@ -151,6 +161,7 @@ impl Engine {
             subs: HashMap::new(),
             focus: HashSet::new(),
             transport: open.transport,
+            seen_announcement: None,
         })
     }
 
@@ -205,7 +216,11 @@ impl Engine {
     /// Whether `watcher` may see `target`'s presence: a contact, or they share a room.
     pub async fn may_watch(&self, watcher: &str, target: &str) -> EngineResult<bool> {
         let store = &self.backends.store;
-        if backend(store.contacts(watcher)).await?.iter().any(|c| c == target) {
+        if backend(store.contacts(watcher))
+            .await?
+            .iter()
+            .any(|c| c == target)
+        {
             return Ok(true);
         }
         let mine = backend(store.rooms_of(watcher)).await?;
@@ -281,10 +296,31 @@ impl Session {
             }
             sub.last = p.seq;
         }
-        if d.channel.kind() == Kind::User && &*d.event == "room.left" {
-            self.on_room_left(&d.frame);
+        match (d.channel.kind(), &*d.event) {
+            (Kind::User, "room.left") => self.on_room_left(&d.frame),
+            (Kind::Global, "announcement") => self.on_announcement(&d.frame),
+            _ => {}
         }
         verdict
+    }
+
+    /// An announcement reached this device live: remember it, so [`Session::after_delivery`] moves the
+    /// user's announcement cursor and no device of theirs is shown it again at login sync.
+    fn on_announcement(&mut self, frame: &[u8]) {
+        self.seen_announcement = serde_json::from_slice::<Value>(frame)
+            .ok()
+            .and_then(|v| v["data"]["id"].as_str().map(str::to_string));
+    }
+
+    /// Bookkeeping the deliveries just written asked for (backend writes stay off the fan-out path;
+    /// writers call this after each batch). Announcements are rare, so this is usually a no-op.
+    pub async fn after_delivery(&mut self) {
+        if let Some(id) = self.seen_announcement.take() {
+            let store = &self.engine.backends.store;
+            if let Err(e) = backend(store.swap_announcement_cursor(&self.handle.user, &id)).await {
+                tracing::warn!(user = %self.handle.user, error = %e, "Announcement cursor update failed.");
+            }
+        }
     }
 
     /// Another device of this user left a room: drop this session's subscriptions to it.
@@ -299,7 +335,9 @@ impl Session {
             {
                 let engine = self.engine.clone();
                 let handle = self.handle.clone();
-                tokio::spawn(async move { release(&engine, &handle, &ch, sub.room_presence).await });
+                tokio::spawn(
+                    async move { release(&engine, &handle, &ch, sub.room_presence).await },
+                );
             }
         }
         self.focus.remove(&room);
@@ -357,16 +395,22 @@ impl Session {
         if kind.persist {
             let page = match &since {
                 Some(s) => {
-                    backend(e.backends.history.read(&ch, s.seq, None, kind.history_size, kind.history_age))
-                        .await
+                    backend(e.backends.history.read(
+                        &ch,
+                        s.seq,
+                        None,
+                        kind.history_size,
+                        kind.history_age,
+                    ))
+                    .await
                 }
-                None => backend(e.backends.history.position(&ch)).await.map(|position| {
-                    crate::backend::HistoryPage {
+                None => backend(e.backends.history.position(&ch))
+                    .await
+                    .map(|position| crate::backend::HistoryPage {
                         first_available: position.seq + 1,
                         position,
                         events: Vec::new(),
-                    }
-                }),
+                    }),
             };
             let page = match page {
                 Ok(p) => p,
@@ -424,7 +468,8 @@ impl Session {
                 ))
                 .await?;
                 if joined {
-                    e.publish_room_presence(ch.id(), &self.handle.user, "joined").await;
+                    e.publish_room_presence(ch.id(), &self.handle.user, "joined")
+                        .await;
                 }
             }
         }
@@ -510,7 +555,12 @@ impl Session {
         let active = room_channel(Kind::Active, room)?;
         self.drop_sub(&active).await;
         self.focus.remove(room);
-        backend(e.backends.store.clear_focus(room, &self.handle.user, &self.handle.session)).await?;
+        backend(
+            e.backends
+                .store
+                .clear_focus(room, &self.handle.user, &self.handle.session),
+        )
+        .await?;
         Ok(json!({ "room": room, "focused": false }))
     }
 
@@ -519,8 +569,9 @@ impl Session {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
         e.require_member(room, &self.handle.user).await?;
-        let data = serde_json::value::to_raw_value(&json!({ "room": room, "user": &*self.handle.user }))
-            .expect("serialises");
+        let data =
+            serde_json::value::to_raw_value(&json!({ "room": room, "user": &*self.handle.user }))
+                .expect("serialises");
         e.publish(PublishRequest {
             event: "typing".into(),
             targets: vec![active],
@@ -536,10 +587,18 @@ impl Session {
     /// `status`: custom status, broadcast as `presence.changed`.
     pub async fn status(&mut self, status: Status, text: Option<String>) -> EngineResult<Value> {
         if text.as_ref().is_some_and(|t| t.chars().count() > 256) {
-            return Err(EngineError::new(ErrorCode::TooLarge, "text: at most 256 characters"));
+            return Err(EngineError::new(
+                ErrorCode::TooLarge,
+                "text: at most 256 characters",
+            ));
         }
         let e = self.engine.clone();
-        backend(e.backends.presence.set_status(&self.handle.user, status, text.clone())).await?;
+        backend(
+            e.backends
+                .presence
+                .set_status(&self.handle.user, status, text.clone()),
+        )
+        .await?;
         e.publish_presence(&self.handle.user).await;
         Ok(json!({ "status": status, "text": text }))
     }
@@ -547,7 +606,12 @@ impl Session {
     /// `state`: foreground or background.
     pub async fn state(&mut self, state: AppState) -> EngineResult<Value> {
         let e = self.engine.clone();
-        backend(e.backends.presence.set_state(&self.handle.user, &self.handle.session, state)).await?;
+        backend(
+            e.backends
+                .presence
+                .set_state(&self.handle.user, &self.handle.session, state),
+        )
+        .await?;
         e.publish_presence(&self.handle.user).await;
         Ok(json!({ "state": state }))
     }
@@ -611,7 +675,10 @@ impl Session {
     pub async fn connected_frame(&mut self, reference: Option<&Value>) -> EngineResult<Value> {
         let e = self.engine.clone();
         let mut channels = Map::new();
-        for ch in [ChannelName::of(Kind::User, &self.handle.user), ChannelName::global()] {
+        for ch in [
+            ChannelName::of(Kind::User, &self.handle.user),
+            ChannelName::global(),
+        ] {
             let (reply, _) = self.subscribe_checked(ch.clone(), None).await?;
             channels.insert(
                 ch.to_string(),
@@ -643,7 +710,10 @@ fn check_users(users: &[String]) -> EngineResult<()> {
         ));
     }
     if let Some(u) = users.iter().find(|u| !valid_id(u)) {
-        return Err(bad(format!("bad user id {:?}", u.chars().take(140).collect::<String>())));
+        return Err(bad(format!(
+            "bad user id {:?}",
+            u.chars().take(140).collect::<String>()
+        )));
     }
     Ok(())
 }
@@ -656,8 +726,19 @@ async fn release(engine: &Engine, handle: &SessionHandle, ch: &ChannelName, room
         tracing::warn!(channel = %ch, error = %e, "Broker unsubscribe failed.");
     }
     if room_presence {
-        match backend(engine.backends.presence.room_leave(ch.id(), &handle.user, &handle.session)).await {
-            Ok(true) => engine.publish_room_presence(ch.id(), &handle.user, "left").await,
+        match backend(
+            engine
+                .backends
+                .presence
+                .room_leave(ch.id(), &handle.user, &handle.session),
+        )
+        .await
+        {
+            Ok(true) => {
+                engine
+                    .publish_room_presence(ch.id(), &handle.user, "left")
+                    .await
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!(channel = %ch, error = %e, "Room presence leave failed."),
         }
@@ -672,20 +753,14 @@ impl Drop for Session {
         };
         let engine = self.engine.clone();
         let handle = self.handle.clone();
-        let subs: Vec<(ChannelName, bool)> = self.subs.drain().map(|(c, s)| (c, s.room_presence)).collect();
+        let subs: Vec<(ChannelName, bool)> = self
+            .subs
+            .drain()
+            .map(|(c, s)| (c, s.room_presence))
+            .collect();
         let focus: Vec<String> = self.focus.drain().collect();
         let transport = self.transport;
-        let saw_global = subs.iter().any(|(c, _)| c.kind() == Kind::Global);
         rt.spawn(async move {
-            if saw_global {
-                // Announcements published while this session was live reached it on `global`: move the
-                // user's cursor so the next login sync does not show them again.
-                if let Ok(all) = backend(engine.backends.store.announcements(crate::event::now_ms())).await
-                    && let Some(newest) = all.last()
-                {
-                    let _ = backend(engine.backends.store.swap_announcement_cursor(&handle.user, &newest.id)).await;
-                }
-            }
             for (ch, rp) in &subs {
                 release(&engine, &handle, ch, *rp).await;
             }

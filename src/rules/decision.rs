@@ -88,7 +88,12 @@ impl Decision {
     }
 
     /// Users excluded from live delivery on `channel`, given the sender.
-    pub fn except_for(&self, kinds: &ChannelKinds, channel: &ChannelName, from: Option<&str>) -> Vec<Arc<str>> {
+    pub fn except_for(
+        &self,
+        kinds: &ChannelKinds,
+        channel: &ChannelName,
+        from: Option<&str>,
+    ) -> Vec<Arc<str>> {
         let mut v = self.except.clone();
         if self.except_sender
             && kinds.of(channel).except_sender

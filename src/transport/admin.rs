@@ -44,7 +44,9 @@ async fn page(State(s): State<AppState>, _: AdminKey) -> Html<String> {
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 async fn rules(State(_s): State<AppState>, _: AdminKey) -> Json<serde_json::Value> {

@@ -27,12 +27,18 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/notifications/publish", post(publish))
         .route("/channels/{channel}/history", get(history))
         .route("/rooms/{room}/events", get(room_events))
-        .route("/rooms/{room}/members/{user}", put(add_member).delete(remove_member))
+        .route(
+            "/rooms/{room}/members/{user}",
+            put(add_member).delete(remove_member),
+        )
         .route("/rooms/{room}/members", get(members))
         .route("/rooms/{room}/leave/{user}", post(leave))
         .route("/rooms/{room}/presence", get(room_presence))
         .route("/rooms/{room}/presence/heartbeat", post(room_heartbeat))
-        .route("/users/{user}/contacts", put(set_contacts).get(get_contacts))
+        .route(
+            "/users/{user}/contacts",
+            put(set_contacts).get(get_contacts),
+        )
         .route("/presence/query", post(presence_query))
         .route("/presence/online/count", get(online_count))
         .route("/presence/online", get(online_list))
@@ -42,8 +48,14 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/notifications/unread", get(unread_alias))
         .route("/notifications/{id}/read", patch(read_by_event_id))
         .route("/users/{user}/devices", get(devices))
-        .route("/users/{user}/devices/{device}", put(put_device).delete(delete_device))
-        .route("/announcements", post(create_announcement).get(list_announcements))
+        .route(
+            "/users/{user}/devices/{device}",
+            put(put_device).delete(delete_device),
+        )
+        .route(
+            "/announcements",
+            post(create_announcement).get(list_announcements),
+        )
         .route("/users/{user}/disconnect", post(disconnect));
     let online = Router::new()
         .route("/users", post(os_users))
@@ -73,14 +85,23 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if s.engine.ready().await {
         Json(json!({ "status": "ready" })).into_response()
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "backend unreachable").into_response()
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "backend unreachable",
+        )
+        .into_response()
     }
 }
 
 async fn metrics(State(s): State<AppState>, parts: axum::http::request::Parts) -> Response {
     if s.engine.config.metrics_require_admin {
         let mut parts = parts;
-        if let Err(e) = <AdminKey as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &s).await {
+        if let Err(e) = <AdminKey as axum::extract::FromRequestParts<AppState>>::from_request_parts(
+            &mut parts, &s,
+        )
+        .await
+        {
             return e.into_response();
         }
     }
@@ -125,7 +146,9 @@ async fn publish(
     if let Some(f) = &b.from
         && !valid_id(f)
     {
-        return Err(ApiError::bad("from: a user id (1-128 characters of [A-Za-z0-9_.@-])"));
+        return Err(ApiError::bad(
+            "from: a user id (1-128 characters of [A-Za-z0-9_.@-])",
+        ));
     }
     let key = b.idempotency_key.or_else(|| {
         headers
@@ -133,7 +156,9 @@ async fn publish(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
-    let data = b.data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("valid JSON"));
+    let data = b
+        .data
+        .unwrap_or_else(|| RawValue::from_string("null".into()).expect("valid JSON"));
     let reply = s
         .engine
         .publish(PublishRequest {
@@ -182,11 +207,19 @@ async fn room_events(
     Ok(Json(s.engine.history_json(&ch, since, None, limit).await?))
 }
 
-async fn add_member(State(s): State<AppState>, _: ApiKey, Path((room, user)): Path<(String, String)>) -> ApiResult {
+async fn add_member(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path((room, user)): Path<(String, String)>,
+) -> ApiResult {
     Ok(Json(s.engine.add_member(&room, &user).await?))
 }
 
-async fn remove_member(State(s): State<AppState>, _: ApiKey, Path((room, user)): Path<(String, String)>) -> ApiResult {
+async fn remove_member(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path((room, user)): Path<(String, String)>,
+) -> ApiResult {
     Ok(Json(s.engine.remove_member(&room, &user).await?))
 }
 
@@ -194,11 +227,19 @@ async fn members(State(s): State<AppState>, _: ApiKey, Path(room): Path<String>)
     Ok(Json(s.engine.members_json(&room).await?))
 }
 
-async fn leave(State(s): State<AppState>, _: ApiKey, Path((room, user)): Path<(String, String)>) -> ApiResult {
+async fn leave(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path((room, user)): Path<(String, String)>,
+) -> ApiResult {
     Ok(Json(s.engine.leave_room(&room, &user).await?))
 }
 
-async fn room_presence(State(s): State<AppState>, _: ApiKey, Path(room): Path<String>) -> ApiResult {
+async fn room_presence(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(room): Path<String>,
+) -> ApiResult {
     Ok(Json(s.engine.room_presence_json(&room).await?))
 }
 
@@ -242,7 +283,10 @@ async fn set_contacts(
 
 async fn get_contacts(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
     if !valid_id(&user) {
-        return Err(ApiError::from(EngineError::new(ErrorCode::BadChannel, "bad user id")));
+        return Err(ApiError::from(EngineError::new(
+            ErrorCode::BadChannel,
+            "bad user id",
+        )));
     }
     let contacts = s.engine.contacts(&user).await?;
     Ok(Json(json!({ "user": user, "contacts": contacts })))
@@ -263,7 +307,11 @@ fn ids(v: &[Value]) -> Result<Vec<String>, ApiError> {
     v.iter().map(id_of).collect()
 }
 
-async fn presence_query(State(s): State<AppState>, _: ApiKey, JsonBody(b): JsonBody<UsersBody>) -> ApiResult {
+async fn presence_query(
+    State(s): State<AppState>,
+    _: ApiKey,
+    JsonBody(b): JsonBody<UsersBody>,
+) -> ApiResult {
     Ok(Json(s.engine.presence_json(&ids(&b.users)?).await?))
 }
 
@@ -271,11 +319,20 @@ async fn online_count(State(s): State<AppState>, _: ApiKey) -> ApiResult {
     Ok(Json(json!({ "count": s.engine.online_count().await? })))
 }
 
-async fn online_list(State(s): State<AppState>, _: ApiKey, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+async fn online_list(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let limit = num(&q, "limit")?.unwrap_or(100) as usize;
     let (users, cursor) = s
         .engine
-        .online_page(q.get("cursor").map(String::as_str).filter(|c| !c.is_empty()), limit)
+        .online_page(
+            q.get("cursor")
+                .map(String::as_str)
+                .filter(|c| !c.is_empty()),
+            limit,
+        )
         .await?;
     Ok(Json(json!({ "users": users, "cursor": cursor })))
 }
@@ -284,13 +341,19 @@ async fn unread(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) 
     Ok(Json(s.engine.unread_json(&user).await?))
 }
 
-async fn unread_alias(State(s): State<AppState>, _: ApiKey, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+async fn unread_alias(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let user = q
         .get("userId")
         .or_else(|| q.get("user"))
         .ok_or_else(|| ApiError::bad("userId: required"))?;
     let mut v = s.engine.unread_json(user).await?;
-    let total: u64 = v["unread"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+    let total: u64 = v["unread"]
+        .as_object()
+        .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
     v["total"] = json!(total);
     Ok(Json(v))
 }
@@ -323,11 +386,13 @@ async fn read_by_event_id(
         (None, Some(v)) => id_of(&v)?,
         (None, None) => return Err(ApiError::bad("userId: required (query or body)")),
     };
-    let (room, seq) = s
-        .engine
-        .find_room_event(&user, &id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such event in this user's rooms"))?;
+    let (room, seq) = s.engine.find_room_event(&user, &id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such event in this user's rooms",
+        )
+    })?;
     Ok(Json(s.engine.mark_read(&user, &room, seq).await?))
 }
 
@@ -346,11 +411,25 @@ async fn put_device(
     JsonBody(b): JsonBody<DeviceBody>,
 ) -> ApiResult {
     match b.provider.as_str() {
-        "fcm" | "apns" | "webhook" if b.token.as_deref().is_some_and(|t| !t.is_empty() && t.len() <= 4096) => {}
+        "fcm" | "apns" | "webhook"
+            if b.token
+                .as_deref()
+                .is_some_and(|t| !t.is_empty() && t.len() <= 4096) => {}
         "webhook" if b.token.is_none() => {}
-        "webpush" if b.subscription.as_ref().is_some_and(|v| v.get("endpoint").is_some_and(Value::is_string)) => {}
-        "fcm" | "apns" => return Err(ApiError::bad("token: required for fcm and apns (at most 4096 characters)")),
-        "webpush" => return Err(ApiError::bad("subscription: a Web Push subscription object with an endpoint")),
+        "webpush"
+            if b.subscription
+                .as_ref()
+                .is_some_and(|v| v.get("endpoint").is_some_and(Value::is_string)) => {}
+        "fcm" | "apns" => {
+            return Err(ApiError::bad(
+                "token: required for fcm and apns (at most 4096 characters)",
+            ));
+        }
+        "webpush" => {
+            return Err(ApiError::bad(
+                "subscription: a Web Push subscription object with an endpoint",
+            ));
+        }
         _ => return Err(ApiError::bad("provider: fcm, apns, webpush or webhook")),
     }
     let d = PushDevice {
@@ -363,7 +442,11 @@ async fn put_device(
     Ok(Json(s.engine.put_device(&user, d).await?))
 }
 
-async fn delete_device(State(s): State<AppState>, _: ApiKey, Path((user, device)): Path<(String, String)>) -> ApiResult {
+async fn delete_device(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path((user, device)): Path<(String, String)>,
+) -> ApiResult {
     Ok(Json(s.engine.delete_device(&user, &device).await?))
 }
 
@@ -384,15 +467,24 @@ struct AnnouncementBody {
     audience: Map<String, Value>,
 }
 
-async fn create_announcement(State(s): State<AppState>, _: ApiKey, JsonBody(b): JsonBody<AnnouncementBody>) -> ApiResult {
+async fn create_announcement(
+    State(s): State<AppState>,
+    _: ApiKey,
+    JsonBody(b): JsonBody<AnnouncementBody>,
+) -> ApiResult {
     if b.title.is_empty() || b.title.chars().count() > 256 {
         return Err(ApiError::bad("title: 1-256 characters"));
     }
     let now = now_ms();
     let expires = match b.expires {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(n.as_i64().ok_or_else(|| ApiError::bad("expires: unix ms"))?),
-        Some(Value::String(d)) => Some(now + parse_duration(&d).map_err(ApiError::bad)?.as_millis() as i64),
+        Some(Value::Number(n)) => Some(
+            n.as_i64()
+                .ok_or_else(|| ApiError::bad("expires: unix ms"))?,
+        ),
+        Some(Value::String(d)) => {
+            Some(now + parse_duration(&d).map_err(ApiError::bad)?.as_millis() as i64)
+        }
         Some(_) => return Err(ApiError::bad("expires: unix ms or a duration like \"7d\"")),
     };
     if expires.is_some_and(|e| e <= now) {
@@ -409,7 +501,9 @@ async fn create_announcement(State(s): State<AppState>, _: ApiKey, JsonBody(b): 
         ts: now,
     };
     let (announcement, reply) = s.engine.create_announcement(a).await?;
-    Ok(Json(json!({ "announcement": announcement, "id": reply.id, "deliveries": reply.deliveries })))
+    Ok(Json(
+        json!({ "announcement": announcement, "id": reply.id, "deliveries": reply.deliveries }),
+    ))
 }
 
 async fn list_announcements(State(s): State<AppState>, _: ApiKey) -> ApiResult {
@@ -442,11 +536,19 @@ async fn seed_map(s: &AppState, users: &[String]) -> ApiResult {
     Ok(Json(Value::Object(out)))
 }
 
-async fn os_users(State(s): State<AppState>, Client(_): Client, JsonBody(b): JsonBody<UsersBody>) -> ApiResult {
+async fn os_users(
+    State(s): State<AppState>,
+    Client(_): Client,
+    JsonBody(b): JsonBody<UsersBody>,
+) -> ApiResult {
     seed_map(&s, &ids(&b.users)?).await
 }
 
-async fn os_user(State(s): State<AppState>, Client(_): Client, Path(id): Path<String>) -> ApiResult {
+async fn os_user(
+    State(s): State<AppState>,
+    Client(_): Client,
+    Path(id): Path<String>,
+) -> ApiResult {
     let v = s.engine.presence_json(std::slice::from_ref(&id)).await?;
     let mut out = seed_status(&v["presence"][&id]);
     out["user_id"] = json!(id);
@@ -466,11 +568,20 @@ async fn os_count(State(s): State<AppState>, Client(_): Client) -> ApiResult {
     Ok(Json(json!({ "count": s.engine.online_count().await? })))
 }
 
-async fn os_online(State(s): State<AppState>, Client(_): Client, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+async fn os_online(
+    State(s): State<AppState>,
+    Client(_): Client,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let limit = num(&q, "limit")?.unwrap_or(100) as usize;
     let (users, cursor) = s
         .engine
-        .online_page(q.get("cursor").map(String::as_str).filter(|c| !c.is_empty()), limit)
+        .online_page(
+            q.get("cursor")
+                .map(String::as_str)
+                .filter(|c| !c.is_empty()),
+            limit,
+        )
         .await?;
     Ok(Json(json!({ "users": users, "cursor": cursor })))
 }

@@ -90,7 +90,15 @@ impl Auth {
         validation.leeway = j.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer must be present, not only right when present.
+        let mut required = vec!["exp", "sub"];
+        if j.audience.is_some() {
+            required.push("aud");
+        }
+        if j.issuer.is_some() {
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         match &j.audience {
             Some(a) => validation.set_audience(&[a]),
             None => validation.validate_aud = false,
@@ -110,26 +118,33 @@ impl Auth {
     /// Verifies a client token.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted".into()),
-                ErrorKind::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)".into()),
+                ErrorKind::ImmatureSignature => {
+                    AuthError::Invalid("token not valid yet (nbf)".into())
+                }
                 ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
                 ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
-                ErrorKind::MissingRequiredClaim(c) => AuthError::Invalid(format!("missing claim {c}")),
+                ErrorKind::MissingRequiredClaim(c) => {
+                    AuthError::Invalid(format!("missing claim {c}"))
+                }
                 _ => AuthError::Invalid("malformed token".into()),
-            }
-        })?;
+            })?;
         let c = data.claims;
         if !valid_id(&c.sub) {
-            return Err(AuthError::Invalid("sub must be 1-128 characters of [A-Za-z0-9_.@-]".into()));
+            return Err(AuthError::Invalid(
+                "sub must be 1-128 characters of [A-Za-z0-9_.@-]".into(),
+            ));
         }
         if let Some(p) = &c.platform
             && !matches!(p.as_str(), "web" | "ios" | "android" | "desktop")
         {
-            return Err(AuthError::Invalid("platform must be web, ios, android or desktop".into()));
+            return Err(AuthError::Invalid(
+                "platform must be web, ios, android or desktop".into(),
+            ));
         }
         Ok(c)
     }
@@ -155,7 +170,12 @@ impl Auth {
 }
 
 /// Mints a token with `secret` (HS256) for `user`, valid `ttl_secs`.
-pub fn mint_hs256(secret: &str, user: &str, device: Option<&str>, ttl_secs: u64) -> anyhow::Result<String> {
+pub fn mint_hs256(
+    secret: &str,
+    user: &str,
+    device: Option<&str>,
+    ttl_secs: u64,
+) -> anyhow::Result<String> {
     let claims = Claims {
         sub: user.into(),
         exp: unix_now() + ttl_secs,
@@ -193,7 +213,10 @@ pub fn bearer(headers: &HeaderMap, query_token: Option<&str>) -> Option<String> 
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(|t| t.trim().to_string())
         .or_else(|| query_token.map(str::to_string))
         .filter(|t| !t.is_empty())

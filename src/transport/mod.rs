@@ -107,14 +107,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let limit = state.engine.config.limits.frame_bytes + ENVELOPE_BYTES;
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("body is larger than {limit} bytes"),
-            )
-        })?;
-        let bytes = if bytes.is_empty() { &b"{}"[..] } else { &bytes[..] };
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("body is larger than {limit} bytes"),
+                )
+            })?;
+        let bytes = if bytes.is_empty() {
+            &b"{}"[..]
+        } else {
+            &bytes[..]
+        };
         serde_json::from_slice(bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))
@@ -131,7 +137,9 @@ impl FromRequestParts<AppState> for ApiKey {
         match auth::bearer(&parts.headers, None) {
             Some(k) if state.auth.is_api_key(&k) => Ok(ApiKey),
             Some(_) => Err(ApiError::unauthorized("invalid API key")),
-            None => Err(ApiError::unauthorized("missing API key (Authorization: Bearer <key>)")),
+            None => Err(ApiError::unauthorized(
+                "missing API key (Authorization: Bearer <key>)",
+            )),
         }
     }
 }
@@ -160,7 +168,8 @@ impl FromRequestParts<AppState> for Client {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let q = query_map(parts);
-        let token = auth::bearer(&parts.headers, q.get("token").map(String::as_str)).ok_or(AuthError::Missing)?;
+        let token = auth::bearer(&parts.headers, q.get("token").map(String::as_str))
+            .ok_or(AuthError::Missing)?;
         Ok(Client(state.auth.verify(&token)?))
     }
 }
@@ -204,6 +213,16 @@ fn cors(origins: &[String]) -> CorsLayer {
     }
 }
 
+/// A known path with another method: 405 in the protocol's error shape.
+async fn method_not_allowed() -> ApiError {
+    let message = "method not allowed on this endpoint";
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    )
+}
+
 /// Builds the whole router (tests can drive it without a listener).
 pub fn router(state: AppState) -> Router {
     let cors = cors(&state.engine.config.cors_origins);
@@ -212,6 +231,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sse::routes())
         .merge(api::routes())
         .merge(admin::routes())
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(cors)
         .with_state(state)
 }
@@ -236,9 +256,12 @@ pub async fn serve(
         drain_engine.shutdown.cancel();
         drain_engine.close_all(CloseReason::Shutdown);
     };
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(graceful)
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(graceful)
+    .await?;
     // Upgraded WebSockets are not tracked by the server: wait for their sessions to close.
     let deadline = tokio::time::Instant::now() + engine.config.shutdown_grace;
     while !engine.hub.is_empty() && tokio::time::Instant::now() < deadline {

@@ -71,7 +71,9 @@ async fn sse(
         }
     }
     if channels.is_empty() {
-        return Err(ApiError::bad("channels: give at least one channel (?channels=a,b)"));
+        return Err(ApiError::bad(
+            "channels: give at least one channel (?channels=a,b)",
+        ));
     }
     if channels.len() > MAX_SSE_CHANNELS {
         return Err(ApiError::from(EngineError::new(
@@ -80,7 +82,15 @@ async fn sse(
         )));
     }
     let resume = last_event_id(&headers, q.last_event_id.as_deref());
-    open_stream(&state, &claims, q.device, channels, resume, StreamKind::Channels).await
+    open_stream(
+        &state,
+        &claims,
+        q.device,
+        channels,
+        resume,
+        StreamKind::Channels,
+    )
+    .await
 }
 
 async fn room_stream(
@@ -92,7 +102,15 @@ async fn room_stream(
 ) -> ApiResult<Response> {
     let ch = ChannelName::try_of(Kind::Room, &room).map_err(EngineError::from)?;
     let resume = last_event_id(&headers, q.last_event_id.as_deref());
-    open_stream(&state, &claims, q.device, vec![ch], resume, StreamKind::Channels).await
+    open_stream(
+        &state,
+        &claims,
+        q.device,
+        vec![ch],
+        resume,
+        StreamKind::Channels,
+    )
+    .await
 }
 
 async fn presence_stream(
@@ -100,7 +118,15 @@ async fn presence_stream(
     Client(claims): Client,
     Query(q): Query<SseQuery>,
 ) -> ApiResult<Response> {
-    open_stream(&state, &claims, q.device, Vec::new(), None, StreamKind::Presence).await
+    open_stream(
+        &state,
+        &claims,
+        q.device,
+        Vec::new(),
+        None,
+        StreamKind::Presence,
+    )
+    .await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -123,7 +149,10 @@ async fn open_stream(
         engine.can_subscribe(&claims.sub, ch).await?;
     }
     let cursor = match &resume {
-        Some(id) => Some(Cursor::decode(id).ok_or_else(|| ApiError::bad("Last-Event-ID is not a herald cursor"))?),
+        Some(id) => Some(
+            Cursor::decode(id)
+                .ok_or_else(|| ApiError::bad("Last-Event-ID is not a herald cursor"))?,
+        ),
         None => None,
     };
     let mut session = engine
@@ -141,7 +170,9 @@ async fn open_stream(
     let mut positions: BTreeMap<String, Position> = BTreeMap::new();
     let mut replay: Vec<(ChannelName, StoredEvent)> = Vec::new();
     for ch in channels {
-        let since = cursor.as_ref().and_then(|c| c.positions.get(ch.as_str()).cloned());
+        let since = cursor
+            .as_ref()
+            .and_then(|c| c.positions.get(ch.as_str()).cloned());
         let (reply, events) = session.subscribe_checked(ch.clone(), since.clone()).await?;
         if let (Some(epoch), Some(seq)) = (reply["epoch"].as_str(), reply["seq"].as_u64()) {
             let recovered = reply["recovered"].as_bool().unwrap_or(false);
@@ -179,9 +210,19 @@ async fn open_stream(
                 .await?;
         }
         let connected = json!({ "user": claims.sub, "conn": &*session.handle.session, "contacts": contacts.len() });
-        write_event(&mut out, None, "connected", connected.to_string().as_bytes());
+        write_event(
+            &mut out,
+            None,
+            "connected",
+            connected.to_string().as_bytes(),
+        );
         let initial = engine.presence_json(&contacts).await?;
-        write_event(&mut out, None, "initial", initial["presence"].to_string().as_bytes());
+        write_event(
+            &mut out,
+            None,
+            "initial",
+            initial["presence"].to_string().as_bytes(),
+        );
     }
     let st = StreamState {
         session,
@@ -195,7 +236,10 @@ async fn open_stream(
     let body = Body::from_stream(stream::unfold(st, next_chunk));
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(resp)
@@ -281,6 +325,7 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
                     let Some(more) = st.session.try_recv() else { break };
                     st.write(more, &mut out);
                 }
+                st.session.after_delivery().await;
             }
         }
         if !out.is_empty() {

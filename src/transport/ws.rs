@@ -22,13 +22,18 @@ use tokio::time::Instant;
 use super::auth::{AuthError, Claims, unix_now};
 use super::{ApiError, AppState};
 use crate::backend::{AppState as DeviceState, Status};
-use crate::engine::{CloseReason, EngineError, ErrorCode, Outbound, Session, SessionOpen, Transport};
+use crate::engine::{
+    CloseReason, EngineError, ErrorCode, Outbound, Session, SessionOpen, Transport,
+};
 use crate::event::Position;
 
 /// Read buffer per connection: small, since client frames are small and rare.
 const READ_BUFFER: usize = 4096;
 /// Most queued frames written before one flush.
 const WRITE_BATCH: usize = 256;
+/// How long a slow consumer's socket stays open (its session already gone) for the `disconnect` 4008
+/// and close frames to get through, should its client read again.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(10);
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new().route("/ws", get(upgrade))
@@ -48,9 +53,13 @@ async fn upgrade(
 ) -> Response {
     let allow = &state.engine.config.ws_origins;
     if !allow.is_empty() {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let origin = headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !allow.iter().any(|o| o == origin) {
-            return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "origin not allowed").into_response();
+            return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "origin not allowed")
+                .into_response();
         }
     }
     let claims = match super::auth::bearer(&headers, q.token.as_deref()) {
@@ -104,7 +113,8 @@ impl Limiter {
 
     fn allow(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -159,7 +169,12 @@ fn ok_reply(reference: &Value, result: Value) -> Value {
 }
 
 async fn close_with(socket: &mut WebSocket, reason: CloseReason) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    close_within(socket, reason, Duration::from_secs(1)).await;
+}
+
+/// Sends `disconnect` then the close frame, giving up after `grace` (a client that stopped reading).
+async fn close_within(socket: &mut WebSocket, reason: CloseReason, grace: Duration) {
+    let _ = tokio::time::timeout(grace, async {
         let _ = socket.send(text(reason.frame())).await;
         let _ = socket
             .send(Message::Close(Some(CloseFrame {
@@ -171,14 +186,20 @@ async fn close_with(socket: &mut WebSocket, reason: CloseReason) {
     .await;
 }
 
-async fn run(mut socket: WebSocket, state: AppState, claims: Option<Claims>, query_device: Option<String>) {
+async fn run(
+    mut socket: WebSocket,
+    state: AppState,
+    claims: Option<Claims>,
+    query_device: Option<String>,
+) {
     let engine = state.engine.clone();
     let mut connect_ref = None;
     let (claims, mut device, mut platform, mut dstate) = match claims {
         Some(c) => (c, query_device, None, None),
         None => {
             // Wait for the `connect` frame.
-            let first = tokio::time::timeout(engine.config.limits.connect_timeout, socket.next()).await;
+            let first =
+                tokio::time::timeout(engine.config.limits.connect_timeout, socket.next()).await;
             let Ok(Some(Ok(Message::Text(t)))) = first else {
                 close_with(&mut socket, CloseReason::Unauthorized).await;
                 return;
@@ -225,7 +246,9 @@ async fn run(mut socket: WebSocket, state: AppState, claims: Option<Claims>, que
             let reason = match e.code {
                 ErrorCode::RateLimited => CloseReason::TooManyConnections,
                 ErrorCode::BadFrame => {
-                    let _ = socket.send(json_msg(&error_reply(&Value::Null, &e, false))).await;
+                    let _ = socket
+                        .send(json_msg(&error_reply(&Value::Null, &e, false)))
+                        .await;
                     CloseReason::BadFrameLimit
                 }
                 _ => CloseReason::Shutdown,
@@ -249,7 +272,14 @@ async fn run(mut socket: WebSocket, state: AppState, claims: Option<Claims>, que
     let reason = session_loop(&mut socket, &mut session, &state, &claims).await;
     if let Some(r) = reason {
         tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
-        close_with(&mut socket, r).await;
+        if r == CloseReason::SlowConsumer {
+            // Its socket is full: release the session now (presence, subscriptions), then give the
+            // client a grace period to read up to the `disconnect` frame before the socket is dropped.
+            drop(session);
+            close_within(&mut socket, r, SLOW_CONSUMER_GRACE).await;
+        } else {
+            close_with(&mut socket, r).await;
+        }
     }
 }
 
@@ -262,7 +292,10 @@ async fn session_loop(
 ) -> Option<CloseReason> {
     let handle = session.handle.clone();
     let limits = state.engine.config.limits.clone();
-    let mut limiter = Limiter::new(limits.frames_per_second, limits.violations_before_disconnect);
+    let mut limiter = Limiter::new(
+        limits.frames_per_second,
+        limits.violations_before_disconnect,
+    );
     let expires = Instant::now() + Duration::from_secs(claims.exp.saturating_sub(unix_now()));
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
@@ -345,18 +378,30 @@ fn replies_to_messages(v: Vec<Value>) -> impl Iterator<Item = Message> {
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-async fn drain(socket: &mut WebSocket, session: &mut Session, first: Outbound) -> Result<(), axum::Error> {
+async fn drain(
+    socket: &mut WebSocket,
+    session: &mut Session,
+    first: Outbound,
+) -> Result<(), axum::Error> {
     write_outbound(socket, session, first).await?;
     let mut n = 0;
     while n < WRITE_BATCH {
-        let Some(more) = session.try_recv() else { break };
+        let Some(more) = session.try_recv() else {
+            break;
+        };
         write_outbound(socket, session, more).await?;
         n += 1;
     }
-    socket.flush().await
+    socket.flush().await?;
+    session.after_delivery().await;
+    Ok(())
 }
 
-async fn write_outbound(socket: &mut WebSocket, session: &mut Session, out: Outbound) -> Result<(), axum::Error> {
+async fn write_outbound(
+    socket: &mut WebSocket,
+    session: &mut Session,
+    out: Outbound,
+) -> Result<(), axum::Error> {
     match out {
         Outbound::Deliver(d) => match session.check(&d) {
             crate::engine::session::Verdict::Skip => Ok(()),
@@ -432,14 +477,18 @@ struct UsersOp {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(op: &str, v: Value) -> Result<T, EngineError> {
-    serde_json::from_value(v).map_err(|e| EngineError::new(ErrorCode::BadFrame, format!("{op}: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| EngineError::new(ErrorCode::BadFrame, format!("{op}: {e}")))
 }
 
 /// Handles one client frame; returns the reply and any frames that follow it (as JSON values; raw
 /// frames as JSON strings holding the frame text).
 async fn handle_frame(session: &mut Session, t: &str, max: usize) -> Vec<Value> {
     if t.len() > max {
-        let e = EngineError::new(ErrorCode::TooLarge, format!("frame is larger than {max} bytes"));
+        let e = EngineError::new(
+            ErrorCode::TooLarge,
+            format!("frame is larger than {max} bytes"),
+        );
         return vec![error_reply(&read_ref(t), &e, false)];
     }
     let v: Value = match serde_json::from_str(t) {
@@ -471,7 +520,10 @@ async fn handle_frame(session: &mut Session, t: &str, max: usize) -> Vec<Value> 
             "subscribe" => {
                 let o: SubscribeOp = parse(&op, v)?;
                 let (reply, replay) = session.subscribe(&o.channel, o.since).await?;
-                (reply, replay.into_iter().map(|e| Out::Raw(e.frame)).collect())
+                (
+                    reply,
+                    replay.into_iter().map(|e| Out::Raw(e.frame)).collect(),
+                )
             }
             "unsubscribe" => {
                 let o: ChannelOp = parse(&op, v)?;
@@ -480,7 +532,12 @@ async fn handle_frame(session: &mut Session, t: &str, max: usize) -> Vec<Value> 
             "publish" => {
                 let o: PublishOp = parse(&op, v)?;
                 let data = serde_json::value::to_raw_value(&o.data).expect("json value serialises");
-                (session.publish(&o.channel, o.event, data, o.idempotency_key).await?, none())
+                (
+                    session
+                        .publish(&o.channel, o.event, data, o.idempotency_key)
+                        .await?,
+                    none(),
+                )
             }
             "ack" => {
                 let o: SeqOp = parse(&op, v)?;
@@ -512,7 +569,10 @@ async fn handle_frame(session: &mut Session, t: &str, max: usize) -> Vec<Value> 
             }
             "history" => {
                 let o: HistoryOp = parse(&op, v)?;
-                (session.history(&o.channel, o.from, o.to, o.limit).await?, none())
+                (
+                    session.history(&o.channel, o.from, o.to, o.limit).await?,
+                    none(),
+                )
             }
             "leave" => {
                 let o: RoomOp = parse(&op, v)?;
@@ -533,7 +593,10 @@ async fn handle_frame(session: &mut Session, t: &str, max: usize) -> Vec<Value> 
             other => {
                 return Err(EngineError::new(
                     ErrorCode::BadFrame,
-                    format!("unknown op {:?}", other.chars().take(40).collect::<String>()),
+                    format!(
+                        "unknown op {:?}",
+                        other.chars().take(40).collect::<String>()
+                    ),
                 ));
             }
         })

@@ -55,7 +55,9 @@ impl TestServer {
 
     pub async fn start_config(c: Config, kinds: ChannelKinds) -> TestServer {
         let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
-        let server = herald::start(c, kinds, listener, std::future::pending()).await.unwrap();
+        let server = herald::start(c, kinds, listener, std::future::pending())
+            .await
+            .unwrap();
         TestServer {
             server,
             http: reqwest::Client::new(),
@@ -89,15 +91,29 @@ impl TestServer {
     }
 
     /// Any HTTP call, with an optional bearer: (status, JSON body or Null).
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>, bearer: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.request(Method::from_bytes(method.as_bytes()).unwrap(), self.url(path));
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        bearer: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(
+            Method::from_bytes(method.as_bytes()).unwrap(),
+            self.url(path),
+        );
         if let Some(b) = bearer {
             req = req.bearer_auth(b);
         }
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
-        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("HTTP timed out").unwrap();
+        let resp = tokio::time::timeout(WAIT, req.send())
+            .await
+            .expect("HTTP timed out")
+            .unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -105,7 +121,9 @@ impl TestServer {
 
     /// Adds `user` to `room`.
     pub async fn join(&self, room: &str, user: &str) {
-        let (s, _) = self.api("PUT", &format!("/api/v1/rooms/{room}/members/{user}"), None).await;
+        let (s, _) = self
+            .api("PUT", &format!("/api/v1/rooms/{room}/members/{user}"), None)
+            .await;
         assert_eq!(s, 200);
     }
 
@@ -192,11 +210,17 @@ impl Ws {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.stream.send(Message::Text(v.to_string().into())).await.unwrap();
+        self.stream
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.stream.send(Message::Text(t.to_string().into())).await.unwrap();
+        self.stream
+            .send(Message::Text(t.to_string().into()))
+            .await
+            .unwrap();
     }
 
     /// The next JSON frame (backlog first). Panics after `WAIT`.
@@ -204,15 +228,21 @@ impl Ws {
         if let Some(v) = self.backlog.pop_front() {
             return v;
         }
-        self.read().await.expect("socket closed while waiting for a frame")
+        self.read()
+            .await
+            .expect("socket closed while waiting for a frame")
     }
 
     /// Reads one JSON frame from the socket; `None` when closed.
     async fn read(&mut self) -> Option<Value> {
         loop {
-            let m = tokio::time::timeout(WAIT, self.stream.next()).await.expect("no frame within WAIT")?;
+            let m = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("no frame within WAIT")?;
             match m.ok()? {
-                Message::Text(t) => return Some(serde_json::from_str(&t).expect("server frame is JSON")),
+                Message::Text(t) => {
+                    return Some(serde_json::from_str(&t).expect("server frame is JSON"));
+                }
                 Message::Close(_) => return None,
                 _ => continue,
             }
@@ -231,7 +261,10 @@ impl Ws {
     /// Waits for the reply carrying `r`.
     pub async fn reply(&mut self, r: Value) -> Value {
         loop {
-            let v = self.read().await.expect("socket closed while waiting for a reply");
+            let v = self
+                .read()
+                .await
+                .expect("socket closed while waiting for a reply");
             if (v["type"] == "reply" || v["type"] == "pong") && v["ref"] == r {
                 return v;
             }
@@ -255,12 +288,17 @@ impl Ws {
     /// The next `event` frame on `channel`.
     pub async fn event_on(&mut self, channel: &str) -> Value {
         let ch = channel.to_string();
-        self.wait_for(move |v| v["type"] == "event" && v["channel"] == ch).await
+        self.wait_for(move |v| v["type"] == "event" && v["channel"] == ch)
+            .await
     }
 
     /// Asserts that nothing matching `pred` arrives within `d`.
     pub async fn assert_none(&mut self, d: Duration, pred: impl Fn(&Value) -> bool) {
-        assert!(!self.backlog.iter().any(&pred), "unexpected frame in backlog: {:?}", self.backlog);
+        assert!(
+            !self.backlog.iter().any(&pred),
+            "unexpected frame in backlog: {:?}",
+            self.backlog
+        );
         let deadline = tokio::time::Instant::now() + d;
         loop {
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
@@ -288,7 +326,10 @@ impl Ws {
             }
         }
         loop {
-            match tokio::time::timeout(WAIT, self.stream.next()).await.expect("server did not close within WAIT") {
+            match tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("server did not close within WAIT")
+            {
                 None | Some(Err(_)) => return out,
                 Some(Ok(Message::Text(t))) => {
                     let v: Value = serde_json::from_str(&t).unwrap();
@@ -309,7 +350,9 @@ impl Ws {
 /// An SSE client: `(id, event, data)` triples, parsed by `eventsource-stream`.
 pub struct Sse {
     pub status: u16,
-    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<eventsource_stream::Event, String>> + Send>>,
+    stream: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<eventsource_stream::Event, String>> + Send>,
+    >,
 }
 
 /// One SSE event.
@@ -334,9 +377,15 @@ impl Sse {
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }
-        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("SSE open timed out").unwrap();
+        let resp = tokio::time::timeout(WAIT, req.send())
+            .await
+            .expect("SSE open timed out")
+            .unwrap();
         let status = resp.status().as_u16();
-        let stream = resp.bytes_stream().eventsource().map(|r| r.map_err(|e| e.to_string()));
+        let stream = resp
+            .bytes_stream()
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string()));
         Sse {
             status,
             stream: Box::pin(stream),
@@ -376,7 +425,9 @@ pub fn assert_error(got: &(u16, Value), status: u16, code: &str) {
     assert_eq!(*s, status, "status (body {v})");
     assert_eq!(v["error"]["code"], code, "error code: {v}");
     assert!(
-        v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
         "error message: {v}"
     );
 }
@@ -390,14 +441,20 @@ impl TestServer {
         body: Option<Vec<u8>>,
         headers: &[(&str, &str)],
     ) -> (u16, Value) {
-        let mut req = self.http.request(Method::from_bytes(method.as_bytes()).unwrap(), self.url(path));
+        let mut req = self.http.request(
+            Method::from_bytes(method.as_bytes()).unwrap(),
+            self.url(path),
+        );
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("HTTP timed out").unwrap();
+        let resp = tokio::time::timeout(WAIT, req.send())
+            .await
+            .expect("HTTP timed out")
+            .unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -405,7 +462,13 @@ impl TestServer {
 
     /// History of `channel` through the API (`since` exclusive): the reply.
     pub async fn history(&self, channel: &str, since: u64) -> Value {
-        let (s, v) = self.api("GET", &format!("/api/v1/channels/{channel}/history?since={since}"), None).await;
+        let (s, v) = self
+            .api(
+                "GET",
+                &format!("/api/v1/channels/{channel}/history?since={since}"),
+                None,
+            )
+            .await;
         assert_eq!(s, 200, "history of {channel}: {v}");
         v
     }
@@ -455,7 +518,8 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!("herald-{tag}-{}-{n}-{nanos}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("herald-{tag}-{}-{n}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
         TempDir { path }
     }
@@ -468,5 +532,182 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---- Helpers of the SSE, presence and replay suites ----
+
+/// A cloneable API publisher, for tasks that publish beside the test.
+#[derive(Clone)]
+pub struct Publisher {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Publisher {
+    /// Publishes through `POST /api/v1/events`; the reply. Panics unless 200.
+    pub async fn publish(&self, body: Value) -> Value {
+        let req = self
+            .http
+            .post(&self.url)
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        let resp = tokio::time::timeout(WAIT, req.send())
+            .await
+            .expect("publish timed out")
+            .unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap_or(Value::Null);
+        assert_eq!(status, 200, "publish failed: {v}");
+        v
+    }
+}
+
+impl TestServer {
+    /// A publisher for spawned tasks.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            http: self.http.clone(),
+            url: self.url("/api/v1/events"),
+        }
+    }
+
+    /// A connected WebSocket client for `user` with extra query parameters (`"&device=phone"`), past its
+    /// `connected` frame.
+    pub async fn ws_with(&self, user: &str, extra_query: &str) -> Ws {
+        let mut ws =
+            Ws::connect(&self.ws_url(&format!("?token={}{extra_query}", self.token(user)))).await;
+        let c = ws.next().await;
+        assert_eq!(c["type"], "connected", "first frame: {c}");
+        ws.connected = c;
+        ws
+    }
+
+    /// Polls an API GET until `pred` holds on its body (bounded by `WAIT`); that body.
+    pub async fn api_until(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (s, v) = self.api("GET", path, None).await;
+            if s == 200 && pred(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "GET {path}: condition not met within WAIT; last: {s} {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Ws {
+    /// Closes from the client side (close frame) and reads until the server ends the connection.
+    pub async fn close_client(&mut self) {
+        self.stream.close(None).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(_)) = self.stream.next().await {}
+        })
+        .await;
+    }
+}
+
+/// An SSE reader that keeps the wire as it is: each block's field lines in order (so a missing `id:` or
+/// a `retry:` line can be asserted, which an `EventSource`-style parser hides).
+pub struct RawSse {
+    pub status: u16,
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+/// One SSE block (up to a blank line): its fields in order; comment lines are counted, not kept.
+#[derive(Debug, Clone)]
+pub struct SseBlock {
+    pub fields: Vec<(String, String)>,
+}
+
+impl SseBlock {
+    /// The first value of field `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The field names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.fields.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    /// `data:` parsed as JSON.
+    pub fn data(&self) -> Value {
+        let d = self.get("data").expect("block has no data");
+        serde_json::from_str(d).unwrap_or_else(|e| panic!("data is not JSON ({e}): {d}"))
+    }
+}
+
+impl RawSse {
+    /// Opens `url` with an optional `Last-Event-ID`; panics unless 200.
+    pub async fn open(url: &str, last_event_id: Option<&str>) -> RawSse {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = tokio::time::timeout(WAIT, req.send())
+            .await
+            .expect("SSE open timed out")
+            .unwrap();
+        let status = resp.status().as_u16();
+        assert_eq!(status, 200, "SSE open failed");
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert!(ct.starts_with("text/event-stream"), "content-type {ct}");
+        RawSse {
+            status,
+            resp,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next block with at least one field (comment-only blocks are skipped). Panics after `WAIT`.
+    pub async fn next_block(&mut self) -> SseBlock {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buf.drain(..i + 2).collect();
+                let text = String::from_utf8(raw[..i].to_vec()).expect("SSE block is UTF-8");
+                let mut fields = Vec::new();
+                for line in text.split('\n') {
+                    if line.is_empty() || line.starts_with(':') {
+                        continue;
+                    }
+                    let (k, v) = line.split_once(':').unwrap_or((line, ""));
+                    fields.push((k.to_string(), v.strip_prefix(' ').unwrap_or(v).to_string()));
+                }
+                if !fields.is_empty() {
+                    return SseBlock { fields };
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(WAIT, self.resp.chunk())
+                .await
+                .expect("no SSE block within WAIT")
+                .expect("SSE read error")
+                .expect("SSE stream ended");
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+
+    /// The next block whose `event:` is `name`.
+    pub async fn next_named(&mut self, name: &str) -> SseBlock {
+        loop {
+            let b = self.next_block().await;
+            if b.get("event") == Some(name) {
+                return b;
+            }
+        }
     }
 }

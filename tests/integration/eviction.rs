@@ -25,7 +25,8 @@ async fn sse_client_that_stops_reading_is_evicted() {
     assert_eq!(r["presence"]["slow"]["online"], true, "{r}");
     let pad = "x".repeat(32 * 1024);
     for i in 0..300 {
-        t.publish(json!({"event":"bulk","room":"r1","data":{"i":i,"pad":pad}})).await;
+        t.publish(json!({"event":"bulk","room":"r1","data":{"i":i,"pad":pad}}))
+            .await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let gone = loop {

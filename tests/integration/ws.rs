@@ -25,12 +25,16 @@ async fn room_message_reaches_members_but_not_sender() {
     let mut a = t.ws("alice").await;
     let mut b = t.ws("bob").await;
     for ws in [&mut a, &mut b] {
-        let r = ws.request(json!({"op":"subscribe","channel":"room:r1"})).await;
+        let r = ws
+            .request(json!({"op":"subscribe","channel":"room:r1"}))
+            .await;
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["recovered"], true);
     }
     let r = a
-        .request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{"text":"hi"}}))
+        .request(
+            json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{"text":"hi"}}),
+        )
         .await;
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["deliveries"][0]["seq"], 1);
@@ -39,8 +43,10 @@ async fn room_message_reaches_members_but_not_sender() {
     assert_eq!(ev["from"], "alice");
     assert_eq!(ev["seq"], 1);
     assert_eq!(ev["epoch"], r["deliveries"][0]["epoch"]);
-    a.assert_none(std::time::Duration::from_millis(300), |v| v["type"] == "event" && v["channel"] == "room:r1")
-        .await;
+    a.assert_none(std::time::Duration::from_millis(300), |v| {
+        v["type"] == "event" && v["channel"] == "room:r1"
+    })
+    .await;
 }
 
 use std::time::Duration;
@@ -103,13 +109,21 @@ async fn oversized_frame_gets_too_large() {
 async fn bad_channel_forbidden_and_not_member() {
     let t = TestServer::start().await;
     let mut a = t.ws("alice").await;
-    let r = a.request(json!({"op":"subscribe","channel":"room:has space"})).await;
+    let r = a
+        .request(json!({"op":"subscribe","channel":"room:has space"}))
+        .await;
     assert_eq!(r["error"]["code"], "bad_channel");
-    let r = a.request(json!({"op":"subscribe","channel":"nope:1"})).await;
+    let r = a
+        .request(json!({"op":"subscribe","channel":"nope:1"}))
+        .await;
     assert_eq!(r["error"]["code"], "bad_channel");
-    let r = a.request(json!({"op":"subscribe","channel":"user:bob"})).await;
+    let r = a
+        .request(json!({"op":"subscribe","channel":"user:bob"}))
+        .await;
     assert_eq!(r["error"]["code"], "forbidden");
-    let r = a.request(json!({"op":"subscribe","channel":"room:secret"})).await;
+    let r = a
+        .request(json!({"op":"subscribe","channel":"room:secret"}))
+        .await;
     assert_eq!(r["error"]["code"], "not_member");
     // Publishing: backends only on user: and global; members only on rooms. Failures say rollback.
     let r = a
@@ -133,24 +147,32 @@ async fn unsubscribe_stops_delivery() {
     let t = TestServer::start().await;
     t.join("r1", "alice").await;
     let mut a = t.ws("alice").await;
-    a.request(json!({"op":"subscribe","channel":"room:r1"})).await;
-    t.publish(json!({"event":"note","room":"r1","data":1})).await;
+    a.request(json!({"op":"subscribe","channel":"room:r1"}))
+        .await;
+    t.publish(json!({"event":"note","room":"r1","data":1}))
+        .await;
     assert_eq!(a.event_on("room:r1").await["data"], 1);
-    let r = a.request(json!({"op":"unsubscribe","channel":"room:r1"})).await;
+    let r = a
+        .request(json!({"op":"unsubscribe","channel":"room:r1"}))
+        .await;
     assert_eq!(r["ok"], true);
-    t.publish(json!({"event":"note","room":"r1","data":2})).await;
-    a.assert_none(Duration::from_millis(300), is_event("room:r1")).await;
+    t.publish(json!({"event":"note","room":"r1","data":2}))
+        .await;
+    a.assert_none(Duration::from_millis(300), is_event("room:r1"))
+        .await;
 }
 
 #[tokio::test]
 async fn user_and_global_channels_are_joined_on_connect() {
     let t = TestServer::start().await;
     let mut a = t.ws("alice").await;
-    t.publish(json!({"event":"notice","to":["alice"],"data":{"n":1}})).await;
+    t.publish(json!({"event":"notice","to":["alice"],"data":{"n":1}}))
+        .await;
     let ev = a.event_on("user:alice").await;
     assert_eq!(ev["event"], "notice");
     assert_eq!(ev["seq"], 1);
-    t.publish(json!({"event":"maintenance","channel":"global","data":{}})).await;
+    t.publish(json!({"event":"maintenance","channel":"global","data":{}}))
+        .await;
     assert_eq!(a.event_on("global").await["event"], "maintenance");
 }
 
@@ -178,8 +200,12 @@ async fn typing_reaches_focused_members_only_and_is_not_stored() {
     let mut a = t.ws("alice").await;
     let mut b = t.ws("bob").await;
     let mut c = t.ws("carol").await;
-    assert_eq!(b.request(json!({"op":"focus","room":"r1"})).await["ok"], true);
-    c.request(json!({"op":"subscribe","channel":"room:r1"})).await;
+    assert_eq!(
+        b.request(json!({"op":"focus","room":"r1"})).await["ok"],
+        true
+    );
+    c.request(json!({"op":"subscribe","channel":"room:r1"}))
+        .await;
     a.request(json!({"op":"focus","room":"r1"})).await;
     let r = a.request(json!({"op":"typing","room":"r1"})).await;
     assert_eq!(r["ok"], true, "{r}");
@@ -188,16 +214,25 @@ async fn typing_reaches_focused_members_only_and_is_not_stored() {
     assert_eq!(ev["data"]["user"], "alice");
     assert!(ev.get("seq").is_none(), "typing is not stored: {ev}");
     // Carol has the room but not open; alice is the sender.
-    c.assert_none(Duration::from_millis(300), |v| v["event"] == "typing").await;
-    a.assert_none(Duration::from_millis(100), |v| v["event"] == "typing").await;
+    c.assert_none(Duration::from_millis(300), |v| v["event"] == "typing")
+        .await;
+    a.assert_none(Duration::from_millis(100), |v| v["event"] == "typing")
+        .await;
     // Blur: no more typing for bob.
     b.request(json!({"op":"blur","room":"r1"})).await;
     a.request(json!({"op":"typing","room":"r1"})).await;
-    b.assert_none(Duration::from_millis(300), |v| v["event"] == "typing").await;
+    b.assert_none(Duration::from_millis(300), |v| v["event"] == "typing")
+        .await;
     // Not a member: no focus, no typing.
     let mut d = t.ws("dave").await;
-    assert_eq!(d.request(json!({"op":"focus","room":"r1"})).await["error"]["code"], "not_member");
-    assert_eq!(d.request(json!({"op":"typing","room":"r1"})).await["error"]["code"], "not_member");
+    assert_eq!(
+        d.request(json!({"op":"focus","room":"r1"})).await["error"]["code"],
+        "not_member"
+    );
+    assert_eq!(
+        d.request(json!({"op":"typing","room":"r1"})).await["error"]["code"],
+        "not_member"
+    );
 }
 
 #[tokio::test]
@@ -206,7 +241,8 @@ async fn read_moves_pointer_tells_other_devices_and_active_viewers() {
     t.join("r1", "alice").await;
     t.join("r1", "bob").await;
     for i in 0..3 {
-        t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{"i":i}})).await;
+        t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{"i":i}}))
+            .await;
     }
     let (_, u) = t.api("GET", "/api/v1/users/alice/unread", None).await;
     assert_eq!(u["unread"]["r1"], 3);
@@ -215,10 +251,14 @@ async fn read_moves_pointer_tells_other_devices_and_active_viewers() {
     let mut laptop = t.ws("alice").await;
     let mut b = t.ws("bob").await;
     b.request(json!({"op":"focus","room":"r1"})).await;
-    let r = phone.request(json!({"op":"read","room":"r1","seq":2})).await;
+    let r = phone
+        .request(json!({"op":"read","room":"r1","seq":2}))
+        .await;
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["unread"], 1);
-    let sync = laptop.wait_for(|v| v["event"] == "read" && v["channel"] == "user:alice").await;
+    let sync = laptop
+        .wait_for(|v| v["event"] == "read" && v["channel"] == "user:alice")
+        .await;
     assert_eq!(sync["data"]["room"], "r1");
     assert_eq!(sync["data"]["seq"], 2);
     assert_eq!(sync["data"]["unread"], 1);
@@ -230,7 +270,10 @@ async fn read_moves_pointer_tells_other_devices_and_active_viewers() {
     assert_eq!(u["unread"]["r1"], 1);
     // Not a member.
     let mut d = t.ws("dave").await;
-    assert_eq!(d.request(json!({"op":"read","room":"r1","seq":1})).await["error"]["code"], "not_member");
+    assert_eq!(
+        d.request(json!({"op":"read","room":"r1","seq":1})).await["error"]["code"],
+        "not_member"
+    );
 }
 
 #[tokio::test]
@@ -241,14 +284,17 @@ async fn focused_member_does_not_accumulate_unread_and_own_messages_never_count(
     let mut a = t.ws("alice").await;
     a.request(json!({"op":"focus","room":"r1"})).await;
     let mut b = t.ws("bob").await;
-    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}})).await;
-    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}})).await;
+    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}}))
+        .await;
+    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}}))
+        .await;
     let (_, ua) = t.api("GET", "/api/v1/users/alice/unread", None).await;
     let (_, ub) = t.api("GET", "/api/v1/users/bob/unread", None).await;
     assert!(ua["unread"].get("r1").is_none(), "focused: {ua}");
     assert!(ub["unread"].get("r1").is_none(), "own messages: {ub}");
     a.request(json!({"op":"blur","room":"r1"})).await;
-    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}})).await;
+    b.request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{}}))
+        .await;
     let (_, ua) = t.api("GET", "/api/v1/users/alice/unread", None).await;
     assert_eq!(ua["unread"]["r1"], 1);
 }
@@ -261,17 +307,30 @@ async fn history_op_returns_inclusive_range() {
         t.publish(json!({"event":"n","room":"r1","data":i})).await;
     }
     let mut a = t.ws("alice").await;
-    let r = a.request(json!({"op":"history","channel":"room:r1","from":2,"to":4})).await;
+    let r = a
+        .request(json!({"op":"history","channel":"room:r1","from":2,"to":4}))
+        .await;
     assert_eq!(r["ok"], true, "{r}");
-    let seqs: Vec<u64> = r["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, vec![2, 3, 4]);
     assert_eq!(r["recovered"], true);
     assert!(r["epoch"].is_string());
-    let r = a.request(json!({"op":"history","channel":"room:r1","from":1,"limit":2})).await;
+    let r = a
+        .request(json!({"op":"history","channel":"room:r1","from":1,"limit":2}))
+        .await;
     assert_eq!(r["events"].as_array().unwrap().len(), 2);
-    let r = a.request(json!({"op":"history","channel":"room:r1","limit":1001})).await;
+    let r = a
+        .request(json!({"op":"history","channel":"room:r1","limit":1001}))
+        .await;
     assert_eq!(r["error"]["code"], "bad_frame");
-    let r = a.request(json!({"op":"history","channel":"room:other"})).await;
+    let r = a
+        .request(json!({"op":"history","channel":"room:other"}))
+        .await;
     assert_eq!(r["error"]["code"], "not_member");
 }
 
@@ -284,7 +343,11 @@ async fn leave_is_atomic_and_reaches_every_device() {
     let mut a2 = t.ws("alice").await;
     let mut b = t.ws("bob").await;
     for ws in [&mut a1, &mut a2, &mut b] {
-        assert_eq!(ws.request(json!({"op":"subscribe","channel":"room:r1"})).await["ok"], true);
+        assert_eq!(
+            ws.request(json!({"op":"subscribe","channel":"room:r1"}))
+                .await["ok"],
+            true
+        );
     }
     let r = a1.request(json!({"op":"leave","room":"r1"})).await;
     assert_eq!(r["ok"], true, "{r}");
@@ -295,20 +358,31 @@ async fn leave_is_atomic_and_reaches_every_device() {
     assert_eq!(left["channel"], "user:alice");
     assert_eq!(left["data"]["room"], "r1");
     // Alice's other device no longer gets the room.
-    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{}})).await;
-    a2.assert_none(Duration::from_millis(300), |v| v["channel"] == "room:r1" && v["event"] == "chat.message").await;
+    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{}}))
+        .await;
+    a2.assert_none(Duration::from_millis(300), |v| {
+        v["channel"] == "room:r1" && v["event"] == "chat.message"
+    })
+    .await;
     let (_, m) = t.api("GET", "/api/v1/rooms/r1/members", None).await;
     assert_eq!(m["members"], json!(["bob"]));
-    assert_eq!(a1.request(json!({"op":"leave","room":"r1"})).await["error"]["code"], "not_member");
+    assert_eq!(
+        a1.request(json!({"op":"leave","room":"r1"})).await["error"]["code"],
+        "not_member"
+    );
 }
 
 #[tokio::test]
 async fn ack_requires_a_subscription() {
     let t = TestServer::start().await;
     let mut a = t.ws("alice").await;
-    let r = a.request(json!({"op":"ack","channel":"user:alice","seq":1})).await;
+    let r = a
+        .request(json!({"op":"ack","channel":"user:alice","seq":1}))
+        .await;
     assert_eq!(r["ok"], true, "{r}");
-    let r = a.request(json!({"op":"ack","channel":"room:r9","seq":1})).await;
+    let r = a
+        .request(json!({"op":"ack","channel":"room:r9","seq":1}))
+        .await;
     assert_eq!(r["ok"], false);
 }
 
@@ -358,7 +432,9 @@ async fn binary_frame_gets_bad_frame() {
     let t = TestServer::start().await;
     let mut a = t.ws("alice").await;
     a.stream
-        .send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into()))
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            vec![1, 2, 3].into(),
+        ))
         .await
         .unwrap();
     let v = a.next().await;
@@ -369,11 +445,15 @@ async fn binary_frame_gets_bad_frame() {
 async fn status_and_presence_ops() {
     let t = TestServer::start().await;
     let mut a = t.ws("alice").await;
-    let r = a.request(json!({"op":"status","status":"busy","text":"in a meeting"})).await;
+    let r = a
+        .request(json!({"op":"status","status":"busy","text":"in a meeting"}))
+        .await;
     assert_eq!(r["ok"], true, "{r}");
     let r = a.request(json!({"op":"status","status":"sleeping"})).await;
     assert_eq!(r["error"]["code"], "bad_frame");
-    let r = a.request(json!({"op":"presence","users":["alice","nobody"]})).await;
+    let r = a
+        .request(json!({"op":"presence","users":["alice","nobody"]}))
+        .await;
     assert_eq!(r["presence"]["alice"]["online"], true);
     assert_eq!(r["presence"]["alice"]["status"], "busy");
     assert_eq!(r["presence"]["alice"]["text"], "in a meeting");
@@ -416,17 +496,22 @@ async fn resubscribe_own_channel_with_since_replays_missed_once() {
     let t = TestServer::start().await;
     let mut a = t.ws("alice").await;
     for i in 1..=3 {
-        t.publish(json!({"event":"n","to":["alice"],"data":i})).await;
+        t.publish(json!({"event":"n","to":["alice"],"data":i}))
+            .await;
     }
-    let third = a.wait_for(|v| v["channel"] == "user:alice" && v["seq"] == 3).await;
+    let third = a
+        .wait_for(|v| v["channel"] == "user:alice" && v["seq"] == 3)
+        .await;
     let epoch = third["epoch"].clone();
     drop(a);
     for i in 4..=5 {
-        t.publish(json!({"event":"n","to":["alice"],"data":i})).await;
+        t.publish(json!({"event":"n","to":["alice"],"data":i}))
+            .await;
     }
     let mut a = t.ws("alice").await;
     assert_eq!(a.connected["channels"]["user:alice"]["seq"], 5);
-    t.publish(json!({"event":"n","to":["alice"],"data":6})).await;
+    t.publish(json!({"event":"n","to":["alice"],"data":6}))
+        .await;
     assert_eq!(a.event_on("user:alice").await["seq"], 6);
     let r = a
         .request(json!({"op":"subscribe","channel":"user:alice","since":{"epoch":epoch,"seq":3}}))
@@ -439,7 +524,8 @@ async fn resubscribe_own_channel_with_since_replays_missed_once() {
         seqs.push(e["seq"].as_u64().unwrap());
     }
     assert_eq!(seqs, vec![4, 5]);
-    a.assert_none(Duration::from_millis(300), is_event("user:alice")).await;
+    a.assert_none(Duration::from_millis(300), is_event("user:alice"))
+        .await;
 }
 
 /// Regression: a member removed through the API stops receiving the room live at once.
@@ -448,13 +534,20 @@ async fn removed_member_stops_receiving_the_room() {
     let t = TestServer::start().await;
     t.join("r1", "alice").await;
     let mut a = t.ws("alice").await;
-    a.request(json!({"op":"subscribe","channel":"room:r1"})).await;
-    let (s, _) = t.api("DELETE", "/api/v1/rooms/r1/members/alice", None).await;
+    a.request(json!({"op":"subscribe","channel":"room:r1"}))
+        .await;
+    let (s, _) = t
+        .api("DELETE", "/api/v1/rooms/r1/members/alice", None)
+        .await;
     assert_eq!(s, 200);
     let left = a.wait_for(|v| v["event"] == "room.left").await;
     assert!(left.get("seq").is_none(), "removal stores no event: {left}");
-    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{}})).await;
-    a.assert_none(Duration::from_millis(300), is_event("room:r1")).await;
-    let (_, h) = t.api("GET", "/api/v1/channels/user:alice/history", None).await;
+    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{}}))
+        .await;
+    a.assert_none(Duration::from_millis(300), is_event("room:r1"))
+        .await;
+    let (_, h) = t
+        .api("GET", "/api/v1/channels/user:alice/history", None)
+        .await;
     assert_eq!(h["events"].as_array().unwrap().len(), 0);
 }

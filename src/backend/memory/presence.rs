@@ -44,11 +44,13 @@ impl UserEntry {
     fn view(&self, user: &str) -> UserPresence {
         let mut devices: BTreeMap<&str, DevicePresence> = BTreeMap::new();
         for (info, _) in self.sessions.values() {
-            let d = devices.entry(&info.device).or_insert_with(|| DevicePresence {
-                device: info.device.to_string(),
-                platform: info.platform.as_deref().map(str::to_string),
-                state: info.state,
-            });
+            let d = devices
+                .entry(&info.device)
+                .or_insert_with(|| DevicePresence {
+                    device: info.device.to_string(),
+                    platform: info.platform.as_deref().map(str::to_string),
+                    state: info.state,
+                });
             // A device with any foreground session is in the foreground.
             if info.state == AppState::Foreground {
                 d.state = AppState::Foreground;
@@ -61,7 +63,11 @@ impl UserEntry {
             status: self.status,
             text: self.text.clone(),
             devices: devices.into_values().collect(),
-            last_seen: if online { Some(now_ms()) } else { self.last_seen },
+            last_seen: if online {
+                Some(now_ms())
+            } else {
+                self.last_seen
+            },
         }
     }
 }
@@ -81,7 +87,10 @@ fn offline(user: &str) -> UserPresence {
 impl Presence for Memory {
     async fn connect(&self, info: &SessionInfo, ttl: Duration) -> BackendResult<bool> {
         let mut p = lock(&self.presence);
-        let e = p.users.entry(info.user.clone()).or_insert_with(UserEntry::new);
+        let e = p
+            .users
+            .entry(info.user.clone())
+            .or_insert_with(UserEntry::new);
         let was_offline = e.sessions.is_empty();
         e.sessions
             .insert(info.session.clone(), (info.clone(), Instant::now() + ttl));
@@ -101,7 +110,11 @@ impl Presence for Memory {
         Ok(None)
     }
 
-    async fn heartbeat(&self, sessions: &[(Arc<str>, Arc<str>)], ttl: Duration) -> BackendResult<()> {
+    async fn heartbeat(
+        &self,
+        sessions: &[(Arc<str>, Arc<str>)],
+        ttl: Duration,
+    ) -> BackendResult<()> {
         let mut p = lock(&self.presence);
         let expiry = Instant::now() + ttl;
         for (user, session) in sessions {
@@ -135,7 +148,12 @@ impl Presence for Memory {
         Ok(())
     }
 
-    async fn set_status(&self, user: &str, status: Status, text: Option<String>) -> BackendResult<()> {
+    async fn set_status(
+        &self,
+        user: &str,
+        status: Status,
+        text: Option<String>,
+    ) -> BackendResult<()> {
         let mut p = lock(&self.presence);
         let e = p.users.entry(user.into()).or_insert_with(UserEntry::new);
         e.status = status;
@@ -147,7 +165,11 @@ impl Presence for Memory {
         let p = lock(&self.presence);
         Ok(users
             .iter()
-            .map(|u| p.users.get(u.as_str()).map_or_else(|| offline(u), |e| e.view(u)))
+            .map(|u| {
+                p.users
+                    .get(u.as_str())
+                    .map_or_else(|| offline(u), |e| e.view(u))
+            })
             .collect())
     }
 
@@ -201,11 +223,21 @@ impl Presence for Memory {
         users.sort_unstable();
         let more = users.len() > limit;
         users.truncate(limit);
-        let next = if more { users.last().map(|u| u.to_string()) } else { None };
+        let next = if more {
+            users.last().map(|u| u.to_string())
+        } else {
+            None
+        };
         Ok((users.into_iter().map(str::to_string).collect(), next))
     }
 
-    async fn room_join(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<bool> {
+    async fn room_join(
+        &self,
+        room: &str,
+        user: &str,
+        session: &str,
+        ttl: Duration,
+    ) -> BackendResult<bool> {
         let mut p = lock(&self.presence);
         let sess = p
             .rooms

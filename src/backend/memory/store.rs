@@ -32,8 +32,15 @@ pub(super) struct StoreState {
 impl Store for Memory {
     async fn add_member(&self, room: &str, user: &str) -> BackendResult<bool> {
         let mut s = lock(&self.store);
-        let new = s.members.entry(room.into()).or_default().insert(user.into());
-        s.rooms_of.entry(user.into()).or_default().insert(room.into());
+        let new = s
+            .members
+            .entry(room.into())
+            .or_default()
+            .insert(user.into());
+        s.rooms_of
+            .entry(user.into())
+            .or_default()
+            .insert(room.into());
         Ok(new)
     }
 
@@ -55,7 +62,10 @@ impl Store for Memory {
 
     async fn members(&self, room: &str) -> BackendResult<Vec<String>> {
         let s = lock(&self.store);
-        Ok(s.members.get(room).map(|m| m.iter().cloned().collect()).unwrap_or_default())
+        Ok(s.members
+            .get(room)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn is_member(&self, room: &str, user: &str) -> BackendResult<bool> {
@@ -65,7 +75,10 @@ impl Store for Memory {
 
     async fn rooms_of(&self, user: &str) -> BackendResult<Vec<String>> {
         let s = lock(&self.store);
-        Ok(s.rooms_of.get(user).map(|r| r.iter().cloned().collect()).unwrap_or_default())
+        Ok(s.rooms_of
+            .get(user)
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn set_contacts(&self, user: &str, contacts: &[String]) -> BackendResult<()> {
@@ -106,7 +119,8 @@ impl Store for Memory {
 
     async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()> {
         let mut s = lock(&self.store);
-        s.idem.insert(key.into(), (Some(reply), Instant::now() + ttl));
+        s.idem
+            .insert(key.into(), (Some(reply), Instant::now() + ttl));
         Ok(())
     }
 
@@ -140,7 +154,11 @@ impl Store for Memory {
         Ok(rooms
             .iter()
             .map(|room| {
-                let ptr = s.read.get(&(user.to_string(), room.clone())).copied().unwrap_or(0);
+                let ptr = s
+                    .read
+                    .get(&(user.to_string(), room.clone()))
+                    .copied()
+                    .unwrap_or(0);
                 s.countable
                     .get(room)
                     .map_or(0, |set| set.range(ptr + 1..).count() as u64)
@@ -148,7 +166,13 @@ impl Store for Memory {
             .collect())
     }
 
-    async fn set_focus(&self, room: &str, user: &str, session: &str, ttl: Duration) -> BackendResult<()> {
+    async fn set_focus(
+        &self,
+        room: &str,
+        user: &str,
+        session: &str,
+        ttl: Duration,
+    ) -> BackendResult<()> {
         let mut s = lock(&self.store);
         s.focus
             .entry(room.into())
@@ -192,7 +216,10 @@ impl Store for Memory {
 
     async fn delete_device(&self, user: &str, device: &str) -> BackendResult<bool> {
         let mut s = lock(&self.store);
-        let was = s.devices.get_mut(user).is_some_and(|d| d.remove(device).is_some());
+        let was = s
+            .devices
+            .get_mut(user)
+            .is_some_and(|d| d.remove(device).is_some());
         if s.devices.get(user).is_some_and(|d| d.is_empty()) {
             s.devices.remove(user);
         }
@@ -201,13 +228,17 @@ impl Store for Memory {
 
     async fn devices(&self, user: &str) -> BackendResult<Vec<PushDevice>> {
         let s = lock(&self.store);
-        Ok(s.devices.get(user).map(|d| d.values().cloned().collect()).unwrap_or_default())
+        Ok(s.devices
+            .get(user)
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn add_announcement(&self, a: &Announcement) -> BackendResult<()> {
         let mut s = lock(&self.store);
         let now = crate::event::now_ms();
-        s.announcements.retain(|x| x.expires.is_none_or(|e| e > now));
+        s.announcements
+            .retain(|x| x.expires.is_none_or(|e| e > now));
         s.announcements.push(a.clone());
         // Bounded: the oldest never-expiring announcements go first past this many.
         if s.announcements.len() > 1000 {
@@ -225,7 +256,11 @@ impl Store for Memory {
             .collect())
     }
 
-    async fn swap_announcement_cursor(&self, user: &str, id: &str) -> BackendResult<Option<String>> {
+    async fn swap_announcement_cursor(
+        &self,
+        user: &str,
+        id: &str,
+    ) -> BackendResult<Option<String>> {
         let mut s = lock(&self.store);
         let prev = s.announcement_cursor.get(user).cloned();
         if prev.as_deref().is_none_or(|p| p < id) {

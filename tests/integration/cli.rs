@@ -1,0 +1,341 @@
+//! The real `herald` binary: `serve`'s banner and demo token, `herald token`, strict config files
+//! (`herald.toml`, `channels.toml`) with errors naming the file, line and key, and SIGTERM draining.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use herald::transport::auth::unix_now;
+use serde_json::Value;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+fn shipped_channels() -> String {
+    format!("{}/channels.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running `herald` process, killed (and reaped) when dropped.
+struct Proc {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Proc {
+    /// Spawns `herald args…` in `dir` with a clean environment plus `env`.
+    fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("HERALD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("herald binary starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Proc {
+            child,
+            stdout: rx,
+            stderr: Some(stderr),
+        }
+    }
+
+    /// The next stdout line (panics after `WAIT`).
+    fn line(&self) -> String {
+        self.stdout
+            .recv_timeout(WAIT)
+            .expect("no stdout line within WAIT")
+    }
+
+    /// Waits for the process to exit (panics after `within`).
+    fn exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "herald did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything written to stderr (after the process exited).
+    fn stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default()
+    }
+
+    /// All stdout lines written so far (after the process exited).
+    fn rest_of_stdout(&self) -> String {
+        self.stdout.try_iter().collect::<Vec<_>>().join("\n")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The `serve` banner: the address and every printed line, up to and including the demo token line.
+struct Banner {
+    addr: String,
+    lines: Vec<String>,
+}
+
+impl Banner {
+    fn read(p: &Proc) -> Banner {
+        let first = p.line();
+        let addr = first
+            .strip_prefix("herald listening on http://")
+            .unwrap_or_else(|| panic!("first line: {first:?}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let mut lines = vec![first];
+        while !lines.last().unwrap().trim_start().starts_with("demo token") {
+            assert!(lines.len() < 30, "no demo token line in {lines:#?}");
+            lines.push(p.line());
+        }
+        Banner { addr, lines }
+    }
+
+    /// The value after `label` on its line.
+    fn value(&self, label: &str) -> String {
+        let l = self
+            .lines
+            .iter()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in {:#?}", self.lines));
+        l.trim_start()[label.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// Runs a `serve` that must fail; its stderr.
+fn serve_fails(dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(dir, &args, &[]);
+    let status = p.exit(WAIT);
+    let err = p.stderr();
+    assert!(
+        !status.success(),
+        "herald should refuse to start; stderr:\n{err}\nstdout:\n{}",
+        p.rest_of_stdout()
+    );
+    err
+}
+
+#[tokio::test]
+async fn serve_prints_endpoints_and_a_working_demo_token() {
+    let dir = TempDir::new("cli-serve");
+    let channels = shipped_channels();
+    let p = Proc::spawn(
+        &dir.path,
+        &["serve", "--listen", "127.0.0.1:0", "--channels", &channels],
+        &[],
+    );
+    let b = Banner::read(&p);
+    let addr = &b.addr;
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    assert_eq!(b.value("WebSocket"), format!("ws://{addr}/ws"));
+    assert!(
+        b.value("SSE").starts_with(&format!("http://{addr}/sse")),
+        "{:#?}",
+        b.lines
+    );
+    assert_eq!(b.value("API "), format!("http://{addr}/api/v1"));
+    assert_eq!(b.value("admin "), format!("http://{addr}/admin"));
+    let token = b.value("demo token");
+    let api_key = b.value("API key");
+
+    // The demo token works on /ws.
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={token}")).await;
+    let c = ws.next().await;
+    assert_eq!(c["type"], "connected", "{c}");
+    assert_eq!(c["user"], "demo");
+    assert_eq!(
+        ws.request(serde_json::json!({"op":"ping"})).await["type"],
+        "pong"
+    );
+
+    // The printed API key works on the API (and sees the demo user online).
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/api/v1/presence/online/count"))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["count"], 1, "{v}");
+}
+
+#[test]
+fn token_subcommand_mints_a_jwt_for_the_user() {
+    let dir = TempDir::new("cli-token");
+    let secret = "cli-test-secret-0123456789";
+    let mut p = Proc::spawn(
+        &dir.path,
+        &["token", "--user", "u1", "--device", "d1", "--ttl", "120"],
+        &[("HERALD_JWT_SECRET", secret)],
+    );
+    let token = p.line();
+    assert!(p.exit(WAIT).success(), "{}", p.stderr());
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.validate_aud = false;
+    let data = jsonwebtoken::decode::<Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .unwrap_or_else(|e| panic!("{token:?} does not verify: {e}"));
+    assert_eq!(data.claims["sub"], "u1");
+    assert_eq!(data.claims["device"], "d1");
+    let exp = data.claims["exp"].as_u64().unwrap();
+    let now = unix_now();
+    assert!(
+        exp > now + 100 && exp <= now + 125,
+        "exp {exp} vs now {now}"
+    );
+
+    // Without a configured secret it refuses (a random secret would mint useless tokens).
+    let mut p = Proc::spawn(&dir.path, &["token", "--user", "u1"], &[]);
+    assert!(!p.exit(WAIT).success());
+    assert!(p.stderr().contains("HERALD_JWT_SECRET"));
+}
+
+#[test]
+fn unknown_key_in_herald_toml_names_file_line_and_key() {
+    let dir = TempDir::new("cli-unknown");
+    std::fs::write(
+        dir.join("herald.toml"),
+        "listen = \"127.0.0.1:0\"\n\n[auth]\napi_kee = \"x\"\n",
+    )
+    .unwrap();
+    let err = serve_fails(&dir.path, &[]);
+    assert!(err.contains("herald.toml"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    assert!(err.contains("api_kee"), "{err}");
+
+    // An explicit --config is named as given.
+    std::fs::write(dir.join("other.toml"), "bogus_top = 1\n").unwrap();
+    let err = serve_fails(&dir.path, &["--config", "other.toml"]);
+    assert!(err.contains("other.toml"), "{err}");
+    assert!(err.contains("line 1"), "{err}");
+    assert!(err.contains("bogus_top"), "{err}");
+}
+
+#[test]
+fn bad_duration_in_herald_toml_names_file_line_and_key() {
+    let dir = TempDir::new("cli-duration");
+    std::fs::write(
+        dir.join("herald.toml"),
+        "[presence]\nheartbeat = \"5s\"\nttl = \"5 parsecs\"\n",
+    )
+    .unwrap();
+    let err = serve_fails(&dir.path, &[]);
+    assert!(err.contains("herald.toml"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("ttl"), "{err}");
+    assert!(err.contains("5 parsecs"), "{err}");
+}
+
+#[test]
+fn unknown_key_in_channels_toml_names_file_line_and_key() {
+    let dir = TempDir::new("cli-channels");
+    let shipped = std::fs::read_to_string(shipped_channels()).unwrap();
+    let text = shipped.replacen("[room]\n", "[room]\nsubscrbe = \"any\"\n", 1);
+    assert_ne!(text, shipped);
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("subscrbe"))
+        .unwrap()
+        + 1;
+    let path = dir.join("my-channels.toml");
+    std::fs::write(&path, text).unwrap();
+    let err = serve_fails(&dir.path, &["--channels", path.to_str().unwrap()]);
+    assert!(err.contains("my-channels.toml"), "{err}");
+    assert!(err.contains(&format!("line {line}")), "line {line}: {err}");
+    assert!(err.contains("subscrbe"), "{err}");
+
+    // A named channels file that does not exist is an error too (not a silent default).
+    let err = serve_fails(&dir.path, &["--channels", "missing.toml"]);
+    assert!(err.contains("missing.toml"), "{err}");
+}
+
+#[tokio::test]
+async fn sigterm_disconnects_clients_with_1001_and_exits_zero() {
+    let dir = TempDir::new("cli-sigterm");
+    let channels = shipped_channels();
+    let mut p = Proc::spawn(
+        &dir.path,
+        &["serve", "--listen", "127.0.0.1:0", "--channels", &channels],
+        &[],
+    );
+    let b = Banner::read(&p);
+    let token = b.value("demo token");
+    let mut ws = Ws::connect(&format!("ws://{}/ws?token={token}", b.addr)).await;
+    assert_eq!(ws.next().await["type"], "connected");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &p.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let d = ws.wait_for(|v| v["type"] == "disconnect").await;
+    assert_eq!(d["code"], 1001, "{d}");
+    assert_eq!(d["reconnect"], true, "{d}");
+    let closed = ws.closed().await;
+    assert_eq!(closed.close, Some(1001), "{closed:?}");
+
+    let status = p.exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status:?}; stderr:\n{}",
+        p.stderr()
+    );
+}

@@ -1,0 +1,289 @@
+//! Presence: first device online / last device offline, custom status and app state, who may watch,
+//! expiry of a silent connection, and room presence (`presence.update`).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+fn changed(user: &str) -> impl Fn(&Value) -> bool {
+    let user = user.to_string();
+    move |v: &Value| v["type"] == "presence.changed" && v["user"] == user
+}
+
+async fn set_contacts(t: &TestServer, user: &str, contacts: &[&str]) {
+    let (s, v) = t
+        .api(
+            "PUT",
+            &format!("/api/v1/users/{user}/contacts"),
+            Some(json!({ "contacts": contacts })),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test]
+async fn online_with_the_first_device_offline_with_the_last() {
+    let t = TestServer::start().await;
+    set_contacts(&t, "alice", &["bob"]).await;
+    // carol is no contact of bob's but shares a room with him.
+    t.join("r1", "bob").await;
+    t.join("r1", "carol").await;
+
+    let mut alice = t.ws("alice").await;
+    let r = alice
+        .request(json!({"op": "watch", "users": ["bob"]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["presence"]["bob"]["online"], false, "{r}");
+    let mut carol = t.ws("carol").await;
+    let r = carol
+        .request(json!({"op": "watch", "users": ["bob"]}))
+        .await;
+    assert_eq!(r["ok"], true, "room mates may watch: {r}");
+
+    let mut phone = t.ws_with("bob", "&device=phone").await;
+    for w in [&mut alice, &mut carol] {
+        let p = w.wait_for(changed("bob")).await;
+        assert_eq!(p["online"], true, "{p}");
+        assert_eq!(p["status"], "online");
+        assert_eq!(
+            p["devices"],
+            json!([{"device": "phone", "platform": null, "state": "foreground"}]),
+            "{p}"
+        );
+    }
+
+    // A second device: bob was online already.
+    let mut laptop = t.ws_with("bob", "&device=laptop").await;
+    t.api_until("/api/v1/presence/bob", |v| {
+        v["devices"].as_array().is_some_and(|d| d.len() == 2)
+    })
+    .await;
+    // The first device goes: bob is still online on the laptop.
+    phone.close_client().await;
+    let v = t
+        .api_until("/api/v1/presence/bob", |v| {
+            v["devices"].as_array().is_some_and(|d| d.len() == 1)
+        })
+        .await;
+    assert_eq!(v["online"], true, "{v}");
+    assert_eq!(v["devices"][0]["device"], "laptop");
+    // The last device goes: offline, with last_seen. Nothing came in between (the next presence frame
+    // for bob is this one).
+    laptop.close_client().await;
+    for w in [&mut alice, &mut carol] {
+        let p = w.wait_for(changed("bob")).await;
+        assert_eq!(
+            p["online"], false,
+            "no presence.changed for the 2nd device or the 1st leaving: {p}"
+        );
+        assert!(p["last_seen"].is_i64(), "{p}");
+        assert_eq!(p["devices"], json!([]));
+        w.assert_none(Duration::from_millis(200), changed("bob"))
+            .await;
+    }
+    let (s, v) = t.api("GET", "/api/v1/presence/bob", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["online"], false, "{v}");
+    assert!(v["last_seen"].is_i64(), "{v}");
+}
+
+#[tokio::test]
+async fn status_state_and_presence_ops() {
+    let t = TestServer::start().await;
+    set_contacts(&t, "alice", &["bob"]).await;
+    let mut bob = t.ws_with("bob", "&device=phone").await;
+    let mut alice = t.ws("alice").await;
+    let r = alice
+        .request(json!({"op": "watch", "users": ["bob"]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["presence"]["bob"]["online"], true, "{r}");
+
+    let r = bob
+        .request(json!({"op": "status", "status": "away", "text": "lunch"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let p = alice.wait_for(changed("bob")).await;
+    assert_eq!(
+        (p["online"].clone(), p["status"].clone(), p["text"].clone()),
+        (json!(true), json!("away"), json!("lunch"))
+    );
+
+    let r = bob
+        .request(json!({"op": "state", "state": "background"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let p = alice.wait_for(changed("bob")).await;
+    assert_eq!(
+        p["devices"],
+        json!([{"device": "phone", "platform": null, "state": "background"}]),
+        "{p}"
+    );
+    assert_eq!(p["status"], "away", "status is kept: {p}");
+
+    let r = alice
+        .request(json!({"op": "presence", "users": ["bob", "nobody"]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let bp = &r["presence"]["bob"];
+    assert_eq!(
+        (
+            bp["online"].clone(),
+            bp["status"].clone(),
+            bp["text"].clone()
+        ),
+        (json!(true), json!("away"), json!("lunch"))
+    );
+    assert_eq!(bp["devices"][0]["state"], "background");
+    assert_eq!(r["presence"]["nobody"]["online"], false, "{r}");
+    let (_, v) = t.api("GET", "/api/v1/presence/bob", None).await;
+    assert_eq!(v["devices"][0]["state"], "background", "{v}");
+
+    let r = bob
+        .request(json!({"op": "status", "status": "sleeping"}))
+        .await;
+    assert_eq!(
+        (r["ok"].clone(), r["error"]["code"].clone()),
+        (json!(false), json!("bad_frame")),
+        "{r}"
+    );
+    let r = bob
+        .request(json!({"op": "state", "state": "minimised"}))
+        .await;
+    assert_eq!(
+        (r["ok"].clone(), r["error"]["code"].clone()),
+        (json!(false), json!("bad_frame")),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn only_contacts_and_room_mates_may_watch() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    t.join("r2", "mallory").await;
+    let mut alice = t.ws("alice").await;
+    let r = alice
+        .request(json!({"op": "watch", "users": ["mallory"]}))
+        .await;
+    assert_eq!(
+        (r["ok"].clone(), r["error"]["code"].clone()),
+        (json!(false), json!("forbidden")),
+        "{r}"
+    );
+    let r = alice
+        .request(json!({"op": "subscribe", "channel": "presence:mallory"}))
+        .await;
+    assert_eq!(
+        (r["ok"].clone(), r["error"]["code"].clone()),
+        (json!(false), json!("forbidden")),
+        "{r}"
+    );
+    // Refused means not subscribed: mallory coming online tells alice nothing.
+    let _m = t.ws("mallory").await;
+    alice
+        .assert_none(Duration::from_millis(200), changed("mallory"))
+        .await;
+
+    // Once a contact, the same subscribe is allowed and delivers presence.changed.
+    set_contacts(&t, "alice", &["bob"]).await;
+    let r = alice
+        .request(json!({"op": "subscribe", "channel": "presence:bob"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let _b = t.ws("bob").await;
+    let p = alice.wait_for(changed("bob")).await;
+    assert_eq!(p["online"], true);
+    // A room mate too.
+    t.join("r1", "mallory").await;
+    let r = alice
+        .request(json!({"op": "watch", "users": ["mallory"]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["presence"]["mallory"]["online"], true, "{r}");
+}
+
+#[tokio::test]
+async fn a_silent_connection_expires_after_the_ttl() {
+    let t = TestServer::start_with(|c| {
+        c.presence_ttl = Duration::from_secs(2);
+        c.heartbeat = Duration::from_secs(1);
+    })
+    .await;
+    set_contacts(&t, "alice", &["bob"]).await;
+    let mut alice = t.ws("alice").await;
+    let r = alice
+        .request(json!({"op": "watch", "users": ["bob"]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    let start = tokio::time::Instant::now();
+    // bob connects, then never reads or writes again (no pongs, no frames).
+    let _bob = t.ws("bob").await;
+    let p = alice.wait_for(changed("bob")).await;
+    assert_eq!(p["online"], true, "{p}");
+
+    // alice keeps reading (and so answers pings); bob must go offline within TTL + 2 heartbeats.
+    let p = tokio::time::timeout(Duration::from_secs(8), alice.wait_for(changed("bob")))
+        .await
+        .expect("bob did not go offline within 8 s");
+    let took = start.elapsed();
+    assert_eq!(p["online"], false, "{p}");
+    assert!(p["last_seen"].is_i64(), "{p}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "offline before the TTL ran out: {took:?}"
+    );
+    let (_, v) = t.api("GET", "/api/v1/presence/bob", None).await;
+    assert_eq!(v["online"], false, "{v}");
+    // alice, who kept answering, is still online.
+    let (_, v) = t.api("GET", "/api/v1/presence/alice", None).await;
+    assert_eq!(v["online"], true, "{v}");
+}
+
+#[tokio::test]
+async fn room_presence_joined_and_left() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    t.join("r1", "bob").await;
+    let update = |user: &str, change: &str| json!({"type": "presence.update", "room": "r1", "user": user, "change": change});
+    let is_update = |v: &Value| v["type"] == "presence.update";
+
+    let mut alice = t.ws("alice").await;
+    let r = alice
+        .request(json!({"op": "subscribe", "channel": "room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(alice.wait_for(is_update).await, update("alice", "joined"));
+
+    let mut bob = t.ws("bob").await;
+    let r = bob
+        .request(json!({"op": "subscribe", "channel": "room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(alice.wait_for(is_update).await, update("bob", "joined"));
+    let (_, v) = t.api("GET", "/api/v1/rooms/r1/presence", None).await;
+    assert_eq!(v["users"], json!(["alice", "bob"]), "{v}");
+
+    let r = bob
+        .request(json!({"op": "unsubscribe", "channel": "room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(alice.wait_for(is_update).await, update("bob", "left"));
+    let (_, v) = t.api("GET", "/api/v1/rooms/r1/presence", None).await;
+    assert_eq!(v["users"], json!(["alice"]), "{v}");
+
+    let r = bob
+        .request(json!({"op": "subscribe", "channel": "room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(alice.wait_for(is_update).await, update("bob", "joined"));
+    bob.close_client().await;
+    assert_eq!(alice.wait_for(is_update).await, update("bob", "left"));
+    // Room presence is never stored: history holds none of it.
+    let (_, v) = t.api("GET", "/api/v1/channels/room:r1/history", None).await;
+    assert_eq!(v["events"], json!([]), "{v}");
+}

@@ -301,11 +301,13 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// A random key: 32 URL-safe characters.
+/// A random key: 32 alphanumeric characters (~190 bits).
 pub fn random_key() -> String {
-    use base64::Engine as _;
-    let bytes: [u8; 24] = rand::random();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    // Alphanumeric only: a key starting with `-` could not be passed as a separate CLI argument.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    (0..32)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 fn default_node_id() -> String {

@@ -106,7 +106,8 @@ impl Engine {
         };
         let mut frame = serde_json::to_value(&p).expect("presence serialises");
         frame["type"] = json!("presence.changed");
-        self.publish_frame(ch, "presence.changed", frame).await;
+        self.publish_frame(ch, "presence.changed", frame, DeliveryFilter::default())
+            .await;
     }
 
     /// Publishes `presence.update {room, user, change}` to the room's subscribers (never stored).
@@ -116,16 +117,28 @@ impl Engine {
         };
         let frame =
             json!({ "type": "presence.update", "room": room, "user": user, "change": change });
-        self.publish_frame(ch, "presence.update", frame).await;
+        // The user's own sessions know they joined or left: only the others are told.
+        let filter = DeliveryFilter {
+            except: vec![user.into()],
+            audience: None,
+        };
+        self.publish_frame(ch, "presence.update", frame, filter)
+            .await;
     }
 
-    async fn publish_frame(&self, channel: ChannelName, event: &str, frame: serde_json::Value) {
+    async fn publish_frame(
+        &self,
+        channel: ChannelName,
+        event: &str,
+        frame: serde_json::Value,
+        filter: DeliveryFilter,
+    ) {
         let out = Outgoing {
             channel,
             event: Arc::from(event),
             payload: OutgoingPayload::Frame(Bytes::from(frame.to_string())),
             persist: None,
-            filter: DeliveryFilter::default(),
+            filter,
         };
         if let Err(e) = backend(self.backends.broker.publish(out)).await {
             tracing::warn!(error = %e, "Presence frame publish failed.");

@@ -257,7 +257,6 @@ async fn room_presence_joined_and_left() {
         .request(json!({"op": "subscribe", "channel": "room:r1"}))
         .await;
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(alice.wait_for(is_update).await, update("alice", "joined"));
 
     let mut bob = t.ws("bob").await;
     let r = bob
@@ -265,6 +264,14 @@ async fn room_presence_joined_and_left() {
         .await;
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(alice.wait_for(is_update).await, update("bob", "joined"));
+    // Nobody is told of their own join.
+    bob.assert_none(std::time::Duration::from_millis(200), is_update)
+        .await;
+    alice
+        .assert_none(std::time::Duration::from_millis(50), |v| {
+            v["type"] == "presence.update" && v["user"] == "alice"
+        })
+        .await;
     let (_, v) = t.api("GET", "/api/v1/rooms/r1/presence", None).await;
     assert_eq!(v["users"], json!(["alice", "bob"]), "{v}");
 

@@ -187,20 +187,24 @@ async fn sse_non_stored_events_carry_no_id() {
     t.join("r1", "bob").await;
     let mut raw = RawSse::open(&sse_url(&t, "alice", "room:r1,active:r1"), None).await;
     assert_eq!(raw.next_block().await.names(), vec!["retry"]);
-    // alice's first session in r1: room presence, not stored, so no id.
+    // bob joins r1 (room presence, not stored): no id. alice's own join is not echoed to her.
+    let mut bob = t.ws("bob").await;
+    let r = bob
+        .request(json!({"op": "subscribe", "channel": "room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
     let b = raw.next_block().await;
     assert_eq!(b.names(), vec!["event", "data"], "{b:?}");
     assert_eq!(b.get("event"), Some("presence.update"));
     assert_eq!(
         b.data(),
-        json!({"type": "presence.update", "room": "r1", "user": "alice", "change": "joined"})
+        json!({"type": "presence.update", "room": "r1", "user": "bob", "change": "joined"})
     );
 
     t.publish(chat("r1", 1)).await;
     let stored = raw.next_block().await;
     assert_eq!(stored.names(), vec!["id", "event", "data"]);
 
-    let mut bob = t.ws("bob").await;
     let r = bob.request(json!({"op": "typing", "room": "r1"})).await;
     assert_eq!(r["ok"], true, "{r}");
     let b = raw.next_block().await;

@@ -136,9 +136,11 @@ pub trait Broker: Send + Sync + 'static {
     fn attach(&self, sink: Arc<dyn DeliverySink>);
     /// Stores (when `persist`) and fans out. Returns the event's position when stored.
     async fn publish(&self, msg: Outgoing) -> BackendResult<Option<Position>>;
-    /// This node wants deliveries for `channel` (the hub reference-counts and calls it once).
+    /// One more local subscriber wants deliveries for `channel`. Called once per local subscriber
+    /// (the implementation reference-counts); returns once every publish that follows reaches the sink,
+    /// so a caller may read history right after and miss nothing.
     async fn subscribe(&self, channel: &ChannelName) -> BackendResult<()>;
-    /// This node no longer has local subscribers for `channel`.
+    /// One local subscriber of `channel` left (paired with a `subscribe` that returned `Ok`).
     async fn unsubscribe(&self, channel: &ChannelName) -> BackendResult<()>;
     /// Checks the backend is reachable (`/readyz`).
     async fn ping(&self) -> BackendResult<()>;

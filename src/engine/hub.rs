@@ -283,51 +283,51 @@ impl Hub {
         }
     }
 
-    /// Adds a subscriber; true when it is the channel's first local one.
+    /// Adds a subscriber; true when it was not one already. Every `true` is paired with one
+    /// [`crate::backend::Broker::subscribe`] (the broker reference-counts).
     pub fn subscribe(&self, ch: &ChannelName, s: &Arc<SessionHandle>) -> bool {
         let mut shard = write(self.shard(ch));
         let list = shard.entry(ch.clone()).or_default();
-        let first = list.is_empty();
-        if !list.iter().any(|x| x.id == s.id) {
-            list.push(s.clone());
+        if list.iter().any(|x| x.id == s.id) {
+            return false;
         }
-        first
+        list.push(s.clone());
+        true
     }
 
-    /// Removes a subscriber; true when it was the channel's last local one.
+    /// Removes a subscriber; true when it was one (pair it with one `Broker::unsubscribe`).
     pub fn unsubscribe(&self, ch: &ChannelName, id: u64) -> bool {
         let mut shard = write(self.shard(ch));
         let Some(list) = shard.get_mut(ch) else {
             return false;
         };
-        if let Some(i) = list.iter().position(|x| x.id == id) {
-            list.swap_remove(i);
-        }
+        let Some(i) = list.iter().position(|x| x.id == id) else {
+            return false;
+        };
+        list.swap_remove(i);
         if list.is_empty() {
             shard.remove(ch);
-            return true;
         }
-        false
+        true
     }
 
     /// Removes a session from every channel and from the registry, without its task's help (a task
-    /// stuck writing to a client that stopped reading). Returns the channels it was the last local
-    /// subscriber of. Scans every shard: only for rare evictions.
+    /// stuck writing to a client that stopped reading). Returns the channels it was removed from.
+    /// Scans every shard: only for rare evictions.
     pub fn evict(&self, s: &SessionHandle) -> Vec<ChannelName> {
-        let mut emptied = Vec::new();
+        let mut left = Vec::new();
         for shard in &self.channels {
             let mut shard = write(shard);
             shard.retain(|ch, list| {
-                let before = list.len();
-                list.retain(|x| x.id != s.id);
-                if list.is_empty() && before > 0 {
-                    emptied.push(ch.clone());
+                if let Some(i) = list.iter().position(|x| x.id == s.id) {
+                    list.swap_remove(i);
+                    left.push(ch.clone());
                 }
                 !list.is_empty()
             });
         }
         self.unregister(s);
-        emptied
+        left
     }
 
     /// Every local session.

@@ -718,7 +718,7 @@ fn check_users(users: &[String]) -> EngineResult<()> {
     Ok(())
 }
 
-/// Leaves a channel in the hub (and the broker when it was the last local subscriber) and room presence.
+/// Leaves a channel in the hub and the broker, and room presence.
 async fn release(engine: &Engine, handle: &SessionHandle, ch: &ChannelName, room_presence: bool) {
     if engine.hub.unsubscribe(ch, handle.id)
         && let Err(e) = backend(engine.backends.broker.unsubscribe(ch)).await

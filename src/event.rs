@@ -114,10 +114,7 @@ impl EventBody<'_> {
 /// layout is fixed (the Redis Lua step must produce the same bytes).
 pub fn event_frame(channel: &ChannelName, position: Option<(&Epoch, Seq)>, body: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(64 + channel.as_str().len() + body.len());
-    buf.put_slice(b"{\"type\":\"event\",\"channel\":\"");
-    // Channel names are validated to `[A-Za-z0-9_.@:-]`, so they need no JSON escaping.
-    buf.put_slice(channel.as_str().as_bytes());
-    buf.put_slice(b"\",");
+    buf.put_slice(event_frame_head(channel).as_bytes());
     if let Some((epoch, seq)) = position {
         buf.put_slice(b"\"seq\":");
         buf.put_slice(itoa_u64(seq).as_bytes());
@@ -127,6 +124,13 @@ pub fn event_frame(channel: &ChannelName, position: Option<(&Epoch, Seq)>, body:
     }
     buf.put_slice(body);
     buf.freeze()
+}
+
+/// The start of every event frame on `channel`: `{"type":"event","channel":"…",`. Backends that build
+/// frames elsewhere (the Redis Lua step) start from this, so the bytes are the same everywhere.
+pub fn event_frame_head(channel: &ChannelName) -> String {
+    // Channel names are validated to `[A-Za-z0-9_.@:-]`, so they need no JSON escaping.
+    format!("{{\"type\":\"event\",\"channel\":\"{}\",", channel.as_str())
 }
 
 /// The same frame marked `"replay":true` (sent from history rather than live).

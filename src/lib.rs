@@ -66,14 +66,36 @@ impl Server {
     }
 }
 
-/// Builds the backends for `config` (memory today; Redis with the Redis issue).
-pub fn backends(config: &Config) -> anyhow::Result<backend::Backends> {
+/// Key prefix of herald's keys in a shared Redis.
+pub const REDIS_PREFIX: &str = "herald:";
+
+/// Builds the backends for `config`: memory, or Redis when `config.redis` is set (connects now, so a
+/// Redis that cannot be reached stops the start with a clear error).
+pub async fn backends(config: &Config) -> anyhow::Result<backend::Backends> {
     match &config.redis {
         None => Ok(backend::Backends::memory()),
-        Some(_) => anyhow::bail!(
-            "--redis / HERALD_REDIS: the Redis backend is not available yet in this build; \
-             run without it for the single-node memory backend"
-        ),
+        Some(url) => {
+            let r = backend::redis::RedisBackend::connect(url, REDIS_PREFIX, &config.node_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot use Redis at {}: {e}", redact_url(url)))?;
+            if let Some(policy) = r.check_eviction_policy().await {
+                tracing::warn!(
+                    policy,
+                    "Redis maxmemory-policy is not noeviction: Redis may evict herald's state (history, presence, idempotency)."
+                );
+            }
+            Ok(backend::Backends::from_redis(r))
+        }
+    }
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -87,7 +109,7 @@ pub async fn start(
 ) -> anyhow::Result<Server> {
     metrics::install();
     let addr = listener.local_addr()?;
-    let backends = backends(&config)?;
+    let backends = backends(&config).await?;
     let auth = transport::auth::Auth::new(&config)?;
     let token = CancellationToken::new();
     let engine = Engine::start(config, kinds, backends, token.clone());

@@ -202,7 +202,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let banner_keys = config.generated_keys.then(|| (config.api_key.clone(), config.admin_key.clone()));
         let generated_secret = config.jwt.generated_secret.then(|| config.jwt.secret.clone()).flatten();
         let server = herald::start(config, kinds, listener, shutdown_signal()).await?;
-        println!("herald listening on http://{addr}  (node {}, memory backend)", server.engine.node);
+        let backend = match &server.engine.config.redis {
+            Some(url) => format!("Redis backend at {}", herald::redact_url(url)),
+            None => "memory backend".to_string(),
+        };
+        println!("herald listening on http://{addr}  (node {}, {backend})", server.engine.node);
         println!("  WebSocket  ws://{addr}/ws");
         println!("  SSE        http://{addr}/sse?channels=user:demo,global");
         println!("  API        http://{addr}/api/v1");

@@ -6,6 +6,9 @@
 #[path = "integration/common.rs"]
 mod common;
 
+#[path = "integration/redis_server.rs"]
+mod redis_server;
+
 #[path = "integration/conformance.rs"]
 mod conformance;
 #[path = "integration/eviction.rs"]
@@ -30,3 +33,6 @@ mod auth;
 
 #[path = "integration/cli.rs"]
 mod cli;
+
+#[path = "integration/cluster.rs"]
+mod cluster;

@@ -7,6 +7,7 @@
 //! single-node product, and the reference the Redis implementation is tested against).
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,116 +1,13 @@
 //! The real `herald` binary: `serve`'s banner and demo token, `herald token`, strict config files
 //! (`herald.toml`, `channels.toml`) with errors naming the file, line and key, and SIGTERM draining.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use herald::transport::auth::unix_now;
 use serde_json::Value;
 
 use crate::common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
-
-fn shipped_channels() -> String {
-    format!("{}/channels.toml", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A running `herald` process, killed (and reaped) when dropped.
-struct Proc {
-    child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Proc {
-    /// Spawns `herald args…` in `dir` with a clean environment plus `env`.
-    fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .current_dir(dir)
-            .env_clear()
-            .env("HERALD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("herald binary starts");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Proc {
-            child,
-            stdout: rx,
-            stderr: Some(stderr),
-        }
-    }
-
-    /// The next stdout line (panics after `WAIT`).
-    fn line(&self) -> String {
-        self.stdout
-            .recv_timeout(WAIT)
-            .expect("no stdout line within WAIT")
-    }
-
-    /// Waits for the process to exit (panics after `within`).
-    fn exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "herald did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Everything written to stderr (after the process exited).
-    fn stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap())
-            .unwrap_or_default()
-    }
-
-    /// All stdout lines written so far (after the process exited).
-    fn rest_of_stdout(&self) -> String {
-        self.stdout.try_iter().collect::<Vec<_>>().join("\n")
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
 
 /// The `serve` banner: the address and every printed line, up to and including the demo token line.
 struct Banner {

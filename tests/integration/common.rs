@@ -4,7 +4,11 @@
 
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use herald::config::Config;
@@ -709,5 +713,174 @@ impl RawSse {
                 return b;
             }
         }
+    }
+}
+
+impl TestServer {
+    /// An engine on the Redis at `url`, as node `node`, with `f` applied to its config.
+    pub async fn start_redis(url: &str, node: &str, f: impl FnOnce(&mut Config)) -> TestServer {
+        let url = url.to_string();
+        let node = node.to_string();
+        Self::start_with(move |c| {
+            c.redis = Some(url);
+            c.node_id = node;
+            f(c);
+        })
+        .await
+    }
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+/// The repository's `channels.toml`.
+pub fn shipped_channels() -> String {
+    format!("{}/channels.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running `herald` process, killed (and reaped) when dropped.
+pub struct Proc {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Proc {
+    /// Kills the process with SIGKILL (no shutdown, no cleanup) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Spawns `herald args…` in `dir` with a clean environment plus `env`.
+    pub fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("HERALD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("herald binary starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Proc {
+            child,
+            stdout: rx,
+            stderr: Some(stderr),
+        }
+    }
+
+    /// The next stdout line (panics after `WAIT`).
+    pub fn line(&self) -> String {
+        self.stdout
+            .recv_timeout(WAIT)
+            .expect("no stdout line within WAIT")
+    }
+
+    /// Waits for the process to exit (panics after `within`).
+    pub fn exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "herald did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything written to stderr (after the process exited).
+    pub fn stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default()
+    }
+
+    /// All stdout lines written so far (after the process exited).
+    pub fn rest_of_stdout(&self) -> String {
+        self.stdout.try_iter().collect::<Vec<_>>().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A `herald serve` process on port 0 with the test keys; `addr` is read from its banner.
+pub struct HeraldProcess {
+    pub proc: Proc,
+    pub addr: String,
+    _dir: TempDir,
+}
+
+impl HeraldProcess {
+    /// `herald serve --redis URL` plus `extra` flags.
+    pub fn spawn(redis_url: &str, extra: &[&str]) -> HeraldProcess {
+        let dir = TempDir::new("node");
+        let channels = shipped_channels();
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--channels",
+            &channels,
+            "--redis",
+            redis_url,
+        ];
+        args.extend_from_slice(extra);
+        let env = [
+            ("HERALD_JWT_SECRET", SECRET),
+            ("HERALD_API_KEY", API_KEY),
+            ("HERALD_ADMIN_KEY", ADMIN_KEY),
+        ];
+        let proc = Proc::spawn(&dir.path, &args, &env);
+        let first = proc.line();
+        let addr = first
+            .strip_prefix("herald listening on http://")
+            .unwrap_or_else(|| panic!("first line: {first:?}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        HeraldProcess {
+            proc,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.proc.kill9();
     }
 }

@@ -450,24 +450,361 @@ async fn store_focus_devices_announcements(b: Backends) {
     );
 }
 
-/// Runs the whole contract against backends made by `make`.
-async fn contract(make: impl Fn() -> Backends) {
-    history_seq_and_trim(make()).await;
-    history_age_limit(make()).await;
-    let b = make();
+/// Runs the whole contract against backends made by `make` (each call: fresh, empty state).
+async fn contract<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Backends>,
+{
+    history_seq_and_trim(make().await).await;
+    history_age_limit(make().await).await;
+    let b = make().await;
     let rec = Arc::new(Recorder::default());
     b.broker.attach(rec.clone());
     broker_delivers_in_order(b, rec).await;
-    presence_transitions(make()).await;
-    presence_expiry(make()).await;
-    presence_queries(make()).await;
-    store_membership(make()).await;
-    store_idempotency(make()).await;
-    store_unread(make()).await;
-    store_focus_devices_announcements(make()).await;
+    presence_transitions(make().await).await;
+    presence_expiry(make().await).await;
+    presence_queries(make().await).await;
+    store_membership(make().await).await;
+    store_idempotency(make().await).await;
+    store_unread(make().await).await;
+    store_focus_devices_announcements(make().await).await;
 }
 
 #[tokio::test]
 async fn memory_backend_meets_the_contract() {
-    contract(Backends::memory).await;
+    contract(|| async { Backends::memory() }).await;
+}
+
+#[tokio::test]
+async fn redis_backend_meets_the_contract() {
+    let server = crate::redis_server::RedisServer::start();
+    let n = std::sync::atomic::AtomicU64::new(0);
+    contract(|| {
+        // A fresh key prefix per instance: fresh, empty state on one server.
+        let prefix = format!(
+            "conf{}:",
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let url = server.url.clone();
+        async move {
+            Backends::redis(&url, &prefix, "conformance")
+                .await
+                .expect("connect to the test redis-server")
+        }
+    })
+    .await;
+}
+
+/// The store checks alone against Redis (they do not wait on the Redis presence).
+#[tokio::test]
+async fn redis_store_contract() {
+    let server = crate::redis_server::RedisServer::start();
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let make = || {
+        // A fresh key prefix per instance: fresh, empty state on one server.
+        let prefix = format!(
+            "store{}:",
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let url = server.url.clone();
+        async move {
+            Backends::redis(&url, &prefix, "conformance")
+                .await
+                .expect("connect to the test redis-server")
+        }
+    };
+    store_membership(make().await).await;
+    store_idempotency(make().await).await;
+    store_unread(make().await).await;
+    store_focus_devices_announcements(make().await).await;
+}
+
+/// Redis: the same idempotency key raced from two nodes (two connections, one prefix) is claimed by
+/// exactly one; the other sees it pending.
+#[tokio::test]
+async fn redis_idempotency_race_between_nodes() {
+    let server = crate::redis_server::RedisServer::start();
+    let a = Backends::redis(&server.url, "race:", "node-a")
+        .await
+        .expect("connect node a");
+    let b = Backends::redis(&server.url, "race:", "node-b")
+        .await
+        .expect("connect node b");
+    let ttl = Duration::from_secs(60);
+    for i in 0..50 {
+        let key = format!("race-{i}");
+        let (ra, rb) = tokio::join!(a.store.idem_begin(&key, ttl), b.store.idem_begin(&key, ttl));
+        let results = [ra.unwrap(), rb.unwrap()];
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| **r == Idempotency::Claimed)
+                .count(),
+            1,
+            "{key}: {results:?}"
+        );
+        assert!(
+            results.contains(&Idempotency::Pending),
+            "{key}: {results:?}"
+        );
+    }
+}
+
+/// Two "nodes" (two Redis backends sharing one prefix) on one test redis-server.
+async fn redis_nodes(
+    server: &crate::redis_server::RedisServer,
+    prefix: &str,
+) -> (Backends, Backends) {
+    let a = Backends::redis(&server.url, prefix, "node-a")
+        .await
+        .expect("connect node a");
+    let b = Backends::redis(&server.url, prefix, "node-b")
+        .await
+        .expect("connect node b");
+    (a, b)
+}
+
+/// The presence checks alone against Redis (they do not wait on the Redis store).
+#[tokio::test]
+async fn redis_presence_contract() {
+    let server = crate::redis_server::RedisServer::start();
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let make = || {
+        // A fresh key prefix per instance: fresh, empty state on one server.
+        let prefix = format!(
+            "pres{}:",
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let url = server.url.clone();
+        async move {
+            Backends::redis(&url, &prefix, "conformance")
+                .await
+                .expect("connect to the test redis-server")
+        }
+    };
+    presence_transitions(make().await).await;
+    presence_expiry(make().await).await;
+    presence_queries(make().await).await;
+}
+
+/// Redis: the first sessions of a user connecting at once on two nodes produce exactly one "online";
+/// their disconnecting at once produces exactly one "offline".
+#[tokio::test]
+async fn redis_presence_connect_race_between_nodes() {
+    let server = crate::redis_server::RedisServer::start();
+    let (a, b) = redis_nodes(&server, "prace:").await;
+    let ttl = Duration::from_secs(60);
+    for i in 0..50 {
+        let user = format!("racer-{i}");
+        let (sa, sb) = (format!("{user}-a"), format!("{user}-b"));
+        let (ia, ib) = (info(&user, &sa), info(&user, &sb));
+        let (ra, rb) = tokio::join!(a.presence.connect(&ia, ttl), b.presence.connect(&ib, ttl));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(ra ^ rb, "{user}: exactly one online, got {ra} and {rb}");
+        let (ra, rb) = tokio::join!(
+            a.presence.disconnect(&user, &sa),
+            b.presence.disconnect(&user, &sb)
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(
+            ra.is_some() ^ rb.is_some(),
+            "{user}: exactly one offline, got {ra:?} and {rb:?}"
+        );
+    }
+    assert_eq!(a.presence.online_count().await.unwrap(), 0);
+}
+
+/// Redis: sweepers running at once on two nodes report each expired user, and each expired room
+/// presence, exactly once in total.
+#[tokio::test]
+async fn redis_presence_sweep_race_between_nodes() {
+    let server = crate::redis_server::RedisServer::start();
+    let (a, b) = redis_nodes(&server, "psweep:").await;
+    // Warm both nodes (scripts loaded), so the two sweeps below really overlap in Redis.
+    a.presence.sweep().await.unwrap();
+    b.presence.sweep().await.unwrap();
+    let short = Duration::from_millis(100);
+    let users: Vec<String> = (0..30).map(|i| format!("gone-{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        let node = if i % 2 == 0 { &a } else { &b };
+        node.presence
+            .connect(&info(u, &format!("{u}-1")), short)
+            .await
+            .unwrap();
+        node.presence
+            .room_join("sweep-room", u, &format!("{u}-1"), short)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (ra, rb) = tokio::join!(a.presence.sweep(), b.presence.sweep());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    for u in &users {
+        let offline = ra
+            .offline
+            .iter()
+            .chain(&rb.offline)
+            .filter(|(x, _)| x == u)
+            .count();
+        assert_eq!(offline, 1, "{u} offline once: {ra:?} {rb:?}");
+        let left = ra
+            .room_left
+            .iter()
+            .chain(&rb.room_left)
+            .filter(|(room, x)| room == "sweep-room" && x == u)
+            .count();
+        assert_eq!(left, 1, "{u} left the room once: {ra:?} {rb:?}");
+    }
+    let again = a.presence.sweep().await.unwrap();
+    assert!(
+        again.offline.is_empty() && again.room_left.is_empty(),
+        "{again:?}"
+    );
+    let p = a.presence.get(&users[..1]).await.unwrap();
+    assert!(!p[0].online);
+    assert!(p[0].last_seen.is_some(), "the sweep recorded last_seen");
+}
+
+/// Redis: a session past its TTL is offline at once, before any sweep: `get`, counts, pages and room
+/// presence ignore it, a heartbeat does not revive it, and disconnecting it reports nothing (the
+/// sweeper reports the user, once).
+#[tokio::test]
+async fn redis_presence_expired_before_sweep_is_offline() {
+    let server = crate::redis_server::RedisServer::start();
+    let (a, _b) = redis_nodes(&server, "punswept:").await;
+    let short = Duration::from_millis(300);
+    a.presence.connect(&info("ex", "e1"), short).await.unwrap();
+    a.presence
+        .room_join("ex-room", "ex", "e1", short)
+        .await
+        .unwrap();
+    assert!(a.presence.get(&["ex".into()]).await.unwrap()[0].online);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let p = &a.presence.get(&["ex".into()]).await.unwrap()[0];
+    assert!(!p.online, "{p:?}");
+    assert!(p.devices.is_empty());
+    assert_eq!(a.presence.online_count().await.unwrap(), 0);
+    assert!(a.presence.online_page(None, 10).await.unwrap().0.is_empty());
+    assert!(a.presence.room_users("ex-room").await.unwrap().is_empty());
+    a.presence
+        .heartbeat(&[("ex".into(), "e1".into())], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        !a.presence.get(&["ex".into()]).await.unwrap()[0].online,
+        "a heartbeat does not revive an expired session"
+    );
+    assert!(a.presence.room_users("ex-room").await.unwrap().is_empty());
+    assert_eq!(a.presence.disconnect("ex", "e1").await.unwrap(), None);
+    assert!(!a.presence.room_leave("ex-room", "ex", "e1").await.unwrap());
+    let r = a.presence.sweep().await.unwrap();
+    assert_eq!(
+        r.offline.iter().filter(|(u, _)| u == "ex").count(),
+        1,
+        "{r:?}"
+    );
+    assert_eq!(r.room_left, vec![("ex-room".to_string(), "ex".to_string())]);
+    assert!(
+        a.presence.connect(&info("ex", "e2"), short).await.unwrap(),
+        "back online"
+    );
+}
+
+/// Redis: heartbeats from any node keep a session and its room presence alive past their first TTL,
+/// and keep the devices listed.
+#[tokio::test]
+async fn redis_presence_heartbeat_keeps_rooms() {
+    let server = crate::redis_server::RedisServer::start();
+    let (a, b) = redis_nodes(&server, "phb:").await;
+    let short = Duration::from_millis(500);
+    a.presence.connect(&info("hb", "h1"), short).await.unwrap();
+    a.presence
+        .room_join("hb-room", "hb", "h1", short)
+        .await
+        .unwrap();
+    a.presence
+        .room_join("hb-room2", "hb", "h1", short)
+        .await
+        .unwrap();
+    // One node's heartbeat for many sessions (several script calls in one pipeline); unknown
+    // sessions are ignored, not created.
+    let mut batch: Vec<(Arc<str>, Arc<str>)> = (0..600)
+        .map(|i| (format!("ghost-{i}").into(), format!("g-{i}").into()))
+        .collect();
+    batch.insert(300, ("hb".into(), "h1".into()));
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b.presence.heartbeat(&batch, short).await.unwrap();
+    }
+    let r = a.presence.sweep().await.unwrap();
+    assert!(r.offline.is_empty() && r.room_left.is_empty(), "{r:?}");
+    let p = &a.presence.get(&["hb".into()]).await.unwrap()[0];
+    assert!(p.online);
+    assert_eq!(p.devices.len(), 1);
+    assert_eq!(a.presence.room_users("hb-room").await.unwrap(), vec!["hb"]);
+    assert!(!a.presence.get(&["ghost-1".into()]).await.unwrap()[0].online);
+    assert_eq!(a.presence.online_count().await.unwrap(), 1);
+    assert!(a.presence.room_leave("hb-room", "hb", "h1").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = a.presence.sweep().await.unwrap();
+    assert_eq!(r.offline.len(), 1, "{r:?}");
+    assert_eq!(
+        r.room_left,
+        vec![("hb-room2".to_string(), "hb".to_string())],
+        "the room left explicitly is not reported again"
+    );
+}
+
+/// Redis runs with `noeviction`: after users come and go (orderly or by expiry), every presence key
+/// left either expires or is gone.
+#[tokio::test]
+async fn redis_presence_leaves_no_keys_behind() {
+    let server = crate::redis_server::RedisServer::start();
+    let (a, _b) = redis_nodes(&server, "pleak:").await;
+    let ttl = Duration::from_secs(60);
+    let short = Duration::from_millis(100);
+    let p = &a.presence;
+    p.connect(&info("la", "la-1"), ttl).await.unwrap();
+    p.connect(&info("la", "la-2"), ttl).await.unwrap();
+    p.room_join("leak-room", "la", "la-1", ttl).await.unwrap();
+    p.room_join("leak-room", "la", "la-2", ttl).await.unwrap();
+    p.set_status("la", Status::Away, Some("brb".into()))
+        .await
+        .unwrap();
+    p.set_state("la", "la-1", AppState::Background)
+        .await
+        .unwrap();
+    p.heartbeat(&[("la".into(), "la-1".into())], ttl)
+        .await
+        .unwrap();
+    p.room_leave("leak-room", "la", "la-1").await.unwrap();
+    p.room_leave("leak-room", "la", "la-2").await.unwrap();
+    p.disconnect("la", "la-1").await.unwrap();
+    p.disconnect("la", "la-2").await.unwrap();
+    p.connect(&info("lb", "lb-1"), short).await.unwrap();
+    p.room_join("leak-room", "lb", "lb-1", short).await.unwrap();
+    p.set_status("never-online", Status::Busy, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = p.sweep().await.unwrap();
+    assert_eq!(r.offline.len(), 1, "{r:?}");
+
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("pleak:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "status and last_seen are kept a while");
+    for key in keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{key} never expires (PTTL {ttl})");
+    }
 }

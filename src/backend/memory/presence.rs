@@ -26,6 +26,9 @@ pub(super) struct PresenceState {
 
 struct UserEntry {
     sessions: HashMap<Arc<str>, (SessionInfo, Instant)>,
+    /// Reported online and not yet reported offline (Redis: member of the online set). Whoever
+    /// clears it reports the user offline, so "offline" is reported exactly once.
+    online: bool,
     status: Status,
     text: Option<String>,
     last_seen: Option<i64>,
@@ -35,15 +38,23 @@ impl UserEntry {
     fn new() -> Self {
         UserEntry {
             sessions: HashMap::new(),
+            online: false,
             status: Status::Online,
             text: None,
             last_seen: None,
         }
     }
 
+    fn live(&self, now: Instant) -> impl Iterator<Item = &SessionInfo> {
+        self.sessions
+            .values()
+            .filter(move |(_, exp)| *exp > now)
+            .map(|(info, _)| info)
+    }
+
     fn view(&self, user: &str) -> UserPresence {
         let mut devices: BTreeMap<&str, DevicePresence> = BTreeMap::new();
-        for (info, _) in self.sessions.values() {
+        for info in self.live(Instant::now()) {
             let d = devices
                 .entry(&info.device)
                 .or_insert_with(|| DevicePresence {
@@ -56,7 +67,7 @@ impl UserEntry {
                 d.state = AppState::Foreground;
             }
         }
-        let online = !self.sessions.is_empty();
+        let online = !devices.is_empty();
         UserPresence {
             user: user.to_string(),
             online,
@@ -91,9 +102,13 @@ impl Presence for Memory {
             .users
             .entry(info.user.clone())
             .or_insert_with(UserEntry::new);
+        // Sessions past their TTL do not count, as in Redis.
+        let now = Instant::now();
+        e.sessions.retain(|_, (_, exp)| *exp > now);
         let was_offline = e.sessions.is_empty();
         e.sessions
-            .insert(info.session.clone(), (info.clone(), Instant::now() + ttl));
+            .insert(info.session.clone(), (info.clone(), now + ttl));
+        e.online = true;
         Ok(was_offline)
     }
 
@@ -102,10 +117,14 @@ impl Presence for Memory {
         let Some(e) = p.users.get_mut(user) else {
             return Ok(None);
         };
-        if e.sessions.remove(session).is_some() && e.sessions.is_empty() {
-            let now = now_ms();
-            e.last_seen = Some(now);
-            return Ok(Some(now));
+        let now = Instant::now();
+        let removed_live = e.sessions.remove(session).is_some_and(|(_, exp)| exp > now);
+        if removed_live && e.online && e.live(now).next().is_none() {
+            e.sessions.clear();
+            e.online = false;
+            let ms = now_ms();
+            e.last_seen = Some(ms);
+            return Ok(Some(ms));
         }
         Ok(None)
     }
@@ -116,10 +135,12 @@ impl Presence for Memory {
         ttl: Duration,
     ) -> BackendResult<()> {
         let mut p = lock(&self.presence);
-        let expiry = Instant::now() + ttl;
+        let now = Instant::now();
+        let expiry = now + ttl;
         for (user, session) in sessions {
             if let Some(e) = p.users.get_mut(user)
                 && let Some(s) = e.sessions.get_mut(session)
+                && s.1 > now
             {
                 s.1 = expiry;
             }
@@ -179,9 +200,9 @@ impl Presence for Memory {
         let now_ms = now_ms();
         let mut out = SweepResult::default();
         p.users.retain(|user, e| {
-            let before = e.sessions.len();
             e.sessions.retain(|_, (_, exp)| *exp > now);
-            if before > 0 && e.sessions.is_empty() {
+            if e.online && e.sessions.is_empty() {
+                e.online = false;
                 e.last_seen = Some(now_ms);
                 out.offline.push((user.to_string(), now_ms));
             }
@@ -205,7 +226,11 @@ impl Presence for Memory {
 
     async fn online_count(&self) -> BackendResult<u64> {
         let p = lock(&self.presence);
-        Ok(p.users.values().filter(|e| !e.sessions.is_empty()).count() as u64)
+        let now = Instant::now();
+        Ok(p.users
+            .values()
+            .filter(|e| e.live(now).next().is_some())
+            .count() as u64)
     }
 
     async fn online_page(
@@ -214,10 +239,11 @@ impl Presence for Memory {
         limit: usize,
     ) -> BackendResult<(Vec<String>, Option<String>)> {
         let p = lock(&self.presence);
+        let now = Instant::now();
         let mut users: Vec<&str> = p
             .users
             .iter()
-            .filter(|(u, e)| !e.sessions.is_empty() && cursor.is_none_or(|c| &***u > c))
+            .filter(|(u, e)| e.live(now).next().is_some() && cursor.is_none_or(|c| &***u > c))
             .map(|(u, _)| &**u)
             .collect();
         users.sort_unstable();
@@ -245,6 +271,8 @@ impl Presence for Memory {
             .or_default()
             .entry(user.to_string())
             .or_default();
+        let now = Instant::now();
+        sess.retain(|_, exp| *exp > now);
         let new = sess.is_empty();
         sess.insert(session.to_string(), Instant::now() + ttl);
         Ok(new)
@@ -258,7 +286,12 @@ impl Presence for Memory {
         let Some(sess) = users.get_mut(user) else {
             return Ok(false);
         };
-        let gone = sess.remove(session).is_some() && sess.is_empty();
+        let now = Instant::now();
+        let removed_live = sess.remove(session).is_some_and(|exp| exp > now);
+        let gone = removed_live && !sess.values().any(|exp| *exp > now);
+        if gone {
+            sess.clear();
+        }
         if sess.is_empty() {
             users.remove(user);
         }

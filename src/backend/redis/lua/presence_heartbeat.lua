@@ -1,0 +1,44 @@
+-- Extends many sessions at once (one node's heartbeat, in chunks): each session that is still live
+-- gets `now + ttl` (never less than it has: GT), its user's online score follows, and so do the live
+-- room entries of the session (found through its rooms set; entries gone or expired are dropped from
+-- that set). Expired sessions and entries are never revived: the sweeper reports them.
+--
+-- Room keys are only known once the session's rooms set is read, so they are built here from the
+-- pieces of their names that `keys.rs` gives (one Redis, not Cluster: see presence.rs).
+--
+-- KEYS[1] online zset, KEYS[2] rooms zset, then per session i (from 0): KEYS[3+3i] user sessions zset,
+-- KEYS[4+3i] user devices hash, KEYS[5+3i] the session's rooms set
+-- ARGV[1] ttl (ms), ARGV[2] key grace (ms), ARGV[3], ARGV[4] room present key = ARGV[3]..room..ARGV[4],
+-- ARGV[5..7] room entries key = ARGV[5]..room..ARGV[6]..user..ARGV[7], then per session i:
+-- ARGV[8+2i] user, ARGV[9+2i] session
+-- Returns the number of sessions extended.
+local now = now_ms()
+local grace = tonumber(ARGV[2])
+local exp = now + tonumber(ARGV[1])
+local extended = 0
+local n = (#KEYS - 2) / 3
+for i = 0, n - 1 do
+  local sessions, devices, index = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
+  local user, session = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
+  local score = redis.call('ZSCORE', sessions, session)
+  if score and tonumber(score) > now then
+    redis.call('ZADD', sessions, 'XX', 'GT', int(exp), session)
+    settle_user(sessions, devices, KEYS[1], user, grace)
+    extended = extended + 1
+  end
+  local rooms = redis.call('SMEMBERS', index)
+  for _, room in ipairs(rooms) do
+    local present = ARGV[3] .. room .. ARGV[4]
+    local entries = ARGV[5] .. room .. ARGV[6] .. user .. ARGV[7]
+    local s = redis.call('ZSCORE', entries, session)
+    if s and tonumber(s) > now then
+      redis.call('ZADD', entries, 'XX', 'GT', int(exp), session)
+      settle_room_user(present, entries, user, grace)
+      settle_room(present, KEYS[2], room, grace)
+    else
+      redis.call('SREM', index, room)
+    end
+  end
+  expire_at_least(index, exp + grace)
+end
+return extended

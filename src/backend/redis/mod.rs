@@ -1,0 +1,117 @@
+//! The Redis backend: many nodes share one Redis 7 (presence, Pub/Sub fan-out, Streams history,
+//! counters). Same contract as [`crate::backend::memory`], checked by the same conformance suite.
+//!
+//! - [`keys`]: every key name (hash-tagged per channel, user or room).
+//! - `broker.rs`: [`crate::backend::Broker`] + [`crate::backend::History`]: one Lua step per publish
+//!   target (seq, XADD `seq-0`, trim, PUBLISH with epoch and seq); a subscriber connection (RESP3 push,
+//!   automatic resubscription) whose reader heals gaps from history.
+//! - `presence.rs`: [`crate::backend::Presence`]: per-user sorted sets scored by expiry (Redis `TIME`).
+//! - `store.rs`: [`crate::backend::Store`].
+//!
+//! Imports nothing of `engine`, `transport` or `rules`.
+
+mod broker;
+pub mod keys;
+mod presence;
+mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::backend::{BackendError, Backends};
+pub use keys::Keys;
+
+/// Deadline for one Redis command (the engine answers 503 past 2 s anyway).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Maps a Redis error to the backend contract: connection trouble is `Unavailable`, anything else
+/// (a script or type error: a bug) is `Internal`.
+pub(crate) fn err(e: redis::RedisError) -> BackendError {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        BackendError::Unavailable(e.to_string())
+    } else {
+        BackendError::Internal(e.to_string())
+    }
+}
+
+/// One Redis deployment as herald's backend.
+pub struct RedisBackend {
+    /// Command connection (multiplexed; reconnects by itself).
+    pub(crate) cmd: ConnectionManager,
+    /// Key names.
+    pub(crate) keys: Keys,
+    /// Fan-out and history.
+    broker: broker::RedisBroker,
+}
+
+fn resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+impl RedisBackend {
+    /// Connects to `url` (`redis://`, `rediss://`, `unix://`) with keys under `prefix`, as node `node`.
+    /// Fails when Redis cannot be reached now.
+    pub async fn connect(url: &str, prefix: &str, node: &str) -> Result<Arc<Self>, BackendError> {
+        // rustls needs a process-wide crypto provider for `rediss://`; installing twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = redis::Client::open(resp3(url)).map_err(|e| {
+            BackendError::Internal(format!(
+                "bad Redis URL: {}",
+                e.detail().unwrap_or("invalid")
+            ))
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let cmd = ConnectionManager::new_with_config(client.clone(), config.clone())
+            .await
+            .map_err(err)?;
+        let keys = Keys::new(prefix);
+        let broker =
+            broker::RedisBroker::start(client, config, cmd.clone(), keys.clone(), node).await?;
+        Ok(Arc::new(RedisBackend { cmd, keys, broker }))
+    }
+
+    /// Warns when Redis may evict herald's keys (it must run with `maxmemory-policy noeviction`).
+    pub async fn check_eviction_policy(&self) -> Option<String> {
+        let mut con = self.cmd.clone();
+        let v: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut con)
+            .await
+            .ok()?;
+        let policy = v.get(1)?.clone();
+        (policy != "noeviction").then_some(policy)
+    }
+}
+
+impl Backends {
+    /// The Redis backend for `url`, keys under `prefix`.
+    pub async fn redis(url: &str, prefix: &str, node: &str) -> Result<Self, BackendError> {
+        Ok(Self::from_redis(
+            RedisBackend::connect(url, prefix, node).await?,
+        ))
+    }
+
+    /// All four backends served by one Redis connection set.
+    pub fn from_redis(r: Arc<RedisBackend>) -> Self {
+        Backends {
+            broker: r.clone(),
+            history: r.clone(),
+            presence: r.clone(),
+            store: r,
+        }
+    }
+}

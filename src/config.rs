@@ -165,6 +165,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Redis URL; `None` = memory backend.
     pub redis: Option<String>,
+    /// PEM CA certificate for `rediss://` with a private CA (`HERALD_REDIS_CA`, `redis_ca`).
+    pub redis_ca: Option<PathBuf>,
     /// Rules directory.
     pub rules_dir: PathBuf,
     /// `channels.toml` path.
@@ -209,6 +211,7 @@ pub struct Config {
 struct FileConfig {
     listen: Option<String>,
     redis: Option<String>,
+    redis_ca: Option<PathBuf>,
     rules: Option<PathBuf>,
     channels: Option<PathBuf>,
     node_id: Option<String>,
@@ -344,6 +347,7 @@ impl Config {
             })?;
         }
         c.redis = o.redis.or(file.redis);
+        c.redis_ca = env("HERALD_REDIS_CA").map(PathBuf::from).or(file.redis_ca);
         if let Some(r) = &c.redis
             && !(r.starts_with("redis://")
                 || r.starts_with("rediss://")
@@ -510,6 +514,7 @@ impl Config {
         Config {
             listen: "127.0.0.1:7070".parse().expect("valid address"),
             redis: None,
+            redis_ca: None,
             rules_dir: "rules".into(),
             channels_file: "channels.toml".into(),
             channels_required: false,

@@ -75,9 +75,20 @@ pub async fn backends(config: &Config) -> anyhow::Result<backend::Backends> {
     match &config.redis {
         None => Ok(backend::Backends::memory()),
         Some(url) => {
-            let r = backend::redis::RedisBackend::connect(url, REDIS_PREFIX, &config.node_id)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot use Redis at {}: {e}", redact_url(url)))?;
+            let ca = match &config.redis_ca {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("redis CA {}: cannot read: {e}", path.display())
+                })?),
+                None => None,
+            };
+            let r = backend::redis::RedisBackend::connect_with_ca(
+                url,
+                ca,
+                REDIS_PREFIX,
+                &config.node_id,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot use Redis at {}: {e}", redact_url(url)))?;
             if let Some(policy) = r.check_eviction_policy().await {
                 tracing::warn!(
                     policy,

@@ -316,3 +316,32 @@ async fn a_killed_node_has_its_users_offline_within_ttl() {
     assert!(off["last_seen"].is_i64());
     let _: Value = off;
 }
+
+/// `rediss://` with a private CA (`redis_ca` / HERALD_REDIS_CA): delivery across two nodes over TLS.
+#[tokio::test]
+async fn rediss_with_a_private_ca_works() {
+    let redis = RedisServer::start_tls();
+    let (port, ca) = redis.tls.clone().unwrap();
+    let url = format!("rediss://localhost:{port}");
+    let a = TestServer::start_redis(&url, "tls-a", |c| c.redis_ca = Some(ca.clone())).await;
+    let b = TestServer::start_redis(&url, "tls-b", |c| c.redis_ca = Some(ca.clone())).await;
+    let mut bob = b.ws("bob").await;
+    a.publish(json!({"event":"n","to":["bob"],"data":"over tls"}))
+        .await;
+    let ev = bob.event_on("user:bob").await;
+    assert_eq!(ev["data"], "over tls");
+    // Without the CA the certificate is refused: the start fails with a clear error.
+    let mut c = test_config();
+    c.redis = Some(url);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = herald::start(
+        c,
+        herald::ChannelKinds::default(),
+        listener,
+        std::future::pending(),
+    )
+    .await
+    .err()
+    .expect("an unknown CA must be refused");
+    assert!(err.to_string().contains("cannot use Redis"), "{err}");
+}

@@ -14,6 +14,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// `unix://…/redis.sock`
     pub url: String,
+    /// With TLS: the loopback port and the CA certificate file.
+    pub tls: Option<(u16, std::path::PathBuf)>,
 }
 
 impl RedisServer {
@@ -24,6 +26,50 @@ impl RedisServer {
             dir,
             child: None,
             url,
+            tls: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// A server that also listens with TLS on a loopback port, with a self-signed certificate for
+    /// `localhost` made by `openssl` (the unix socket stays for control commands).
+    pub fn start_tls() -> RedisServer {
+        let dir = TempDir::new("redis-tls");
+        // A CA and a leaf certificate for `localhost` signed by it (rustls refuses a CA certificate
+        // used as the server's own).
+        let d = dir.path.display().to_string();
+        let script = format!(
+            "set -e; cd '{d}'; \
+             openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+               -subj /CN=herald-test-ca -keyout ca.key -out ca.pem \
+               -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign; \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+               -keyout key.pem -out leaf.csr; \
+             printf 'subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > leaf.ext; \
+             openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+               -extfile leaf.ext -out cert.pem"
+        );
+        let ok = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("sh and openssl are installed")
+            .success();
+        assert!(ok, "openssl could not make test certificates");
+        let cert = dir.join("ca.pem");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("unix://{}", dir.join("redis.sock").display());
+        let mut r = RedisServer {
+            dir,
+            child: None,
+            url,
+            tls: Some((port, cert)),
         };
         r.spawn();
         r
@@ -48,6 +94,7 @@ impl RedisServer {
             ])
             .args(["--maxmemory-policy", "noeviction", "--dir"])
             .arg(&self.dir.path)
+            .args(self.tls_args())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -57,6 +104,28 @@ impl RedisServer {
         while !self.ping() {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            None => Vec::new(),
+            Some((port, ca)) => {
+                let cert = self.dir.join("cert.pem").display().to_string();
+                let key = self.dir.join("key.pem").display().to_string();
+                vec![
+                    "--tls-port".into(),
+                    port.to_string(),
+                    "--tls-cert-file".into(),
+                    cert,
+                    "--tls-key-file".into(),
+                    key,
+                    "--tls-ca-cert-file".into(),
+                    ca.display().to_string(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }
         }
     }
 

@@ -61,14 +61,36 @@ impl RedisBackend {
     /// Connects to `url` (`redis://`, `rediss://`, `unix://`) with keys under `prefix`, as node `node`.
     /// Fails when Redis cannot be reached now.
     pub async fn connect(url: &str, prefix: &str, node: &str) -> Result<Arc<Self>, BackendError> {
+        Self::connect_with_ca(url, None, prefix, node).await
+    }
+
+    /// Like [`RedisBackend::connect`]; `ca_pem` (PEM) replaces the system roots for `rediss://`
+    /// (a private CA).
+    pub async fn connect_with_ca(
+        url: &str,
+        ca_pem: Option<Vec<u8>>,
+        prefix: &str,
+        node: &str,
+    ) -> Result<Arc<Self>, BackendError> {
         // rustls needs a process-wide crypto provider for `rediss://`; installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = redis::Client::open(resp3(url)).map_err(|e| {
+        let bad_url = |e: redis::RedisError| {
             BackendError::Internal(format!(
                 "bad Redis URL: {}",
                 e.detail().unwrap_or("invalid")
             ))
-        })?;
+        };
+        let client = match ca_pem {
+            Some(root_cert) => redis::Client::build_with_tls(
+                resp3(url),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            None => redis::Client::open(resp3(url)),
+        }
+        .map_err(bad_url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))

@@ -169,6 +169,12 @@ pub struct Config {
     pub redis_ca: Option<PathBuf>,
     /// Rules directory.
     pub rules_dir: PathBuf,
+    /// Per-call budget of rule hooks.
+    pub rules_budget: crate::rules::Budget,
+    /// What a failing rule does at run time.
+    pub rules_on_error: crate::rules::OnError,
+    /// Reload rules when files change.
+    pub rules_watch: bool,
     /// `channels.toml` path.
     pub channels_file: PathBuf,
     /// Whether `channels_file` must exist (it was named explicitly).
@@ -229,6 +235,19 @@ struct FileConfig {
     shutdown_grace: Option<Duration>,
     #[serde(default)]
     push: PushConfig,
+    #[serde(default)]
+    rules_engine: FileRules,
+}
+
+/// `[rules_engine]`: how rule hooks run.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRules {
+    operations: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    wall_time: Option<Duration>,
+    on_error: Option<crate::rules::OnError>,
+    watch: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -503,6 +522,26 @@ impl Config {
             c.metrics_require_admin = m;
         }
 
+        // Rules.
+        let r = file.rules_engine;
+        if let Some(ops) = r.operations {
+            if ops == 0 {
+                return Err(ConfigError::Invalid(
+                    "rules_engine.operations must be > 0".into(),
+                ));
+            }
+            c.rules_budget.operations = ops;
+        }
+        if let Some(w) = r.wall_time {
+            c.rules_budget.wall = w;
+        }
+        if let Some(o) = r.on_error {
+            c.rules_on_error = o;
+        }
+        if let Some(w) = r.watch {
+            c.rules_watch = w;
+        }
+
         // Push (env overrides per key).
         c.push = file.push;
         apply_push_env(&mut c.push);
@@ -516,6 +555,9 @@ impl Config {
             redis: None,
             redis_ca: None,
             rules_dir: "rules".into(),
+            rules_budget: crate::rules::Budget::default(),
+            rules_on_error: crate::rules::OnError::DefaultRoute,
+            rules_watch: true,
             channels_file: "channels.toml".into(),
             channels_required: false,
             node_id: default_node_id(),

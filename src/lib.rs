@@ -123,7 +123,8 @@ pub async fn start(
     let backends = backends(&config).await?;
     let auth = transport::auth::Auth::new(&config)?;
     let token = CancellationToken::new();
-    let engine = Engine::start(config, kinds, backends, token.clone());
+    let engine =
+        Engine::start(config, kinds, backends, token.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let state = transport::AppState {
         engine: engine.clone(),
         auth: auth.clone(),

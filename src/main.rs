@@ -25,30 +25,39 @@ enum Command {
     Serve(ServeArgs),
     /// Mint a client JWT with the configured HS256 secret (HERALD_JWT_SECRET or herald.toml).
     Token(TokenArgs),
-    /// Check or test the Rhai rules (arrives with the rules issue).
+    /// Check (compile + lint) or test (run fixtures) the Rhai rules.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
     },
-    /// Print the Decision the rules take for an event (arrives with the rules issue).
+    /// Print the Decision the rules take for an event, and which file decided.
     Simulate {
-        /// The event JSON file.
+        /// The event JSON file: {"type", "channel"|"room"|"to", "from", "data", "source", "attrs"}.
         #[arg(long)]
         event: PathBuf,
+        /// Rules directory.
+        #[arg(long, env = "HERALD_RULES", default_value = "rules")]
+        rules: PathBuf,
+        /// channels.toml path.
+        #[arg(long, env = "HERALD_CHANNELS", default_value = "channels.toml")]
+        channels: PathBuf,
     },
 }
 
 #[derive(Subcommand)]
 enum RulesCommand {
-    /// Compile and lint the rules.
+    /// Compile and lint the rules; non-zero exit with file:line:col on error.
     Check {
-        /// Rules directory.
+        /// Rules directory (default: HERALD_RULES or ./rules).
         dir: Option<PathBuf>,
     },
-    /// Run the rule fixtures.
+    /// Run the rule fixtures (rules/tests/*.toml); a diff per failing case.
     Test {
-        /// Rules directory.
+        /// Rules directory (default: HERALD_RULES or ./rules).
         dir: Option<PathBuf>,
+        /// channels.toml path.
+        #[arg(long, env = "HERALD_CHANNELS", default_value = "channels.toml")]
+        channels: PathBuf,
     },
 }
 
@@ -126,9 +135,12 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(a) => serve(a),
         Command::Token(t) => token(t),
-        Command::Rules { .. } | Command::Simulate { .. } => Err(anyhow::anyhow!(
-            "not yet: Rhai rules arrive in a later release; routing uses channels.toml defaults"
-        )),
+        Command::Rules { command } => rules_command(command),
+        Command::Simulate {
+            event,
+            rules,
+            channels,
+        } => simulate(&event, rules, channels),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -137,6 +149,96 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+fn rules_dir(dir: Option<PathBuf>) -> PathBuf {
+    dir.or_else(|| std::env::var_os("HERALD_RULES").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("rules"))
+}
+
+fn load_kinds(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<ChannelKinds>> {
+    Ok(std::sync::Arc::new(ChannelKinds::load(path, false)?))
+}
+
+fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
+    use herald::rules::{Budget, OnError, RuleSet, fixtures};
+    match command {
+        RulesCommand::Check { dir } => {
+            let dir = rules_dir(dir);
+            let set = RuleSet::load(
+                &dir,
+                load_kinds(std::path::Path::new("channels.toml"))?,
+                Budget::default(),
+                OnError::DefaultRoute,
+                1,
+            )?;
+            let files = set.files();
+            if files.is_empty() {
+                println!(
+                    "{}: no rule files (*.rhai); channel defaults route every event",
+                    dir.display()
+                );
+            } else {
+                println!(
+                    "{}: {} file(s) compiled: {}",
+                    dir.display(),
+                    files.len(),
+                    files.join(", ")
+                );
+            }
+            Ok(())
+        }
+        RulesCommand::Test { dir, channels } => {
+            let dir = rules_dir(dir);
+            let set = RuleSet::load(
+                &dir,
+                load_kinds(&channels)?,
+                Budget::default(),
+                OnError::DefaultRoute,
+                1,
+            )?;
+            let report = fixtures::run(&dir, &set)?;
+            for f in &report.failures {
+                println!("FAIL {f}");
+            }
+            println!(
+                "{} passed, {} failed",
+                report.cases - report.failures.len(),
+                report.failures.len()
+            );
+            if report.failures.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("{} fixture case(s) failed", report.failures.len())
+            }
+        }
+    }
+}
+
+fn simulate(event: &std::path::Path, rules: PathBuf, channels: PathBuf) -> anyhow::Result<()> {
+    use herald::rules::{Budget, OnError, RuleSet, fixtures::EventSpec};
+    let text = std::fs::read_to_string(event)
+        .with_context(|| format!("cannot read {}", event.display()))?;
+    let spec: EventSpec = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not an event", event.display()))?;
+    let kinds = load_kinds(&channels)?;
+    let set = RuleSet::load(
+        &rules,
+        kinds.clone(),
+        Budget::default(),
+        OnError::DefaultRoute,
+        1,
+    )?;
+    let routed = spec
+        .route(&set)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", event.display()))?;
+    let out = serde_json::json!({
+        "decision": routed.decision.to_json(&kinds, spec.from.as_deref()),
+        "by": routed.by.map(|f| format!("{f}::route")).unwrap_or_else(|| "channel defaults".into()),
+        "error": routed.error,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 fn token(t: TokenArgs) -> anyhow::Result<()> {

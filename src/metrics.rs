@@ -55,3 +55,13 @@ pub fn publish_failed(code: &'static str) {
 pub fn idempotent_replay() {
     metrics::counter!("herald_idempotent_replays_total").increment(1);
 }
+
+/// Rule hook calls that failed or ran out of budget (on_error applied).
+pub fn rule_error(hook: &'static str) {
+    metrics::counter!("herald_rule_errors_total", "hook" => hook).increment(1);
+}
+
+/// Rule reloads, by outcome (`ok`, `refused`).
+pub fn rules_reload(outcome: &'static str) {
+    metrics::counter!("herald_rules_reloads_total", "outcome" => outcome).increment(1);
+}

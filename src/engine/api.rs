@@ -51,7 +51,8 @@ impl Engine {
                 format!("limit: 1-{MAX_HISTORY_LIMIT}"),
             ));
         }
-        let kind = self.kinds.of(ch);
+        let kinds = self.kinds();
+        let kind = kinds.of(ch);
         if !kind.persist {
             return Err(EngineError::new(
                 ErrorCode::BadChannel,
@@ -103,6 +104,7 @@ impl Engine {
             data: raw(json!({ "room": room, "user": user, "seq": pointer })),
             idempotency_key: None,
             source: Source::Api,
+            attrs: None,
         })
         .await?;
         self.publish_ephemeral(
@@ -208,6 +210,7 @@ impl Engine {
                 data: raw(data.clone()),
                 idempotency_key: None,
                 source: Source::Api,
+                attrs: None,
             })
             .await?;
         let room_left = self
@@ -218,6 +221,7 @@ impl Engine {
                 data: raw(data),
                 idempotency_key: None,
                 source: Source::Api,
+                attrs: None,
             })
             .await?;
         Ok(json!({
@@ -311,7 +315,7 @@ impl Engine {
             .await?;
             for a in &all {
                 if cursor.as_deref().is_some_and(|c| a.id.as_str() <= c)
-                    || !audience_admits(&a.audience, attrs)
+                    || !self.admits_announcement(a, user, attrs)
                 {
                     continue;
                 }
@@ -329,7 +333,8 @@ impl Engine {
     ) -> EngineResult<(Value, PublishReply)> {
         backend(self.backends.store.add_announcement(&a)).await?;
         let ch = ChannelName::global();
-        let kind = self.kinds.of(&ch);
+        let kinds = self.kinds();
+        let kind = kinds.of(&ch);
         // The live event carries the announcement's id, as the login sync does.
         let id = a.id.as_str();
         let data = raw(announcement_data(&a));
@@ -341,19 +346,24 @@ impl Engine {
             ts: a.ts,
         }
         .encode();
-        let pos = backend(self.backends.broker.publish(Outgoing {
-            channel: ch.clone(),
-            event: "announcement".into(),
-            payload: OutgoingPayload::EventBody(body),
-            persist: kind.persist.then_some(HistoryLimits {
-                size: kind.history_size,
-                age: kind.history_age,
+        let pos = backend(
+            self.backends.broker.publish(Outgoing {
+                channel: ch.clone(),
+                event: "announcement".into(),
+                payload: OutgoingPayload::EventBody(body),
+                persist: kind.persist.then_some(HistoryLimits {
+                    size: kind.history_size,
+                    age: kind.history_age,
+                }),
+                filter: DeliveryFilter {
+                    except: Vec::new(),
+                    // With `announce` rules each session asks them (Session::check); without, the hub
+                    // filters by audience.
+                    audience: (!a.audience.is_empty() && !self.rules.current().has_announce())
+                        .then(|| Arc::new(a.audience.clone())),
+                },
             }),
-            filter: DeliveryFilter {
-                except: Vec::new(),
-                audience: (!a.audience.is_empty()).then(|| Arc::new(a.audience.clone())),
-            },
-        }))
+        )
         .await?;
         let reply = PublishReply {
             id: id.to_string(),
@@ -365,6 +375,20 @@ impl Engine {
             push: Default::default(),
         };
         Ok((serde_json::to_value(&a).expect("serialises"), reply))
+    }
+
+    /// Whether `user` is shown announcement `a`: the `announce` rules decide; without one, the audience
+    /// (every key equal to the user's attr).
+    pub fn admits_announcement(
+        &self,
+        a: &Announcement,
+        user: &str,
+        attrs: &Map<String, Value>,
+    ) -> bool {
+        let rules = self.rules.current();
+        rules
+            .announce(&announcement_data(a), user, attrs)
+            .unwrap_or_else(|| audience_admits(&a.audience, attrs))
     }
 
     /// Unexpired announcements.
@@ -464,7 +488,8 @@ impl Engine {
         let needle = format!("\"id\":\"{id}\"");
         for room in backend(self.backends.store.rooms_of(user)).await? {
             let ch = ChannelName::of(Kind::Room, &room);
-            let kind = self.kinds.of(&ch);
+            let kinds = self.kinds();
+            let kind = kinds.of(&ch);
             let page = backend(self.backends.history.read(
                 &ch,
                 0,
@@ -485,10 +510,11 @@ impl Engine {
     }
 }
 
-/// The data of an `announcement` event.
+/// The data of an `announcement` event (with its `audience`, which `announce` rules read).
 fn announcement_data(a: &Announcement) -> Value {
     json!({
         "id": a.id, "title": a.title, "body": a.body, "url": a.url, "image": a.image, "expires": a.expires,
+        "audience": a.audience,
     })
 }
 

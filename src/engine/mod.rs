@@ -25,6 +25,7 @@ use crate::backend::{BackendError, Backends};
 use crate::channels::ChannelKinds;
 use crate::config::Config;
 use crate::rules::RuleSet;
+use crate::rules::reload::{Rules, RulesConfig};
 
 pub use hub::{CloseReason, Hub, Outbound, SessionHandle};
 pub use pipeline::{PublishReply, PublishRequest};
@@ -146,10 +147,8 @@ pub struct Engine {
 pub struct Inner {
     /// Configuration.
     pub config: Config,
-    /// Channel kinds.
-    pub kinds: Arc<ChannelKinds>,
-    /// Routing.
-    pub rules: RuleSet,
+    /// Routing rules and channel kinds (hot-reloaded together).
+    pub rules: Arc<Rules>,
     /// Shared state.
     pub backends: Backends,
     /// Local registry.
@@ -170,22 +169,53 @@ impl std::ops::Deref for Engine {
 
 impl Engine {
     /// Builds an engine on `backends` and starts its background loops (presence heartbeats and
-    /// sweeps), which stop when `shutdown` is cancelled.
+    /// sweeps; the rules watcher when the rules directory exists), which stop when `shutdown` is
+    /// cancelled. Fails when the rules do not compile or their fixtures fail.
     pub fn start(
         config: Config,
         kinds: ChannelKinds,
         backends: Backends,
         shutdown: CancellationToken,
-    ) -> Engine {
-        let kinds = Arc::new(kinds);
+    ) -> Result<Engine, String> {
+        let rules_config = RulesConfig {
+            dir: std::path::absolute(&config.rules_dir)
+                .unwrap_or_else(|_| config.rules_dir.clone()),
+            channels_file: std::path::absolute(&config.channels_file)
+                .unwrap_or_else(|_| config.channels_file.clone()),
+            channels_required: config.channels_required,
+            budget: config.rules_budget,
+            on_error: config.rules_on_error,
+        };
+        let set = RuleSet::load(
+            &rules_config.dir,
+            Arc::new(kinds),
+            rules_config.budget,
+            rules_config.on_error,
+            1,
+        )
+        .map_err(|e| format!("rules: {e}"))?;
+        let report = crate::rules::fixtures::run(&rules_config.dir, &set)
+            .map_err(|e| format!("rules: {e}"))?;
+        if !report.failures.is_empty() {
+            return Err(format!(
+                "rules: {} of {} fixture case(s) failed:\n{}",
+                report.failures.len(),
+                report.cases,
+                report.failures.join("\n")
+            ));
+        }
+        let watch = rules_config.dir.is_dir() && config.rules_watch;
+        let rules = Rules::fixed(set, rules_config);
+        if watch {
+            rules.watch(shutdown.clone())?;
+        }
         let hub = Arc::new(Hub::new());
         backends.broker.attach(hub.clone());
         let engine = Engine {
             inner: Arc::new(Inner {
                 node: config.node_id.as_str().into(),
-                rules: RuleSet::defaults(kinds.clone()),
+                rules,
                 config,
-                kinds,
                 backends,
                 hub,
                 shutdown,
@@ -193,7 +223,12 @@ impl Engine {
             }),
         };
         tokio::spawn(presence::run(engine.clone()));
-        engine
+        Ok(engine)
+    }
+
+    /// The channel kinds in force (they reload with the rules).
+    pub fn kinds(&self) -> Arc<ChannelKinds> {
+        self.rules.current().kinds().clone()
     }
 
     pub(crate) fn next_session_id(&self) -> u64 {

@@ -35,6 +35,8 @@ pub struct PublishRequest {
     pub idempotency_key: Option<String>,
     /// API or client.
     pub source: Source,
+    /// The sender's JWT attrs (client publishes), for the rules.
+    pub attrs: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// Where one publish went.
@@ -181,36 +183,47 @@ impl Engine {
     }
 
     async fn publish_claimed(&self, req: &PublishRequest) -> EngineResult<PublishReply> {
-        let decision = self.rules.route(&RouteInput {
+        let id = new_event_id();
+        let ts = now_ms();
+        // One rule evaluation per publish; the set (and its channel kinds) stays the same for the
+        // whole publish even if a reload swaps in a new one meanwhile.
+        let rules = self.rules.current();
+        let kinds = rules.kinds().clone();
+        let routed = rules.route(&RouteInput {
             event: &req.event,
+            id: &id,
             targets: &req.targets,
             from: req.from.as_deref(),
+            data: &req.data,
+            ts,
             source: req.source,
+            attrs: req.attrs.as_deref(),
         });
+        drop(rules);
+        let decision = routed.decision;
         if let Some(reason) = decision.drop {
             return Err(EngineError::new(ErrorCode::Rejected, reason));
         }
-        let id = new_event_id();
         let body = EventBody {
             id: &id,
             event: &req.event,
             data: &req.data,
             from: req.from.as_deref(),
-            ts: now_ms(),
+            ts,
         }
         .encode();
         let event: Arc<str> = req.event.as_str().into();
         let mut deliveries = Vec::with_capacity(decision.to.len());
         for channel in &decision.to {
-            let kind = self.kinds.of(channel);
+            let kind = kinds.of(channel);
             let persist = decision
-                .persist_for(&self.kinds, channel)
+                .persist_for(&kinds, channel)
                 .then_some(HistoryLimits {
                     size: kind.history_size,
                     age: kind.history_age,
                 });
             let filter = DeliveryFilter {
-                except: decision.except_for(&self.kinds, channel, req.from.as_deref()),
+                except: decision.except_for(&kinds, channel, req.from.as_deref()),
                 audience: None,
             };
             let position = backend(self.backends.broker.publish(Outgoing {
@@ -223,7 +236,7 @@ impl Engine {
             .await?;
             if let Some(p) = &position
                 && channel.kind() == Kind::Room
-                && decision.unread_for(&self.kinds, channel)
+                && decision.unread_for(&kinds, channel)
             {
                 self.count_unread(channel.id(), p.seq, kind.history_size, req.from.as_deref())
                     .await?;

@@ -166,8 +166,24 @@ impl Engine {
     }
 
     /// Checks that `user` may subscribe to (or read the history of) `channel`.
-    pub async fn can_subscribe(&self, user: &str, channel: &ChannelName) -> EngineResult<()> {
-        match self.kinds.of(channel).subscribe {
+    /// A rule's `can_subscribe` decides first; without one, the channel kind's policy.
+    pub async fn can_subscribe(
+        &self,
+        user: &str,
+        attrs: &Map<String, Value>,
+        channel: &ChannelName,
+    ) -> EngineResult<()> {
+        if let Some(allowed) = self.rules.current().can_subscribe(user, attrs, channel) {
+            return if allowed {
+                Ok(())
+            } else {
+                Err(EngineError::new(
+                    ErrorCode::Forbidden,
+                    format!("{channel}: denied by a rule"),
+                ))
+            };
+        }
+        match self.kinds().of(channel).subscribe {
             SubscribePolicy::Any => Ok(()),
             SubscribePolicy::Owner if channel.id() == user => Ok(()),
             SubscribePolicy::Member => self.require_member(channel.id(), user).await,
@@ -189,8 +205,29 @@ impl Engine {
     }
 
     /// Checks that `user` may publish to `channel` from a client.
-    pub async fn can_publish(&self, user: &str, channel: &ChannelName) -> EngineResult<()> {
-        match self.kinds.of(channel).publish {
+    /// A rule's `can_publish` decides first; without one, the channel kind's policy.
+    pub async fn can_publish(
+        &self,
+        user: &str,
+        attrs: &Map<String, Value>,
+        channel: &ChannelName,
+        event: &str,
+    ) -> EngineResult<()> {
+        if let Some(allowed) = self
+            .rules
+            .current()
+            .can_publish(user, attrs, channel, event)
+        {
+            return if allowed {
+                Ok(())
+            } else {
+                Err(EngineError::new(
+                    ErrorCode::Forbidden,
+                    format!("{channel}: publishing {event:?} denied by a rule"),
+                ))
+            };
+        }
+        match self.kinds().of(channel).publish {
             PublishPolicy::Any => Ok(()),
             PublishPolicy::Owner if channel.id() == user => Ok(()),
             PublishPolicy::Member => self.require_member(channel.id(), user).await,
@@ -298,18 +335,33 @@ impl Session {
         }
         match (d.channel.kind(), &*d.event) {
             (Kind::User, "room.left") => self.on_room_left(&d.frame),
-            (Kind::Global, "announcement") => self.on_announcement(&d.frame),
+            (Kind::Global, "announcement") if !self.on_announcement(&d.frame) => {
+                return Verdict::Skip;
+            }
             _ => {}
         }
         verdict
     }
 
-    /// An announcement reached this device live: remember it, so [`Session::after_delivery`] moves the
-    /// user's announcement cursor and no device of theirs is shown it again at login sync.
-    fn on_announcement(&mut self, frame: &[u8]) {
-        self.seen_announcement = serde_json::from_slice::<Value>(frame)
-            .ok()
-            .and_then(|v| v["data"]["id"].as_str().map(str::to_string));
+    /// An announcement arrived live: false when the `announce` rules do not admit this user. When
+    /// delivered, remember it so [`Session::after_delivery`] moves the user's announcement cursor and
+    /// no device of theirs is shown it again at login sync. (Announcements are rare: evaluating the
+    /// hook per recipient here is not the event hot path.)
+    fn on_announcement(&mut self, frame: &[u8]) -> bool {
+        let Ok(v) = serde_json::from_slice::<Value>(frame) else {
+            return true;
+        };
+        let data = &v["data"];
+        if let Some(false) =
+            self.engine
+                .rules
+                .current()
+                .announce(data, &self.handle.user, &self.handle.attrs)
+        {
+            return false;
+        }
+        self.seen_announcement = data["id"].as_str().map(str::to_string);
+        true
     }
 
     /// Bookkeeping the deliveries just written asked for (backend writes stay off the fan-out path;
@@ -350,7 +402,9 @@ impl Session {
         since: Option<Position>,
     ) -> EngineResult<(Value, Vec<StoredEvent>)> {
         let ch = ChannelName::parse(channel)?;
-        self.engine.can_subscribe(&self.handle.user, &ch).await?;
+        self.engine
+            .can_subscribe(&self.handle.user, &self.handle.attrs, &ch)
+            .await?;
         self.subscribe_checked(ch, since).await
     }
 
@@ -361,7 +415,7 @@ impl Session {
         since: Option<Position>,
     ) -> EngineResult<(Value, Vec<StoredEvent>)> {
         let e = self.engine.clone();
-        let kind = e.kinds.of(&ch).clone();
+        let kind = e.kinds().of(&ch).clone();
         let new = !self.subs.contains_key(&ch);
         if new {
             if self.subs.len() >= e.config.limits.subscriptions_per_connection {
@@ -498,7 +552,9 @@ impl Session {
         idempotency_key: Option<String>,
     ) -> EngineResult<Value> {
         let ch = ChannelName::parse(channel)?;
-        self.engine.can_publish(&self.handle.user, &ch).await?;
+        self.engine
+            .can_publish(&self.handle.user, &self.handle.attrs, &ch, &event)
+            .await?;
         let reply = self
             .engine
             .publish(PublishRequest {
@@ -508,6 +564,7 @@ impl Session {
                 data,
                 idempotency_key,
                 source: Source::Client,
+                attrs: Some(self.handle.attrs.clone()),
             })
             .await?;
         Ok(serde_json::to_value(reply).expect("reply serialises"))
@@ -579,6 +636,7 @@ impl Session {
             data,
             idempotency_key: None,
             source: Source::Client,
+            attrs: Some(self.handle.attrs.clone()),
         })
         .await?;
         Ok(json!({ "room": room }))
@@ -626,7 +684,8 @@ impl Session {
     ) -> EngineResult<Value> {
         let ch = ChannelName::parse(channel)?;
         let e = self.engine.clone();
-        e.can_subscribe(&self.handle.user, &ch).await?;
+        e.can_subscribe(&self.handle.user, &self.handle.attrs, &ch)
+            .await?;
         let after = from.unwrap_or(1).saturating_sub(1);
         e.history_json(&ch, after, to, limit).await
     }

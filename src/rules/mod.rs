@@ -1,16 +1,33 @@
-//! Routing decisions. For now every event is routed by its channel's defaults in `channels.toml`; the
-//! Rhai rule set (hot-reloaded `rules/*.rhai`) arrives with the rules issue and returns the same
-//! [`Decision`] type, so the publish pipeline does not change when it does.
+//! Routing rules: Rhai scripts in `rules/*.rhai`, compiled once per (re)load and evaluated once per
+//! publish, never per delivery. Each file may define `route(event)`, `can_subscribe(user, channel)`,
+//! `can_publish(user, channel, event)` and `announce(announcement, user)`. Files load in name order; for
+//! each hook the first file whose function returns a value decides, `()` passes to the next, and when none
+//! decides the channel defaults of `channels.toml` apply.
+//!
+//! Scripts are pure and sandboxed: operation, call-depth, expression-depth, string, array and map limits,
+//! a wall-time budget per call, no module imports from disk, no `eval`, no printing. A script that errors
+//! or runs out of budget follows `on_error` (channel defaults by default) and counts an error: an event is
+//! never lost to a bad script.
 //!
 //! Imports only the vocabulary (`channels`, `event`); never `engine`, `backend` or `transport`.
 
 pub mod decision;
+pub mod fixtures;
+pub mod reload;
 
 pub use decision::{Decision, DevicePolicy, PushPolicy, PushWhen};
 
+use std::cell::Cell;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::channels::{ChannelKinds, ChannelName};
+use rhai::{AST, CallFnOptions, Dynamic, Engine, Scope};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::channels::{ChannelKinds, ChannelName, Kind};
 
 /// Where an event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +39,7 @@ pub enum Source {
 }
 
 impl Source {
-    /// As scripts will see it.
+    /// As scripts see it.
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Api => "api",
@@ -36,43 +53,570 @@ impl Source {
 pub struct RouteInput<'a> {
     /// Event type.
     pub event: &'a str,
+    /// Event id.
+    pub id: &'a str,
     /// Target channels the publisher named.
     pub targets: &'a [ChannelName],
     /// Sender user, when any.
     pub from: Option<&'a str>,
+    /// Payload.
+    pub data: &'a RawValue,
+    /// Publish time, unix ms.
+    pub ts: i64,
     /// API or client.
     pub source: Source,
+    /// The sender's JWT `attrs` (client publishes).
+    pub attrs: Option<&'a Map<String, Value>>,
 }
 
-/// The channel-default route: deliver to the named targets; the sender is excluded where the kind says
-/// `except_sender`; persist and unread per target kind (left to [`Decision::persist_for`]).
-pub fn default_route(_kinds: &ChannelKinds, input: &RouteInput<'_>) -> Decision {
-    Decision {
-        to: input.targets.to_vec(),
-        except: Vec::new(),
-        except_sender: true,
-        persist: None,
-        unread: None,
-        devices: DevicePolicy::All,
-        push: None,
-        drop: None,
+/// A routing result and where it came from.
+#[derive(Clone, Debug)]
+pub struct Routed {
+    /// The decision.
+    pub decision: Decision,
+    /// `"file.rhai"` whose `route` decided; `None` = channel defaults.
+    pub by: Option<String>,
+    /// The script error that made `on_error` apply, if any.
+    pub error: Option<String>,
+}
+
+/// What happens when a script fails or runs out of budget at run time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Route by the channel defaults (the event is delivered).
+    #[default]
+    DefaultRoute,
+    /// Reject the publish (`rejected`, with the error as reason).
+    Reject,
+}
+
+/// Limits of one hook call.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Rhai operations.
+    pub operations: u64,
+    /// Wall time.
+    pub wall: Duration,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            operations: 100_000,
+            wall: Duration::from_millis(50),
+        }
     }
 }
 
-/// The rule set an engine routes with. Today: channel defaults only.
+/// A rule file that failed to load, or a load-time check that failed: `file:line:col: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleError {
+    /// File name (relative to the rules directory).
+    pub file: String,
+    /// 1-based line, 0 when unknown.
+    pub line: usize,
+    /// 1-based column, 0 when unknown.
+    pub col: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.col) {
+            (0, _) => write!(f, "{}: {}", self.file, self.message),
+            (l, 0) => write!(f, "{}:{l}: {}", self.file, self.message),
+            (l, c) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for RuleError {}
+
+fn pos_error(file: &str, pos: rhai::Position, message: impl Into<String>) -> RuleError {
+    RuleError {
+        file: file.to_string(),
+        line: pos.line().unwrap_or(0),
+        col: pos.position().unwrap_or(0),
+        message: message.into(),
+    }
+}
+
+thread_local! {
+    /// Deadline of the hook call running on this thread (the wall-time budget).
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// A sandboxed Rhai engine with `budget`.
+pub fn sandbox(budget: Budget) -> Engine {
+    let mut e = Engine::new();
+    e.set_max_operations(budget.operations);
+    e.set_max_call_levels(32);
+    e.set_max_expr_depths(64, 32);
+    e.set_max_string_size(64 * 1024);
+    e.set_max_array_size(10_000);
+    e.set_max_map_size(10_000);
+    e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    e.disable_symbol("eval");
+    // Scripts are pure: no output.
+    e.on_print(|_| {});
+    e.on_debug(|_, _, _| {});
+    e.on_progress(|ops| {
+        if ops % 256 != 0 {
+            return None;
+        }
+        let late = DEADLINE.with(|d| d.get().is_some_and(|t| Instant::now() > t));
+        late.then(|| Dynamic::from("wall-time budget exceeded"))
+    });
+    e
+}
+
+/// The hooks one file defines.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hooks {
+    route: bool,
+    can_subscribe: bool,
+    can_publish: bool,
+    announce: bool,
+}
+
+/// One compiled rule file.
+#[derive(Clone)]
+struct RuleFile {
+    name: String,
+    ast: AST,
+    hooks: Hooks,
+    /// Line of `fn route`, for errors about what it returned.
+    route_line: usize,
+}
+
+/// A compiled rule set (immutable; reloads build a new one and swap it in).
 #[derive(Clone)]
 pub struct RuleSet {
+    engine: Arc<Engine>,
+    files: Vec<RuleFile>,
     kinds: Arc<ChannelKinds>,
+    budget: Budget,
+    on_error: OnError,
+    /// Increases with every successful load.
+    pub version: u64,
+    /// When it was loaded, unix ms.
+    pub loaded_at: i64,
 }
 
+/// The hook names and their arity.
+const HOOKS: [(&str, usize); 4] = [
+    ("route", 1),
+    ("can_subscribe", 2),
+    ("can_publish", 3),
+    ("announce", 2),
+];
+
 impl RuleSet {
-    /// Channel defaults only.
+    /// Channel defaults only (no files).
     pub fn defaults(kinds: Arc<ChannelKinds>) -> Self {
-        RuleSet { kinds }
+        let budget = Budget::default();
+        RuleSet {
+            engine: Arc::new(sandbox(budget)),
+            files: Vec::new(),
+            kinds,
+            budget,
+            on_error: OnError::DefaultRoute,
+            version: 0,
+            loaded_at: crate::event::now_ms(),
+        }
     }
 
-    /// Evaluates `route` once for a publish.
-    pub fn route(&self, input: &RouteInput<'_>) -> Decision {
-        default_route(&self.kinds, input)
+    /// Compiles every `*.rhai` in `dir` (name order). A missing directory is an empty rule set.
+    pub fn load(
+        dir: &Path,
+        kinds: Arc<ChannelKinds>,
+        budget: Budget,
+        on_error: OnError,
+        version: u64,
+    ) -> Result<Self, RuleError> {
+        let engine = sandbox(budget);
+        let mut files = Vec::new();
+        for path in rule_files(dir)? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = std::fs::read_to_string(&path).map_err(|e| RuleError {
+                file: name.clone(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read: {e}"),
+            })?;
+            files.push(compile_file(&engine, &name, &text)?);
+        }
+        Ok(RuleSet {
+            engine: Arc::new(engine),
+            files,
+            kinds,
+            budget,
+            on_error,
+            version,
+            loaded_at: crate::event::now_ms(),
+        })
     }
+
+    /// Whether any file defines `announce`.
+    pub fn has_announce(&self) -> bool {
+        self.files.iter().any(|f| f.hooks.announce)
+    }
+
+    /// The loaded file names, in evaluation order.
+    pub fn files(&self) -> Vec<String> {
+        self.files.iter().map(|f| f.name.clone()).collect()
+    }
+
+    /// The channel kinds the defaults come from.
+    pub fn kinds(&self) -> &Arc<ChannelKinds> {
+        &self.kinds
+    }
+
+    /// The per-call budget.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    fn call(&self, f: &RuleFile, hook: &str, args: impl rhai::FuncArgs) -> Result<Dynamic, String> {
+        let deadline = Instant::now() + self.budget.wall;
+        DEADLINE.with(|d| d.set(Some(deadline)));
+        let r = self.engine.call_fn_with_options::<Dynamic>(
+            CallFnOptions::new().eval_ast(false),
+            &mut Scope::new(),
+            &f.ast,
+            hook,
+            args,
+        );
+        DEADLINE.with(|d| d.set(None));
+        r.map_err(|e| {
+            let pos = e.position();
+            let msg = e.to_string();
+            match (pos.line(), pos.position()) {
+                (Some(l), Some(c)) => format!("{}:{l}:{c}: {hook}(): {msg}", f.name),
+                (Some(l), None) => format!("{}:{l}: {hook}(): {msg}", f.name),
+                _ => format!("{}: {hook}(): {msg}", f.name),
+            }
+        })
+    }
+
+    /// Evaluates `route` for one publish.
+    pub fn route(&self, input: &RouteInput<'_>) -> Routed {
+        if !self.files.iter().any(|f| f.hooks.route) {
+            return self.by_default(input, None);
+        }
+        let event = event_map(input);
+        for f in self.files.iter().filter(|f| f.hooks.route) {
+            match self.call(f, "route", (event.clone(),)) {
+                Ok(d) if d.is_unit() => continue,
+                Ok(d) => {
+                    return match Decision::from_dynamic(d, input.targets) {
+                        Ok(decision) => Routed {
+                            decision,
+                            by: Some(f.name.clone()),
+                            error: None,
+                        },
+                        Err(msg) => self.failed(
+                            input,
+                            format!("{}:{}: route() returned {msg}", f.name, f.route_line),
+                        ),
+                    };
+                }
+                Err(e) => return self.failed(input, e),
+            }
+        }
+        self.by_default(input, None)
+    }
+
+    fn by_default(&self, input: &RouteInput<'_>, error: Option<String>) -> Routed {
+        Routed {
+            decision: Decision::defaults(input.targets),
+            by: None,
+            error,
+        }
+    }
+
+    fn failed(&self, input: &RouteInput<'_>, error: String) -> Routed {
+        crate::metrics::rule_error("route");
+        tracing::warn!(error = %error, event = input.event, "Rule failed; on_error applies.");
+        match self.on_error {
+            OnError::DefaultRoute => self.by_default(input, Some(error)),
+            OnError::Reject => {
+                let mut decision = Decision::defaults(input.targets);
+                decision.drop = Some(format!("rule error: {error}"));
+                Routed {
+                    decision,
+                    by: None,
+                    error: Some(error),
+                }
+            }
+        }
+    }
+
+    fn permission(
+        &self,
+        hook: &'static str,
+        pick: fn(&Hooks) -> bool,
+        args: Vec<Dynamic>,
+    ) -> Option<bool> {
+        for f in self.files.iter().filter(|f| pick(&f.hooks)) {
+            let r = self.call(f, hook, args.clone());
+            match r {
+                Ok(d) if d.is_unit() => continue,
+                Ok(d) => match d.as_bool() {
+                    Ok(b) => return Some(b),
+                    Err(t) => {
+                        crate::metrics::rule_error(hook);
+                        tracing::warn!(file = %f.name, hook, "Rule returned {t}, not a bool; channel defaults apply.");
+                        return None;
+                    }
+                },
+                Err(e) => {
+                    crate::metrics::rule_error(hook);
+                    tracing::warn!(error = %e, "Rule failed; channel defaults apply.");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// `can_subscribe(user, channel)`: `Some` when a rule decided, `None` = channel defaults.
+    pub fn can_subscribe(
+        &self,
+        user: &str,
+        attrs: &Map<String, Value>,
+        channel: &ChannelName,
+    ) -> Option<bool> {
+        if !self.files.iter().any(|f| f.hooks.can_subscribe) {
+            return None;
+        }
+        let args = vec![
+            user_map(user, attrs),
+            Dynamic::from(channel.as_str().to_string()),
+        ];
+        self.permission("can_subscribe", |h| h.can_subscribe, args)
+    }
+
+    /// `can_publish(user, channel, event)`: `Some` when a rule decided, `None` = channel defaults.
+    pub fn can_publish(
+        &self,
+        user: &str,
+        attrs: &Map<String, Value>,
+        channel: &ChannelName,
+        event: &str,
+    ) -> Option<bool> {
+        if !self.files.iter().any(|f| f.hooks.can_publish) {
+            return None;
+        }
+        let args = vec![
+            user_map(user, attrs),
+            Dynamic::from(channel.as_str().to_string()),
+            Dynamic::from(event.to_string()),
+        ];
+        self.permission("can_publish", |h| h.can_publish, args)
+    }
+
+    /// `announce(announcement, user)`: `Some` when a rule decided, `None` = the audience filter.
+    pub fn announce(
+        &self,
+        announcement: &Value,
+        user: &str,
+        attrs: &Map<String, Value>,
+    ) -> Option<bool> {
+        if !self.files.iter().any(|f| f.hooks.announce) {
+            return None;
+        }
+        let args = vec![json_to_dynamic(announcement), user_map(user, attrs)];
+        self.permission("announce", |h| h.announce, args)
+    }
+}
+
+/// The `*.rhai` files of `dir`, sorted by name. A missing directory has none.
+pub fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(RuleError {
+                file: dir.display().to_string(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read the rules directory: {e}"),
+            });
+        }
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai") && p.is_file())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Compiles one file and checks its hooks' arity.
+fn compile_file(engine: &Engine, name: &str, text: &str) -> Result<RuleFile, RuleError> {
+    let ast = engine
+        .compile(text)
+        .map_err(|e| pos_error(name, e.position(), e.err_type().to_string()))?;
+    let mut hooks = Hooks::default();
+    for f in ast.iter_functions() {
+        let Some((_, arity)) = HOOKS.iter().find(|(h, _)| *h == f.name) else {
+            continue;
+        };
+        if f.params.len() != *arity {
+            return Err(RuleError {
+                file: name.to_string(),
+                line: fn_line(text, f.name),
+                col: 0,
+                message: format!(
+                    "hook `{}` takes {arity} parameter(s), found {}",
+                    f.name,
+                    f.params.len()
+                ),
+            });
+        }
+        match f.name {
+            "route" => hooks.route = true,
+            "can_subscribe" => hooks.can_subscribe = true,
+            "can_publish" => hooks.can_publish = true,
+            _ => hooks.announce = true,
+        }
+    }
+    Ok(RuleFile {
+        name: name.to_string(),
+        ast,
+        hooks,
+        route_line: fn_line(text, "route"),
+    })
+}
+
+/// The line of `fn NAME(` in a script (0 when not found).
+fn fn_line(text: &str, name: &str) -> usize {
+    let pat = format!("fn {name}(");
+    text.lines()
+        .position(|l| l.trim_start().starts_with(&pat) || l.contains(&pat))
+        .map_or(0, |i| i + 1)
+}
+
+/// A JSON value as a Rhai value.
+pub fn json_to_dynamic(v: &Value) -> Dynamic {
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from(i),
+            None => Dynamic::from(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => Dynamic::from(s.clone()),
+        Value::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
+        Value::Object(m) => Dynamic::from_map(
+            m.iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// A Rhai value as JSON (for `push.data`). Functions and custom types become strings.
+pub fn dynamic_to_json(d: &Dynamic) -> Value {
+    if d.is_unit() {
+        Value::Null
+    } else if let Ok(b) = d.as_bool() {
+        Value::Bool(b)
+    } else if let Ok(i) = d.as_int() {
+        Value::from(i)
+    } else if let Ok(f) = d.as_float() {
+        Value::from(f)
+    } else if d.is_string() {
+        Value::String(d.clone().into_string().unwrap_or_default())
+    } else if d.is_array() {
+        let a = d.clone().into_array().unwrap_or_default();
+        Value::Array(a.iter().map(dynamic_to_json).collect())
+    } else if d.is_map() {
+        let m = d.clone().cast::<rhai::Map>();
+        Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
+                .collect(),
+        )
+    } else {
+        Value::String(d.to_string())
+    }
+}
+
+fn user_map(user: &str, attrs: &Map<String, Value>) -> Dynamic {
+    let mut m = rhai::Map::new();
+    m.insert("id".into(), Dynamic::from(user.to_string()));
+    m.insert(
+        "attrs".into(),
+        Dynamic::from_map(
+            attrs
+                .iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect(),
+        ),
+    );
+    Dynamic::from_map(m)
+}
+
+/// The event as scripts see it: `type`, `id`, `channel`, `room`, `from`, `to`, `data`, `ts`, `source`,
+/// `attrs`.
+pub fn event_map(input: &RouteInput<'_>) -> Dynamic {
+    let mut m = rhai::Map::new();
+    let first = input.targets.first();
+    m.insert("type".into(), Dynamic::from(input.event.to_string()));
+    m.insert("id".into(), Dynamic::from(input.id.to_string()));
+    m.insert(
+        "channel".into(),
+        first.map_or(Dynamic::UNIT, |c| Dynamic::from(c.as_str().to_string())),
+    );
+    m.insert(
+        "room".into(),
+        first
+            .filter(|c| matches!(c.kind(), Kind::Room | Kind::Active))
+            .map_or(Dynamic::UNIT, |c| Dynamic::from(c.id().to_string())),
+    );
+    m.insert(
+        "from".into(),
+        input
+            .from
+            .map_or(Dynamic::UNIT, |f| Dynamic::from(f.to_string())),
+    );
+    m.insert(
+        "to".into(),
+        Dynamic::from_array(
+            input
+                .targets
+                .iter()
+                .filter(|c| c.kind() == Kind::User)
+                .map(|c| Dynamic::from(c.id().to_string()))
+                .collect(),
+        ),
+    );
+    let data: Value = serde_json::from_str(input.data.get()).unwrap_or(Value::Null);
+    m.insert("data".into(), json_to_dynamic(&data));
+    m.insert("ts".into(), Dynamic::from(input.ts));
+    m.insert(
+        "source".into(),
+        Dynamic::from(input.source.as_str().to_string()),
+    );
+    m.insert(
+        "attrs".into(),
+        Dynamic::from_map(
+            input
+                .attrs
+                .map(|a| {
+                    a.iter()
+                        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+    );
+    Dynamic::from_map(m)
 }

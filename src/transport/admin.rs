@@ -1,5 +1,5 @@
 //! Operator endpoints (admin key): `/admin` (a small status page), `/admin/rules` (rule-set status),
-//! `/admin/rules/dry-run` (arrives with the rules issue: answers 501 until then).
+//! `/admin/rules/dry-run` (an event in, the Decision and which rule file decided out).
 
 use axum::Json;
 use axum::Router;
@@ -9,7 +9,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use super::{AdminKey, ApiError, AppState};
+use serde::Deserialize;
+
+use super::{AdminKey, ApiError, AppState, JsonBody};
+use crate::rules::fixtures::EventSpec;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -49,21 +52,59 @@ fn html_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-async fn rules(State(_s): State<AppState>, _: AdminKey) -> Json<serde_json::Value> {
-    Json(json!({
-        "version": 0,
-        "loaded_at": null,
-        "files": [],
-        "last_error": null,
-        "mode": "channel defaults (Rhai rules not loaded yet)",
-    }))
+async fn rules(State(s): State<AppState>, _: AdminKey) -> Json<serde_json::Value> {
+    Json(serde_json::to_value(s.engine.rules.status()).expect("status serialises"))
 }
 
-async fn dry_run(_: AdminKey) -> Response {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "rule dry-run arrives with the Rhai rules; routing uses channel defaults",
-    )
-    .into_response()
+/// `POST /admin/rules/dry-run`: the body of `POST /events` (plus optional `source` and the sender's
+/// `attrs`); nothing is stored or delivered.
+#[derive(Deserialize)]
+struct DryRun {
+    #[serde(alias = "type")]
+    event: String,
+    channel: Option<String>,
+    #[serde(alias = "roomId")]
+    room: Option<String>,
+    #[serde(default)]
+    to: Vec<String>,
+    from: Option<String>,
+    #[serde(default)]
+    data: serde_json::Value,
+    source: Option<String>,
+    #[serde(default)]
+    attrs: serde_json::Map<String, serde_json::Value>,
+    #[allow(dead_code)]
+    idempotency_key: Option<String>,
+}
+
+async fn dry_run(
+    State(s): State<AppState>,
+    _: AdminKey,
+    JsonBody(b): JsonBody<DryRun>,
+) -> Response {
+    let spec = EventSpec {
+        event: b.event,
+        channel: b.channel,
+        room: b.room,
+        to: b.to,
+        from: b.from,
+        data: b.data,
+        source: b.source,
+        attrs: b.attrs,
+        id: None,
+    };
+    let rules = s.engine.rules.current();
+    match spec.route(&rules) {
+        Ok(routed) => Json(json!({
+            "decision": routed.decision.to_json(rules.kinds(), spec.from.as_deref()),
+            "trace": {
+                "by": routed.by.map(|f| format!("{f}::route")).unwrap_or_else(|| "channel defaults".into()),
+                "error": routed.error,
+                "version": rules.version,
+                "files": rules.files(),
+            },
+        }))
+        .into_response(),
+        Err(e) => ApiError::new(StatusCode::BAD_REQUEST, "bad_frame", e).into_response(),
+    }
 }

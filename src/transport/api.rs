@@ -168,6 +168,7 @@ async fn publish(
             data,
             idempotency_key: key,
             source: Source::Api,
+            attrs: None,
         })
         .await?;
     Ok(Json(serde_json::to_value(reply).expect("serialises")))

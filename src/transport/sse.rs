@@ -146,7 +146,7 @@ async fn open_stream(
     let engine = &state.engine;
     // Permissions first, so a refused stream never counts as a session.
     for ch in &channels {
-        engine.can_subscribe(&claims.sub, ch).await?;
+        engine.can_subscribe(&claims.sub, &claims.attrs, ch).await?;
     }
     let cursor = match &resume {
         Some(id) => Some(

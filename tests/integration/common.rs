@@ -43,6 +43,8 @@ pub fn test_config() -> Config {
     c.jwt.generated_secret = false;
     c.generated_keys = false;
     c.shutdown_grace = Duration::from_secs(3);
+    // Channel defaults only, unless a test brings rules (the shipped ones are tested on their own).
+    c.rules_dir = "/nonexistent/herald-test-rules".into();
     c
 }
 

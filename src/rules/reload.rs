@@ -1,0 +1,208 @@
+//! Hot reload: `notify` watches the rules directory and `channels.toml` (the directory, not the files:
+//! editors replace files by rename), debounced. A reload compiles every file, re-reads `channels.toml`,
+//! runs the fixtures, and swaps the new set in atomically only if all of that passes; otherwise the last
+//! good set stays and the error (file:line:col) is kept for `GET /admin/rules`, logged, and counted.
+//! Publishing never waits on a reload and never sees a half-loaded set (arc-swap).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify_debouncer_full::notify::RecursiveMode;
+use tokio_util::sync::CancellationToken;
+
+use super::{Budget, OnError, RuleError, RuleSet, fixtures};
+use crate::channels::ChannelKinds;
+
+/// How long file events are debounced before a reload.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Where rules come from and how they run.
+#[derive(Clone, Debug)]
+pub struct RulesConfig {
+    /// The rules directory.
+    pub dir: PathBuf,
+    /// `channels.toml`.
+    pub channels_file: PathBuf,
+    /// Whether `channels.toml` must exist.
+    pub channels_required: bool,
+    /// Per-call budget.
+    pub budget: Budget,
+    /// Runtime failure policy.
+    pub on_error: OnError,
+}
+
+/// What `GET /admin/rules` shows.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RulesStatus {
+    /// Version of the set in use.
+    pub version: u64,
+    /// When it was loaded, unix ms.
+    pub loaded_at: i64,
+    /// Its files, in evaluation order.
+    pub files: Vec<String>,
+    /// The last refused reload's error, until a reload succeeds.
+    pub last_error: Option<String>,
+    /// When that happened, unix ms.
+    pub last_error_at: Option<i64>,
+}
+
+/// The live rule set and its reloads.
+pub struct Rules {
+    current: ArcSwap<RuleSet>,
+    config: RulesConfig,
+    last_error: Mutex<Option<(String, i64)>>,
+    versions: AtomicU64,
+}
+
+/// Builds and checks a complete rule set (compile + channels + fixtures).
+pub fn build(config: &RulesConfig, version: u64) -> Result<RuleSet, String> {
+    let kinds = ChannelKinds::load(&config.channels_file, config.channels_required)
+        .map_err(|e| e.to_string())?;
+    let set = RuleSet::load(
+        &config.dir,
+        Arc::new(kinds),
+        config.budget,
+        config.on_error,
+        version,
+    )
+    .map_err(|e| e.to_string())?;
+    let report = fixtures::run(&config.dir, &set).map_err(|e: RuleError| e.to_string())?;
+    if !report.failures.is_empty() {
+        return Err(format!(
+            "{} of {} fixture case(s) failed:\n{}",
+            report.failures.len(),
+            report.cases,
+            report.failures.join("\n")
+        ));
+    }
+    Ok(set)
+}
+
+impl Rules {
+    /// Loads the initial set; an error stops the start.
+    pub fn load(config: RulesConfig) -> Result<Arc<Self>, String> {
+        let set = build(&config, 1)?;
+        Ok(Arc::new(Rules {
+            current: ArcSwap::from_pointee(set),
+            config,
+            last_error: Mutex::new(None),
+            versions: AtomicU64::new(1),
+        }))
+    }
+
+    /// A fixed set (no directory behind it; reloads keep it).
+    pub fn fixed(set: RuleSet, config: RulesConfig) -> Arc<Self> {
+        Arc::new(Rules {
+            versions: AtomicU64::new(set.version),
+            current: ArcSwap::from_pointee(set),
+            config,
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// The set in use (cheap; hold it for one publish).
+    pub fn current(&self) -> arc_swap::Guard<Arc<RuleSet>> {
+        self.current.load()
+    }
+
+    /// Rebuilds from disk; swaps only if everything passes. Returns the new version.
+    pub fn reload(&self) -> Result<u64, String> {
+        let version = self.versions.load(Ordering::Acquire) + 1;
+        match build(&self.config, version) {
+            Ok(set) => {
+                let files = set.files();
+                self.current.store(Arc::new(set));
+                self.versions.store(version, Ordering::Release);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                crate::metrics::rules_reload("ok");
+                tracing::info!(version, files = ?files, "Rules reloaded.");
+                Ok(version)
+            }
+            Err(e) => {
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((e.clone(), crate::event::now_ms()));
+                crate::metrics::rules_reload("refused");
+                tracing::error!(error = %e, "Rules reload refused; the last good rules stay.");
+                Err(e)
+            }
+        }
+    }
+
+    /// Status for operators.
+    pub fn status(&self) -> RulesStatus {
+        let cur = self.current();
+        let err = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        RulesStatus {
+            version: cur.version,
+            loaded_at: cur.loaded_at,
+            files: cur.files(),
+            last_error: err.as_ref().map(|(e, _)| e.clone()),
+            last_error_at: err.map(|(_, t)| t),
+        }
+    }
+
+    /// Watches the rules directory and `channels.toml` until `shutdown`; reloads on changes.
+    pub fn watch(self: &Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut debouncer = notify_debouncer_full::new_debouncer(
+            DEBOUNCE,
+            None,
+            move |res: notify_debouncer_full::DebounceEventResult| {
+                if res.is_ok_and(|events| !events.is_empty()) {
+                    // A full channel already holds a pending reload, which will see this change too.
+                    let _ = tx.try_send(());
+                }
+            },
+        )
+        .map_err(|e| format!("cannot watch rules: {e}"))?;
+        let dir = &self.config.dir;
+        if dir.is_dir() {
+            debouncer
+                .watch(dir, RecursiveMode::Recursive)
+                .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+        }
+        if let Some(parent) = watch_dir_of(&self.config.channels_file)
+            && parent != *dir
+        {
+            debouncer
+                .watch(&parent, RecursiveMode::NonRecursive)
+                .map_err(|e| format!("cannot watch {}: {e}", parent.display()))?;
+        }
+        let rules = self.clone();
+        tokio::spawn(async move {
+            // The debouncer stops watching when dropped: it lives as long as this task.
+            let _debouncer = debouncer;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    got = rx.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        let r = rules.clone();
+                        // Compiling and running fixtures is CPU work: keep it off the I/O threads.
+                        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+fn watch_dir_of(file: &Path) -> Option<PathBuf> {
+    let parent = file.parent()?;
+    let p = if parent.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        parent.to_path_buf()
+    };
+    p.is_dir().then_some(p)
+}

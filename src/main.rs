@@ -50,6 +50,9 @@ enum RulesCommand {
     Check {
         /// Rules directory (default: HERALD_RULES or ./rules).
         dir: Option<PathBuf>,
+        /// channels.toml path.
+        #[arg(long, env = "HERALD_CHANNELS", default_value = "channels.toml")]
+        channels: PathBuf,
     },
     /// Run the rule fixtures (rules/tests/*.toml); a diff per failing case.
     Test {
@@ -163,11 +166,11 @@ fn load_kinds(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<ChannelKi
 fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
     use herald::rules::{Budget, OnError, RuleSet, fixtures};
     match command {
-        RulesCommand::Check { dir } => {
+        RulesCommand::Check { dir, channels } => {
             let dir = rules_dir(dir);
             let set = RuleSet::load(
                 &dir,
-                load_kinds(std::path::Path::new("channels.toml"))?,
+                load_kinds(&channels)?,
                 Budget::default(),
                 OnError::DefaultRoute,
                 1,

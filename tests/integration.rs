@@ -36,3 +36,6 @@ mod cli;
 
 #[path = "integration/cluster.rs"]
 mod cluster;
+
+#[path = "integration/rules.rs"]
+mod rules;

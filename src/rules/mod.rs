@@ -469,10 +469,11 @@ fn compile_file(engine: &Engine, name: &str, text: &str) -> Result<RuleFile, Rul
             continue;
         };
         if f.params.len() != *arity {
+            let (line, col) = fn_pos(text, f.name);
             return Err(RuleError {
                 file: name.to_string(),
-                line: fn_line(text, f.name),
-                col: 0,
+                line,
+                col,
                 message: format!(
                     "hook `{}` takes {arity} parameter(s), found {}",
                     f.name,
@@ -497,10 +498,16 @@ fn compile_file(engine: &Engine, name: &str, text: &str) -> Result<RuleFile, Rul
 
 /// The line of `fn NAME(` in a script (0 when not found).
 fn fn_line(text: &str, name: &str) -> usize {
+    fn_pos(text, name).0
+}
+
+/// The 1-based line and column of `fn NAME(` in a script (`(0, 0)` when not found).
+fn fn_pos(text: &str, name: &str) -> (usize, usize) {
     let pat = format!("fn {name}(");
     text.lines()
-        .position(|l| l.trim_start().starts_with(&pat) || l.contains(&pat))
-        .map_or(0, |i| i + 1)
+        .enumerate()
+        .find_map(|(i, l)| l.find(&pat).map(|c| (i + 1, l[..c].chars().count() + 1)))
+        .unwrap_or((0, 0))
 }
 
 /// A JSON value as a Rhai value.

@@ -151,7 +151,8 @@ impl Rules {
     /// Watches the rules directory and `channels.toml` until `shutdown`; reloads on changes.
     pub fn watch(self: &Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let (rules_dir, channels_file) = (self.config.dir.clone(), self.config.channels_file.clone());
+        let (rules_dir, channels_file) =
+            (self.config.dir.clone(), self.config.channels_file.clone());
         // The directory of channels.toml may hold much else (the repository root): only changes to
         // the rules or to channels.toml itself reload.
         let relevant = move |p: &Path| p.starts_with(&rules_dir) || p == channels_file;
@@ -159,9 +160,8 @@ impl Rules {
             DEBOUNCE,
             None,
             move |res: notify_debouncer_full::DebounceEventResult| {
-                let hit = res.is_ok_and(|events| {
-                    events.iter().any(|e| e.paths.iter().any(|p| relevant(p)))
-                });
+                let hit = res
+                    .is_ok_and(|events| events.iter().any(|e| e.paths.iter().any(|p| relevant(p))));
                 if hit {
                     // A full channel already holds a pending reload, which will see this change too.
                     let _ = tx.try_send(());

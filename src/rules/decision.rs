@@ -199,24 +199,6 @@ fn want_string(key: &str, d: &Dynamic) -> Result<String, String> {
     }
 }
 
-fn want_strings(key: &str, d: &Dynamic) -> Result<Vec<String>, String> {
-    if d.is_string() {
-        return Ok(vec![want_string(key, d)?]);
-    }
-    if !d.is_array() {
-        return Err(format!(
-            "`{key}` must be an array of strings, not {}",
-            type_of(d)
-        ));
-    }
-    d.clone()
-        .into_array()
-        .unwrap_or_default()
-        .iter()
-        .map(|x| want_string(key, x))
-        .collect()
-}
-
 fn want_duration(key: &str, d: &Dynamic) -> Result<Duration, String> {
     if d.is_int() {
         let n = d.as_int().unwrap_or(0);
@@ -255,58 +237,98 @@ impl Decision {
         }
         let map = d.cast::<rhai::Map>();
         let mut out = Decision::defaults(targets);
-        if let Some(k) = map.keys().find(|k| !DECISION_KEYS.contains(&k.as_str())) {
-            return Err(format!(
-                "unknown key `{k}` (allowed: {})",
-                DECISION_KEYS.join(", ")
-            ));
-        }
-        if let Some(v) = map.get("to") {
-            let mut to = Vec::new();
-            for name in want_strings("to", v)? {
-                let ch = ChannelName::parse(&name).map_err(|e| format!("`to`: {e}"))?;
-                if !to.contains(&ch) {
-                    to.push(ch);
+        let mut drop = false;
+        let mut reason = None;
+        // One pass, by value: nothing is cloned, error texts are only built on errors.
+        for (k, v) in map {
+            match k.as_str() {
+                "to" => {
+                    let mut to: Vec<ChannelName> = Vec::new();
+                    let mut add = |name: &str| -> Result<(), String> {
+                        // The common case names a channel the publisher named: reuse it.
+                        let ch = match targets.iter().find(|t| t.as_str() == name) {
+                            Some(t) => t.clone(),
+                            None => ChannelName::parse(name).map_err(|e| format!("`to`: {e}"))?,
+                        };
+                        if !to.contains(&ch) {
+                            to.push(ch);
+                        }
+                        Ok(())
+                    };
+                    if v.is_string() {
+                        add(v.into_immutable_string().unwrap_or_default().as_str())?;
+                    } else if v.is_array() {
+                        for x in v.into_array().unwrap_or_default() {
+                            if !x.is_string() {
+                                return Err(format!(
+                                    "`to` must be an array of strings, not {}",
+                                    type_of(&x)
+                                ));
+                            }
+                            add(x.into_immutable_string().unwrap_or_default().as_str())?;
+                        }
+                    } else {
+                        return Err(format!(
+                            "`to` must be an array of strings, not {}",
+                            type_of(&v)
+                        ));
+                    }
+                    if to.len() > 100 {
+                        return Err("`to`: at most 100 channels".into());
+                    }
+                    out.to = to;
+                }
+                "except" => {
+                    let mut users: Vec<Arc<str>> = Vec::new();
+                    let mut add = |x: Dynamic| -> Result<(), String> {
+                        if !x.is_string() {
+                            return Err(format!(
+                                "`except` must be an array of strings, not {}",
+                                type_of(&x)
+                            ));
+                        }
+                        let u = x.into_immutable_string().unwrap_or_default();
+                        if !valid_id(&u) {
+                            return Err(format!("`except`: bad user id {:?}", u.as_str()));
+                        }
+                        users.push(Arc::from(u.as_str()));
+                        Ok(())
+                    };
+                    if v.is_array() {
+                        for x in v.into_array().unwrap_or_default() {
+                            add(x)?;
+                        }
+                    } else {
+                        add(v)?;
+                    }
+                    out.except = users;
+                    out.except_sender = false;
+                }
+                "persist" => out.persist = Some(want_bool("persist", &v)?),
+                "unread" => out.unread = Some(want_bool("unread", &v)?),
+                "devices" => {
+                    let s = want_string("devices", &v)?;
+                    out.devices = DevicePolicy::parse(&s).ok_or_else(|| {
+                        format!(
+                            "`devices` must be all, foreground, latest, mobile or web, not {s:?}"
+                        )
+                    })?;
+                }
+                "push" => {
+                    if !v.is_unit() {
+                        out.push = Some(parse_push(v)?);
+                    }
+                }
+                "drop" => drop = want_bool("drop", &v)?,
+                "reason" => reason = Some(want_string("reason", &v)?),
+                _ => {
+                    return Err(format!(
+                        "unknown key `{k}` (allowed: {})",
+                        DECISION_KEYS.join(", ")
+                    ));
                 }
             }
-            if to.len() > 100 {
-                return Err("`to`: at most 100 channels".into());
-            }
-            out.to = to;
         }
-        if let Some(v) = map.get("except") {
-            let users = want_strings("except", v)?;
-            if let Some(u) = users.iter().find(|u| !valid_id(u)) {
-                return Err(format!("`except`: bad user id {u:?}"));
-            }
-            out.except = users.into_iter().map(|u| Arc::from(u.as_str())).collect();
-            out.except_sender = false;
-        }
-        if let Some(v) = map.get("persist") {
-            out.persist = Some(want_bool("persist", v)?);
-        }
-        if let Some(v) = map.get("unread") {
-            out.unread = Some(want_bool("unread", v)?);
-        }
-        if let Some(v) = map.get("devices") {
-            let s = want_string("devices", v)?;
-            out.devices = DevicePolicy::parse(&s).ok_or_else(|| {
-                format!("`devices` must be all, foreground, latest, mobile or web, not {s:?}")
-            })?;
-        }
-        if let Some(v) = map.get("push")
-            && !v.is_unit()
-        {
-            out.push = Some(parse_push(v)?);
-        }
-        let drop = match map.get("drop") {
-            Some(v) => want_bool("drop", v)?,
-            None => false,
-        };
-        let reason = match map.get("reason") {
-            Some(v) => Some(want_string("reason", v)?),
-            None => None,
-        };
         if drop {
             out.drop = Some(reason.unwrap_or_else(|| "dropped by a rule".into()));
         }
@@ -314,56 +336,58 @@ impl Decision {
     }
 }
 
-fn parse_push(v: &Dynamic) -> Result<PushPolicy, String> {
+fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
     if !v.is_map() {
-        return Err(format!("`push` must be a map, not {}", type_of(v)));
+        return Err(format!("`push` must be a map, not {}", type_of(&v)));
     }
-    let m = v.clone().cast::<rhai::Map>();
-    if let Some(k) = m.keys().find(|k| !PUSH_KEYS.contains(&k.as_str())) {
-        return Err(format!(
-            "unknown key `push.{k}` (allowed: {})",
-            PUSH_KEYS.join(", ")
-        ));
+    let m = v.cast::<rhai::Map>();
+    let mut when = None;
+    let mut p = PushPolicy {
+        when: PushWhen::Never,
+        after: None,
+        title: None,
+        body: None,
+        data: None,
+        collapse: None,
+        ttl: None,
+    };
+    fn opt_string(key: &str, x: Dynamic) -> Result<Option<String>, String> {
+        if x.is_unit() {
+            return Ok(None);
+        }
+        if !x.is_string() {
+            return Err(format!("`{key}` must be a string, not {}", type_of(&x)));
+        }
+        Ok(Some(x.into_string().unwrap_or_default()))
     }
-    let when = match m.get("when") {
-        Some(w) => {
-            let s = want_string("push.when", w)?;
-            PushWhen::parse(&s).ok_or_else(|| {
-                format!(
-                    "`push.when` must be never, offline, background, unacked or always, not {s:?}"
-                )
-            })?
+    for (k, x) in m {
+        match k.as_str() {
+            "when" => {
+                let s = want_string("push.when", &x)?;
+                when = Some(PushWhen::parse(&s).ok_or_else(|| {
+                    format!("`push.when` must be never, offline, background, unacked or always, not {s:?}")
+                })?);
+            }
+            "after" if !x.is_unit() => p.after = Some(want_duration("push.after", &x)?),
+            "ttl" if !x.is_unit() => p.ttl = Some(want_duration("push.ttl", &x)?),
+            "after" | "ttl" => {}
+            "title" => p.title = opt_string("push.title", x)?,
+            "body" => p.body = opt_string("push.body", x)?,
+            "collapse" => p.collapse = opt_string("push.collapse", x)?,
+            "data" => p.data = (!x.is_unit()).then(|| super::dynamic_to_json(&x)),
+            _ => {
+                return Err(format!(
+                    "unknown key `push.{k}` (allowed: {})",
+                    PUSH_KEYS.join(", ")
+                ));
+            }
         }
-        None => return Err("`push.when` is required".into()),
-    };
-    let opt_string = |k: &str| -> Result<Option<String>, String> {
-        match m.get(k) {
-            Some(x) if !x.is_unit() => Ok(Some(want_string(&format!("push.{k}"), x)?)),
-            _ => Ok(None),
-        }
-    };
-    let opt_duration = |k: &str| -> Result<Option<Duration>, String> {
-        match m.get(k) {
-            Some(x) if !x.is_unit() => Ok(Some(want_duration(&format!("push.{k}"), x)?)),
-            _ => Ok(None),
-        }
-    };
-    let after = opt_duration("after")?;
-    if when == PushWhen::Unacked && after.is_none() {
+    }
+    p.when = when.ok_or("`push.when` is required")?;
+    if p.when == PushWhen::Unacked && p.after.is_none() {
         return Err("`push.after` is required with `when: \"unacked\"`".into());
     }
-    Ok(PushPolicy {
-        when,
-        after,
-        title: opt_string("title")?,
-        body: opt_string("body")?,
-        data: m
-            .get("data")
-            .filter(|d| !d.is_unit())
-            .map(super::dynamic_to_json),
-        collapse: opt_string("collapse")?,
-        ttl: opt_duration("ttl")?,
-    })
+    Ok(p)
 }
 
 impl PushPolicy {

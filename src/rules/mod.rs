@@ -5,7 +5,8 @@
 //! decides the channel defaults of `channels.toml` apply.
 //!
 //! Scripts are pure and sandboxed: operation, call-depth, expression-depth, string, array and map limits,
-//! a wall-time budget per call, no module imports from disk, no `eval`, no printing. A script that errors
+//! a wall-time budget per call, no module imports from disk, no `eval`, no printing (their one outside
+//! input is the clock, `now_ms()`). A script that errors
 //! or runs out of budget follows `on_error` (channel defaults by default) and counts an error: an event is
 //! never lost to a bad script.
 //!
@@ -158,7 +159,10 @@ pub fn sandbox(budget: Budget) -> Engine {
     e.set_max_array_size(10_000);
     e.set_max_map_size(10_000);
     e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    e.set_optimization_level(rhai::OptimizationLevel::Full);
     e.disable_symbol("eval");
+    // The one impure thing scripts get: the clock (announcement expiry, time windows).
+    e.register_fn("now_ms", crate::event::now_ms);
     // Scripts are pure: no output.
     e.on_print(|_| {});
     e.on_debug(|_, _, _| {});
@@ -309,9 +313,18 @@ impl RuleSet {
         if !self.files.iter().any(|f| f.hooks.route) {
             return self.by_default(input, None);
         }
-        let event = event_map(input);
-        for f in self.files.iter().filter(|f| f.hooks.route) {
-            match self.call(f, "route", (event.clone(),)) {
+        let mut event = Some(event_map(input));
+        let routes: Vec<&RuleFile> = self.files.iter().filter(|f| f.hooks.route).collect();
+        let last = routes.len() - 1;
+        for (i, f) in routes.into_iter().enumerate() {
+            // Arguments are passed by value: the last (usually the only) file takes the map itself
+            // instead of a deep copy.
+            let arg = if i == last {
+                event.take().unwrap_or_default()
+            } else {
+                event.clone().unwrap_or_default()
+            };
+            match self.call(f, "route", (arg,)) {
                 Ok(d) if d.is_unit() => continue,
                 Ok(d) => {
                     return match Decision::from_dynamic(d, input.targets) {
@@ -506,7 +519,11 @@ fn fn_pos(text: &str, name: &str) -> (usize, usize) {
     let pat = format!("fn {name}(");
     text.lines()
         .enumerate()
-        .find_map(|(i, l)| l.find(&pat).map(|c| (i + 1, l[..c].chars().count() + 1)))
+        .find_map(|(i, l)| {
+            let c = l.find(&pat)?;
+            // A mention in a `//` comment is not the definition.
+            (!l[..c].contains("//")).then(|| (i + 1, l[..c].chars().count() + 1))
+        })
         .unwrap_or((0, 0))
 }
 
@@ -539,13 +556,11 @@ pub fn dynamic_to_json(d: &Dynamic) -> Value {
         Value::from(i)
     } else if let Ok(f) = d.as_float() {
         Value::from(f)
-    } else if d.is_string() {
-        Value::String(d.clone().into_string().unwrap_or_default())
-    } else if d.is_array() {
-        let a = d.clone().into_array().unwrap_or_default();
+    } else if let Ok(s) = d.as_immutable_string_ref() {
+        Value::String(s.as_str().to_owned())
+    } else if let Ok(a) = d.as_array_ref() {
         Value::Array(a.iter().map(dynamic_to_json).collect())
-    } else if d.is_map() {
-        let m = d.clone().cast::<rhai::Map>();
+    } else if let Ok(m) = d.as_map_ref() {
         Value::Object(
             m.iter()
                 .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
@@ -574,56 +589,49 @@ fn user_map(user: &str, attrs: &Map<String, Value>) -> Dynamic {
 /// The event as scripts see it: `type`, `id`, `channel`, `room`, `from`, `to`, `data`, `ts`, `source`,
 /// `attrs`.
 pub fn event_map(input: &RouteInput<'_>) -> Dynamic {
-    let mut m = rhai::Map::new();
     let first = input.targets.first();
-    m.insert("type".into(), Dynamic::from(input.event.to_string()));
-    m.insert("id".into(), Dynamic::from(input.id.to_string()));
-    m.insert(
-        "channel".into(),
-        first.map_or(Dynamic::UNIT, |c| Dynamic::from(c.as_str().to_string())),
-    );
-    m.insert(
-        "room".into(),
-        first
-            .filter(|c| matches!(c.kind(), Kind::Room | Kind::Active))
-            .map_or(Dynamic::UNIT, |c| Dynamic::from(c.id().to_string())),
-    );
-    m.insert(
-        "from".into(),
-        input
-            .from
-            .map_or(Dynamic::UNIT, |f| Dynamic::from(f.to_string())),
-    );
-    m.insert(
-        "to".into(),
-        Dynamic::from_array(
-            input
-                .targets
-                .iter()
-                .filter(|c| c.kind() == Kind::User)
-                .map(|c| Dynamic::from(c.id().to_string()))
-                .collect(),
+    let to: rhai::Array = input
+        .targets
+        .iter()
+        .filter(|c| c.kind() == Kind::User)
+        .map(|c| c.id().into())
+        .collect();
+    let attrs: rhai::Map = input
+        .attrs
+        .map(|a| {
+            a.iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Strings go straight from &str to Rhai strings; `data` is deserialised straight into a Dynamic
+    // (rhai's `serde` feature), not through a serde_json::Value; the entries are given in key order
+    // so the map is built in bulk rather than by a search per insert.
+    let m = rhai::Map::from([
+        ("attrs".into(), Dynamic::from_map(attrs)),
+        (
+            "channel".into(),
+            first.map_or(Dynamic::UNIT, |c| c.as_str().into()),
         ),
-    );
-    let data: Value = serde_json::from_str(input.data.get()).unwrap_or(Value::Null);
-    m.insert("data".into(), json_to_dynamic(&data));
-    m.insert("ts".into(), Dynamic::from(input.ts));
-    m.insert(
-        "source".into(),
-        Dynamic::from(input.source.as_str().to_string()),
-    );
-    m.insert(
-        "attrs".into(),
-        Dynamic::from_map(
-            input
-                .attrs
-                .map(|a| {
-                    a.iter()
-                        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+        (
+            "data".into(),
+            serde_json::from_str::<Dynamic>(input.data.get()).unwrap_or(Dynamic::UNIT),
         ),
-    );
+        (
+            "from".into(),
+            input.from.map_or(Dynamic::UNIT, |f| f.into()),
+        ),
+        ("id".into(), input.id.into()),
+        (
+            "room".into(),
+            first
+                .filter(|c| matches!(c.kind(), Kind::Room | Kind::Active))
+                .map_or(Dynamic::UNIT, |c| c.id().into()),
+        ),
+        ("source".into(), input.source.as_str().into()),
+        ("to".into(), to.into()),
+        ("ts".into(), Dynamic::from(input.ts)),
+        ("type".into(), input.event.into()),
+    ]);
     Dynamic::from_map(m)
 }

@@ -1,0 +1,71 @@
+//! Rule evaluation cost per publish: `RuleSet::route` on the shipped `rules/` for a chat message (the
+//! hot path; target: median ≤ 2 µs) and for an event type no rule handles (it passes through every
+//! `route` to the channel defaults), with `Decision::defaults` (no script at all) as the baseline and
+//! `event_map` (building the map scripts see) to tell the script's share from the engine's.
+//!
+//! `cargo bench --bench rules -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use herald::channels::{ChannelKinds, ChannelName};
+use herald::rules::{Budget, Decision, OnError, RouteInput, RuleSet, Source, event_map};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+
+fn rules(c: &mut Criterion) {
+    let set = RuleSet::load(
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")),
+        Arc::new(ChannelKinds::default()),
+        Budget::default(),
+        OnError::DefaultRoute,
+        1,
+    )
+    .expect("the shipped rules compile");
+    let targets = [ChannelName::parse("room:r1").expect("valid")];
+    let data =
+        RawValue::from_string(json!({ "text": "Are we still on for lunch at noon?" }).to_string())
+            .expect("valid JSON");
+    let attrs: Map<String, Value> = [("name".to_string(), json!("Alice Kim"))]
+        .into_iter()
+        .collect();
+    let chat = RouteInput {
+        event: "chat.message",
+        id: "0190c3e4-5b6a-7c8d-9e0f-112233445566",
+        targets: &targets,
+        from: Some("alice"),
+        data: &data,
+        ts: 1_767_225_600_000,
+        source: Source::Client,
+        attrs: Some(&attrs),
+    };
+    let unknown = RouteInput {
+        event: "poll.created",
+        ..chat
+    };
+    // The rules must decide as the fixtures say, or the numbers measure an error path.
+    let routed = set.route(&chat);
+    assert!(routed.error.is_none() && routed.by.is_some(), "{routed:?}");
+    let routed = set.route(&unknown);
+    assert!(routed.error.is_none() && routed.by.is_none(), "{routed:?}");
+
+    let mut g = c.benchmark_group("rules");
+    g.bench_function("decision_defaults", |b| {
+        b.iter(|| Decision::defaults(black_box(&targets)))
+    });
+    g.bench_function("event_map/chat.message", |b| {
+        b.iter(|| event_map(black_box(&chat)))
+    });
+    g.bench_function("route/chat.message", |b| {
+        b.iter(|| set.route(black_box(&chat)))
+    });
+    g.bench_function("route/unknown", |b| {
+        b.iter(|| set.route(black_box(&unknown)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, rules);
+criterion_main!(benches);

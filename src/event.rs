@@ -147,6 +147,18 @@ pub fn replay_frame(frame: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// The `event` field of a stored frame (replay and gap repair: live deliveries carry it beside the
+/// frame, so this parse stays off the fan-out path).
+pub fn frame_event_type(frame: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Head {
+        event: Option<String>,
+    }
+    serde_json::from_slice::<Head>(frame)
+        .ok()
+        .and_then(|h| h.event)
+}
+
 fn itoa_u64(n: u64) -> String {
     n.to_string()
 }

@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{BackendError, Backends};
 use crate::channels::ChannelKinds;
 use crate::config::Config;
-use crate::rules::RuleSet;
 use crate::rules::reload::{Rules, RulesConfig};
 
 pub use hub::{CloseReason, Hub, Outbound, SessionHandle};
@@ -186,24 +185,8 @@ impl Engine {
             budget: config.rules_budget,
             on_error: config.rules_on_error,
         };
-        let set = RuleSet::load(
-            &rules_config.dir,
-            Arc::new(kinds),
-            rules_config.budget,
-            rules_config.on_error,
-            1,
-        )
-        .map_err(|e| format!("rules: {e}"))?;
-        let report = crate::rules::fixtures::run(&rules_config.dir, &set)
+        let set = crate::rules::reload::build_with(&rules_config, Arc::new(kinds), 1)
             .map_err(|e| format!("rules: {e}"))?;
-        if !report.failures.is_empty() {
-            return Err(format!(
-                "rules: {} of {} fixture case(s) failed:\n{}",
-                report.failures.len(),
-                report.cases,
-                report.failures.join("\n")
-            ));
-        }
         let watch = rules_config.dir.is_dir() && config.rules_watch;
         let rules = Rules::fixed(set, rules_config);
         if watch {

@@ -61,14 +61,18 @@ pub struct Rules {
 pub fn build(config: &RulesConfig, version: u64) -> Result<RuleSet, String> {
     let kinds = ChannelKinds::load(&config.channels_file, config.channels_required)
         .map_err(|e| e.to_string())?;
-    let set = RuleSet::load(
-        &config.dir,
-        Arc::new(kinds),
-        config.budget,
-        config.on_error,
-        version,
-    )
-    .map_err(|e| e.to_string())?;
+    build_with(config, Arc::new(kinds), version)
+}
+
+/// Compiles the rules of `config.dir` with `kinds` and runs their fixtures: the set only when all of
+/// that passes.
+pub fn build_with(
+    config: &RulesConfig,
+    kinds: Arc<ChannelKinds>,
+    version: u64,
+) -> Result<RuleSet, String> {
+    let set = RuleSet::load(&config.dir, kinds, config.budget, config.on_error, version)
+        .map_err(|e| e.to_string())?;
     let report = fixtures::run(&config.dir, &set).map_err(|e: RuleError| e.to_string())?;
     if !report.failures.is_empty() {
         return Err(format!(

@@ -199,7 +199,7 @@ async fn open_stream(
         if let Some(p) = positions.get_mut(ch.as_str()) {
             p.seq = ev.seq;
         }
-        let name = event_name(&ev.frame);
+        let name = crate::event::frame_event_type(&ev.frame).unwrap_or_else(|| "message".into());
         write_event(&mut out, Some(&encode_cursor(&positions)), &name, &ev.frame);
     }
     if kind == StreamKind::Presence {
@@ -266,18 +266,6 @@ fn encode_cursor(p: &BTreeMap<String, Position>) -> String {
         positions: p.clone(),
     }
     .encode()
-}
-
-/// The event type of a stored frame (`event` field), for the SSE `event:` line of replayed events.
-fn event_name(frame: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct Head {
-        event: Option<String>,
-    }
-    serde_json::from_slice::<Head>(frame)
-        .ok()
-        .and_then(|h| h.event)
-        .unwrap_or_else(|| "message".into())
 }
 
 fn write_event(out: &mut BytesMut, id: Option<&str>, event: &str, data: &[u8]) {

@@ -497,7 +497,9 @@ impl Shared {
                         epoch: page.0.position.epoch.clone(),
                         seq: ev.seq,
                     }),
-                    event: event_type(&ev.frame).into(),
+                    event: crate::event::frame_event_type(&ev.frame)
+                        .unwrap_or_default()
+                        .into(),
                     filter,
                     frame: ev.frame,
                 };
@@ -630,18 +632,6 @@ impl Shared {
         };
         Ok((page, events))
     }
-}
-
-/// The `event` field of a stored frame (gap repair only; live payloads carry it in their header).
-fn event_type(frame: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct Head {
-        event: Option<String>,
-    }
-    serde_json::from_slice::<Head>(frame)
-        .ok()
-        .and_then(|h| h.event)
-        .unwrap_or_default()
 }
 
 #[async_trait]

@@ -256,6 +256,12 @@ pub async fn serve(
         drain_engine.shutdown.cancel();
         drain_engine.close_all(CloseReason::Shutdown);
     };
+    // No Nagle: frames are already batched per flush; waiting for ACKs only adds latency.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "Could not set TCP_NODELAY.");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),

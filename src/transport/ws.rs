@@ -29,6 +29,8 @@ use crate::event::Position;
 
 /// Read buffer per connection: small, since client frames are small and rare.
 const READ_BUFFER: usize = 4096;
+/// Write buffer per connection: small (it keeps its capacity), yet enough to batch many frames.
+const WRITE_BUFFER: usize = 4096;
 /// Most queued frames written before one flush.
 const WRITE_BATCH: usize = 256;
 /// How long a slow consumer's socket stays open (its session already gone) for the `disconnect` 4008
@@ -73,7 +75,8 @@ async fn upgrade(
     // tungstenite closes the connection on frames over its limit; allow twice ours so an oversized
     // frame within reason gets a `too_large` reply instead.
     ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        // Frames fed between flushes collect here, so a drained batch leaves in one write.
+        .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(2 * limit + 4096)
         .max_message_size(2 * limit)
         .max_frame_size(2 * limit)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
@@ -16,6 +17,9 @@ use crate::backend::{
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::event::{EventBody, Seq, new_event_id, now_ms};
 use crate::rules::Source;
+
+/// The internal event name of the cross-node "close this user's sessions" frame.
+pub const KICK_EVENT: &str = "herald.kick";
 
 /// Most events one history call returns.
 pub const MAX_HISTORY_LIMIT: usize = 1000;
@@ -464,12 +468,23 @@ impl Engine {
     }
 
     /// Closes every session of `user` on this node; `{user, closed}`.
-    pub fn disconnect_user(&self, user: &str) -> EngineResult<Value> {
+    pub async fn disconnect_user(&self, user: &str) -> EngineResult<Value> {
         check_id("user", user)?;
         let sessions = self.hub.user_sessions(user);
         for s in &sessions {
             s.close(CloseReason::Kicked);
         }
+        // Sessions on other nodes: a control frame on `user:{user}` (never shown to clients; see
+        // `Session::check`) makes every node close that user's sessions.
+        let frame = Bytes::from_static(b"{\"type\":\"kick\"}");
+        backend(self.backends.broker.publish(Outgoing {
+            channel: ChannelName::of(Kind::User, user),
+            event: KICK_EVENT.into(),
+            payload: OutgoingPayload::Frame(frame),
+            persist: None,
+            filter: DeliveryFilter::default(),
+        }))
+        .await?;
         Ok(json!({ "user": user, "closed": sessions.len() }))
     }
 

@@ -311,6 +311,11 @@ impl Session {
     /// Decides what to do with a delivery: drop duplicates of what was replayed, send `reset` when the
     /// epoch changed under the subscription.
     pub fn check(&mut self, d: &Delivery) -> Verdict {
+        if d.channel.kind() == Kind::User && &*d.event == super::api::KICK_EVENT {
+            // POST /users/{user}/disconnect, possibly through another node.
+            self.handle.close(super::hub::CloseReason::Kicked);
+            return Verdict::Skip;
+        }
         let Some(sub) = self.subs.get_mut(&d.channel) else {
             return Verdict::Skip;
         };

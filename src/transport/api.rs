@@ -512,7 +512,7 @@ async fn list_announcements(State(s): State<AppState>, _: ApiKey) -> ApiResult {
 }
 
 async fn disconnect(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
-    Ok(Json(s.engine.disconnect_user(&user)?))
+    Ok(Json(s.engine.disconnect_user(&user).await?))
 }
 
 // ---- seed 002: /api/online-status/* with a client JWT ----

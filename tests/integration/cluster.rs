@@ -345,3 +345,17 @@ async fn rediss_with_a_private_ca_works() {
     .expect("an unknown CA must be refused");
     assert!(err.to_string().contains("cannot use Redis"), "{err}");
 }
+
+/// `POST /users/{user}/disconnect` through one node closes that user's sessions on every node.
+#[tokio::test]
+async fn disconnecting_a_user_reaches_every_node() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let mut on_b = b.ws("erin").await;
+    let mut other = b.ws("frank").await;
+    let (s, v) = a.api("POST", "/api/v1/users/erin/disconnect", None).await;
+    assert_eq!(s, 200, "{v}");
+    let c = on_b.closed().await;
+    assert_eq!(c.disconnect, Some(4012), "{c:?}");
+    assert_eq!(other.request(json!({"op":"ping"})).await["type"], "pong");
+}

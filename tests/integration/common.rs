@@ -31,6 +31,14 @@ pub const SECRET: &str = "test-jwt-secret-0123456789";
 pub struct TestServer {
     pub server: Server,
     pub http: reqwest::Client,
+    /// The private redis-server of this engine when the suite runs on Redis (`HERALD_TEST_REDIS=1`).
+    pub redis: Option<crate::redis_server::RedisServer>,
+}
+
+/// True when the suite runs every engine on its own Redis instead of the memory backend
+/// (`HERALD_TEST_REDIS=1`; `scripts/test` runs the suite both ways).
+pub fn on_redis() -> bool {
+    std::env::var("HERALD_TEST_REDIS").is_ok_and(|v| v == "1")
 }
 
 /// The config tests start from: fixed keys, port 0, short presence timings where asked.
@@ -59,7 +67,11 @@ impl TestServer {
         Self::start_config(c, ChannelKinds::default()).await
     }
 
-    pub async fn start_config(c: Config, kinds: ChannelKinds) -> TestServer {
+    pub async fn start_config(mut c: Config, kinds: ChannelKinds) -> TestServer {
+        let redis = (on_redis() && c.redis.is_none()).then(crate::redis_server::RedisServer::start);
+        if let Some(r) = &redis {
+            c.redis = Some(r.url.clone());
+        }
         let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
         let server = herald::start(c, kinds, listener, std::future::pending())
             .await
@@ -67,6 +79,7 @@ impl TestServer {
         TestServer {
             server,
             http: reqwest::Client::new(),
+            redis,
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use tokio_util::sync::CancellationToken;
 
 use super::{Budget, OnError, RuleError, RuleSet, fixtures};
@@ -164,8 +164,14 @@ impl Rules {
             DEBOUNCE,
             None,
             move |res: notify_debouncer_full::DebounceEventResult| {
-                let hit = res
-                    .is_ok_and(|events| events.iter().any(|e| e.paths.iter().any(|p| relevant(p))));
+                let hit = res.is_ok_and(|events| {
+                    events.iter().any(|e| {
+                        // Reads (ours included: a reload opens every file) are not changes; without
+                        // this filter each reload would trigger the next.
+                        !matches!(e.kind, EventKind::Access(_) | EventKind::Other)
+                            && e.paths.iter().any(|p| relevant(p))
+                    })
+                });
                 if hit {
                     // A full channel already holds a pending reload, which will see this change too.
                     let _ = tx.try_send(());

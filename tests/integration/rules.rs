@@ -1027,3 +1027,22 @@ async fn the_shipped_rules_load_and_route_chat_and_typing() {
     assert!(!types.contains(&"typing"), "{h}");
     s.stop().await;
 }
+
+/// Regression: a reload reads every rule file, and those reads must not count as changes (they did:
+/// each reload triggered the next, forever). One edit gives exactly one reload.
+#[tokio::test]
+async fn reading_the_rules_does_not_trigger_reloads() {
+    let dir = TempDir::new("rules-quiet");
+    write(&dir.path, "10-route.rhai", &ping_to("x"));
+    let t = start(&dir).await;
+    let v0 = version(&rules_status(&t).await);
+    replace(&dir.path, "10-route.rhai", &ping_to("y"));
+    let v1 = version(&reloaded(&t, v0).await);
+    // Several debounce periods with no change: the version must stay.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        version(&rules_status(&t).await),
+        v1,
+        "reloads without a change"
+    );
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::channels::{ConfigFileError, de_duration, parse_duration, parse_toml};
+use crate::channels::{ConfigFileError, de_duration, parse_toml};
 
 /// JWT signing algorithm accepted for client tokens (pinned: exactly one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -344,18 +344,17 @@ fn default_node_id() -> String {
 impl Config {
     /// Builds the configuration from flags/env (`o`), the environment and `herald.toml`.
     pub fn load(o: Overrides) -> Result<Config, ConfigError> {
-        let (file, file_name) = match &o.config {
-            Some(p) => (read_file_config(p)?, p.display().to_string()),
+        let file = match &o.config {
+            Some(p) => read_file_config(p)?,
             None => {
                 let p = Path::new("herald.toml");
                 if p.exists() {
-                    (read_file_config(p)?, "herald.toml".into())
+                    read_file_config(p)?
                 } else {
-                    (FileConfig::default(), String::new())
+                    FileConfig::default()
                 }
             }
         };
-        let _ = file_name;
         let mut c = Config::defaults();
 
         if let Some(l) = o.listen.or(file.listen) {
@@ -682,11 +681,6 @@ fn apply_push_env(p: &mut PushConfig) {
             w.secret = Some(v);
         }
     }
-}
-
-/// Parses a duration flag value (used by the CLI for `--ttl`-like flags given as strings).
-pub fn duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
 }
 
 #[cfg(test)]

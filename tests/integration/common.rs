@@ -382,6 +382,18 @@ pub struct SseEvent {
     pub data: Value,
 }
 
+/// `GET url` for an SSE stream, with an optional `Last-Event-ID` (bounded by `WAIT`).
+async fn sse_get(url: &str, last_event_id: Option<&str>) -> reqwest::Response {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(id) = last_event_id {
+        req = req.header("Last-Event-ID", id);
+    }
+    tokio::time::timeout(WAIT, req.send())
+        .await
+        .expect("SSE open timed out")
+        .unwrap()
+}
+
 impl Sse {
     /// Opens `url` with optional `Last-Event-ID`; panics unless 200 (use `try_open` for failures).
     pub async fn open(url: &str, last_event_id: Option<&str>) -> Sse {
@@ -392,14 +404,7 @@ impl Sse {
 
     pub async fn try_open(url: &str, last_event_id: Option<&str>) -> Sse {
         use eventsource_stream::Eventsource;
-        let mut req = reqwest::Client::new().get(url);
-        if let Some(id) = last_event_id {
-            req = req.header("Last-Event-ID", id);
-        }
-        let resp = tokio::time::timeout(WAIT, req.send())
-            .await
-            .expect("SSE open timed out")
-            .unwrap();
+        let resp = sse_get(url, last_event_id).await;
         let status = resp.status().as_u16();
         let stream = resp
             .bytes_stream()
@@ -669,14 +674,7 @@ impl SseBlock {
 impl RawSse {
     /// Opens `url` with an optional `Last-Event-ID`; panics unless 200.
     pub async fn open(url: &str, last_event_id: Option<&str>) -> RawSse {
-        let mut req = reqwest::Client::new().get(url);
-        if let Some(id) = last_event_id {
-            req = req.header("Last-Event-ID", id);
-        }
-        let resp = tokio::time::timeout(WAIT, req.send())
-            .await
-            .expect("SSE open timed out")
-            .unwrap();
+        let resp = sse_get(url, last_event_id).await;
         let status = resp.status().as_u16();
         assert_eq!(status, 200, "SSE open failed");
         let ct = resp

@@ -208,6 +208,18 @@ impl RedisBackend {
     }
 }
 
+impl RedisBackend {
+    /// The keys `presence_room_join.lua` and `presence_room_leave.lua` take, in their KEYS order.
+    fn room_keys(&self, room: &str, user: &str, session: &str) -> [String; 4] {
+        [
+            self.keys.room_present(room),
+            self.keys.room_user_sessions(room, user),
+            self.keys.rooms_present(),
+            self.keys.user_session_rooms(user, session),
+        ]
+    }
+}
+
 #[async_trait]
 impl Presence for RedisBackend {
     async fn connect(&self, info: &SessionInfo, ttl: Duration) -> BackendResult<bool> {
@@ -441,10 +453,7 @@ impl Presence for RedisBackend {
         let mut con = self.cmd.clone();
         let first: i64 = SCRIPTS
             .room_join
-            .key(self.keys.room_present(room))
-            .key(self.keys.room_user_sessions(room, user))
-            .key(self.keys.rooms_present())
-            .key(self.keys.user_session_rooms(user, session))
+            .key(&self.room_keys(room, user, session)[..])
             .arg(room)
             .arg(user)
             .arg(session)
@@ -460,10 +469,7 @@ impl Presence for RedisBackend {
         let mut con = self.cmd.clone();
         let last: i64 = SCRIPTS
             .room_leave
-            .key(self.keys.room_present(room))
-            .key(self.keys.room_user_sessions(room, user))
-            .key(self.keys.rooms_present())
-            .key(self.keys.user_session_rooms(user, session))
+            .key(&self.room_keys(room, user, session)[..])
             .arg(room)
             .arg(user)
             .arg(session)

@@ -1,9 +1,11 @@
 //! Rule evaluation cost per publish: `RuleSet::route` on the shipped `rules/` for a chat message (the
-//! hot path; target: median ≤ 2 µs) and for an event type no rule handles (it passes through every
-//! `route` to the channel defaults), with `Decision::defaults` (no script at all) as the baseline and
+//! heaviest shipped route: a push policy built from the payload and the sender's attrs; target:
+//! median ≤ 2 µs), a typing indicator (a light one), and an event type no rule handles (it passes
+//! through every `route` to the channel defaults), with `Decision::defaults` (no script at all) as the baseline and
 //! `event_map` (building the map scripts see) to tell the script's share from the engine's.
 //!
-//! `cargo bench --bench rules -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench --bench rules -- --warm-up-time 1 --measurement-time 3`; `HERALD_BENCH_RULES=DIR`
+//! measures the rules in DIR instead of the shipped ones.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -16,8 +18,11 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 fn rules(c: &mut Criterion) {
+    // `HERALD_BENCH_RULES=DIR` measures another rules directory (an operator's own rules).
+    let dir = std::env::var("HERALD_BENCH_RULES")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/rules").to_string());
     let set = RuleSet::load(
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")),
+        Path::new(&dir),
         Arc::new(ChannelKinds::default()),
         Budget::default(),
         OnError::DefaultRoute,
@@ -28,9 +33,11 @@ fn rules(c: &mut Criterion) {
     let data =
         RawValue::from_string(json!({ "text": "Are we still on for lunch at noon?" }).to_string())
             .expect("valid JSON");
-    let attrs: Map<String, Value> = [("name".to_string(), json!("Alice Kim"))]
-        .into_iter()
-        .collect();
+    let attrs: Arc<Map<String, Value>> = Arc::new(
+        [("name".to_string(), json!("Alice Kim"))]
+            .into_iter()
+            .collect(),
+    );
     let chat = RouteInput {
         event: "chat.message",
         id: "0190c3e4-5b6a-7c8d-9e0f-112233445566",
@@ -41,6 +48,12 @@ fn rules(c: &mut Criterion) {
         source: Source::Client,
         attrs: Some(&attrs),
     };
+    let typing_data = RawValue::from_string("{}".into()).expect("valid JSON");
+    let typing = RouteInput {
+        event: "typing",
+        data: &typing_data,
+        ..chat
+    };
     let unknown = RouteInput {
         event: "poll.created",
         ..chat
@@ -48,8 +61,19 @@ fn rules(c: &mut Criterion) {
     // The rules must decide as the fixtures say, or the numbers measure an error path.
     let routed = set.route(&chat);
     assert!(routed.error.is_none() && routed.by.is_some(), "{routed:?}");
+    let routed = set.route(&typing);
+    assert!(routed.error.is_none() && routed.by.is_some(), "{routed:?}");
     let routed = set.route(&unknown);
     assert!(routed.error.is_none() && routed.by.is_none(), "{routed:?}");
+
+    // `HERALD_BENCH_CALLS=N`: route N chat messages and stop, for instruction counts on a noisy
+    // machine (`valgrind --tool=callgrind`, two values of N: the difference / ΔN is the cost per call).
+    if let Some(n) = std::env::var("HERALD_BENCH_CALLS").ok().and_then(|n| n.parse::<u64>().ok()) {
+        for _ in 0..n {
+            black_box(set.route(black_box(&chat)));
+        }
+        std::process::exit(0);
+    }
 
     let mut g = c.benchmark_group("rules");
     g.bench_function("decision_defaults", |b| {
@@ -60,6 +84,9 @@ fn rules(c: &mut Criterion) {
     });
     g.bench_function("route/chat.message", |b| {
         b.iter(|| set.route(black_box(&chat)))
+    });
+    g.bench_function("route/typing", |b| {
+        b.iter(|| set.route(black_box(&typing)))
     });
     g.bench_function("route/unknown", |b| {
         b.iter(|| set.route(black_box(&unknown)))

@@ -197,7 +197,7 @@ impl Engine {
             data: &req.data,
             ts,
             source: req.source,
-            attrs: req.attrs.as_deref(),
+            attrs: req.attrs.as_ref(),
         });
         drop(rules);
         let decision = routed.decision;

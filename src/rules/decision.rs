@@ -191,12 +191,11 @@ fn want_bool(key: &str, d: &Dynamic) -> Result<bool, String> {
         .map_err(|_| format!("`{key}` must be a bool, not {}", type_of(d)))
 }
 
-fn want_string(key: &str, d: &Dynamic) -> Result<String, String> {
-    if d.is_string() {
-        Ok(d.clone().into_string().unwrap_or_default())
-    } else {
-        Err(format!("`{key}` must be a string, not {}", type_of(d)))
-    }
+/// The string `d` holds (shared, not copied).
+fn want_str(key: &str, d: &Dynamic) -> Result<rhai::ImmutableString, String> {
+    d.clone()
+        .into_immutable_string()
+        .map_err(|_| format!("`{key}` must be a string, not {}", type_of(d)))
 }
 
 fn want_duration(key: &str, d: &Dynamic) -> Result<Duration, String> {
@@ -206,8 +205,7 @@ fn want_duration(key: &str, d: &Dynamic) -> Result<Duration, String> {
             .map(Duration::from_secs)
             .map_err(|_| format!("`{key}` must not be negative"));
     }
-    let s = want_string(key, d)?;
-    parse_duration(&s).map_err(|e| format!("`{key}`: {e}"))
+    parse_duration(&want_str(key, d)?).map_err(|e| format!("`{key}`: {e}"))
 }
 
 impl Decision {
@@ -236,7 +234,9 @@ impl Decision {
             ));
         }
         let map = d.cast::<rhai::Map>();
-        let mut out = Decision::defaults(targets);
+        // `to` is filled with the publisher's targets at the end when the map has none.
+        let mut out = Decision::defaults(&[]);
+        let mut to_given = false;
         let mut drop = false;
         let mut reason = None;
         // One pass, by value: nothing is cloned, error texts are only built on errors.
@@ -277,6 +277,7 @@ impl Decision {
                         return Err("`to`: at most 100 channels".into());
                     }
                     out.to = to;
+                    to_given = true;
                 }
                 "except" => {
                     let mut users: Vec<Arc<str>> = Vec::new();
@@ -307,7 +308,7 @@ impl Decision {
                 "persist" => out.persist = Some(want_bool("persist", &v)?),
                 "unread" => out.unread = Some(want_bool("unread", &v)?),
                 "devices" => {
-                    let s = want_string("devices", &v)?;
+                    let s = want_str("devices", &v)?;
                     out.devices = DevicePolicy::parse(&s).ok_or_else(|| {
                         format!(
                             "`devices` must be all, foreground, latest, mobile or web, not {s:?}"
@@ -320,7 +321,7 @@ impl Decision {
                     }
                 }
                 "drop" => drop = want_bool("drop", &v)?,
-                "reason" => reason = Some(want_string("reason", &v)?),
+                "reason" => reason = Some(want_str("reason", &v)?.to_string()),
                 _ => {
                     return Err(format!(
                         "unknown key `{k}` (allowed: {})",
@@ -328,6 +329,9 @@ impl Decision {
                     ));
                 }
             }
+        }
+        if !to_given {
+            out.to = targets.to_vec();
         }
         if drop {
             out.drop = Some(reason.unwrap_or_else(|| "dropped by a rule".into()));
@@ -363,7 +367,7 @@ fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
     for (k, x) in m {
         match k.as_str() {
             "when" => {
-                let s = want_string("push.when", &x)?;
+                let s = want_str("push.when", &x)?;
                 when = Some(PushWhen::parse(&s).ok_or_else(|| {
                     format!("`push.when` must be never, offline, background, unacked or always, not {s:?}")
                 })?);

@@ -81,6 +81,7 @@ impl EventSpec {
             .id
             .clone()
             .unwrap_or_else(|| "00000000-0000-7000-8000-000000000000".into());
+        let attrs = Arc::new(self.attrs.clone());
         Ok(rules.route(&RouteInput {
             event: &self.event,
             id: &id,
@@ -89,7 +90,7 @@ impl EventSpec {
             data: &data,
             ts: crate::event::now_ms(),
             source,
-            attrs: Some(&self.attrs),
+            attrs: Some(&attrs),
         }))
     }
 }
@@ -213,7 +214,7 @@ fn check(case: &Case, rules: &RuleSet) -> Vec<String> {
         diff(
             "by",
             by.clone(),
-            routed.by.clone().unwrap_or_else(|| "defaults".into()),
+            routed.by.as_deref().unwrap_or("defaults").to_string(),
         );
     }
     if let Some(to) = &case.expect.to {

@@ -21,7 +21,7 @@ pub use decision::{Decision, DevicePolicy, PushPolicy, PushWhen};
 use std::cell::Cell;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use rhai::{AST, CallFnOptions, Dynamic, Engine, Scope};
@@ -67,7 +67,7 @@ pub struct RouteInput<'a> {
     /// API or client.
     pub source: Source,
     /// The sender's JWT `attrs` (client publishes).
-    pub attrs: Option<&'a Map<String, Value>>,
+    pub attrs: Option<&'a Arc<Map<String, Value>>>,
 }
 
 /// A routing result and where it came from.
@@ -76,7 +76,7 @@ pub struct Routed {
     /// The decision.
     pub decision: Decision,
     /// `"file.rhai"` whose `route` decided; `None` = channel defaults.
-    pub by: Option<String>,
+    pub by: Option<Arc<str>>,
     /// The script error that made `on_error` apply, if any.
     pub error: Option<String>,
 }
@@ -158,7 +158,7 @@ pub fn sandbox(budget: Budget) -> Engine {
     e.set_max_string_size(64 * 1024);
     e.set_max_array_size(10_000);
     e.set_max_map_size(10_000);
-    e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    // `no_module`: `import` is not in the language at all (no resolver can read a file).
     e.set_optimization_level(rhai::OptimizationLevel::Full);
     e.disable_symbol("eval");
     // The one impure thing scripts get: the clock (announcement expiry, time windows).
@@ -188,7 +188,7 @@ struct Hooks {
 /// One compiled rule file.
 #[derive(Clone)]
 struct RuleFile {
-    name: String,
+    name: Arc<str>,
     ast: AST,
     hooks: Hooks,
     /// Line of `fn route`, for errors about what it returned.
@@ -273,7 +273,7 @@ impl RuleSet {
 
     /// The loaded file names, in evaluation order.
     pub fn files(&self) -> Vec<String> {
-        self.files.iter().map(|f| f.name.clone()).collect()
+        self.files.iter().map(|f| f.name.to_string()).collect()
     }
 
     /// The channel kinds the defaults come from.
@@ -320,10 +320,11 @@ impl RuleSet {
             // Arguments are passed by value: the last (usually the only) file takes the map itself
             // instead of a deep copy.
             let arg = if i == last {
-                event.take().unwrap_or_default()
+                event.take()
             } else {
-                event.clone().unwrap_or_default()
+                event.clone()
             };
+            let Some(arg) = arg else { break };
             match self.call(f, "route", (arg,)) {
                 Ok(d) if d.is_unit() => continue,
                 Ok(d) => {
@@ -502,7 +503,7 @@ fn compile_file(engine: &Engine, name: &str, text: &str) -> Result<RuleFile, Rul
         }
     }
     Ok(RuleFile {
-        name: name.to_string(),
+        name: name.into(),
         ast,
         hooks,
         route_line: fn_line(text, "route"),
@@ -538,12 +539,18 @@ pub fn json_to_dynamic(v: &Value) -> Dynamic {
         },
         Value::String(s) => Dynamic::from(s.clone()),
         Value::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
-        Value::Object(m) => Dynamic::from_map(
-            m.iter()
-                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                .collect(),
-        ),
+        Value::Object(m) => Dynamic::from_map(json_object_to_map(m)),
     }
+}
+
+/// A JSON object as a Rhai map. Entries are inserted one by one: for the few keys objects have here,
+/// that is cheaper than `collect` (which buffers, sorts and bulk-builds).
+fn json_object_to_map(m: &Map<String, Value>) -> rhai::Map {
+    let mut out = rhai::Map::new();
+    for (k, v) in m {
+        out.insert(k.as_str().into(), json_to_dynamic(v));
+    }
+    out
 }
 
 /// A Rhai value as JSON (for `push.data`). Functions and custom types become strings.
@@ -574,64 +581,53 @@ pub fn dynamic_to_json(d: &Dynamic) -> Value {
 fn user_map(user: &str, attrs: &Map<String, Value>) -> Dynamic {
     let mut m = rhai::Map::new();
     m.insert("id".into(), Dynamic::from(user.to_string()));
-    m.insert(
-        "attrs".into(),
-        Dynamic::from_map(
-            attrs
-                .iter()
-                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                .collect(),
-        ),
-    );
+    m.insert("attrs".into(), Dynamic::from_map(json_object_to_map(attrs)));
     Dynamic::from_map(m)
 }
+
+/// The keys of the event map, in the map's (sorted) order.
+const EVENT_KEYS: [&str; 10] = [
+    "attrs", "channel", "data", "from", "id", "room", "source", "to", "ts", "type",
+];
+
+/// The event map with every key and `()` values: cloning it (one node) and filling the values in
+/// place is cheaper than building a map entry by entry (a sort and a search per key).
+static EVENT_TEMPLATE: LazyLock<rhai::Map> =
+    LazyLock::new(|| EVENT_KEYS.iter().map(|k| ((*k).into(), Dynamic::UNIT)).collect());
+
+/// `source` as scripts see it, shared rather than allocated per publish.
+static SOURCES: LazyLock<[rhai::ImmutableString; 2]> =
+    LazyLock::new(|| [Source::Api.as_str().into(), Source::Client.as_str().into()]);
 
 /// The event as scripts see it: `type`, `id`, `channel`, `room`, `from`, `to`, `data`, `ts`, `source`,
 /// `attrs`.
 pub fn event_map(input: &RouteInput<'_>) -> Dynamic {
     let first = input.targets.first();
-    let to: rhai::Array = input
-        .targets
-        .iter()
-        .filter(|c| c.kind() == Kind::User)
-        .map(|c| c.id().into())
-        .collect();
-    let attrs: rhai::Map = input
-        .attrs
-        .map(|a| {
-            a.iter()
-                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                .collect()
-        })
-        .unwrap_or_default();
-    // Strings go straight from &str to Rhai strings; `data` is deserialised straight into a Dynamic
-    // (rhai's `serde` feature), not through a serde_json::Value; the entries are given in key order
-    // so the map is built in bulk rather than by a search per insert.
-    let m = rhai::Map::from([
-        ("attrs".into(), Dynamic::from_map(attrs)),
-        (
-            "channel".into(),
-            first.map_or(Dynamic::UNIT, |c| c.as_str().into()),
-        ),
-        (
-            "data".into(),
-            serde_json::from_str::<Dynamic>(input.data.get()).unwrap_or(Dynamic::UNIT),
-        ),
-        (
-            "from".into(),
-            input.from.map_or(Dynamic::UNIT, |f| f.into()),
-        ),
-        ("id".into(), input.id.into()),
-        (
-            "room".into(),
-            first
+    let mut m = EVENT_TEMPLATE.clone();
+    for (k, v) in m.iter_mut() {
+        *v = match k.as_str() {
+            "attrs" => Dynamic::from_map(input.attrs.map(|a| json_object_to_map(a)).unwrap_or_default()),
+            "channel" => first.map_or(Dynamic::UNIT, |c| c.as_str().into()),
+            // Straight from the JSON text into Rhai values (rhai's `serde`), no serde_json::Value.
+            "data" => serde_json::from_str::<Dynamic>(input.data.get()).unwrap_or(Dynamic::UNIT),
+            "from" => input.from.map_or(Dynamic::UNIT, |f| f.into()),
+            "id" => input.id.into(),
+            "room" => first
                 .filter(|c| matches!(c.kind(), Kind::Room | Kind::Active))
                 .map_or(Dynamic::UNIT, |c| c.id().into()),
-        ),
-        ("source".into(), input.source.as_str().into()),
-        ("to".into(), to.into()),
-        ("ts".into(), Dynamic::from(input.ts)),
-        ("type".into(), input.event.into()),
-    ]);
+            "source" => SOURCES[usize::from(input.source == Source::Client)]
+                .clone()
+                .into(),
+            "to" => input
+                .targets
+                .iter()
+                .filter(|c| c.kind() == Kind::User)
+                .map(|c| c.id().into())
+                .collect::<rhai::Array>()
+                .into(),
+            "ts" => Dynamic::from(input.ts),
+            _ => input.event.into(),
+        };
+    }
     Dynamic::from_map(m)
 }

@@ -268,7 +268,9 @@ fn encode_cursor(p: &BTreeMap<String, Position>) -> String {
     .encode()
 }
 
-fn write_event(out: &mut BytesMut, id: Option<&str>, event: &str, data: &[u8]) {
+/// Appends one SSE event (`id:` when given, `event:`, one `data:` line) to `out`: the per-recipient
+/// framing of every SSE stream (`pub` for `benches/frames.rs`).
+pub fn write_event(out: &mut BytesMut, id: Option<&str>, event: &str, data: &[u8]) {
     if let Some(id) = id {
         out.put_slice(b"id: ");
         out.put_slice(id.as_bytes());

@@ -1,82 +1,152 @@
-//! Load generator: N WebSocket subscribers in one room, one HTTP publisher at a fixed rate, and one
-//! JSON line of results (throughput, completeness, end-to-end latency).
+//! Load generator: N subscribers (WebSocket or SSE) in one room over one or more engine nodes, one
+//! fixed-rate publisher (HTTP API or WebSocket `publish`), an optional phase of K idle WebSockets, and
+//! one JSON line of results: throughput, completeness, end-to-end latency, the CPU each process (the
+//! loadgen, the engine, Redis) spent per delivery, and the engine's memory per idle connection.
 //!
 //! ```text
 //! # one node, memory backend
 //! export HERALD_JWT_SECRET=bench-secret-0123456789 HERALD_API_KEY=bench-api-key-0123 \
 //!     HERALD_ADMIN_KEY=bench-admin-key-0123
 //! cargo build --release && cargo build --release --example loadgen
-//! target/release/herald serve --listen 127.0.0.1:7071 &
+//! target/release/herald serve --listen 127.0.0.1:7071 & ENGINE=$!
 //! target/release/examples/loadgen --url http://127.0.0.1:7071 --subscribers 1000 --rate 500 \
-//!     --duration 10
+//!     --duration 10 --engine-pid $ENGINE
+//!
+//! # the same room over SSE, published through a WebSocket
+//! target/release/examples/loadgen --url http://127.0.0.1:7071 --transport sse --publish-via ws \
+//!     --rate 100 --engine-pid $ENGINE
+//!
+//! # engine memory per idle connection, nothing published
+//! target/release/examples/loadgen --url http://127.0.0.1:7071 --subscribers 0 --idle 10000 \
+//!     --engine-pid $ENGINE
 //!
 //! # two nodes sharing one Redis: subscribers are spread round-robin, the publisher uses the first URL
-//! target/release/herald serve --listen 127.0.0.1:7071 --redis unix:///tmp/lg/redis.sock &
-//! target/release/herald serve --listen 127.0.0.1:7072 --redis unix:///tmp/lg/redis.sock &
+//! redis-server --port 0 --unixsocket /tmp/lg/redis.sock --save '' --appendonly no & REDIS=$!
+//! target/release/herald serve --listen 127.0.0.1:7071 --redis unix:///tmp/lg/redis.sock & E1=$!
+//! target/release/herald serve --listen 127.0.0.1:7072 --redis unix:///tmp/lg/redis.sock & E2=$!
 //! target/release/examples/loadgen --url http://127.0.0.1:7071 --url http://127.0.0.1:7072 \
-//!     --rate 200 --redis unix:///tmp/lg/redis.sock
+//!     --rate 200 --redis unix:///tmp/lg/redis.sock --engine-pid $E1 --engine-pid $E2 \
+//!     --redis-pid $REDIS
 //! ```
 //!
-//! `--api-key` and `--secret` also read `HERALD_API_KEY` and `HERALD_JWT_SECRET`. Progress goes to
-//! stderr; stdout gets exactly one JSON line, so runs can be collected with `>> results.jsonl`.
+//! `--api-key` and `--secret` also read `HERALD_API_KEY` and `HERALD_JWT_SECRET`; `--help` explains
+//! every flag. Progress goes to stderr (a progress bar on a terminal, one line a second otherwise,
+//! nothing with `--quiet`); stdout gets exactly one JSON line, so runs can be collected with
+//! `>> results.jsonl`.
 //!
 //! # What a run does
 //!
 //! 1. **Setup.** Raises the soft open-file limit to the hard one (via `prlimit(1)` when the soft limit
-//!    is too low, since std has no API for it; otherwise run `ulimit -n` first), checks `/healthz` on
-//!    every node, adds users `lg-0 … lg-{N-1}` to the room with `PUT /api/v1/rooms/{room}/members/{user}`
-//!    (through the node that user connects to; 64 in flight), then opens N WebSocket clients (token in
-//!    `?token=`), waits for each one's `connected`, sends `subscribe` to `room:{room}` and waits for every
-//!    reply. Subscribers go to the `--url`s round-robin.
-//! 2. **Publish.** One publisher sends `POST /api/v1/events` at `--rate` per second for `--warmup` +
-//!    `--duration` seconds, over a keep-alive HTTP client, with the body
-//!    `{"event":"bench","room":ROOM,"data":{"t":<send time, µs since the UNIX epoch>,"pad":"xx…"}}` where
-//!    `data` is about `--payload` bytes. The schedule is a tokio interval with
-//!    [`MissedTickBehavior::Burst`]: when the loadgen itself stalls it catches up, so the offered count
-//!    stays `rate × seconds` rather than silently dropping; `schedule_lag_max_us` in the output shows
-//!    how late the worst tick fired (about 1 ms is tokio's timer granularity; much more means the
-//!    loadgen stalled and sent a burst). `t` is taken when the tick fires, before waiting for an
-//!    in-flight slot, so engine backpressure counts as latency. Each publish runs as its own task (at
-//!    most `--max-in-flight` at once), so a slow reply does not hold back the schedule. Publishes sent
-//!    during the warmup are delivered and checked for duplicates and order, but not counted in latency
-//!    or completeness.
-//! 3. **Receive.** Each subscriber parses frames lazily: a prefix check for
-//!    `{"type":"event","channel":"room:{room}",`, then a byte search for `"seq":` and `"t":` (no JSON
-//!    parse), so parsing is a negligible part of the tool's cost. Latency (now − `t`) goes into a
-//!    per-subscriber `hdrhistogram` (2 significant digits: 1 % resolution, ~18 KiB each); seqs go into
-//!    a per-subscriber bitmap. What the tool does spend per delivery is the kernel's TCP receive path
-//!    and a task wake-up per read (reads are 4 KiB: tungstenite zero-fills its read buffer on every
-//!    read attempt, so a larger one costs more than it saves) — about half of what the engine spends
-//!    per delivery on the same machine (README, "Performance").
-//! 4. **Report.** After the publish phase and `--drain` seconds of grace, subscribers stop, their
-//!    histograms are merged, and each subscriber's bitmap is checked against the seqs the publisher got
-//!    back for its measured publishes.
+//!    is too low, since std has no API for it; otherwise run `ulimit -n` first) and checks `/healthz`
+//!    on every node.
+//! 2. **Idle phase** (`--idle K`). Reads the engine's RSS (`VmRSS` in `/proc/PID/status`, summed
+//!    over the `--engine-pid`s), opens K WebSockets as users `lg-idle-0 … lg-idle-{K-1}`, each of
+//!    which sends one `subscribe` to its own `user:` channel (no memberships needed), waits for every
+//!    reply and one more second for the engine to settle, and reads the RSS again. The idle sockets
+//!    stay open (reading, so the engine's pings get their pongs) until the run ends, so they are
+//!    also present during the publish phase. Their read buffers are 1 KiB, so they cost the loadgen
+//!    little (about 7 KiB each, kernel socket buffers aside). `--subscribers 0` makes a run of this
+//!    phase alone. Measure on a freshly started engine: memory that earlier connections or load
+//!    left to the allocator is reused without growing RSS, so a second run on the same engine
+//!    reports far less (it can be 0). On a fresh engine the figure includes the first-use growth
+//!    of per-thread allocator arenas and tables, which a larger K amortises.
+//! 3. **Subscribers.** Adds users `lg-0 … lg-{N-1}` to the room with
+//!    `PUT /api/v1/rooms/{room}/members/{user}` (through the node that user connects to;
+//!    `--setup-concurrency` in flight), then opens N subscribers (token in `?token=`), spread over the `--url`s round-robin:
+//!    - `--transport ws`: `GET /ws`, wait for `connected`, `subscribe` to `room:{room}` and wait for
+//!      the reply, whose `seq` is where this subscriber's deliveries start;
+//!    - `--transport sse`: `GET /sse?channels=room:{room}`; the engine subscribes before it answers,
+//!      so a 200 means subscribed. The stream carries no subscribe reply, so once every stream is
+//!      open one `GET /api/v1/channels/room:{room}/history?since=0&limit=1` (first node) gives the
+//!      channel's seq (nothing is published before that).
 //!
-//! Everything (engine, Redis, loadgen) on one machine shares the CPUs: `loadgen_cpu_percent` says how
-//! much of them the loadgen itself took.
+//!    With `--publish-via ws`, users `lg-pub-0 …` are made members too and each opens one
+//!    WebSocket to the first node.
+//! 4. **Publish.** One publisher sends at `--rate` per second for `--warmup` + `--duration` seconds
+//!    an event `bench` in the room with `data` `{"t":<send time, µs since the UNIX epoch>,
+//!    "pad":"xx…"}` of about `--payload` bytes:
+//!    - `--publish-via http`: `POST /api/v1/events` (`{"event":"bench","room":ROOM,"data":…}`) over
+//!      a keep-alive HTTP client, each request as its own task; the reply's `seq` is recorded.
+//!    - `--publish-via ws`: the `publish` op (`{"op":"publish","ref":n,"channel":"room:ROOM",
+//!      "event":"bench","data":…}`) round-robin over `--publish-connections` sockets; the reply with
+//!      the same `ref` carries the seq (`deliveries[].seq` of the room channel). The engine handles
+//!      one socket's frames one at a time and allows 100 frames/s per connection by default
+//!      (`[limits] frames_per_second`), so give about rate/100 connections or raise that limit.
+//!
+//!    The schedule is a tokio interval with [`MissedTickBehavior::Burst`]: when the loadgen itself
+//!    stalls it catches up, so the offered count stays `rate × seconds` rather than silently
+//!    dropping; `schedule_lag_max_us` in the output shows how late the worst tick fired (about 1 ms
+//!    is tokio's timer granularity; much more means the loadgen stalled and sent a burst). `t` is
+//!    taken when the tick fires, before waiting for an in-flight slot (`--max-in-flight`), so engine
+//!    backpressure counts as latency. Publishes sent during the warmup are delivered and checked for
+//!    duplicates and order, but not counted in latency, completeness or CPU.
+//! 5. **Receive.** Each subscriber parses frames lazily: a prefix check for
+//!    `{"type":"event","channel":"room:{room}",`, then a byte search for `"seq":` and `"t":` (no JSON
+//!    parse), so parsing is a negligible part of the tool's cost. SSE streams are split into lines
+//!    by hand (no SSE library): `data:` lines carry the same bytes as WebSocket frames, `id:` and
+//!    `event:` lines are skipped, and no line is copied unless it straddles two reads. The bytes come
+//!    from reqwest's body stream, so an SSE read wakes two tasks (hyper's connection task, then the
+//!    subscriber) where a WebSocket read wakes one. Latency
+//!    (now − `t`, both from this machine's clock) goes into a per-subscriber `hdrhistogram` (2
+//!    significant digits: 1 % resolution, ~18 KiB each); seqs go into a per-subscriber bitmap. What
+//!    the tool does spend per delivery is the kernel's TCP receive path and a task wake-up per read
+//!    (WebSocket reads are 4 KiB: tungstenite zero-fills its read buffer on every read attempt, so a
+//!    larger one costs more than it saves); `loadgen_cpu_us_per_delivery` reports it.
+//! 6. **Report.** After the last publish the tool waits until every expected delivery arrived (or
+//!    `--drain` seconds passed) to close the CPU window, then for the rest of `--drain`; subscribers
+//!    stop, their histograms are merged, and each subscriber's bitmap is checked against the seqs
+//!    the publisher got back for its measured publishes.
+//!
+//! # CPU
+//!
+//! CPU figures come from `/proc/PID/stat` (utime + stime, all threads) read when the first measured
+//! publish is due and again once every expected delivery has arrived (the *CPU window*,
+//! `cpu_window_s`). `/proc` counts in clock ticks (USER_HZ); the loadgen assumes 100 per second, the
+//! value on every mainstream Linux (`getconf CLK_TCK`), as it does not link libc to ask `sysconf`.
+//! A tick is 10 ms, so windows of a few seconds or more give figures to about 1 %. Per delivery
+//! means divided by `delivered` (the measured deliveries). Everything (engine, Redis, loadgen) on
+//! one machine shares the CPUs: the loadgen's own figures say how much it took from the others.
 //!
 //! # Output
 //!
-//! One JSON object on one line; [`Report`] documents every field. For example (wrapped here):
+//! One JSON object on one line; [`Report`], [`LoadReport`] and [`IdleReport`] document every field.
+//! The publish-phase fields are absent in an idle-only run, the idle fields without `--idle`, and
+//! the CPU and Redis fields without the flags that enable them. For example, 200 subscribers at 100
+//! publishes/s with `--idle 2000 --engine-pid …` on a freshly started engine (wrapped here):
 //!
 //! ```text
-//! {"transport":"ws","nodes":1,"subscribers":1000,"room":"bench","payload_bytes":100,"duration_s":10,
-//!  "warmup_s":2,"setup_s":0.8,"offered_publishes_per_s":500,"achieved_publishes_per_s":500.0,
-//!  "publishes":5000,"publish_errors":0,"publish_p50_us":6623,"publish_p99_us":46079,
-//!  "schedule_lag_max_us":14207,"expected_deliveries":5000000,"delivered":5000000,"completeness":1.0,
-//!  "missing":0,"gaps":0,"duplicates":0,"reorders":0,"disconnects":0,"resets":0,
-//!  "deliveries_per_s":500000.0,"latency_p50_us":23039,"latency_p90_us":46335,"latency_p99_us":78335,
-//!  "latency_max_us":177151,"loadgen_cpu_percent":91.0}
+//! {"transport":"ws","publish_via":"http","nodes":1,"subscribers":200,"room":"bench",
+//!  "payload_bytes":100,"duration_s":5,"warmup_s":2,"setup_s":0.1,"offered_publishes_per_s":100,
+//!  "achieved_publishes_per_s":100.0,"publishes":500,"publish_errors":0,"publish_p50_us":891,
+//!  "publish_p99_us":4927,"schedule_lag_max_us":2207,"expected_deliveries":100000,
+//!  "delivered":100000,"completeness":1.0,"missing":0,"gaps":0,"duplicates":0,"reorders":0,
+//!  "disconnects":0,"resets":0,"deliveries_per_s":20000.0,"latency_p50_us":2079,
+//!  "latency_p90_us":3519,"latency_p99_us":7327,"latency_max_us":12159,"loadgen_cpu_percent":15.7,
+//!  "publish_connections":0,"offered_deliveries_per_s":20000,"cpu_window_s":5.0,
+//!  "loadgen_cpu_us_per_delivery":8.0,"engine_cpu_us_per_delivery":10.8,"engine_cpu_percent":21.6,
+//!  "idle_connections":2000,"idle_setup_s":0.4,"rss_before_kb":11884,"rss_after_kb":40528,
+//!  "rss_per_idle_connection_bytes":14665,"idle_disconnects":0}
 //! ```
+//!
+//! At a low rate like this one every event costs each subscriber a wake-up and a `read` of its own
+//! (and the engine a `write` per subscriber), so the loadgen's CPU per delivery is close to the
+//! engine's. As the rate grows, the engine writes several frames per `write` and the loadgen takes
+//! them in one read, so both costs per delivery fall; compare `loadgen_cpu_us_per_delivery` with
+//! `engine_cpu_us_per_delivery` to see which process limits a run.
+//! An idle-only run prints `transport`, `nodes`, `subscribers` (0) and the idle fields.
 //!
 //! With `--redis`, `redis_commands_per_publish` is added: it counts every command Redis ran while
 //! the measured publishes went through (Lua-internal commands, presence heartbeats, every node), not
-//! only the publish path.
+//! only the publish path. With `--redis-pid`, Redis's CPU per delivery and percent are added.
 //!
-//! Needs: the engine's `HERALD_JWT_SECRET` (HS256) to mint subscriber tokens, its API key, and enough
-//! file descriptors on both sides (the engine keeps one per subscriber too: start it from a shell with
-//! `ulimit -n` high enough).
+//! Needs: the engine's `HERALD_JWT_SECRET` (HS256) to mint client tokens, its API key (unless the run
+//! is idle-only), the engine's PIDs for the CPU and memory figures (so the engine must run on this
+//! machine), and enough file descriptors on both sides (the engine keeps one per connection too:
+//! start it from a shell with `ulimit -n` high enough).
 
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,83 +156,186 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt, stream};
 use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-/// Drives herald with N room subscribers and one fixed-rate publisher; prints one JSON line of results.
+/// Drives herald with N room subscribers, one fixed-rate publisher and optionally K idle connections;
+/// prints one JSON line of results.
 #[derive(Parser, Debug)]
 #[command(
-    about = "Load generator for herald: N WebSocket subscribers in one room, one HTTP publisher at a \
-             fixed rate; prints one JSON line (throughput, completeness, latency) to stdout"
+    about = "Load generator for herald: N subscribers (WebSocket or SSE) in one room, a fixed-rate \
+             publisher (HTTP or WebSocket), optional idle connections; prints one JSON line of results \
+             (throughput, completeness, latency, CPU per delivery, RSS per idle connection) to stdout",
+    after_long_help = "\
+A run: check /healthz on every --url; with --idle, open the idle WebSockets and measure the engine's \
+RSS; add the subscribers to the room and open them; publish for --warmup + --duration seconds; wait \
+--drain seconds; print one JSON line. Progress goes to stderr (a bar on a terminal, one line a second \
+otherwise, nothing with --quiet). The fields are documented at the top of examples/loadgen.rs.
+
+Example:
+  target/release/examples/loadgen --url http://127.0.0.1:7071 --subscribers 1000 --rate 500 \\
+      --duration 10 --engine-pid $(pgrep -n herald)"
 )]
 struct Args {
-    /// Engine base URL, e.g. http://127.0.0.1:7070. Repeat for several nodes: subscribers are spread
-    /// round-robin over them, the publisher uses the first.
-    #[arg(long = "url", default_value = "http://127.0.0.1:7070")]
+    /// Engine base URL (http:// only), e.g. http://127.0.0.1:7070.
+    ///
+    /// Repeat for several nodes (sharing one Redis): subscribers and idle connections are spread
+    /// over them round-robin and each subscriber's membership goes through the node it connects
+    /// to; the publisher, its WebSockets and the SSE seq lookup use the first.
+    #[arg(
+        long = "url",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
     urls: Vec<String>,
-    /// The engine's backend API key (for membership and publishing).
+    /// The engine's backend API key (its HERALD_API_KEY).
+    ///
+    /// Used for memberships (PUT /api/v1/rooms/{room}/members/{user}), HTTP publishes and the SSE
+    /// seq lookup. Not needed for an idle-only run (--subscribers 0).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
-    api_key: String,
-    /// The engine's HS256 JWT secret, to mint one token per subscriber.
+    api_key: Option<String>,
+    /// The engine's HS256 JWT secret (its HERALD_JWT_SECRET).
+    ///
+    /// The loadgen mints a client token per connection with it (subscribers, WebSocket publishers,
+    /// idle connections), valid for 6 hours.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     secret: String,
-    /// Number of subscribers (users lg-0 … lg-{N-1}, one WebSocket each).
+    /// Number of subscribers: users lg-0 … lg-{N-1}, one connection each (see --transport).
+    ///
+    /// Each is made a member of --room first. 0 skips memberships and the whole publish phase: an
+    /// idle-only run, which needs --idle.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Room to subscribe to and publish in (bare id: the channel is room:{room}).
+    /// Room the subscribers join and the publisher publishes in.
+    ///
+    /// The bare id (1-128 characters of [A-Za-z0-9_.@-]): the channel is room:{room}.
     #[arg(long, default_value = "bench")]
     room: String,
-    /// Publishes per second (each one is delivered to every subscriber).
+    /// Publishes per second, on a fixed schedule.
+    ///
+    /// Each publish is delivered to every subscriber, so the offered deliveries per second are
+    /// rate × subscribers.
     #[arg(long, default_value_t = 100)]
     rate: u32,
-    /// Length of the measured publish phase, in seconds.
+    /// Length of the measured publish phase, in seconds (after --warmup).
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Approximate size of each event's `data` object, in bytes.
+    ///
+    /// `data` is {"t":<send time, µs since the UNIX epoch>,"pad":"xx…"}, padded with `x` to this
+    /// size (at least 31 bytes: the time and the keys).
     #[arg(long, default_value_t = 100)]
     payload: usize,
-    /// Redis URL the engine uses (redis://, unix://): report Redis commands per publish from
-    /// `INFO stats` (every command in the window, heartbeats included).
-    #[arg(long)]
+    /// Redis URL the engine uses (redis://, unix://): report redis_commands_per_publish.
+    ///
+    /// The loadgen reads INFO stats total_commands_processed before and after the measured
+    /// publishes: every command Redis ran in that window counts (Lua-internal commands, presence
+    /// heartbeats, every node, anything else using that Redis; its own INFO is subtracted).
+    #[arg(long, value_name = "URL")]
     redis: Option<String>,
-    /// Seconds of publishing before measuring (delivered and checked, not counted).
+    /// Seconds of publishing before the measured phase.
+    ///
+    /// Warmup events are delivered and checked for duplicates and order, but count in no figure
+    /// (latency, completeness, CPU).
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// Seconds to wait after the last publish for deliveries still in flight.
+    /// Seconds to wait after the last publish for deliveries still in flight, before the
+    /// subscribers stop.
     #[arg(long, default_value_t = 2)]
     drain: u64,
-    /// Client transport for subscribers.
+    /// Subscriber transport.
     #[arg(long, value_enum, default_value_t = TransportKind::Ws)]
     transport: TransportKind,
-    /// Memberships and WebSocket connects in flight at once during setup.
+    /// How the publisher publishes.
+    #[arg(long, value_enum, default_value_t = PublishVia::Http)]
+    publish_via: PublishVia,
+    /// WebSockets the publisher spreads its publishes over (round-robin), with --publish-via ws.
+    ///
+    /// Users lg-pub-0 … lg-pub-{C-1}, room members, all on the first --url. The engine handles one
+    /// socket's frames one at a time and allows limits.frames_per_second (100 by default) per
+    /// connection: give about rate/100 connections, or raise that limit. Ignored with
+    /// --publish-via http.
+    #[arg(long, value_name = "C", default_value_t = 1)]
+    publish_connections: usize,
+    /// PID of an engine process on this machine; repeat for several nodes.
+    ///
+    /// Its utime + stime (/proc/PID/stat, all threads) over the CPU window give
+    /// engine_cpu_us_per_delivery and engine_cpu_percent (summed over the PIDs); its VmRSS
+    /// (/proc/PID/status) is what --idle measures.
+    #[arg(long = "engine-pid", value_name = "PID")]
+    engine_pids: Vec<u32>,
+    /// PID of the redis-server the engine uses (on this machine).
+    ///
+    /// Gives redis_cpu_us_per_delivery and redis_cpu_percent, measured like --engine-pid.
+    #[arg(long, value_name = "PID")]
+    redis_pid: Option<u32>,
+    /// Open K idle WebSockets first and report the engine's RSS per idle connection.
+    ///
+    /// Users lg-idle-0 … lg-idle-{K-1} (no memberships), each subscribed to its own user: channel,
+    /// spread over the --urls like subscribers. The engine's VmRSS (summed over --engine-pid, which
+    /// is required) is read before they open and 1 s after the last one's subscribe reply. They stay
+    /// open, answering the engine's pings, until the run ends (so also during the publish phase).
+    /// Use a freshly started engine: memory freed by earlier connections is reused without growing
+    /// RSS, so a second run on the same engine reports far less.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    idle: usize,
+    /// Connects and memberships in flight at once during setup.
     #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
-    /// Seconds the whole setup (memberships, connects, subscribes) may take.
+    /// Seconds a setup may take: the idle connections, and separately the subscribers (memberships,
+    /// connects, subscribes, publisher sockets).
     #[arg(long, default_value_t = 120)]
     setup_timeout: u64,
-    /// Most publishes in flight at once (the schedule waits beyond that).
+    /// Most publishes in flight at once (the schedule waits beyond that, and the wait counts as
+    /// latency).
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
+    /// No progress on stderr (no bar, no progress lines); warnings and errors still go there.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// How subscribers connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum TransportKind {
-    /// WebSocket `/ws`, token in `?token=`.
+    /// WebSocket: GET /ws (token in ?token=), then a `subscribe` to room:{room}.
     Ws,
+    /// Server-sent events: GET /sse?channels=room:{room} (token in ?token=).
+    Sse,
 }
 
 impl TransportKind {
     fn as_str(self) -> &'static str {
         match self {
             TransportKind::Ws => "ws",
+            TransportKind::Sse => "sse",
+        }
+    }
+}
+
+/// How the publisher publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PublishVia {
+    /// POST /api/v1/events with the API key, many requests in flight.
+    Http,
+    /// The `publish` op over WebSockets as room members (see --publish-connections).
+    Ws,
+}
+
+impl PublishVia {
+    fn as_str(self) -> &'static str {
+        match self {
+            PublishVia::Http => "http",
+            PublishVia::Ws => "ws",
         }
     }
 }
@@ -173,15 +346,39 @@ const LATENCY_MAX_US: u64 = 60_000_000;
 const LATENCY_SIGFIG: u8 = 2;
 /// Token lifetime: long enough for any run.
 const TOKEN_TTL_SECS: u64 = 6 * 3600;
-/// File descriptors kept free beyond one per subscriber (HTTP pools, Redis, runtime).
+/// File descriptors kept free beyond one per connection (HTTP pools, Redis, runtime).
 const FD_MARGIN: u64 = 256;
 /// Bytes of `data` besides the padding: `{"t":` + 16 digits + `,"pad":"` + `"}`.
 const DATA_OVERHEAD: usize = 5 + 16 + 8 + 2;
+/// WebSocket read size of subscribers and publishers. tungstenite zero-fills its whole read buffer
+/// before every read attempt (even one that finds no data), so a large buffer costs a memset per
+/// wake-up: 4 KiB holds ~15 event frames of 100 B data.
+const READ_BUFFER: usize = 4 * 1024;
+/// Read size of idle WebSockets: they only ever read a `connected`, a reply and pings, and there may
+/// be many of them (tungstenite grows the buffer for a larger frame).
+const IDLE_READ_BUFFER: usize = 1024;
+/// How long the engine has to settle after the last idle connection subscribed, before its RSS is
+/// read again.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
+/// How long a publish may wait for its reply (HTTP request timeout; WebSocket reply wait).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest SSE line accepted (event frames are at most the engine's 64 KiB frame limit plus the
+/// envelope): a longer one means the stream is not what the loadgen expects.
+const SSE_MAX_LINE: usize = 1 << 20;
+/// USER_HZ: the unit of the CPU times in /proc/PID/stat. 100 on every mainstream Linux
+/// (`getconf CLK_TCK`); the loadgen does not link libc to ask `sysconf(_SC_CLK_TCK)`.
+const CLK_TCK: u64 = 100;
+
+/// The SSE `data:` of the frame the engine sends before it ends a stream.
+const DISCONNECT_HEAD: &[u8] = b"{\"type\":\"disconnect\"";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    let ui = Ui::new(args.quiet);
+    let result = run(args, &ui).await;
+    ui.finish();
+    match result {
         Ok(report) => match serde_json::to_string(&report) {
             Ok(line) => {
                 println!("{line}");
@@ -213,16 +410,35 @@ fn valid_room(r: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
 }
 
-async fn run(args: Args) -> anyhow::Result<Report> {
+/// `ws://host:port` of an `http://host:port` base URL.
+fn ws_base(http_base: &str) -> String {
+    format!("ws{}", &http_base["http".len()..])
+}
+
+async fn run(args: Args, ui: &Ui) -> anyhow::Result<Report> {
     if args.urls.is_empty() {
         bail!("give at least one --url");
     }
     if !valid_room(&args.room) {
         bail!("--room: 1-128 characters of [A-Za-z0-9_.@-] (the bare id, not room:…)");
     }
-    if args.rate == 0 || args.duration == 0 || args.subscribers == 0 {
-        bail!("--rate, --duration and --subscribers must be at least 1");
+    if args.subscribers == 0 && args.idle == 0 {
+        bail!("nothing to do: give --subscribers N (a publish phase) and/or --idle K (idle phase)");
     }
+    if args.subscribers > 0 && (args.rate == 0 || args.duration == 0) {
+        bail!("--rate and --duration must be at least 1 (or --subscribers 0 for an idle-only run)");
+    }
+    if args.idle > 0 && args.engine_pids.is_empty() {
+        bail!(
+            "--idle measures the engine's memory: give its process id with --engine-pid PID \
+             (repeat for several nodes), e.g. --engine-pid $(pgrep -n herald)"
+        );
+    }
+    let api_key = match (&args.api_key, args.subscribers) {
+        (Some(k), _) => k.clone(),
+        (None, 0) => String::new(),
+        (None, _) => bail!("give the engine's API key with --api-key or HERALD_API_KEY"),
+    };
     let urls: Vec<String> = args
         .urls
         .iter()
@@ -233,11 +449,30 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             bail!("--url {u}: only http:// base URLs are supported (e.g. http://127.0.0.1:7070)");
         }
     }
-    ensure_fd_limit(args.subscribers as u64 + FD_MARGIN)?;
+    let probes = Arc::new(Probes::new(&args.engine_pids, args.redis_pid)?);
+    let ws_publishers = if args.subscribers > 0 && args.publish_via == PublishVia::Ws {
+        args.publish_connections.max(1)
+    } else {
+        0
+    };
+    if ws_publishers > 0 && u64::from(args.rate) > 100 * ws_publishers as u64 {
+        ui.warn(format_args!(
+            "--rate {} over {ws_publishers} publisher socket(s) is more than 100 frames/s per \
+             connection, the engine's default limit (limits.frames_per_second): expect \
+             rate_limited replies unless the engine's limit is raised; or use \
+             --publish-connections {}",
+            args.rate,
+            u64::from(args.rate).div_ceil(90)
+        ));
+    }
+    ensure_fd_limit(
+        (args.subscribers + args.idle + ws_publishers) as u64 + FD_MARGIN,
+        ui,
+    )?;
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.max_in_flight.max(args.setup_concurrency))
-        .timeout(Duration::from_secs(10))
+        .timeout(PUBLISH_TIMEOUT)
         .build()
         .context("building the HTTP client")?;
     for u in &urls {
@@ -250,162 +485,112 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             bail!("GET {u}/healthz answered {}", r.status());
         }
     }
-
-    let setup_deadline = Duration::from_secs(args.setup_timeout);
-    let t0 = Instant::now();
-    eprintln!(
-        "loadgen: adding {} members to room {} …",
-        args.subscribers, args.room
-    );
-    tokio::time::timeout(setup_deadline, add_members(&http, &args, &urls))
-        .await
-        .context("setup timed out while adding room members (--setup-timeout)")??;
-
-    eprintln!(
-        "loadgen: opening {} {} subscribers over {} node(s) …",
-        args.subscribers,
-        args.transport.as_str(),
-        urls.len()
-    );
-    let shared = Arc::new(Shared {
-        head: format!("{{\"type\":\"event\",\"channel\":\"room:{}\",", args.room).into_bytes(),
-        reset_head: b"{\"type\":\"reset\"".to_vec(),
-        channel: format!("room:{}", args.room),
-        measure_from_us: AtomicU64::new(u64::MAX),
-        progress: (0..args.subscribers)
-            .map(|_| PaddedCounter::default())
-            .collect(),
-    });
+    // Every task started below ends with this token, also when the run fails half-way.
     let stop = CancellationToken::new();
-    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(args.subscribers);
-    let connect_slots = Arc::new(Semaphore::new(args.setup_concurrency.max(1)));
-    let mut subscribers = Vec::with_capacity(args.subscribers);
-    for i in 0..args.subscribers {
-        let user = format!("lg-{i}");
-        let token = herald::transport::auth::mint_hs256(&args.secret, &user, None, TOKEN_TTL_SECS)
-            .context("minting a subscriber token")?;
-        let base = &urls[i % urls.len()];
-        let ws_url = format!("ws{}/ws?token={token}", &base["http".len()..]);
-        subscribers.push(tokio::spawn(subscriber(
-            i,
-            ws_url,
-            shared.clone(),
-            connect_slots.clone(),
-            ready_tx.clone(),
-            stop.clone(),
-        )));
-    }
-    drop(ready_tx);
-    let mut ready = 0;
-    let mut last_note = Instant::now();
-    while ready < args.subscribers {
-        let left = setup_deadline.saturating_sub(t0.elapsed());
-        match tokio::time::timeout(left, ready_rx.recv()).await {
-            Ok(Some(Ok(()))) => ready += 1,
-            Ok(Some(Err(e))) => {
-                stop.cancel();
-                bail!("subscriber setup failed after {ready} were ready: {e}");
-            }
-            Ok(None) => {
-                stop.cancel();
-                bail!("subscribers ended during setup ({ready} ready)");
-            }
-            Err(_) => {
-                stop.cancel();
-                bail!(
-                    "setup timed out with {ready} of {} subscribers ready (--setup-timeout)",
-                    args.subscribers
-                );
-            }
-        }
-        if last_note.elapsed() >= Duration::from_secs(1) {
-            eprintln!("loadgen: {ready}/{} subscribed", args.subscribers);
-            last_note = Instant::now();
-        }
-    }
-    let setup_s = t0.elapsed().as_secs_f64();
-    eprintln!(
-        "loadgen: {} subscribers ready in {setup_s:.1}s; publishing {}/s for {}s warmup + {}s",
-        args.subscribers, args.rate, args.warmup, args.duration
-    );
+    let _stop_on_return = stop.clone().drop_guard();
 
-    let redis = match &args.redis {
-        Some(u) => Some(RedisProbe::connect(u).await?),
+    let idle = if args.idle > 0 {
+        Some(idle_phase(&args, &urls, &probes, ui, &stop).await?)
+    } else {
+        None
+    };
+    let load = if args.subscribers > 0 {
+        Some(load_phase(&args, &urls, &http, &api_key, &probes, ui, &stop).await?)
+    } else {
+        None
+    };
+    stop.cancel();
+    let idle = match idle {
+        Some(phase) => Some(phase.finish(ui).await?),
         None => None,
     };
-
-    let start_us = now_us();
-    let measure_from_us = start_us + args.warmup * 1_000_000;
-    let end_us = measure_from_us + args.duration * 1_000_000;
-    shared
-        .measure_from_us
-        .store(measure_from_us, Ordering::Relaxed);
-    let counters = Arc::new(PubCounters::default());
-    let cpu_before = cpu_ticks();
-    let publisher = tokio::spawn(publisher(
-        http.clone(),
-        PublishPlan {
-            url: format!("{}/api/v1/events", urls[0]),
-            api_key: args.api_key.clone(),
-            room: args.room.clone(),
-            pad: "x".repeat(args.payload.saturating_sub(DATA_OVERHEAD)),
-            rate: args.rate,
-            measure_from_us,
-            end_us,
-            max_in_flight: args.max_in_flight.max(1),
+    Ok(Report {
+        // Idle connections are WebSockets whatever --transport says.
+        transport: if args.subscribers > 0 {
+            args.transport.as_str()
+        } else {
+            "ws"
         },
-        counters.clone(),
-        redis,
-    ));
+        publish_via: (args.subscribers > 0).then(|| args.publish_via.as_str()),
+        nodes: urls.len(),
+        subscribers: args.subscribers,
+        load,
+        idle,
+    })
+}
 
-    // Progress, once a second, until the publisher is done.
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    let mut last_delivered = 0;
-    while !publisher.is_finished() {
-        tick.tick().await;
-        let d = shared.delivered();
-        eprintln!(
-            "loadgen: [{:>4.0}s] published {} (errors {}), delivered {} ({}/s)",
-            (now_us().saturating_sub(start_us)) as f64 / 1e6,
-            counters.sent.load(Ordering::Relaxed),
-            counters.errors.load(Ordering::Relaxed),
-            d,
-            d - last_delivered
+// ---------------------------------------------------------------------------------------------------
+// Progress
+
+/// Progress on stderr: a bar on a terminal, plain lines otherwise, nothing with `--quiet`.
+struct Ui {
+    /// Hidden (every call a no-op) unless stderr is a terminal and not `--quiet`.
+    bar: ProgressBar,
+    visible: bool,
+    quiet: bool,
+}
+
+const SETUP_TEMPLATE: &str = "{prefix:>12} [{bar:32}] {pos}/{len} {msg} ({elapsed})";
+const PUBLISH_TEMPLATE: &str = "{prefix:>12} [{bar:32}] {pos}/{len} s  {msg}";
+
+impl Ui {
+    fn new(quiet: bool) -> Ui {
+        let visible = !quiet && std::io::stderr().is_terminal();
+        let bar = if visible {
+            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+        } else {
+            ProgressBar::hidden()
+        };
+        Ui {
+            bar,
+            visible,
+            quiet,
+        }
+    }
+
+    /// Whether to print one progress line a second (stderr is not a terminal, and not `--quiet`).
+    fn lines(&self) -> bool {
+        !self.visible && !self.quiet
+    }
+
+    /// A progress note (not with `--quiet`).
+    fn note(&self, msg: impl Display) {
+        if !self.quiet {
+            self.bar.suspend(|| eprintln!("loadgen: {msg}"));
+        }
+    }
+
+    /// Something the user should know about the results, even with `--quiet`.
+    fn warn(&self, msg: impl Display) {
+        self.bar.suspend(|| eprintln!("loadgen: {msg}"));
+    }
+
+    /// Starts a phase of `len` steps on the bar.
+    fn phase(&self, prefix: &'static str, len: u64, template: &str) {
+        self.bar.reset();
+        self.bar.set_style(
+            ProgressStyle::with_template(template)
+                .expect("a valid progress template")
+                .progress_chars("=> "),
         );
-        last_delivered = d;
+        self.bar.set_prefix(prefix);
+        self.bar.set_message("");
+        self.bar.set_length(len);
+        self.bar.set_position(0);
     }
-    let published = publisher
-        .await
-        .context("the publisher task panicked")?
-        .context("publisher")?;
-    let cpu_after = cpu_ticks();
-    tokio::time::sleep(Duration::from_secs(args.drain)).await;
-    stop.cancel();
 
-    let mut tallies = Vec::with_capacity(subscribers.len());
-    for s in subscribers {
-        tallies.push(s.await.context("a subscriber task panicked")?);
+    fn finish(&self) {
+        self.bar.finish_and_clear();
     }
-    let mut r = report(&args, &published, &tallies);
-    r.nodes = urls.len();
-    r.setup_s = round1(setup_s);
-    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        // USER_HZ is 100: ticks per second of phase = percent of one core.
-        r.loadgen_cpu_percent = Some(round1(
-            b.saturating_sub(a) as f64 / (args.warmup + args.duration) as f64,
-        ));
-    }
-    Ok(r)
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Setup
 
 /// Raises the soft RLIMIT_NOFILE towards `need` (up to the hard limit) and fails clearly below it.
-fn ensure_fd_limit(need: u64) -> anyhow::Result<()> {
+fn ensure_fd_limit(need: u64, ui: &Ui) -> anyhow::Result<()> {
     let Some((soft, hard)) = nofile_limits() else {
-        eprintln!("loadgen: cannot read /proc/self/limits; assuming the open-file limit is enough");
+        ui.warn("cannot read /proc/self/limits; assuming the open-file limit is enough");
         return Ok(());
     };
     if soft >= need {
@@ -426,7 +611,7 @@ fn ensure_fd_limit(need: u64) -> anyhow::Result<()> {
             .map(|s| s.success())
             .unwrap_or(false);
         if ok && let Some((soft, _)) = nofile_limits() {
-            eprintln!("loadgen: raised the open-file limit to {soft}");
+            ui.note(format_args!("raised the open-file limit to {soft}"));
             if soft >= need {
                 return Ok(());
             }
@@ -435,7 +620,8 @@ fn ensure_fd_limit(need: u64) -> anyhow::Result<()> {
     let soft = nofile_limits().map(|l| l.0).unwrap_or(soft);
     bail!(
         "the open-file limit is {soft} (hard {hard}) but {need} are needed for this many \
-         subscribers: raise it with `ulimit -n {need}` (for herald too) or use fewer --subscribers"
+         connections: raise it with `ulimit -n {need}` (for herald too) or use fewer \
+         --subscribers / --idle"
     )
 }
 
@@ -454,19 +640,26 @@ fn nofile_limits() -> Option<(u64, u64)> {
     Some((parse(it.next()?)?, parse(it.next()?)?))
 }
 
-/// PUTs every subscriber user into the room, through the node it will connect to.
-async fn add_members(http: &reqwest::Client, args: &Args, urls: &[String]) -> anyhow::Result<()> {
-    let results = stream::iter(0..args.subscribers)
-        .map(|i| {
-            let url = format!(
-                "{}/api/v1/rooms/{}/members/lg-{i}",
-                urls[i % urls.len()],
-                args.room
-            );
+/// PUTs every subscriber user into the room through the node it will connect to, and the WebSocket
+/// publisher users through the first node.
+async fn add_members(
+    http: &reqwest::Client,
+    api_key: &str,
+    args: &Args,
+    urls: &[String],
+    ws_publishers: usize,
+    ui: &Ui,
+) -> anyhow::Result<()> {
+    let users = (0..args.subscribers)
+        .map(|i| (format!("lg-{i}"), &urls[i % urls.len()]))
+        .chain((0..ws_publishers).map(|c| (format!("lg-pub-{c}"), &urls[0])));
+    let results = stream::iter(users)
+        .map(|(user, base)| {
+            let url = format!("{base}/api/v1/rooms/{}/members/{user}", args.room);
             async move {
                 let r = http
                     .put(&url)
-                    .bearer_auth(&args.api_key)
+                    .bearer_auth(api_key)
                     .send()
                     .await
                     .with_context(|| format!("PUT {url}"))?;
@@ -475,6 +668,7 @@ async fn add_members(http: &reqwest::Client, args: &Args, urls: &[String]) -> an
                     let body = r.text().await.unwrap_or_default();
                     bail!("PUT {url} answered {status}: {body}");
                 }
+                ui.bar.inc(1);
                 Ok(())
             }
         })
@@ -482,6 +676,433 @@ async fn add_members(http: &reqwest::Client, args: &Args, urls: &[String]) -> an
         .collect::<Vec<anyhow::Result<()>>>()
         .await;
     results.into_iter().collect()
+}
+
+/// Waits until `n` connection tasks reported ready, failing on the first error or at `deadline`.
+async fn await_ready(
+    ready_rx: &mut mpsc::Receiver<Result<(), String>>,
+    n: usize,
+    deadline: tokio::time::Instant,
+    ui: &Ui,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut ready = 0;
+    let mut last_note = Instant::now();
+    while ready < n {
+        match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
+            Ok(Some(Ok(()))) => {
+                ready += 1;
+                ui.bar.inc(1);
+            }
+            Ok(Some(Err(e))) => bail!("{what} setup failed after {ready} were ready: {e}"),
+            Ok(None) => bail!("{what} ended during setup ({ready} ready)"),
+            Err(_) => {
+                bail!("setup timed out with {ready} of {n} {what} ready (--setup-timeout)")
+            }
+        }
+        if ui.lines() && last_note.elapsed() >= Duration::from_secs(1) {
+            eprintln!("loadgen: {ready}/{n} {what} ready");
+            last_note = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Idle phase
+
+/// The idle connections, open, and what was measured when they opened.
+struct IdlePhase {
+    tasks: Vec<JoinHandle<Option<String>>>,
+    setup_s: f64,
+    rss_before_kb: u64,
+    rss_after_kb: u64,
+}
+
+async fn idle_phase(
+    args: &Args,
+    urls: &[String],
+    probes: &Probes,
+    ui: &Ui,
+    stop: &CancellationToken,
+) -> anyhow::Result<IdlePhase> {
+    let rss_before_kb = probes.engine_rss_kb()?;
+    ui.note(format_args!(
+        "opening {} idle WebSockets over {} node(s) (engine RSS {rss_before_kb} kB) …",
+        args.idle,
+        urls.len()
+    ));
+    ui.phase("idle", args.idle as u64, SETUP_TEMPLATE);
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.setup_timeout);
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(args.idle);
+    let slots = Arc::new(Semaphore::new(args.setup_concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(args.idle);
+    for i in 0..args.idle {
+        let user = format!("lg-idle-{i}");
+        let token = herald::transport::auth::mint_hs256(&args.secret, &user, None, TOKEN_TTL_SECS)
+            .context("minting an idle connection token")?;
+        let url = format!("{}/ws?token={token}", ws_base(&urls[i % urls.len()]));
+        tasks.push(tokio::spawn(idle_connection(
+            user,
+            url,
+            slots.clone(),
+            ready_tx.clone(),
+            stop.clone(),
+        )));
+    }
+    drop(ready_tx);
+    await_ready(&mut ready_rx, args.idle, deadline, ui, "idle connections").await?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    ui.bar.set_message("settling");
+    tokio::time::sleep(IDLE_SETTLE).await;
+    let rss_after_kb = probes.engine_rss_kb()?;
+    ui.note(format_args!(
+        "{} idle connections open in {setup_s:.1}s; engine RSS {rss_before_kb} -> {rss_after_kb} kB",
+        args.idle
+    ));
+    Ok(IdlePhase {
+        tasks,
+        setup_s,
+        rss_before_kb,
+        rss_after_kb,
+    })
+}
+
+impl IdlePhase {
+    /// Waits for the (stopped) idle connections to close; the report's idle fields.
+    async fn finish(self, ui: &Ui) -> anyhow::Result<IdleReport> {
+        let k = self.tasks.len();
+        let mut disconnects = 0u64;
+        let mut first = None;
+        for t in self.tasks {
+            if let Some(reason) = t.await.context("an idle connection task panicked")? {
+                disconnects += 1;
+                first.get_or_insert(reason);
+            }
+        }
+        if let Some(reason) = first {
+            ui.warn(format_args!(
+                "{disconnects} idle connections lost their socket; the first: {reason}"
+            ));
+        }
+        let grown_bytes = (self.rss_after_kb as i64 - self.rss_before_kb as i64) * 1024;
+        Ok(IdleReport {
+            idle_connections: k,
+            idle_setup_s: round1(self.setup_s),
+            rss_before_kb: self.rss_before_kb,
+            rss_after_kb: self.rss_after_kb,
+            rss_per_idle_connection_bytes: grown_bytes / k.max(1) as i64,
+            idle_disconnects: disconnects,
+        })
+    }
+}
+
+/// One idle connection: connect, subscribe to its own `user:` channel, report ready, then read
+/// (which answers the engine's pings) until `stop`. Returns why the socket ended early, if it did.
+async fn idle_connection(
+    user: String,
+    ws_url: String,
+    slots: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), String>>,
+    stop: CancellationToken,
+) -> Option<String> {
+    // Boxed: the connect future is ~5 KiB, and inline it would stay in the task for its whole life.
+    let setup = Box::pin(async {
+        let _slot = slots
+            .acquire()
+            .await
+            .map_err(|_| "setup cancelled".to_string())?;
+        open_ws(&ws_url, Some(&format!("user:{user}")), IDLE_READ_BUFFER).await
+    });
+    let opened = tokio::select! {
+        r = setup => r,
+        _ = stop.cancelled() => return None,
+    };
+    let mut ws = match opened {
+        Ok((ws, _)) => {
+            let _ = ready.send(Ok(())).await;
+            ws
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("{user}: {e}"))).await;
+            return Some(e);
+        }
+    };
+    drop(ready);
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    let closed = loop {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Close(c))) => break Some(close_reason(c)),
+                // tungstenite queues the pong to a ping and sends it on the next read.
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Some(format!("socket error: {e}")),
+                None => break Some("socket ended".into()),
+            },
+            _ = &mut stopped => break None,
+        }
+    };
+    if closed.is_none() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    }
+    closed
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Publish phase
+
+/// Subscribers' setup, the publish phase and its figures.
+async fn load_phase(
+    args: &Args,
+    urls: &[String],
+    http: &reqwest::Client,
+    api_key: &str,
+    probes: &Arc<Probes>,
+    ui: &Ui,
+    stop: &CancellationToken,
+) -> anyhow::Result<LoadReport> {
+    let n = args.subscribers;
+    let ws_publishers = if args.publish_via == PublishVia::Ws {
+        args.publish_connections.max(1)
+    } else {
+        0
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.setup_timeout);
+    let t0 = Instant::now();
+    ui.note(format_args!(
+        "adding {} members to room {} …",
+        n + ws_publishers,
+        args.room
+    ));
+    ui.phase("members", (n + ws_publishers) as u64, SETUP_TEMPLATE);
+    tokio::time::timeout_at(
+        deadline,
+        add_members(http, api_key, args, urls, ws_publishers, ui),
+    )
+    .await
+    .context("setup timed out while adding room members (--setup-timeout)")??;
+
+    ui.note(format_args!(
+        "opening {n} {} subscribers over {} node(s) …",
+        args.transport.as_str(),
+        urls.len()
+    ));
+    ui.phase("subscribers", n as u64, SETUP_TEMPLATE);
+    let channel = format!("room:{}", args.room);
+    let shared = Arc::new(Shared {
+        head: format!("{{\"type\":\"event\",\"channel\":\"{channel}\",").into_bytes(),
+        reset_head: b"{\"type\":\"reset\"".to_vec(),
+        channel: channel.clone(),
+        measure_from_us: AtomicU64::new(u64::MAX),
+        progress: (0..n).map(|_| PaddedCounter::default()).collect(),
+    });
+    // Subscribers stop at the end of this phase; idle connections (the parent token) later.
+    let stop = stop.child_token();
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(n);
+    let (base_tx, base_rx) = watch::channel(None::<u64>);
+    let sse_client = match args.transport {
+        TransportKind::Sse => Some(
+            // No overall timeout (streams last the whole run), no idle pool (each stream holds its
+            // connection to the end).
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(0)
+                .build()
+                .context("building the SSE client")?,
+        ),
+        TransportKind::Ws => None,
+    };
+    let connect_slots = Arc::new(Semaphore::new(args.setup_concurrency.max(1)));
+    let mut subscribers = Vec::with_capacity(n);
+    for i in 0..n {
+        let user = format!("lg-{i}");
+        let token = herald::transport::auth::mint_hs256(&args.secret, &user, None, TOKEN_TTL_SECS)
+            .context("minting a subscriber token")?;
+        let base = &urls[i % urls.len()];
+        let task = match &sse_client {
+            None => tokio::spawn(ws_subscriber(
+                i,
+                format!("{}/ws?token={token}", ws_base(base)),
+                shared.clone(),
+                connect_slots.clone(),
+                ready_tx.clone(),
+                stop.clone(),
+            )),
+            Some(client) => tokio::spawn(sse_subscriber(
+                i,
+                format!("{base}/sse?channels={channel}&token={token}"),
+                client.clone(),
+                shared.clone(),
+                connect_slots.clone(),
+                ready_tx.clone(),
+                stop.clone(),
+                base_rx.clone(),
+            )),
+        };
+        subscribers.push(task);
+    }
+    drop(ready_tx);
+    await_ready(&mut ready_rx, n, deadline, ui, "subscribers").await?;
+    if args.transport == TransportKind::Sse {
+        let seq = channel_seq(http, &urls[0], api_key, &channel).await?;
+        base_tx.send_replace(Some(seq));
+    }
+
+    let route = if ws_publishers > 0 {
+        ui.phase("publishers", ws_publishers as u64, SETUP_TEMPLATE);
+        let mut sockets = Vec::with_capacity(ws_publishers);
+        for c in 0..ws_publishers {
+            let token = herald::transport::auth::mint_hs256(
+                &args.secret,
+                &format!("lg-pub-{c}"),
+                None,
+                TOKEN_TTL_SECS,
+            )
+            .context("minting a publisher token")?;
+            let url = format!("{}/ws?token={token}", ws_base(&urls[0]));
+            let (ws, _) = tokio::time::timeout_at(deadline, open_ws(&url, None, READ_BUFFER))
+                .await
+                .context("setup timed out while opening the publisher sockets (--setup-timeout)")?
+                .map_err(|e| anyhow::anyhow!("publisher socket lg-pub-{c}: {e}"))?;
+            sockets.push(ws);
+            ui.bar.inc(1);
+        }
+        Route::Ws(sockets)
+    } else {
+        Route::Http {
+            http: http.clone(),
+            url: format!("{}/api/v1/events", urls[0]),
+            api_key: api_key.to_string(),
+        }
+    };
+    let setup_s = t0.elapsed().as_secs_f64();
+    ui.note(format_args!(
+        "{n} subscribers ready in {setup_s:.1}s; publishing {}/s via {} for {}s warmup + {}s",
+        args.rate,
+        args.publish_via.as_str(),
+        args.warmup,
+        args.duration
+    ));
+
+    let redis = match &args.redis {
+        Some(u) => Some(RedisProbe::connect(u).await?),
+        None => None,
+    };
+
+    let start_us = now_us();
+    let measure_from_us = start_us + args.warmup * 1_000_000;
+    let end_us = measure_from_us + args.duration * 1_000_000;
+    shared
+        .measure_from_us
+        .store(measure_from_us, Ordering::Relaxed);
+    let counters = Arc::new(PubCounters::default());
+    let cpu_before = proc_cpu_ticks("self");
+    let mut publisher = tokio::spawn(publisher(
+        route,
+        PublishPlan {
+            room: args.room.clone(),
+            channel: channel.clone(),
+            pad: "x".repeat(args.payload.saturating_sub(DATA_OVERHEAD)),
+            rate: args.rate,
+            measure_from_us,
+            end_us,
+            max_in_flight: args.max_in_flight.max(1),
+        },
+        counters.clone(),
+        redis,
+        probes.clone(),
+        ui.bar.clone(),
+    ));
+
+    // Progress, once a second, until the publisher is done.
+    let total_s = args.warmup + args.duration;
+    ui.phase("publish", total_s, PUBLISH_TEMPLATE);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last_delivered = 0;
+    let published = loop {
+        tokio::select! {
+            r = &mut publisher => {
+                break r.context("the publisher task panicked")?.context("publisher")?;
+            }
+            _ = tick.tick() => {
+                let d = shared.delivered();
+                let secs = now_us().saturating_sub(start_us) as f64 / 1e6;
+                let sent = counters.sent.load(Ordering::Relaxed);
+                let errors = counters.errors.load(Ordering::Relaxed);
+                ui.bar.set_position((secs as u64).min(total_s));
+                ui.bar.set_message(format!(
+                    "published {sent} ({errors} errors), {}/s delivered",
+                    d - last_delivered
+                ));
+                if ui.lines() {
+                    eprintln!(
+                        "loadgen: [{secs:>4.0}s] published {sent} (errors {errors}), delivered {d} ({}/s)",
+                        d - last_delivered
+                    );
+                }
+                last_delivered = d;
+            }
+        }
+    };
+    let cpu_after = proc_cpu_ticks("self");
+    ui.bar.set_position(total_s);
+    ui.bar.set_message("draining");
+
+    // The CPU window closes once everything sent has arrived (or at the end of the drain), so the
+    // work for deliveries still queued when the last publish went out is counted.
+    let drain_end = tokio::time::Instant::now() + Duration::from_secs(args.drain);
+    let expected_frames = published.ok_total * n as u64;
+    while shared.delivered() < expected_frames && tokio::time::Instant::now() < drain_end {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let window_end = probes.sample();
+    tokio::time::sleep_until(drain_end).await;
+    stop.cancel();
+
+    let mut tallies = Vec::with_capacity(subscribers.len());
+    for s in subscribers {
+        tallies.push(s.await.context("a subscriber task panicked")?);
+    }
+    let mut r = report(args, &published, &tallies, ui);
+    r.setup_s = round1(setup_s);
+    r.publish_connections = ws_publishers;
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        // Ticks per second of phase, × 100 / CLK_TCK: percent of one core.
+        r.loadgen_cpu_percent = Some(round1(
+            b.saturating_sub(a) as f64 * 100.0 / CLK_TCK as f64 / total_s as f64,
+        ));
+    }
+    if let Some(start) = &published.window_start {
+        r.set_cpu(start, &window_end);
+    }
+    Ok(r)
+}
+
+/// The channel's last seq, from its history (one event read at most).
+async fn channel_seq(
+    http: &reqwest::Client,
+    base: &str,
+    api_key: &str,
+    channel: &str,
+) -> anyhow::Result<u64> {
+    let url = format!("{base}/api/v1/channels/{channel}/history?since=0&limit=1");
+    let r = http
+        .get(&url)
+        .bearer_auth(api_key)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("GET {url} answered {status}: {body}");
+    }
+    let v: Value =
+        serde_json::from_str(&body).with_context(|| format!("GET {url}: not JSON: {body}"))?;
+    Ok(v["seq"].as_u64().unwrap_or(0))
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -627,8 +1248,15 @@ fn number_after(hay: &[u8], key: &[u8]) -> Option<(u64, usize)> {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// One subscriber: connect, subscribe, report ready, then count deliveries until `stop`.
-async fn subscriber(
+fn close_reason(c: Option<tokio_tungstenite::tungstenite::protocol::frame::CloseFrame>) -> String {
+    match c {
+        Some(c) => format!("closed by the server: {} {}", u16::from(c.code), c.reason),
+        None => "closed by the server".into(),
+    }
+}
+
+/// One WebSocket subscriber: connect, subscribe, report ready, then count deliveries until `stop`.
+async fn ws_subscriber(
     index: usize,
     ws_url: String,
     shared: Arc<Shared>,
@@ -637,13 +1265,13 @@ async fn subscriber(
     stop: CancellationToken,
 ) -> Tally {
     let mut tally = Tally::new();
-    let setup = async {
+    let setup = Box::pin(async {
         let _slot = connect_slots
             .acquire()
             .await
             .map_err(|_| "setup cancelled".to_string())?;
-        open_ws(&ws_url, &shared.channel).await
-    };
+        open_ws(&ws_url, Some(&shared.channel), READ_BUFFER).await
+    });
     let opened = tokio::select! {
         r = setup => r,
         _ = stop.cancelled() => return tally,
@@ -674,10 +1302,7 @@ async fn subscriber(
                     progress.store(tally.frames, Ordering::Relaxed);
                 }
                 Some(Ok(Message::Close(c))) => {
-                    tally.closed = Some(match c {
-                        Some(c) => format!("closed by the server: {} {}", u16::from(c.code), c.reason),
-                        None => "closed by the server".into(),
-                    });
+                    tally.closed = Some(close_reason(c));
                     break;
                 }
                 Some(Ok(_)) => {}
@@ -699,12 +1324,186 @@ async fn subscriber(
     tally
 }
 
-/// Connects, waits for `connected`, subscribes to `channel`; returns the socket and the channel's seq.
-async fn open_ws(url: &str, channel: &str) -> Result<(Ws, u64), String> {
-    // tungstenite zero-fills its whole read buffer before every read attempt (even one that finds no
-    // data), so a large buffer costs a memset per wake-up: 4 KiB holds ~15 event frames of 100 B data.
+/// One SSE subscriber: open the stream, report ready, wait for the channel's seq at subscribe time,
+/// then count deliveries until `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn sse_subscriber(
+    index: usize,
+    url: String,
+    client: reqwest::Client,
+    shared: Arc<Shared>,
+    connect_slots: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), String>>,
+    stop: CancellationToken,
+    mut base: watch::Receiver<Option<u64>>,
+) -> Tally {
+    let mut tally = Tally::new();
+    let setup = Box::pin(async {
+        let _slot = connect_slots
+            .acquire()
+            .await
+            .map_err(|_| "setup cancelled".to_string())?;
+        open_sse(&client, &url).await
+    });
+    let opened = tokio::select! {
+        r = setup => r,
+        _ = stop.cancelled() => return tally,
+    };
+    let response = match opened {
+        Ok(r) => {
+            let _ = ready.send(Ok(())).await;
+            r
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("subscriber lg-{index}: {e}"))).await;
+            tally.closed = Some(e);
+            return tally;
+        }
+    };
+    drop(ready);
+    // Nothing is published before the base is known, so the stream can wait in the socket.
+    tally.base = tokio::select! {
+        b = base.wait_for(Option::is_some) => match b {
+            Ok(b) => (*b).unwrap_or(0),
+            Err(_) => return tally,
+        },
+        _ = stop.cancelled() => return tally,
+    };
+    let progress = &shared.progress[index].0;
+    let mut body = response.bytes_stream();
+    let mut lines = SseLines::default();
+    let mut disconnect = None;
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            biased;
+            chunk = body.next() => match chunk {
+                Some(Ok(bytes)) => {
+                    let fits = lines.feed(&bytes, |line| {
+                        let Some(data) = line.strip_prefix(b"data:") else { return };
+                        let data = data.strip_prefix(b" ").unwrap_or(data);
+                        if data.starts_with(DISCONNECT_HEAD) {
+                            disconnect = Some(String::from_utf8_lossy(data).into_owned());
+                        } else {
+                            tally.on_frame(data, &shared);
+                        }
+                    });
+                    progress.store(tally.frames, Ordering::Relaxed);
+                    if !fits {
+                        tally.closed = Some(format!("an SSE line longer than {SSE_MAX_LINE} bytes"));
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tally.closed = Some(format!("stream error: {}", error_chain(&e)));
+                    break;
+                }
+                None => {
+                    tally.closed = Some(match disconnect.take() {
+                        Some(d) => format!("closed by the server: {d}"),
+                        None => "stream ended".into(),
+                    });
+                    break;
+                }
+            },
+            _ = &mut stopped => break,
+        }
+    }
+    tally
+}
+
+/// `GET /sse…`; the response once the engine answered 200 (it subscribes before answering).
+async fn open_sse(client: &reqwest::Client, url: &str) -> Result<reqwest::Response, String> {
+    let r = client
+        .get(url)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .map_err(|e| {
+            let text = error_chain(&e);
+            let hint = if text.contains("os error 24") {
+                " (too many open files: raise `ulimit -n`)"
+            } else if text.contains("os error 99") {
+                " (out of local ports)"
+            } else {
+                ""
+            };
+            format!("SSE connect failed: {text}{hint}")
+        })?;
+    let status = r.status();
+    if !status.is_success() {
+        let body = r.text().await.unwrap_or_default();
+        let hint = if status.as_u16() == 401 {
+            " (is --secret the engine's HERALD_JWT_SECRET?)"
+        } else {
+            ""
+        };
+        return Err(format!("GET /sse answered {status}: {body}{hint}"));
+    }
+    Ok(r)
+}
+
+/// An error and its sources, `: `-separated (reqwest's own text leaves out the OS error).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Splits an SSE byte stream into lines. Complete lines inside a chunk are handed out in place; only
+/// a line cut by a chunk boundary is copied (into `carry`).
+#[derive(Default)]
+struct SseLines {
+    carry: Vec<u8>,
+}
+
+impl SseLines {
+    /// Calls `on_line` for every line `chunk` completes (without its `\n` or `\r\n`); false when a
+    /// line grew past [`SSE_MAX_LINE`].
+    fn feed(&mut self, chunk: &[u8], mut on_line: impl FnMut(&[u8])) -> bool {
+        let mut rest = chunk;
+        if !self.carry.is_empty() {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.carry.extend_from_slice(&rest[..i]);
+                    on_line(trim_cr(&self.carry));
+                    self.carry.clear();
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    self.carry.extend_from_slice(rest);
+                    return self.carry.len() <= SSE_MAX_LINE;
+                }
+            }
+        }
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            on_line(trim_cr(&rest[..i]));
+            rest = &rest[i + 1..];
+        }
+        self.carry.extend_from_slice(rest);
+        self.carry.len() <= SSE_MAX_LINE
+    }
+}
+
+fn trim_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Connects, waits for `connected`, and subscribes to `channel` when given; returns the socket and
+/// the channel's seq from the subscribe reply (0 without a subscribe).
+async fn open_ws(
+    url: &str,
+    channel: Option<&str>,
+    read_buffer: usize,
+) -> Result<(Ws, u64), String> {
     let config = WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0);
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
         .await
@@ -727,6 +1526,9 @@ async fn open_ws(url: &str, channel: &str) -> Result<(Ws, u64), String> {
     if first["type"] != "connected" {
         return Err(format!("expected `connected`, got {first}"));
     }
+    let Some(channel) = channel else {
+        return Ok((ws, 0));
+    };
     let sub = json!({"op": "subscribe", "channel": channel, "ref": 1});
     ws.send(Message::Text(sub.to_string().into()))
         .await
@@ -767,10 +1569,22 @@ async fn next_json(ws: &mut Ws) -> Result<Value, String> {
 // ---------------------------------------------------------------------------------------------------
 // Publisher
 
+/// Where publishes go.
+enum Route {
+    /// `POST {url}` with the API key.
+    Http {
+        http: reqwest::Client,
+        url: String,
+        api_key: String,
+    },
+    /// The `publish` op, round-robin over these sockets.
+    Ws(Vec<Ws>),
+}
+
 struct PublishPlan {
-    url: String,
-    api_key: String,
     room: String,
+    /// `room:{room}`.
+    channel: String,
     pad: String,
     rate: u32,
     measure_from_us: u64,
@@ -798,6 +1612,8 @@ struct Published {
     measured_seqs: Vec<u64>,
     /// Measured publishes sent.
     measured_sent: u64,
+    /// Successful publishes, warmup included (each one is a delivery to every subscriber).
+    ok_total: u64,
     /// Failed publishes (warmup included).
     errors: u64,
     /// Publish round trips, µs.
@@ -806,17 +1622,45 @@ struct Published {
     redis_commands: Option<u64>,
     /// How late the latest tick fired, µs.
     schedule_lag_max_us: u64,
+    /// CPU times when the first measured publish was due: the start of the CPU window.
+    window_start: Option<CpuSample>,
 }
 
 async fn publisher(
-    http: reqwest::Client,
+    route: Route,
     plan: PublishPlan,
     counters: Arc<PubCounters>,
     mut redis: Option<RedisProbe>,
+    probes: Arc<Probes>,
+    bar: ProgressBar,
 ) -> anyhow::Result<Published> {
     let plan = Arc::new(plan);
     let slots = Arc::new(Semaphore::new(plan.max_in_flight));
+    // Unbounded: one outcome per publish, read at the end, so it holds at most rate × seconds
+    // small entries.
     let (tx, mut rx) = mpsc::unbounded_channel::<PubOutcome>();
+    let (http, sockets) = match route {
+        Route::Http { http, url, api_key } => (Some((http, Arc::new((url, api_key)))), Vec::new()),
+        Route::Ws(sockets) => {
+            let senders = sockets
+                .into_iter()
+                .map(|ws| {
+                    // Never full: every request holds one of `max_in_flight` slots.
+                    let (req_tx, req_rx) = mpsc::channel(plan.max_in_flight);
+                    tokio::spawn(ws_publish_connection(
+                        ws,
+                        req_rx,
+                        tx.clone(),
+                        counters.clone(),
+                        plan.channel.clone(),
+                        bar.clone(),
+                    ));
+                    req_tx
+                })
+                .collect::<Vec<_>>();
+            (None, senders)
+        }
+    };
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(plan.rate)));
     interval.set_missed_tick_behavior(MissedTickBehavior::Burst);
     // Each tick's due time on the wall clock, to tell how late it fired.
@@ -825,7 +1669,9 @@ async fn publisher(
         .expect("valid histogram bounds");
     let mut measuring = false;
     let mut redis_before = None;
+    let mut window_start = None;
     let mut measured_sent = 0;
+    let mut n: u64 = 0;
     loop {
         let due = interval.tick().await;
         let due_us = base_us + due.saturating_duration_since(base).as_micros() as u64;
@@ -839,35 +1685,71 @@ async fn publisher(
         let measured = due_us >= plan.measure_from_us;
         if measured && !measuring {
             measuring = true;
+            window_start = Some(probes.sample());
             if let Some(r) = &mut redis {
                 redis_before = Some(r.commands().await?);
             }
         }
         measured_sent += u64::from(measured);
         let permit = slots.clone().acquire_owned().await?;
-        let (http, plan, tx) = (http.clone(), plan.clone(), tx.clone());
         counters.sent.fetch_add(1, Ordering::Relaxed);
-        let counters = counters.clone();
-        tokio::spawn(async move {
-            let sent = now_us();
-            let body = format!(
-                "{{\"event\":\"bench\",\"room\":\"{}\",\"data\":{{\"t\":{t},\"pad\":\"{}\"}}}}",
-                plan.room, plan.pad
-            );
-            let result = publish_once(&http, &plan, body).await;
-            if result.is_err() {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
+        match &http {
+            Some((http, target)) => {
+                let (http, target, plan, tx) =
+                    (http.clone(), target.clone(), plan.clone(), tx.clone());
+                let counters = counters.clone();
+                tokio::spawn(async move {
+                    let sent = now_us();
+                    let body = format!(
+                        "{{\"event\":\"bench\",\"room\":\"{}\",\"data\":{{\"t\":{t},\"pad\":\"{}\"}}}}",
+                        plan.room, plan.pad
+                    );
+                    let result = publish_http(&http, &target.0, &target.1, body).await;
+                    if result.is_err() {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = tx.send(PubOutcome {
+                        measured,
+                        result,
+                        round_trip_us: now_us().saturating_sub(sent),
+                    });
+                    drop(permit);
+                });
             }
-            let _ = tx.send(PubOutcome {
-                measured,
-                result,
-                round_trip_us: now_us().saturating_sub(sent),
-            });
-            drop(permit);
-        });
+            None => {
+                let frame = format!(
+                    "{{\"op\":\"publish\",\"ref\":{n},\"channel\":\"{}\",\"event\":\"bench\",\
+                     \"data\":{{\"t\":{t},\"pad\":\"{}\"}}}}",
+                    plan.channel, plan.pad
+                );
+                let request = PubRequest {
+                    reference: n,
+                    frame,
+                    measured,
+                    permit,
+                };
+                if sockets[n as usize % sockets.len()]
+                    .send(request)
+                    .await
+                    .is_err()
+                {
+                    // Only if that connection's task panicked: it reads requests until they end.
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(PubOutcome {
+                        measured,
+                        result: Err("the publisher socket's task ended".into()),
+                        round_trip_us: 0,
+                    });
+                }
+            }
+        }
+        n += 1;
     }
+    // The socket tasks finish their pending replies once their requests end.
+    drop(sockets);
     drop(tx);
-    // Every publish is done once all the slots are free again.
+    // Every publish is done once all the slots are free again (an outcome is queued before its
+    // slot is freed).
     let _all = slots.acquire_many(plan.max_in_flight as u32).await?;
     let redis_commands = match (&mut redis, redis_before) {
         // The `INFO` that took `before` is counted in `after`.
@@ -877,18 +1759,24 @@ async fn publisher(
     let mut out = Published {
         measured_seqs: Vec::new(),
         measured_sent,
+        ok_total: 0,
         errors: 0,
         round_trip: Histogram::new_with_bounds(1, LATENCY_MAX_US, LATENCY_SIGFIG)
             .expect("valid histogram bounds"),
         redis_commands,
         schedule_lag_max_us: lag.max(),
+        window_start,
     };
     let mut first_error = None;
-    while let Some(o) = rx.recv().await {
+    while let Ok(o) = rx.try_recv() {
         out.round_trip.saturating_record(o.round_trip_us.max(1));
         match o.result {
-            Ok(seq) if o.measured => out.measured_seqs.push(seq),
-            Ok(_) => {}
+            Ok(seq) => {
+                out.ok_total += 1;
+                if o.measured {
+                    out.measured_seqs.push(seq);
+                }
+            }
             Err(e) => {
                 out.errors += 1;
                 first_error.get_or_insert(e);
@@ -896,26 +1784,27 @@ async fn publisher(
         }
     }
     if let Some(e) = first_error {
-        eprintln!("loadgen: {} publishes failed; the first: {e}", out.errors);
+        bar.suspend(|| eprintln!("loadgen: {} publishes failed; the first: {e}", out.errors));
     }
     out.measured_seqs.sort_unstable();
     Ok(out)
 }
 
 /// One `POST /api/v1/events`; the seq of the room delivery.
-async fn publish_once(
+async fn publish_http(
     http: &reqwest::Client,
-    plan: &PublishPlan,
+    url: &str,
+    api_key: &str,
     body: String,
 ) -> Result<u64, String> {
     let r = http
-        .post(&plan.url)
-        .bearer_auth(&plan.api_key)
+        .post(url)
+        .bearer_auth(api_key)
         .header("content-type", "application/json")
         .body(body)
         .send()
         .await
-        .map_err(|e| format!("POST {}: {e}", plan.url))?;
+        .map_err(|e| format!("POST {url}: {e}"))?;
     let status = r.status();
     let bytes = r
         .bytes()
@@ -923,8 +1812,7 @@ async fn publish_once(
         .map_err(|e| format!("reading the publish reply: {e}"))?;
     if !status.is_success() {
         return Err(format!(
-            "POST {} answered {status}: {}",
-            plan.url,
+            "POST {url} answered {status}: {}",
             String::from_utf8_lossy(&bytes)
         ));
     }
@@ -936,6 +1824,139 @@ async fn publish_once(
                 String::from_utf8_lossy(&bytes)
             )
         })
+}
+
+/// A `publish` frame for one publisher socket, with its slot.
+struct PubRequest {
+    /// The frame's `ref`, unique in the run.
+    reference: u64,
+    frame: String,
+    measured: bool,
+    permit: OwnedSemaphorePermit,
+}
+
+/// A publish sent on a socket, waiting for its reply.
+struct Pending {
+    sent_us: u64,
+    measured: bool,
+    /// Freed after the outcome is queued.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One publisher socket: sends the requests' frames, matches replies to them by `ref`, queues an
+/// outcome for each. When the socket fails, or replies are late after the last request, every
+/// publish still pending (and every later request) fails, so the publisher never waits forever.
+async fn ws_publish_connection(
+    mut ws: Ws,
+    mut requests: mpsc::Receiver<PubRequest>,
+    outcomes: mpsc::UnboundedSender<PubOutcome>,
+    counters: Arc<PubCounters>,
+    channel: String,
+    bar: ProgressBar,
+) {
+    let fail = |measured: bool, sent_us: u64, reason: &str| {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+        let _ = outcomes.send(PubOutcome {
+            measured,
+            result: Err(reason.to_string()),
+            round_trip_us: now_us().saturating_sub(sent_us),
+        });
+    };
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    // When the requests ended: replies still pending get PUBLISH_TIMEOUT from then.
+    let mut requests_ended: Option<tokio::time::Instant> = None;
+    let failure = loop {
+        if requests_ended.is_some() && pending.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            return;
+        }
+        let late = async {
+            match requests_ended {
+                Some(at) => tokio::time::sleep_until(at + PUBLISH_TIMEOUT).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            request = requests.recv(), if requests_ended.is_none() => match request {
+                Some(r) => {
+                    pending.insert(r.reference, Pending {
+                        sent_us: now_us(),
+                        measured: r.measured,
+                        _permit: r.permit,
+                    });
+                    match tokio::time::timeout(PUBLISH_TIMEOUT, ws.send(Message::Text(r.frame.into()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break format!("sending a publish frame: {e}"),
+                        Err(_) => break "the engine took no publish frame for 10 s".into(),
+                    }
+                }
+                None => requests_ended = Some(tokio::time::Instant::now()),
+            },
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if let Some(reason) = on_publish_reply(t.as_str(), &mut pending, &outcomes, &counters, &channel) {
+                        break reason;
+                    }
+                }
+                Some(Ok(Message::Close(c))) => break format!("publisher socket {}", close_reason(c)),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break format!("publisher socket error: {e}"),
+                None => break "the publisher socket ended".into(),
+            },
+            _ = late => break format!("{} publishes got no reply within 10 s", pending.len()),
+        }
+    };
+    bar.suspend(|| {
+        eprintln!(
+            "loadgen: a publisher socket failed ({failure}); its {} pending and all later \
+             publishes fail",
+            pending.len()
+        )
+    });
+    for (_, p) in pending.drain() {
+        fail(p.measured, p.sent_us, &failure);
+    }
+    while let Some(r) = requests.recv().await {
+        fail(r.measured, now_us(), &failure);
+    }
+}
+
+/// Handles one frame on a publisher socket: a reply completes its pending publish. Returns a reason
+/// when the engine is closing the socket. Frames here are few (one reply per publish), so they are
+/// parsed whole.
+fn on_publish_reply(
+    text: &str,
+    pending: &mut HashMap<u64, Pending>,
+    outcomes: &mpsc::UnboundedSender<PubOutcome>,
+    counters: &PubCounters,
+    channel: &str,
+) -> Option<String> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    match v["type"].as_str() {
+        Some("reply") => {
+            let p = pending.remove(&v["ref"].as_u64()?)?;
+            let result = if v["ok"] == true {
+                v["deliveries"]
+                    .as_array()
+                    .and_then(|ds| ds.iter().find(|d| d["channel"] == channel))
+                    .and_then(|d| d["seq"].as_u64())
+                    .ok_or_else(|| format!("publish reply without a seq for {channel}: {v}"))
+            } else {
+                Err(format!("publish refused: {}", v["error"]))
+            };
+            if result.is_err() {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = outcomes.send(PubOutcome {
+                measured: p.measured,
+                result,
+                round_trip_us: now_us().saturating_sub(p.sent_us),
+            });
+            None
+        }
+        Some("disconnect") => Some(format!("the engine disconnected the publisher: {v}")),
+        _ => None,
+    }
 }
 
 /// Reads Redis `INFO stats` total_commands_processed.
@@ -969,11 +1990,12 @@ impl RedisProbe {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Report
+// /proc
 
-/// CPU time of this process (user + system), in clock ticks (USER_HZ, 100 on Linux).
-fn cpu_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// CPU time (utime + stime, every thread) of `pid` (a number or `self`), in clock ticks
+/// ([`CLK_TCK`] per second).
+fn proc_cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -981,19 +2003,118 @@ fn cpu_ticks() -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// Resident set size of `pid` (`VmRSS` in /proc/PID/status), kB.
+fn proc_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The processes whose CPU and memory a run reports.
+struct Probes {
+    engine: Vec<u32>,
+    redis: Option<u32>,
+}
+
+/// CPU times at one moment, in ticks; `None` for a process not given (or gone).
+#[derive(Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    loadgen: Option<u64>,
+    /// Summed over the engine PIDs.
+    engine: Option<u64>,
+    redis: Option<u64>,
+}
+
+impl Probes {
+    /// Checks that every PID can be read now.
+    fn new(engine: &[u32], redis: Option<u32>) -> anyhow::Result<Probes> {
+        for (flag, pid) in engine
+            .iter()
+            .map(|p| ("--engine-pid", *p))
+            .chain(redis.map(|p| ("--redis-pid", p)))
+        {
+            if proc_cpu_ticks(&pid.to_string()).is_none() {
+                bail!(
+                    "{flag} {pid}: cannot read /proc/{pid}/stat (no such process on this machine?)"
+                );
+            }
+        }
+        Ok(Probes {
+            engine: engine.to_vec(),
+            redis,
+        })
+    }
+
+    fn sample(&self) -> CpuSample {
+        let engine = if self.engine.is_empty() {
+            None
+        } else {
+            self.engine
+                .iter()
+                .map(|p| proc_cpu_ticks(&p.to_string()))
+                .sum()
+        };
+        CpuSample {
+            at: Instant::now(),
+            loadgen: proc_cpu_ticks("self"),
+            engine,
+            redis: self.redis.and_then(|p| proc_cpu_ticks(&p.to_string())),
+        }
+    }
+
+    /// The engine's RSS, summed over its PIDs, kB.
+    fn engine_rss_kb(&self) -> anyhow::Result<u64> {
+        self.engine
+            .iter()
+            .map(|&p| {
+                proc_rss_kb(p)
+                    .with_context(|| format!("--engine-pid {p}: cannot read /proc/{p}/status"))
+            })
+            .sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Report
+
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// The one JSON line a run prints (fields in this order).
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The one JSON line a run prints (fields in this order; the flattened groups' fields in place).
 #[derive(Serialize)]
 struct Report {
-    /// Subscriber transport: `ws` (SSE arrives later).
+    /// Subscriber transport: `ws` or `sse` (`--transport`); `ws` in an idle-only run (idle
+    /// connections are always WebSockets).
     transport: &'static str,
+    /// How the publisher published: `http` or `ws` (`--publish-via`); absent in an idle-only run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publish_via: Option<&'static str>,
     /// Number of `--url`s (engine nodes).
     nodes: usize,
-    /// Subscribers that took part.
+    /// `--subscribers`.
     subscribers: usize,
+    /// The publish phase's figures; absent in an idle-only run.
+    #[serde(flatten)]
+    load: Option<LoadReport>,
+    /// The idle phase's figures; absent without `--idle`.
+    #[serde(flatten)]
+    idle: Option<IdleReport>,
+}
+
+/// The publish phase's figures.
+#[derive(Serialize)]
+struct LoadReport {
     /// The room (bare id).
     room: String,
     /// `--payload`: approximate bytes of each event's `data`.
@@ -1002,7 +2123,7 @@ struct Report {
     duration_s: u64,
     /// `--warmup`: seconds published before measuring.
     warmup_s: u64,
-    /// Seconds the setup took (memberships, connects, subscribes).
+    /// Seconds the subscribers' setup took (memberships, connects, subscribes, publisher sockets).
     setup_s: f64,
     /// `--rate`.
     offered_publishes_per_s: u32,
@@ -1010,9 +2131,10 @@ struct Report {
     achieved_publishes_per_s: f64,
     /// Measured publishes sent (successful or not).
     publishes: u64,
-    /// Publishes that failed (HTTP error or non-2xx), warmup included.
+    /// Publishes that failed (HTTP error or non-2xx; WebSocket error reply, no reply within 10 s, or
+    /// socket lost), warmup included.
     publish_errors: u64,
-    /// Publish round trip (HTTP request to reply), median, µs.
+    /// Publish round trip (request sent to reply, HTTP or WebSocket), median, µs.
     publish_p50_us: u64,
     /// Publish round trip, 99th percentile, µs.
     publish_p99_us: u64,
@@ -1033,13 +2155,14 @@ struct Report {
     duplicates: u64,
     /// Event frames with a seq below one the subscriber had already seen (first arrivals only).
     reorders: u64,
-    /// Subscribers whose socket closed before the end (e.g. `disconnect` 4008, slow consumer).
+    /// Subscribers whose connection closed before the end (e.g. `disconnect` 4008, slow consumer).
     disconnects: u64,
     /// `reset` frames on the room channel (its epoch changed under the subscription).
     resets: u64,
-    /// `delivered / duration_s`.
+    /// `delivered / duration_s`: the achieved deliveries per second.
     deliveries_per_s: f64,
-    /// Delivery latency of measured events (receipt time − the publish's send time `t`), median, µs.
+    /// Delivery latency of measured events (receipt time − the publish's send time `t`, both read
+    /// from this machine's clock), median, µs.
     latency_p50_us: u64,
     /// Delivery latency, 90th percentile, µs.
     latency_p90_us: u64,
@@ -1057,9 +2180,79 @@ struct Report {
     /// work, anything else using that Redis (the loadgen's own `INFO` is subtracted).
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_commands_per_publish: Option<f64>,
+    /// `--publish-connections` with `--publish-via ws`; 0 with `http`.
+    publish_connections: usize,
+    /// `rate × subscribers`: the deliveries per second the schedule offers (compare
+    /// `deliveries_per_s`).
+    offered_deliveries_per_s: u64,
+    /// Length of the CPU window, seconds: from when the first measured publish was due until every
+    /// expected delivery arrived (or the drain ended). The CPU fields below cover it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_window_s: Option<f64>,
+    /// This process's CPU time in the CPU window / `delivered`, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loadgen_cpu_us_per_delivery: Option<f64>,
+    /// With `--engine-pid`: the engine processes' CPU time (summed) in the CPU window /
+    /// `delivered`, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_cpu_us_per_delivery: Option<f64>,
+    /// With `--engine-pid`: the engine processes' CPU time in the CPU window, % of one core (summed:
+    /// 200 = two cores busy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_cpu_percent: Option<f64>,
+    /// With `--redis-pid`: Redis's CPU time in the CPU window / `delivered`, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_cpu_us_per_delivery: Option<f64>,
+    /// With `--redis-pid`: Redis's CPU time in the CPU window, % of one core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_cpu_percent: Option<f64>,
 }
 
-fn report(args: &Args, published: &Published, tallies: &[Tally]) -> Report {
+impl LoadReport {
+    /// Fills the CPU-window fields from the samples at its start and end.
+    fn set_cpu(&mut self, start: &CpuSample, end: &CpuSample) {
+        let secs = end.at.duration_since(start.at).as_secs_f64();
+        if secs <= 0.0 {
+            return;
+        }
+        self.cpu_window_s = Some(round1(secs));
+        let delivered = self.delivered;
+        let ticks = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        let per_delivery = |t: Option<u64>| {
+            let t = t?;
+            (delivered > 0).then(|| round2(t as f64 * 1e6 / CLK_TCK as f64 / delivered as f64))
+        };
+        let percent = |t: Option<u64>| Some(round1(t? as f64 * 100.0 / CLK_TCK as f64 / secs));
+        let loadgen = ticks(start.loadgen, end.loadgen);
+        let engine = ticks(start.engine, end.engine);
+        let redis = ticks(start.redis, end.redis);
+        self.loadgen_cpu_us_per_delivery = per_delivery(loadgen);
+        self.engine_cpu_us_per_delivery = per_delivery(engine);
+        self.engine_cpu_percent = percent(engine);
+        self.redis_cpu_us_per_delivery = per_delivery(redis);
+        self.redis_cpu_percent = percent(redis);
+    }
+}
+
+/// The idle phase's figures.
+#[derive(Serialize)]
+struct IdleReport {
+    /// `--idle`: idle WebSockets opened.
+    idle_connections: usize,
+    /// Seconds until every idle connection had its subscribe reply.
+    idle_setup_s: f64,
+    /// The engine's RSS (VmRSS, summed over `--engine-pid`) before the idle connections opened, kB.
+    rss_before_kb: u64,
+    /// The engine's RSS 1 s after every idle connection was subscribed, kB.
+    rss_after_kb: u64,
+    /// `(rss_after_kb - rss_before_kb) × 1024 / idle_connections`: the engine's memory per idle
+    /// connection, bytes (user space only; the kernel's socket buffers are not in RSS).
+    rss_per_idle_connection_bytes: i64,
+    /// Idle connections whose socket closed before the end of the run.
+    idle_disconnects: u64,
+}
+
+fn report(args: &Args, published: &Published, tallies: &[Tally], ui: &Ui) -> LoadReport {
     let seqs = &published.measured_seqs;
     let expected = seqs.len() as u64 * tallies.len() as u64;
     let mut delivered = 0u64;
@@ -1092,10 +2285,14 @@ fn report(args: &Args, published: &Published, tallies: &[Tally]) -> Report {
         let _ = latency.add(&t.latency);
     }
     if let Some(c) = first_close {
-        eprintln!("loadgen: {disconnects} subscribers lost their socket; the first: {c}");
+        ui.warn(format_args!(
+            "{disconnects} subscribers lost their connection; the first: {c}"
+        ));
     }
     if unreadable > 0 {
-        eprintln!("loadgen: {unreadable} event frames had no readable \"seq\" or \"t\"");
+        ui.warn(format_args!(
+            "{unreadable} event frames had no readable \"seq\" or \"t\""
+        ));
     }
     let secs = args.duration as f64;
     let completeness = if expected == 0 {
@@ -1103,10 +2300,7 @@ fn report(args: &Args, published: &Published, tallies: &[Tally]) -> Report {
     } else {
         delivered as f64 / expected as f64
     };
-    Report {
-        transport: args.transport.as_str(),
-        nodes: 0,
-        subscribers: tallies.len(),
+    LoadReport {
         room: args.room.clone(),
         payload_bytes: args.payload,
         duration_s: args.duration,
@@ -1138,5 +2332,191 @@ fn report(args: &Args, published: &Published, tallies: &[Tally]) -> Report {
             let per = c as f64 / published.measured_sent.max(1) as f64;
             (per * 100.0).round() / 100.0
         }),
+        publish_connections: 0,
+        offered_deliveries_per_s: u64::from(args.rate) * tallies.len() as u64,
+        cpu_window_s: None,
+        loadgen_cpu_us_per_delivery: None,
+        engine_cpu_us_per_delivery: None,
+        engine_cpu_percent: None,
+        redis_cpu_us_per_delivery: None,
+        redis_cpu_percent: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_lines_are_split_across_chunk_boundaries() {
+        let stream = b"retry: 3000\n\nid: c1\nevent: bench\ndata: {\"a\":1}\n\n: keep-alive\r\n\r\ndata: x\n";
+        for cut in 0..stream.len() {
+            for cut2 in cut..stream.len() {
+                let mut lines = SseLines::default();
+                let mut got = Vec::new();
+                for part in [&stream[..cut], &stream[cut..cut2], &stream[cut2..]] {
+                    assert!(lines.feed(part, |l| got.push(l.to_vec())));
+                }
+                let want: Vec<&[u8]> = vec![
+                    b"retry: 3000",
+                    b"",
+                    b"id: c1",
+                    b"event: bench",
+                    b"data: {\"a\":1}",
+                    b"",
+                    b": keep-alive",
+                    b"",
+                    b"data: x",
+                ];
+                assert_eq!(got, want, "cut at {cut}, {cut2}");
+            }
+        }
+        let mut lines = SseLines::default();
+        assert!(!lines.feed(&vec![b'x'; SSE_MAX_LINE + 1], |_| {}));
+    }
+
+    #[test]
+    fn frames_are_read_lazily() {
+        let shared = Shared {
+            head: b"{\"type\":\"event\",\"channel\":\"room:r\",".to_vec(),
+            reset_head: b"{\"type\":\"reset\"".to_vec(),
+            channel: "room:r".into(),
+            measure_from_us: AtomicU64::new(0),
+            progress: Vec::new(),
+        };
+        let mut t = Tally::new();
+        t.base = 4;
+        let frame = |seq: u64| {
+            format!(
+                "{{\"type\":\"event\",\"channel\":\"room:r\",\"seq\":{seq},\"epoch\":\"e\",\
+                 \"data\":{{\"t\":{},\"pad\":\"x\"}}}}",
+                now_us()
+            )
+        };
+        for seq in [5, 7, 6, 7] {
+            t.on_frame(frame(seq).as_bytes(), &shared);
+        }
+        t.on_frame(
+            b"{\"type\":\"event\",\"channel\":\"room:other\",\"seq\":9}",
+            &shared,
+        );
+        t.on_frame(
+            b"{\"type\":\"reset\",\"channel\":\"room:r\",\"seq\":0}",
+            &shared,
+        );
+        assert!(t.has(5) && t.has(6) && t.has(7) && !t.has(8) && !t.has(4));
+        assert_eq!((t.frames, t.duplicates, t.reorders, t.resets), (4, 1, 1, 1));
+        assert_eq!(t.latency.len(), 3);
+        assert_eq!(number_after(b"x\"seq\":42,", b"\"seq\":"), Some((42, 9)));
+        assert_eq!(number_after(b"\"seq\":,", b"\"seq\":"), None);
+    }
+
+    #[test]
+    fn proc_figures_of_this_process_are_readable() {
+        assert!(proc_cpu_ticks("self").is_some());
+        assert!(proc_rss_kb(std::process::id()).is_some_and(|kb| kb > 0));
+        let probes = Probes::new(&[std::process::id()], None).unwrap();
+        assert!(probes.sample().engine.is_some());
+        assert!(Probes::new(&[u32::MAX], None).is_err());
+    }
+
+    /// An engine in this process (its PID is ours), on port 0.
+    async fn engine() -> herald::Server {
+        let mut c = herald::Config::defaults();
+        c.listen = "127.0.0.1:0".parse().unwrap();
+        c.api_key = "loadgen-test-api-key".into();
+        c.admin_key = "loadgen-test-admin-key".into();
+        c.jwt.secret = Some("loadgen-test-secret-0123456789".into());
+        c.jwt.generated_secret = false;
+        c.generated_keys = false;
+        c.rules_dir = "/nonexistent/loadgen-test-rules".into();
+        let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
+        herald::start(
+            c,
+            herald::ChannelKinds::default(),
+            listener,
+            std::future::pending(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn tiny_run(server: &herald::Server, subscribers: &str, extra: &[&str]) -> Value {
+        let url = format!("http://{}", server.addr);
+        let pid = std::process::id().to_string();
+        let mut argv = vec![
+            "loadgen",
+            "--url",
+            &url,
+            "--api-key",
+            "loadgen-test-api-key",
+            "--secret",
+            "loadgen-test-secret-0123456789",
+            "--subscribers",
+            subscribers,
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--drain",
+            "1",
+            "--engine-pid",
+            &pid,
+            "--quiet",
+        ];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(20), run(args, &Ui::new(true)))
+            .await
+            .expect("the run finished in time")
+            .unwrap();
+        serde_json::to_value(&report).unwrap()
+    }
+
+    fn assert_complete(r: &Value) {
+        assert_eq!(r["completeness"], 1.0, "{r}");
+        assert_eq!(r["expected_deliveries"], 80, "{r}");
+        for k in ["duplicates", "reorders", "disconnects", "publish_errors"] {
+            assert_eq!(r[k], 0, "{k}: {r}");
+        }
+        assert!(r["engine_cpu_us_per_delivery"].is_number(), "{r}");
+        assert!(r["loadgen_cpu_us_per_delivery"].is_number(), "{r}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tiny_ws_run_with_idle_connections_and_ws_publishing() {
+        let server = engine().await;
+        let r = tiny_run(&server, "4", &["--publish-via", "ws", "--idle", "10"]).await;
+        assert_complete(&r);
+        assert_eq!(
+            (r["transport"].as_str(), r["publish_via"].as_str()),
+            (Some("ws"), Some("ws"))
+        );
+        assert_eq!(r["publish_connections"], 1);
+        assert_eq!(r["idle_connections"], 10, "{r}");
+        assert_eq!(r["idle_disconnects"], 0, "{r}");
+        assert!(r["rss_per_idle_connection_bytes"].is_i64(), "{r}");
+        server.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tiny_sse_run_and_an_idle_only_run() {
+        let server = engine().await;
+        let r = tiny_run(&server, "4", &["--transport", "sse"]).await;
+        assert_complete(&r);
+        assert_eq!(
+            (r["transport"].as_str(), r["publish_via"].as_str()),
+            (Some("sse"), Some("http"))
+        );
+        assert!(r.get("idle_connections").is_none(), "{r}");
+        let r = tiny_run(&server, "0", &["--idle", "5"]).await;
+        assert_eq!(r["idle_connections"], 5, "{r}");
+        assert!(
+            r.get("completeness").is_none() && r.get("publish_via").is_none(),
+            "{r}"
+        );
+        server.stop().await.unwrap();
     }
 }

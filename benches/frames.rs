@@ -7,7 +7,8 @@
 //!   `body_encode` + `event_frame` is what one publish to one channel costs in encoding;
 //! - `replay_frame`: [`replay_frame`], once per replayed event and session (history, not the live path);
 //! - `sse_event`: what an SSE stream does per recipient and stored event (`transport/sse.rs`): the
-//!   stream's cursor (one channel) as the `id:` line, then [`write_event`] into a fresh buffer.
+//!   stream's cursor (one channel) re-encoded as the `id:` line, then [`write_event`] into the
+//!   chunk buffer.
 //!
 //! Throughput is the bytes each function produces.
 //!
@@ -97,18 +98,22 @@ fn frames(c: &mut Criterion) {
         )]
         .into_iter()
         .collect();
-        let sse = |frame: &[u8]| {
-            // As `StreamState::write` does for a stored event: the cursor of every channel of the
-            // stream (cloned), then the event into the chunk buffer.
-            let id = Cursor {
-                positions: positions.clone(),
+        let (mut text, mut id, mut out) = (String::new(), String::new(), BytesMut::new());
+        let mut sse = |frame: &[u8]| {
+            // As `StreamState::write` does for a stored event: the stream's cursor (every channel
+            // of it) re-encoded into reused buffers, then the event appended to the chunk buffer
+            // (cleared here once it holds 64 KiB, as the stream sends a chunk).
+            Cursor::encode_into(&positions, &mut text, &mut id);
+            if out.len() > 64 * 1024 {
+                out.clear();
             }
-            .encode();
-            let mut out = BytesMut::new();
             write_event(&mut out, Some(&id), "chat.message", frame);
-            out.freeze()
+            out.len()
         };
-        let sse_len = sse(&frame).len();
+        let sse_len = {
+            let before = sse(&frame);
+            sse(&frame) - before
+        };
 
         let mut g = c.benchmark_group(format!("frames/{name}"));
         g.warm_up_time(Duration::from_secs(1));

@@ -68,7 +68,10 @@ fn rules(c: &mut Criterion) {
 
     // `HERALD_BENCH_CALLS=N`: route N chat messages and stop, for instruction counts on a noisy
     // machine (`valgrind --tool=callgrind`, two values of N: the difference / ΔN is the cost per call).
-    if let Some(n) = std::env::var("HERALD_BENCH_CALLS").ok().and_then(|n| n.parse::<u64>().ok()) {
+    if let Some(n) = std::env::var("HERALD_BENCH_CALLS")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    {
         for _ in 0..n {
             black_box(set.route(black_box(&chat)));
         }
@@ -85,9 +88,7 @@ fn rules(c: &mut Criterion) {
     g.bench_function("route/chat.message", |b| {
         b.iter(|| set.route(black_box(&chat)))
     });
-    g.bench_function("route/typing", |b| {
-        b.iter(|| set.route(black_box(&typing)))
-    });
+    g.bench_function("route/typing", |b| b.iter(|| set.route(black_box(&typing))));
     g.bench_function("route/unknown", |b| {
         b.iter(|| set.route(black_box(&unknown)))
     });

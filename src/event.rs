@@ -187,16 +187,26 @@ pub struct Cursor {
 impl Cursor {
     /// Encodes the cursor.
     pub fn encode(&self) -> String {
-        let mut s = String::new();
-        for (ch, p) in &self.positions {
-            s.push_str(ch);
-            s.push(' ');
-            s.push_str(p.epoch.as_str());
-            s.push(' ');
-            s.push_str(&p.seq.to_string());
-            s.push('\n');
+        let mut out = String::new();
+        Cursor::encode_into(&self.positions, &mut String::new(), &mut out);
+        out
+    }
+
+    /// Encodes `positions` as a cursor into `out` (cleared first), with `scratch` for the plain
+    /// text: an SSE stream keeps both and re-encodes its cursor per event without allocating.
+    pub fn encode_into(
+        positions: &BTreeMap<String, Position>,
+        scratch: &mut String,
+        out: &mut String,
+    ) {
+        use std::fmt::Write as _;
+        scratch.clear();
+        for (ch, p) in positions {
+            // Writing to a String cannot fail.
+            let _ = writeln!(scratch, "{ch} {} {}", p.epoch.as_str(), p.seq);
         }
-        URL_SAFE_NO_PAD.encode(s)
+        out.clear();
+        URL_SAFE_NO_PAD.encode_string(scratch.as_bytes(), out);
     }
 
     /// Decodes a cursor; `None` when it is not one of ours.

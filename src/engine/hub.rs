@@ -23,8 +23,6 @@ const SHARDS: usize = 64;
 pub enum Outbound {
     /// A broker delivery (shared by every local recipient).
     Deliver(Arc<Delivery>),
-    /// A frame for this session only.
-    Frame(Bytes),
     /// Time to send a transport-level ping.
     Ping,
 }

@@ -195,12 +195,14 @@ async fn open_stream(
         }
         replay.extend(events.into_iter().map(|e| (ch.clone(), e)));
     }
+    let (mut cursor_text, mut cursor_id) = (String::new(), String::new());
     for (ch, ev) in replay {
         if let Some(p) = positions.get_mut(ch.as_str()) {
             p.seq = ev.seq;
         }
         let name = crate::event::frame_event_type(&ev.frame).unwrap_or_else(|| "message".into());
-        write_event(&mut out, Some(&encode_cursor(&positions)), &name, &ev.frame);
+        Cursor::encode_into(&positions, &mut cursor_text, &mut cursor_id);
+        write_event(&mut out, Some(&cursor_id), &name, &ev.frame);
     }
     if kind == StreamKind::Presence {
         let contacts = engine.contacts(&claims.sub).await?;
@@ -232,6 +234,8 @@ async fn open_stream(
         heartbeat: interval(PRESENCE_HEARTBEAT),
         first: Some(out.freeze()),
         done: false,
+        cursor_text,
+        cursor_id,
     };
     let body = Body::from_stream(stream::unfold(st, next_chunk));
     let mut resp = (StatusCode::OK, body).into_response();
@@ -259,13 +263,9 @@ struct StreamState {
     heartbeat: Interval,
     first: Option<Bytes>,
     done: bool,
-}
-
-fn encode_cursor(p: &BTreeMap<String, Position>) -> String {
-    Cursor {
-        positions: p.clone(),
-    }
-    .encode()
+    /// The cursor's plain text and its encoding, reused from event to event.
+    cursor_text: String,
+    cursor_id: String,
 }
 
 /// Appends one SSE event (`id:` when given, `event:`, one `data:` line) to `out`: the per-recipient
@@ -293,7 +293,7 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
     }
     let handle = st.session.handle.clone();
     loop {
-        let mut out = BytesMut::new();
+        let mut out = BytesMut::with_capacity(1024);
         tokio::select! {
             reason = handle.closing() => {
                 st.done = true;
@@ -339,14 +339,22 @@ impl StreamState {
                 };
                 match &d.position {
                     Some(p) => {
-                        self.positions.insert(d.channel.to_string(), p.clone());
-                        let id = encode_cursor(&self.positions);
-                        write_event(out, Some(&id), name, &d.frame);
+                        match self.positions.get_mut(d.channel.as_str()) {
+                            Some(have) => have.clone_from(p),
+                            None => {
+                                self.positions.insert(d.channel.to_string(), p.clone());
+                            }
+                        }
+                        Cursor::encode_into(
+                            &self.positions,
+                            &mut self.cursor_text,
+                            &mut self.cursor_id,
+                        );
+                        write_event(out, Some(&self.cursor_id), name, &d.frame);
                     }
                     None => write_event(out, None, name, &d.frame),
                 }
             }
-            Outbound::Frame(b) => write_event(out, None, "message", &b),
             Outbound::Ping => self.session.handle.touch(),
         }
     }

@@ -27,8 +27,11 @@ use crate::engine::{
 };
 use crate::event::Position;
 
-/// Read buffer per connection: small, since client frames are small and rare.
-const READ_BUFFER: usize = 4096;
+/// Read buffer per connection. tungstenite zero-fills all of it on the first read, so every byte is
+/// resident for the connection's life: at 10k idle connections 4 KiB cost ~3.5 KiB more per
+/// connection than this. Client frames are small and rare (ops of a few hundred bytes); a larger one
+/// takes a few more reads.
+const READ_BUFFER: usize = 512;
 /// Write buffer per connection: small (it keeps its capacity), yet enough to batch many frames.
 const WRITE_BUFFER: usize = 4096;
 /// Most queued frames written before one flush.
@@ -172,7 +175,7 @@ fn ok_reply(reference: &Value, result: Value) -> Value {
 }
 
 async fn close_with(socket: &mut WebSocket, reason: CloseReason) {
-    close_within(socket, reason, Duration::from_secs(1)).await;
+    Box::pin(close_within(socket, reason, Duration::from_secs(1))).await;
 }
 
 /// Sends `disconnect` then the close frame, giving up after `grace` (a client that stopped reading).
@@ -189,12 +192,42 @@ async fn close_within(socket: &mut WebSocket, reason: CloseReason, grace: Durati
     .await;
 }
 
+/// One connection: authenticate and open the session (a boxed step: its state is freed once done), then
+/// the session loop, which is all an idle connection holds (the task is as large as its largest await
+/// state for its whole life).
 async fn run(
     mut socket: WebSocket,
     state: AppState,
     claims: Option<Claims>,
     query_device: Option<String>,
 ) {
+    let Some((mut session, claims)) =
+        Box::pin(start(&mut socket, &state, claims, query_device)).await
+    else {
+        return;
+    };
+    let reason = session_loop(&mut socket, &mut session, &state, &claims).await;
+    if let Some(r) = reason {
+        tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
+        if r == CloseReason::SlowConsumer {
+            // Its socket is full: release the session now (presence, subscriptions), then give the
+            // client a grace period to read up to the `disconnect` frame before the socket is dropped.
+            drop(session);
+            Box::pin(close_within(&mut socket, r, SLOW_CONSUMER_GRACE)).await;
+        } else {
+            close_with(&mut socket, r).await;
+        }
+    }
+}
+
+/// Authenticates (token in the upgrade, or a `connect` frame), opens the session and sends
+/// `connected`; `None` when the connection was refused (already closed with its reason).
+async fn start(
+    socket: &mut WebSocket,
+    state: &AppState,
+    claims: Option<Claims>,
+    query_device: Option<String>,
+) -> Option<(Session, Claims)> {
     let engine = state.engine.clone();
     let mut connect_ref = None;
     let (claims, mut device, mut platform, mut dstate) = match claims {
@@ -204,8 +237,8 @@ async fn run(
             let first =
                 tokio::time::timeout(engine.config.limits.connect_timeout, socket.next()).await;
             let Ok(Some(Ok(Message::Text(t)))) = first else {
-                close_with(&mut socket, CloseReason::Unauthorized).await;
-                return;
+                close_with(socket, CloseReason::Unauthorized).await;
+                return None;
             };
             let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
             connect_ref = v.get("ref").cloned();
@@ -213,18 +246,18 @@ async fn run(
                 .then(|| serde_json::from_value::<ConnectFrame>(v.clone()).ok())
                 .flatten();
             let Some(cf) = parsed else {
-                close_with(&mut socket, CloseReason::Unauthorized).await;
-                return;
+                close_with(socket, CloseReason::Unauthorized).await;
+                return None;
             };
             match state.auth.verify(&cf.token) {
                 Ok(c) => (c, cf.device.or(query_device), cf.platform, cf.state),
                 Err(AuthError::Expired) => {
-                    close_with(&mut socket, CloseReason::TokenExpired).await;
-                    return;
+                    close_with(socket, CloseReason::TokenExpired).await;
+                    return None;
                 }
                 Err(_) => {
-                    close_with(&mut socket, CloseReason::Unauthorized).await;
-                    return;
+                    close_with(socket, CloseReason::Unauthorized).await;
+                    return None;
                 }
             }
         }
@@ -249,41 +282,29 @@ async fn run(
             let reason = match e.code {
                 ErrorCode::RateLimited => CloseReason::TooManyConnections,
                 ErrorCode::BadFrame => {
-                    let _ = socket
-                        .send(json_msg(&error_reply(&Value::Null, &e, false)))
-                        .await;
+                    let reply = json_msg(&error_reply(&Value::Null, &e, false));
+                    let _ = socket.send(reply).await;
                     CloseReason::BadFrameLimit
                 }
                 _ => CloseReason::Shutdown,
             };
-            close_with(&mut socket, reason).await;
-            return;
+            close_with(socket, reason).await;
+            return None;
         }
     };
     match session.connected_frame(connect_ref.as_ref()).await {
         Ok(f) => {
             if socket.send(json_msg(&f)).await.is_err() {
-                return;
+                return None;
             }
         }
         Err(e) => {
             tracing::warn!(user = %claims.sub, error = %e, "Connect sync failed.");
-            close_with(&mut socket, CloseReason::Shutdown).await;
-            return;
+            close_with(socket, CloseReason::Shutdown).await;
+            return None;
         }
     }
-    let reason = session_loop(&mut socket, &mut session, &state, &claims).await;
-    if let Some(r) = reason {
-        tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
-        if r == CloseReason::SlowConsumer {
-            // Its socket is full: release the session now (presence, subscriptions), then give the
-            // client a grace period to read up to the `disconnect` frame before the socket is dropped.
-            drop(session);
-            close_within(&mut socket, r, SLOW_CONSUMER_GRACE).await;
-        } else {
-            close_with(&mut socket, r).await;
-        }
-    }
+    Some((session, claims))
 }
 
 /// The connection's loop; returns the reason when the server closes it.
@@ -311,7 +332,7 @@ async fn session_loop(
                 // A client that stops reading blocks the write; the close signal (slow consumer,
                 // heartbeat timeout, shutdown) must still end the session.
                 tokio::select! {
-                    r = drain(socket, session, out) => if r.is_err() { return None },
+                    r = Box::pin(drain(socket, session, out)) => if r.is_err() { return None },
                     reason = handle.closing() => return Some(reason),
                 }
             }
@@ -334,7 +355,11 @@ async fn session_loop(
                             }
                             continue;
                         }
-                        let replies = handle_frame(session, t.as_str(), limits.frame_bytes).await;
+                        // Boxed, like every transient step here: the connection's task is as large
+                        // as its largest await state for its whole life, and an op (a publish runs
+                        // the whole pipeline) is far larger than the idle wait.
+                        let replies =
+                            Box::pin(handle_frame(session, t.as_str(), limits.frame_bytes)).await;
                         let bad = replies.first().is_some_and(|r| {
                             r.get("ok") == Some(&Value::Bool(false))
                                 && matches!(r["error"]["code"].as_str(), Some("bad_frame" | "too_large"))
@@ -414,7 +439,6 @@ async fn write_outbound(
                 socket.feed(text(d.frame.clone())).await
             }
         },
-        Outbound::Frame(b) => socket.feed(text(b)).await,
         Outbound::Ping => socket.feed(Message::Ping(Bytes::new())).await,
     }
 }

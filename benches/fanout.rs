@@ -184,6 +184,7 @@ fn fanout(c: &mut Criterion) {
             payload: OutgoingPayload::EventBody(body.clone()),
             persist: Some(limits),
             filter: except_sender.clone(),
+            unread: None,
         }))
         .expect("publish")
         .expect("stored");

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::channels::ChannelName;
+use crate::channels::{ChannelName, Kind};
 use crate::event::{Position, Seq, StoredEvent};
 
 /// A backend failure. Every operation either completes or fails with nothing half-done.
@@ -114,6 +114,38 @@ pub struct Outgoing {
     pub persist: Option<HistoryLimits>,
     /// Live-delivery filter.
     pub filter: DeliveryFilter,
+    /// Unread bookkeeping to do in the same atomic step as the append (see [`UnreadStep`]). Applies to
+    /// stored events on `room:` channels only ([`Outgoing::unread_room`]); `None` costs nothing.
+    pub unread: Option<UnreadStep>,
+}
+
+/// The unread bookkeeping of a countable room event, folded into [`Broker::publish`] so that the
+/// append and the bookkeeping are one backend step (on Redis: one round trip, one Lua script), done
+/// with the seq the append assigns. Its effect is exactly that of these [`Store`] calls, in order:
+///
+/// 1. [`Store::mark_countable`]`(room, seq, keep)`;
+/// 2. [`Store::set_read`]`(from, room, seq)` when there is a sender (own events never count);
+/// 3. [`Store::set_read`]`(user, room, seq)` for every user [`Store::focused`] on the room now (those
+///    whose focus has expired are dropped, as `focused` does), except the sender.
+///
+/// The room is the channel's id (`room:{room}`). Nothing else is paid by publishes without one.
+#[derive(Clone, Debug)]
+pub struct UnreadStep {
+    /// Countable seqs kept for the room (its kind's history size; at least 1).
+    pub keep: usize,
+    /// The sender, whose read pointer moves to the event.
+    pub from: Option<Arc<str>>,
+}
+
+impl Outgoing {
+    /// The room and the unread step to apply with this publish: `Some` only for a stored event
+    /// (`persist` and an event body) on a `room:` channel that carries an [`UnreadStep`].
+    pub fn unread_room(&self) -> Option<(&str, &UnreadStep)> {
+        let step = self.unread.as_ref()?;
+        let stored =
+            self.persist.is_some() && matches!(self.payload, OutgoingPayload::EventBody(_));
+        (stored && self.channel.kind() == Kind::Room).then(|| (self.channel.id(), step))
+    }
 }
 
 /// The payload of an [`Outgoing`].
@@ -127,15 +159,17 @@ pub enum OutgoingPayload {
 
 /// Fan-out to every node, and the history append in the same step.
 ///
-/// Guarantees: for a persisted publish, the seq is assigned, the event is stored and it is handed to every
-/// subscribed node's sink **atomically and in seq order per channel** (publishers on different nodes
-/// included). Delivery to sinks is at most once (Redis Pub/Sub); the engine heals gaps from history.
-/// An error means nothing was stored.
+/// Guarantees: for a persisted publish, the seq is assigned, the event is stored, its unread step (if
+/// any, [`UnreadStep`]) is applied and it is handed to every subscribed node's sink **atomically and in
+/// seq order per channel** (publishers on different nodes included): a recipient that sees the event
+/// and asks for its unread counts sees the bookkeeping done. Delivery to sinks is at most once (Redis
+/// Pub/Sub); the engine heals gaps from history. An error means nothing was stored.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Sets the node's sink; called once at start, before any subscribe.
     fn attach(&self, sink: Arc<dyn DeliverySink>);
-    /// Stores (when `persist`) and fans out. Returns the event's position when stored.
+    /// Stores (when `persist`), applies the unread step (when [`Outgoing::unread_room`]) and fans out.
+    /// Returns the event's position when stored.
     async fn publish(&self, msg: Outgoing) -> BackendResult<Option<Position>>;
     /// One more local subscriber wants deliveries for `channel`. Called once per local subscriber
     /// (the implementation reference-counts); returns once every publish that follows reaches the sink,
@@ -392,7 +426,8 @@ pub trait Store: Send + Sync + 'static {
     /// Releases a claimed key after a failed publish.
     async fn idem_release(&self, key: &str) -> BackendResult<()>;
 
-    /// Records `seq` of `room` as countable for unread, keeping at most `keep` of them.
+    /// Records `seq` of `room` as countable for unread, keeping at most `keep` of them. (The publish
+    /// path does this, and the pointer moves below, inside [`Broker::publish`]: [`UnreadStep`].)
     async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()>;
     /// Moves a user's read pointer in a room forward to `seq` (never back); returns the pointer after.
     async fn set_read(&self, user: &str, room: &str, seq: Seq) -> BackendResult<Seq>;

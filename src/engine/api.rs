@@ -145,6 +145,7 @@ impl Engine {
             payload: OutgoingPayload::EventBody(body),
             persist: None,
             filter: DeliveryFilter::default(),
+            unread: None,
         }))
         .await?;
         Ok(())
@@ -366,6 +367,7 @@ impl Engine {
                     audience: (!a.audience.is_empty() && !self.rules.current().has_announce())
                         .then(|| Arc::new(a.audience.clone())),
                 },
+                unread: None,
             }),
         )
         .await?;
@@ -483,6 +485,7 @@ impl Engine {
             payload: OutgoingPayload::Frame(frame),
             persist: None,
             filter: DeliveryFilter::default(),
+            unread: None,
         }))
         .await?;
         Ok(json!({ "user": user, "closed": sessions.len() }))

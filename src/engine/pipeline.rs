@@ -1,6 +1,6 @@
 //! The publish path, for the HTTP API and client `publish` frames alike:
-//! dedupe (idempotency key) -> route (one evaluation per publish) -> for each target, append + fan out
-//! in one backend step (seq assigned there) -> unread bookkeeping -> reply.
+//! dedupe (idempotency key) -> route (one evaluation per publish) -> for each target, append + unread
+//! bookkeeping + fan out in one backend step (seq assigned there; on Redis one round trip) -> reply.
 //!
 //! The payload is encoded once per publish ([`EventBody::encode`]); the backend frames it per target.
 
@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
-use crate::backend::{DeliveryFilter, HistoryLimits, Idempotency, Outgoing, OutgoingPayload};
+use crate::backend::{
+    DeliveryFilter, HistoryLimits, Idempotency, Outgoing, OutgoingPayload, UnreadStep,
+};
 use crate::channels::{ChannelName, Kind};
 use crate::event::{EventBody, new_event_id, now_ms};
 use crate::rules::{RouteInput, Source};
@@ -226,21 +228,22 @@ impl Engine {
                 except: decision.except_for(&kinds, channel, req.from.as_deref()),
                 audience: None,
             };
+            // Unread bookkeeping (record the event as countable, move the sender's and the focused
+            // members' read pointers) rides in the same backend step as the append.
+            let unread = (channel.kind() == Kind::Room && decision.unread_for(&kinds, channel))
+                .then(|| UnreadStep {
+                    keep: kind.history_size,
+                    from: req.from.clone(),
+                });
             let position = backend(self.backends.broker.publish(Outgoing {
                 channel: channel.clone(),
                 event: event.clone(),
                 payload: OutgoingPayload::EventBody(body.clone()),
                 persist,
                 filter,
+                unread,
             }))
             .await?;
-            if let Some(p) = &position
-                && channel.kind() == Kind::Room
-                && decision.unread_for(&kinds, channel)
-            {
-                self.count_unread(channel.id(), p.seq, kind.history_size, req.from.as_deref())
-                    .await?;
-            }
             deliveries.push(Receipt {
                 channel: channel.to_string(),
                 seq: position.as_ref().map(|p| p.seq),
@@ -252,27 +255,5 @@ impl Engine {
             deliveries,
             push: PushSummary::default(),
         })
-    }
-
-    /// Unread bookkeeping for a countable room event: record it, and move the read pointers of the
-    /// sender (own messages never count) and of those who have the room open.
-    async fn count_unread(
-        &self,
-        room: &str,
-        seq: u64,
-        keep: usize,
-        from: Option<&str>,
-    ) -> EngineResult<()> {
-        let store = &self.backends.store;
-        backend(store.mark_countable(room, seq, keep)).await?;
-        if let Some(f) = from {
-            backend(store.set_read(f, room, seq)).await?;
-        }
-        for user in backend(store.focused(room)).await? {
-            if Some(user.as_str()) != from {
-                backend(store.set_read(&user, room, seq)).await?;
-            }
-        }
-        Ok(())
     }
 }

@@ -139,6 +139,7 @@ impl Engine {
             payload: OutgoingPayload::Frame(Bytes::from(frame.to_string())),
             persist: None,
             filter,
+            unread: None,
         };
         if let Err(e) = backend(self.backends.broker.publish(out)).await {
             tracing::warn!(error = %e, "Presence frame publish failed.");

@@ -592,8 +592,12 @@ const EVENT_KEYS: [&str; 10] = [
 
 /// The event map with every key and `()` values: cloning it (one node) and filling the values in
 /// place is cheaper than building a map entry by entry (a sort and a search per key).
-static EVENT_TEMPLATE: LazyLock<rhai::Map> =
-    LazyLock::new(|| EVENT_KEYS.iter().map(|k| ((*k).into(), Dynamic::UNIT)).collect());
+static EVENT_TEMPLATE: LazyLock<rhai::Map> = LazyLock::new(|| {
+    EVENT_KEYS
+        .iter()
+        .map(|k| ((*k).into(), Dynamic::UNIT))
+        .collect()
+});
 
 /// `source` as scripts see it, shared rather than allocated per publish.
 static SOURCES: LazyLock<[rhai::ImmutableString; 2]> =
@@ -606,7 +610,12 @@ pub fn event_map(input: &RouteInput<'_>) -> Dynamic {
     let mut m = EVENT_TEMPLATE.clone();
     for (k, v) in m.iter_mut() {
         *v = match k.as_str() {
-            "attrs" => Dynamic::from_map(input.attrs.map(|a| json_object_to_map(a)).unwrap_or_default()),
+            "attrs" => Dynamic::from_map(
+                input
+                    .attrs
+                    .map(|a| json_object_to_map(a))
+                    .unwrap_or_default(),
+            ),
             "channel" => first.map_or(Dynamic::UNIT, |c| c.as_str().into()),
             // Straight from the JSON text into Rhai values (rhai's `serde`), no serde_json::Value.
             "data" => serde_json::from_str::<Dynamic>(input.data.get()).unwrap_or(Dynamic::UNIT),

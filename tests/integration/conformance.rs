@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use herald::backend::{
     AppState, Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Idempotency,
-    Outgoing, OutgoingPayload, PushDevice, SessionInfo, Status,
+    Outgoing, OutgoingPayload, PushDevice, SessionInfo, Status, UnreadStep,
 };
 use herald::channels::ChannelName;
 use herald::event::{EventBody, now_ms};
@@ -49,6 +49,17 @@ async fn publish(
     n: u64,
     persist: Option<HistoryLimits>,
 ) -> Option<herald::event::Position> {
+    publish_counted(b, ch, n, persist, None).await
+}
+
+/// A publish carrying an unread step.
+async fn publish_counted(
+    b: &Backends,
+    ch: &ChannelName,
+    n: u64,
+    persist: Option<HistoryLimits>,
+    unread: Option<UnreadStep>,
+) -> Option<herald::event::Position> {
     b.broker
         .publish(Outgoing {
             channel: ch.clone(),
@@ -56,9 +67,17 @@ async fn publish(
             payload: OutgoingPayload::EventBody(body(n)),
             persist,
             filter: DeliveryFilter::default(),
+            unread,
         })
         .await
         .unwrap()
+}
+
+fn step(keep: usize, from: Option<&str>) -> Option<UnreadStep> {
+    Some(UnreadStep {
+        keep,
+        from: from.map(Into::into),
+    })
 }
 
 fn info(user: &str, session: &str) -> SessionInfo {
@@ -386,6 +405,124 @@ async fn store_unread(b: Backends) {
     assert_eq!(s.unread("ann", &["u1".into()]).await.unwrap(), vec![1]);
 }
 
+/// Each user's (read pointer, unread count) in `room`. `set_read` to 0 moves nothing and returns the
+/// pointer.
+async fn pointers(b: &Backends, room: &str, users: &[&str]) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for user in users {
+        let pointer = b.store.set_read(user, room, 0).await.unwrap();
+        let unread = b.store.unread(user, &[room.to_string()]).await.unwrap()[0];
+        out.push((user.to_string(), pointer, unread));
+    }
+    out
+}
+
+/// Broker + Store: a countable room event's unread step happens in its append (`UnreadStep`): the
+/// seq is recorded as countable (the newest `keep` kept), the sender's read pointer moves to it, and
+/// so do the pointers of the users focused on the room now (an expired focus does not count; several
+/// sessions of a user are one user); pointers never move back. The result is exactly that of the
+/// Store calls the step stands for, made one by one.
+async fn unread_step_with_the_append(b: Backends) {
+    let s = &b.store;
+    let ttl = Duration::from_secs(60);
+    // conf-u1 gets the folded step, conf-u2 the separate Store calls; same focus and pointers.
+    for room in ["conf-u1", "conf-u2"] {
+        s.set_focus(room, "bo", "b1", ttl).await.unwrap();
+        s.set_focus(room, "cy", "c1", ttl).await.unwrap();
+        s.set_focus(room, "cy", "c2", ttl).await.unwrap();
+        // The sender has the room open too.
+        s.set_focus(room, "ann", "a1", ttl).await.unwrap();
+        s.set_focus(room, "dee", "d1", Duration::from_millis(100))
+            .await
+            .unwrap();
+        // Ahead of what is published here: stays.
+        assert_eq!(s.set_read("eve", room, 10).await.unwrap(), 10);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // dee's focus expires
+    let u1 = ChannelName::parse("room:conf-u1").unwrap();
+    let u2 = ChannelName::parse("room:conf-u2").unwrap();
+    for n in 1..=4 {
+        let p = publish_counted(&b, &u1, n, limits(100), step(3, Some("ann")))
+            .await
+            .unwrap();
+        assert_eq!(p.seq, n);
+        let p = publish(&b, &u2, n, limits(100)).await.unwrap();
+        s.mark_countable("conf-u2", p.seq, 3).await.unwrap();
+        s.set_read("ann", "conf-u2", p.seq).await.unwrap();
+        for user in s.focused("conf-u2").await.unwrap() {
+            if user != "ann" {
+                s.set_read(&user, "conf-u2", p.seq).await.unwrap();
+            }
+        }
+    }
+    let users = ["ann", "bo", "cy", "dee", "eve", "fay"];
+    let folded = pointers(&b, "conf-u1", &users).await;
+    let expected: Vec<(String, u64, u64)> = [
+        ("ann", 4, 0),
+        ("bo", 4, 0),
+        ("cy", 4, 0),
+        // Not focused (expired) and not the sender: seqs 2..=4 count (`keep` 3 dropped seq 1).
+        ("dee", 0, 3),
+        ("eve", 10, 0),
+        ("fay", 0, 3),
+    ]
+    .into_iter()
+    .map(|(u, p, n)| (u.to_string(), p, n))
+    .collect();
+    assert_eq!(folded, expected);
+    assert_eq!(
+        folded,
+        pointers(&b, "conf-u2", &users).await,
+        "the folded step equals the separate Store calls"
+    );
+    assert_eq!(
+        s.focused("conf-u1").await.unwrap(),
+        vec!["ann", "bo", "cy"],
+        "the expired focus entry is gone"
+    );
+
+    // No sender (a backend publishing for nobody): only the focused users' pointers move. ann's
+    // focus is gone now, so the event counts for her.
+    s.clear_focus("conf-u1", "ann", "a1").await.unwrap();
+    let p = publish_counted(&b, &u1, 5, limits(100), step(3, None))
+        .await
+        .unwrap();
+    assert_eq!(p.seq, 5);
+    let after: Vec<(String, u64, u64)> = pointers(&b, "conf-u1", &["ann", "bo", "cy", "dee"]).await;
+    assert_eq!(
+        after,
+        vec![
+            ("ann".to_string(), 4, 1),
+            ("bo".to_string(), 5, 0),
+            ("cy".to_string(), 5, 0),
+            ("dee".to_string(), 0, 3),
+        ]
+    );
+
+    // Nothing of it without a step, for an ephemeral publish, or on a channel that is not a room
+    // (`user:conf-u3` has the same id as the room conf-u3).
+    s.set_focus("conf-u3", "bo", "b1", ttl).await.unwrap();
+    let u3 = ChannelName::parse("room:conf-u3").unwrap();
+    assert_eq!(publish(&b, &u3, 1, limits(100)).await.unwrap().seq, 1);
+    assert!(
+        publish_counted(&b, &u3, 2, None, step(3, Some("ann")))
+            .await
+            .is_none()
+    );
+    let user_ch = ChannelName::parse("user:conf-u3").unwrap();
+    publish_counted(&b, &user_ch, 3, limits(100), step(3, Some("ann")))
+        .await
+        .unwrap();
+    assert_eq!(
+        pointers(&b, "conf-u3", &["ann", "bo", "fay"]).await,
+        vec![
+            ("ann".to_string(), 0, 0),
+            ("bo".to_string(), 0, 0),
+            ("fay".to_string(), 0, 0),
+        ]
+    );
+}
+
 /// Store: focus expires; devices; announcements filtered by expiry; the cursor only moves forward.
 async fn store_focus_devices_announcements(b: Backends) {
     let s = &b.store;
@@ -469,6 +606,7 @@ where
     store_idempotency(make().await).await;
     store_unread(make().await).await;
     store_focus_devices_announcements(make().await).await;
+    unread_step_with_the_append(make().await).await;
 }
 
 #[tokio::test]
@@ -518,6 +656,7 @@ async fn redis_store_contract() {
     store_idempotency(make().await).await;
     store_unread(make().await).await;
     store_focus_devices_announcements(make().await).await;
+    unread_step_with_the_append(make().await).await;
 }
 
 /// Redis: the same idempotency key raced from two nodes (two connections, one prefix) is claimed by
@@ -807,4 +946,187 @@ async fn redis_presence_leaves_no_keys_behind() {
             .unwrap();
         assert!(ttl > 0, "{key} never expires (PTTL {ttl})");
     }
+}
+
+/// Calls per command since the last [`reset_command_stats`] (`INFO commandstats`; commands run by
+/// scripts count too, under their own names).
+async fn command_calls(url: &str) -> std::collections::HashMap<String, u64> {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn reset_command_stats(url: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .exec_async(&mut con)
+        .await
+        .unwrap();
+}
+
+async fn pttl(url: &str, key: &str) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut con)
+        .await
+        .unwrap()
+}
+
+/// Redis: a publish whose event counts unread is one round trip, one `EVALSHA`, however many users
+/// have the room open (before: the append, a MULTI for the countable mark, one script for the
+/// sender's pointer, one to list the focused users, one per focused user); a publish without an
+/// unread step runs the same single script and nothing more. The keys the step writes keep the TTLs
+/// the Store calls give them: the countable set an idle expiry, read pointers none, focus untouched.
+#[tokio::test]
+async fn redis_counted_publish_is_one_round_trip() {
+    let server = crate::redis_server::RedisServer::start();
+    let b = Backends::redis(&server.url, "rt:", "rt")
+        .await
+        .expect("connect to the test redis-server");
+    let s = &b.store;
+    let ttl = Duration::from_secs(60);
+    for (user, session) in [("bo", "b1"), ("cy", "c1"), ("cy", "c2"), ("ann", "a1")] {
+        s.set_focus("rt1", user, session, ttl).await.unwrap();
+    }
+    let ch = ChannelName::parse("room:rt1").unwrap();
+    // Redis learns the script on the first call.
+    publish_counted(&b, &ch, 1, limits(100), step(100, Some("ann"))).await;
+    reset_command_stats(&server.url).await;
+    for n in 2..=6 {
+        publish_counted(&b, &ch, n, limits(100), step(100, Some("ann"))).await;
+    }
+    for n in 7..=9 {
+        publish(&b, &ch, n, limits(100)).await;
+    }
+    let calls = command_calls(&server.url).await;
+    let count = |c: &str| calls.get(c).copied().unwrap_or(0);
+    assert_eq!(
+        count("evalsha"),
+        8,
+        "one script call per publish: {calls:?}"
+    );
+    for c in [
+        "multi",
+        "exec",
+        "eval",
+        "script|load",
+        "zrange",
+        "zremrangebyrank",
+    ] {
+        // zrange and zremrangebyrank only run inside the script: one per counted publish.
+        let inside = if c.starts_with('z') { 5 } else { 0 };
+        assert_eq!(count(c), inside, "{c}: {calls:?}");
+    }
+    assert_eq!(count("zadd"), 5, "one countable mark per counted publish");
+    assert_eq!(
+        count("hset"),
+        15,
+        "ann, bo and cy move once per counted publish"
+    );
+    assert_eq!(
+        pointers(&b, "rt1", &["ann", "bo", "cy", "dee"]).await,
+        vec![
+            ("ann".to_string(), 6, 0),
+            ("bo".to_string(), 6, 0),
+            ("cy".to_string(), 6, 0),
+            // Seqs 7..=9 had no unread step: they do not count.
+            ("dee".to_string(), 0, 6),
+        ]
+    );
+
+    let keys = herald::backend::redis::Keys::new("rt:");
+    let countable = pttl(&server.url, &keys.room_countable("rt1")).await;
+    assert!(
+        countable > 29 * 86_400_000 && countable <= 30 * 86_400_000,
+        "countable seqs: idle expiry of 30 days, got {countable} ms"
+    );
+    assert_eq!(
+        pttl(&server.url, &keys.user_read("bo")).await,
+        -1,
+        "read pointers have no expiry, as set_read leaves them"
+    );
+    let focus = pttl(&server.url, &keys.room_focus("rt1")).await;
+    assert!(
+        focus > 0 && focus <= 65_000,
+        "focus keeps the expiry set_focus gave it, got {focus} ms"
+    );
+}
+
+/// Redis: the presence pipelines (heartbeat, get, sweep) send `EVALSHA` only — no `SCRIPT LOAD` per
+/// call. After Redis forgets its scripts (`SCRIPT FLUSH`, as after a restart) they load what they
+/// miss, and a pipeline in which one script is known and another is not re-sends only the calls that
+/// failed: a user going offline is still reported exactly once.
+#[tokio::test]
+async fn redis_presence_pipelines_send_evalsha_only() {
+    let server = crate::redis_server::RedisServer::start();
+    let b = Backends::redis(&server.url, "pl:", "pl")
+        .await
+        .expect("connect to the test redis-server");
+    let p = &b.presence;
+    let ttl = Duration::from_secs(60);
+    let short = Duration::from_millis(100);
+    let beat: Vec<(Arc<str>, Arc<str>)> = vec![("pa".into(), "pa-1".into())];
+    let offline = |r: herald::backend::SweepResult| -> Vec<String> {
+        r.offline.into_iter().map(|(u, _)| u).collect()
+    };
+    p.connect(&info("pa", "pa-1"), ttl).await.unwrap();
+    p.connect(&info("pb", "pb-1"), short).await.unwrap();
+    // Redis learns the scripts on the first calls.
+    p.heartbeat(&beat, ttl).await.unwrap();
+    p.get(&["pa".into()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(offline(p.sweep().await.unwrap()), vec!["pb"]);
+
+    reset_command_stats(&server.url).await;
+    p.connect(&info("pc", "pc-1"), short).await.unwrap();
+    for _ in 0..3 {
+        p.heartbeat(&beat, ttl).await.unwrap();
+        let got = p.get(&["pa".into(), "pc".into()]).await.unwrap();
+        assert!(got[0].online && got[1].online);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(offline(p.sweep().await.unwrap()), vec!["pc"]);
+    let calls = command_calls(&server.url).await;
+    let count = |c: &str| calls.get(c).copied().unwrap_or(0);
+    assert_eq!(count("script|load"), 0, "{calls:?}");
+    assert_eq!(count("eval"), 0, "{calls:?}");
+    // connect 1 + heartbeats 3 + gets 3 x 2 users + the sweep's due list 1 + its user step 1.
+    assert_eq!(count("evalsha"), 12, "{calls:?}");
+
+    server.command(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
+    p.connect(&info("pd", "pd-1"), short).await.unwrap();
+    p.heartbeat(&beat, ttl).await.unwrap();
+    let got = p.get(&["pa".into(), "pd".into()]).await.unwrap();
+    assert!(got[0].online && got[1].online);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Loads the due list and the user step again (not the room step: no room is due).
+    assert_eq!(offline(p.sweep().await.unwrap()), vec!["pd"]);
+    p.connect(&info("pe", "pe-1"), short).await.unwrap();
+    p.room_join("pl-room", "pe", "pe-1", short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // One pipeline: the user step (known) and the room step (NOSCRIPT, loaded, sent again alone).
+    let r = p.sweep().await.unwrap();
+    assert_eq!(r.room_left, vec![("pl-room".to_string(), "pe".to_string())]);
+    assert_eq!(offline(r), vec!["pe"], "reported once, by the first send");
+    let r = p.sweep().await.unwrap();
+    assert!(r.offline.is_empty() && r.room_left.is_empty(), "{r:?}");
+    assert!(
+        p.get(&["pa".into()]).await.unwrap()[0].online,
+        "heartbeats after the flush took effect"
+    );
 }

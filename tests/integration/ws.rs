@@ -235,6 +235,73 @@ async fn typing_reaches_focused_members_only_and_is_not_stored() {
     );
 }
 
+/// A countable room event moves, in its own publish, the read pointers of its sender and of the
+/// members who have the room open (`focus`), and is counted for everyone else before anyone receives
+/// it: a member who gets it live and asks for unread at once sees it counted.
+#[tokio::test]
+async fn countable_event_moves_focused_readers_and_is_counted_on_arrival() {
+    let t = TestServer::start().await;
+    for u in ["alice", "bob", "carol", "dave"] {
+        t.join("r1", u).await;
+    }
+    let mut alice = t.ws("alice").await;
+    let mut bob = t.ws("bob").await;
+    let mut carol = t.ws("carol").await;
+    for ws in [&mut alice, &mut bob] {
+        let r = ws.request(json!({"op":"focus","room":"r1"})).await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let r = carol
+        .request(json!({"op":"subscribe","channel":"room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let unread = |user: &'static str| {
+        let t = &t;
+        async move {
+            let (s, v) = t
+                .api("GET", &format!("/api/v1/users/{user}/unread"), None)
+                .await;
+            assert_eq!(s, 200, "{v}");
+            v["unread"].clone()
+        }
+    };
+
+    // alice (the sender, focused too) publishes from her socket; bob has the room open.
+    for i in 1..=2 {
+        let r = alice
+            .request(
+                json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{"i":i}}),
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+        let ev = carol.event_on("room:r1").await;
+        assert_eq!(ev["seq"], r["deliveries"][0]["seq"], "{ev}");
+        assert_eq!(
+            unread("carol").await,
+            json!({"r1": i}),
+            "counted on arrival"
+        );
+    }
+    assert_eq!(unread("alice").await, json!({}), "own messages never count");
+    assert_eq!(unread("bob").await, json!({}), "bob has the room open");
+    assert_eq!(unread("dave").await, json!({"r1": 2}));
+
+    // bob closes the room: the next one counts for him. A backend publish for nobody moves no
+    // sender's pointer, but alice still has the room open.
+    let r = bob.request(json!({"op":"blur","room":"r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    t.publish(json!({"event":"chat.message","room":"r1","data":{"i":3}}))
+        .await;
+    carol.event_on("room:r1").await;
+    assert_eq!(unread("alice").await, json!({}));
+    assert_eq!(unread("bob").await, json!({"r1": 1}));
+    assert_eq!(unread("carol").await, json!({"r1": 3}));
+    assert_eq!(unread("dave").await, json!({"r1": 3}));
+    // A new device sees the same counts in its login sync.
+    let dave = t.ws("dave").await;
+    assert_eq!(dave.connected["sync"]["unread"], json!({"r1": 3}));
+}
+
 #[tokio::test]
 async fn read_moves_pointer_tells_other_devices_and_active_viewers() {
     let t = TestServer::start().await;

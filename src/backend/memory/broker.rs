@@ -1,4 +1,5 @@
-//! Memory broker + history: per-channel logs with seq, epoch, size and age limits.
+//! Memory broker + history: per-channel logs with seq, epoch, size and age limits. A publish's unread
+//! step ([`crate::backend::UnreadStep`]) runs under the channel's lock, with the append.
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
@@ -69,12 +70,14 @@ impl Broker for Memory {
     }
 
     async fn publish(&self, msg: Outgoing) -> BackendResult<Option<Position>> {
+        let unread = msg.unread_room().map(|(_, step)| step.clone());
         let Outgoing {
             channel,
             event,
             payload,
             persist,
             filter,
+            unread: _,
         } = msg;
         match (payload, persist) {
             (OutgoingPayload::EventBody(body), Some(limits)) => {
@@ -94,6 +97,11 @@ impl Broker for Memory {
                 }
                 log.trim_age(limits.age, now);
                 let position = log.position();
+                // The unread step belongs to the same atomic step: done before anyone can see the
+                // event, and in seq order with the channel's other publishes.
+                if let Some(step) = &unread {
+                    self.apply_unread(channel.id(), seq, step);
+                }
                 // Handing over while the channel lock is held keeps deliveries in seq order; the sink
                 // only does non-blocking queue pushes.
                 if let Some(sink) = self.sink() {

@@ -1,5 +1,6 @@
 //! Memory store: membership (+ reverse index), contacts, idempotency, unread, focus, devices,
-//! announcements.
+//! announcements. The unread step of a publish ([`UnreadStep`]) runs here too, called by the broker
+//! inside its append.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{Memory, lock};
-use crate::backend::{Announcement, BackendResult, Idempotency, PushDevice, Store};
+use crate::backend::{Announcement, BackendResult, Idempotency, PushDevice, Store, UnreadStep};
 use crate::event::Seq;
 
 #[derive(Default)]
@@ -26,6 +27,53 @@ pub(super) struct StoreState {
     devices: HashMap<String, BTreeMap<String, PushDevice>>,
     announcements: Vec<Announcement>,
     announcement_cursor: HashMap<String, String>,
+}
+
+impl StoreState {
+    fn mark_countable(&mut self, room: &str, seq: Seq, keep: usize) {
+        let set = self.countable.entry(room.into()).or_default();
+        set.insert(seq);
+        while set.len() > keep.max(1) {
+            set.pop_first();
+        }
+    }
+
+    fn set_read(&mut self, user: &str, room: &str, seq: Seq) -> Seq {
+        let p = self.read.entry((user.into(), room.into())).or_insert(0);
+        *p = (*p).max(seq);
+        *p
+    }
+
+    /// Users focused on `room` now (expired entries dropped), sorted.
+    fn focused(&mut self, room: &str) -> Vec<String> {
+        let now = Instant::now();
+        let Some(f) = self.focus.get_mut(room) else {
+            return Vec::new();
+        };
+        f.retain(|_, exp| *exp > now);
+        let mut users: Vec<String> = f.keys().map(|(u, _)| u.clone()).collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+}
+
+impl Memory {
+    /// The [`UnreadStep`] of a stored room event: the same three steps as the [`Store`] calls it
+    /// stands for, under one store lock. The broker calls it while it holds the channel's lock (the
+    /// lock order is always channel, then store).
+    pub(super) fn apply_unread(&self, room: &str, seq: Seq, step: &UnreadStep) {
+        let mut s = lock(&self.store);
+        s.mark_countable(room, seq, step.keep);
+        if let Some(from) = &step.from {
+            s.set_read(from, room, seq);
+        }
+        for user in s.focused(room) {
+            if step.from.as_deref() != Some(user.as_str()) {
+                s.set_read(&user, room, seq);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -133,20 +181,12 @@ impl Store for Memory {
     }
 
     async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()> {
-        let mut s = lock(&self.store);
-        let set = s.countable.entry(room.into()).or_default();
-        set.insert(seq);
-        while set.len() > keep.max(1) {
-            set.pop_first();
-        }
+        lock(&self.store).mark_countable(room, seq, keep);
         Ok(())
     }
 
     async fn set_read(&self, user: &str, room: &str, seq: Seq) -> BackendResult<Seq> {
-        let mut s = lock(&self.store);
-        let p = s.read.entry((user.into(), room.into())).or_insert(0);
-        *p = (*p).max(seq);
-        Ok(*p)
+        Ok(lock(&self.store).set_read(user, room, seq))
     }
 
     async fn unread(&self, user: &str, rooms: &[String]) -> BackendResult<Vec<u64>> {
@@ -193,16 +233,7 @@ impl Store for Memory {
     }
 
     async fn focused(&self, room: &str) -> BackendResult<Vec<String>> {
-        let mut s = lock(&self.store);
-        let now = Instant::now();
-        let Some(f) = s.focus.get_mut(room) else {
-            return Ok(Vec::new());
-        };
-        f.retain(|_, exp| *exp > now);
-        let mut users: Vec<String> = f.keys().map(|(u, _)| u.clone()).collect();
-        users.sort();
-        users.dedup();
-        Ok(users)
+        Ok(lock(&self.store).focused(room))
     }
 
     async fn put_device(&self, user: &str, device: PushDevice) -> BackendResult<()> {

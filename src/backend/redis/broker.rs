@@ -1,8 +1,10 @@
 //! Redis fan-out and history.
 //!
 //! Publishing: one Lua step per stored target (`lua/publish.lua`): seq from the meta hash, XADD `seq-0`,
-//! MAXLEN trim, PUBLISH of `1 <seq> <epoch> <event>\n<filter>\n<frame>`. Ephemeral frames are a plain
-//! PUBLISH of `0 - - <event>\n<filter>\n<frame>`.
+//! MAXLEN trim, the unread step of a countable room event ([`crate::backend::UnreadStep`]: countable
+//! mark, the sender's and the focused users' read pointers), PUBLISH of
+//! `1 <seq> <epoch> <event>\n<filter>\n<frame>`: one round trip per publish. Ephemeral frames are a
+//! plain PUBLISH of `0 - - <event>\n<filter>\n<frame>`.
 //!
 //! Receiving: a dedicated connection (RESP3 push, automatic resubscription) subscribes to the channels
 //! this node has local subscribers for. A manager task reference-counts and batches SUBSCRIBE /
@@ -23,7 +25,8 @@ use redis::{PushInfo, PushKind, Script, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{RedisBackend, err};
+use super::store::{COUNTABLE_TTL, countable_keep};
+use super::{MARK, RedisBackend, err, pieces};
 use crate::backend::{
     BackendError, BackendResult, Broker, Delivery, DeliveryFilter, DeliverySink, History,
     HistoryPage, Outgoing, OutgoingPayload,
@@ -138,7 +141,7 @@ impl RedisBroker {
             keys,
             cmd,
             scripts: Scripts {
-                publish: Script::new(include_str!("lua/publish.lua")),
+                publish: super::store::unread_lua!("publish.lua"),
                 position: Script::new(include_str!("lua/position.lua")),
                 read: Script::new(include_str!("lua/read.lua")),
             },
@@ -644,15 +647,12 @@ impl Broker for RedisBackend {
         let shared = &self.broker.shared;
         let filter = encode_filter(&msg.filter);
         let mut con = self.cmd.clone();
-        match (msg.payload, msg.persist) {
+        match (&msg.payload, msg.persist) {
             (OutgoingPayload::EventBody(body), Some(limits)) => {
                 let ch = msg.channel.as_str();
                 let idle = limits.age.as_secs().saturating_add(86_400);
-                let (epoch, seq): (String, u64) = shared
-                    .scripts
-                    .publish
-                    .key(self.keys.channel_meta(ch))
-                    .key(self.keys.channel_log(ch))
+                let mut inv = shared.scripts.publish.key(self.keys.channel_meta(ch));
+                inv.key(self.keys.channel_log(ch))
                     .arg(self.keys.pubsub(ch))
                     .arg(event_frame_head(&msg.channel))
                     .arg(&body[..])
@@ -660,10 +660,24 @@ impl Broker for RedisBackend {
                     .arg(idle)
                     .arg(Epoch::generate().as_str())
                     .arg(&*msg.event)
-                    .arg(&filter)
-                    .invoke_async(&mut con)
-                    .await
-                    .map_err(err)?;
+                    .arg(&filter);
+                // The unread step rides in the same script (see lua/publish.lua); without one the
+                // call is exactly the plain append.
+                if let Some((room, step)) = msg.unread_room() {
+                    let read = pieces(self.keys.user_read(MARK), 1)?;
+                    inv.key(self.keys.room_countable(room))
+                        .key(self.keys.room_focus(room));
+                    if let Some(from) = &step.from {
+                        inv.key(self.keys.user_read(from));
+                    }
+                    inv.arg(countable_keep(step.keep))
+                        .arg(COUNTABLE_TTL.as_secs())
+                        .arg(room)
+                        .arg(step.from.as_deref().unwrap_or(""))
+                        .arg(&read[0])
+                        .arg(&read[1]);
+                }
+                let (epoch, seq): (String, u64) = inv.invoke_async(&mut con).await.map_err(err)?;
                 Ok(Some(Position {
                     epoch: Epoch::new(&epoch),
                     seq,
@@ -672,9 +686,9 @@ impl Broker for RedisBackend {
             (payload, _) => {
                 let frame = match payload {
                     OutgoingPayload::EventBody(body) => {
-                        crate::event::event_frame(&msg.channel, None, &body)
+                        crate::event::event_frame(&msg.channel, None, body)
                     }
-                    OutgoingPayload::Frame(f) => f,
+                    OutgoingPayload::Frame(f) => f.clone(),
                 };
                 let mut p = Vec::with_capacity(frame.len() + filter.len() + msg.event.len() + 8);
                 p.extend_from_slice(b"0 - - ");

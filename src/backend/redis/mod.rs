@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, ScriptInvocation, ServerErrorKind, Value};
 
 use crate::backend::{BackendError, Backends};
 pub use keys::Keys;
@@ -35,6 +36,82 @@ pub(crate) fn err(e: redis::RedisError) -> BackendError {
     } else {
         BackendError::Internal(e.to_string())
     }
+}
+
+/// Stands for an id when splitting a key name into pieces (ids never contain NUL).
+const MARK: &str = "\u{0}";
+
+/// The literal pieces of a key name built with [`MARK`] for each of its `ids` ids, so a script can
+/// rebuild the key for ids it only learns inside Redis while `keys.rs` stays the one place that
+/// names keys.
+fn pieces(key: String, ids: usize) -> Result<Vec<String>, BackendError> {
+    let p: Vec<String> = key.split(MARK).map(str::to_string).collect();
+    if p.len() == ids + 1 {
+        Ok(p)
+    } else {
+        Err(BackendError::Internal(
+            "a Redis key prefix contains NUL".into(),
+        ))
+    }
+}
+
+/// Sends script calls in one pipeline as `EVALSHA` only, and returns one reply per call, in order.
+///
+/// redis-rs loads a script by itself only for a single `invoke_async`; in a pipeline it sends the bare
+/// `EVALSHA`. When Redis does not know a script (a restart, a failover, `SCRIPT FLUSH`), the calls
+/// that failed with `NOSCRIPT` did nothing: this loads their scripts and sends those calls (and only
+/// those, so none runs twice) once more. Any other error fails the whole call, as a pipeline does.
+async fn eval_pipeline(
+    con: &mut ConnectionManager,
+    calls: &[(&Script, ScriptInvocation<'_>)],
+) -> Result<Vec<Value>, BackendError> {
+    async fn send(
+        con: &mut ConnectionManager,
+        calls: &[(&Script, ScriptInvocation<'_>)],
+        which: &[usize],
+    ) -> Result<Vec<Value>, BackendError> {
+        let mut pipe = redis::pipe();
+        // Per-call replies, errors included, so a NOSCRIPT can be told from the rest.
+        pipe.ignore_errors();
+        for &i in which {
+            pipe.invoke_script(&calls[i].1);
+        }
+        let replies: Vec<Value> = pipe.query_async(con).await.map_err(err)?;
+        if replies.len() == which.len() {
+            Ok(replies)
+        } else {
+            Err(BackendError::Internal(format!(
+                "{} replies to a pipeline of {} script calls",
+                replies.len(),
+                which.len()
+            )))
+        }
+    }
+    fn noscript(v: &Value) -> bool {
+        matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
+    }
+    let all: Vec<usize> = (0..calls.len()).collect();
+    let mut replies = send(con, calls, &all).await?;
+    let missing: Vec<usize> = all.into_iter().filter(|&i| noscript(&replies[i])).collect();
+    if !missing.is_empty() {
+        let mut loaded: Vec<&str> = Vec::new();
+        for &i in &missing {
+            let script = calls[i].0;
+            if !loaded.contains(&script.get_hash()) {
+                script.load_async(con).await.map_err(err)?;
+                loaded.push(script.get_hash());
+            }
+        }
+        let again = send(con, calls, &missing).await?;
+        for (i, reply) in missing.into_iter().zip(again) {
+            replies[i] = reply;
+        }
+    }
+    if let Some(Value::ServerError(e)) = replies.iter().find(|v| matches!(v, Value::ServerError(_)))
+    {
+        return Err(BackendError::Internal(format!("Redis script error: {e}")));
+    }
+    Ok(replies)
 }
 
 /// One Redis deployment as herald's backend.

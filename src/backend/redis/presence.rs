@@ -30,6 +30,9 @@
 //! One Redis, not Cluster: scripts touch a user's keys and the global sorted sets together, and the
 //! heartbeat and room sweep build room keys inside the script (from the pieces of their names that
 //! `keys.rs` gives, see [`pieces`]). Cluster would split these steps per slot and make them idempotent.
+//!
+//! Pipelines of script calls ([`eval_pipeline`]) send `EVALSHA` only; a script Redis does not know
+//! (after a restart or `SCRIPT FLUSH`) is loaded then, and only the calls that failed are sent again.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
@@ -38,7 +41,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::{FromRedisValue, Script, Value};
 
-use super::{RedisBackend, err};
+use super::{MARK, RedisBackend, err, eval_pipeline, pieces};
 use crate::backend::{
     AppState, BackendError, BackendResult, DevicePresence, Presence, SessionInfo, Status,
     SweepResult, UserPresence,
@@ -56,8 +59,6 @@ const SWEEP_BATCH: usize = 1000;
 const HEARTBEAT_CHUNK: usize = 256;
 /// TTLs are capped (ten years) so `now + ttl` stays exact in Lua's doubles.
 const MAX_TTL_MS: i64 = 10 * 365 * 86_400 * 1000;
-/// Stands for an id when splitting a key name into pieces (ids never contain NUL).
-const MARK: &str = "\u{0}";
 
 /// A presence script: `presence_lib.lua` followed by the script's own text.
 macro_rules! lua {
@@ -102,20 +103,6 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 /// A duration in ms, capped at [`MAX_TTL_MS`].
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).map_or(MAX_TTL_MS, |m| m.min(MAX_TTL_MS))
-}
-
-/// The literal pieces of a key name built with [`MARK`] for each of its `ids` ids, so a script can
-/// rebuild the key for ids it only learns inside Redis while `keys.rs` stays the one place that
-/// names keys.
-fn pieces(key: String, ids: usize) -> BackendResult<Vec<String>> {
-    let p: Vec<String> = key.split(MARK).map(str::to_string).collect();
-    if p.len() == ids + 1 {
-        Ok(p)
-    } else {
-        Err(BackendError::Internal(
-            "presence: a key prefix contains NUL".into(),
-        ))
-    }
 }
 
 fn bad(what: &str) -> BackendError {
@@ -271,8 +258,7 @@ impl Presence for RedisBackend {
         }
         let present = pieces(self.keys.room_present(MARK), 1)?;
         let entries = pieces(self.keys.room_user_sessions(MARK, MARK), 2)?;
-        let mut pipe = redis::pipe();
-        pipe.load_script(&SCRIPTS.heartbeat).ignore();
+        let mut calls = Vec::with_capacity(sessions.len().div_ceil(HEARTBEAT_CHUNK));
         for chunk in sessions.chunks(HEARTBEAT_CHUNK) {
             let mut inv = SCRIPTS.heartbeat.prepare_invoke();
             inv.key(self.keys.online())
@@ -288,10 +274,10 @@ impl Presence for RedisBackend {
                     .arg(&**user)
                     .arg(&**session);
             }
-            pipe.invoke_script(&inv).ignore();
+            calls.push((&SCRIPTS.heartbeat, inv));
         }
         let mut con = self.cmd.clone();
-        pipe.query_async::<()>(&mut con).await.map_err(err)
+        eval_pipeline(&mut con, &calls).await.map(drop)
     }
 
     async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()> {
@@ -331,19 +317,17 @@ impl Presence for RedisBackend {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        pipe.load_script(&SCRIPTS.get).ignore();
-        for user in users {
-            pipe.invoke_script(
-                SCRIPTS
-                    .get
-                    .key(self.keys.user_sessions(user))
-                    .key(self.keys.user_devices(user))
-                    .key(self.keys.user_status(user)),
-            );
-        }
+        let calls: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let mut inv = SCRIPTS.get.key(self.keys.user_sessions(user));
+                inv.key(self.keys.user_devices(user))
+                    .key(self.keys.user_status(user));
+                (&SCRIPTS.get, inv)
+            })
+            .collect();
         let mut con = self.cmd.clone();
-        let replies: Vec<Value> = pipe.query_async(&mut con).await.map_err(err)?;
+        let replies = eval_pipeline(&mut con, &calls).await?;
         if replies.len() != users.len() {
             return Err(bad("presence_get.lua"));
         }
@@ -369,35 +353,27 @@ impl Presence for RedisBackend {
             return Ok(out);
         }
         let entries = pieces(self.keys.room_user_sessions(MARK, MARK), 2)?;
-        let mut pipe = redis::pipe();
-        pipe.load_script(&SCRIPTS.sweep_user).ignore();
-        pipe.load_script(&SCRIPTS.sweep_room).ignore();
+        let mut calls = Vec::with_capacity(users.len() + rooms.len());
         for user in &users {
-            pipe.invoke_script(
-                SCRIPTS
-                    .sweep_user
-                    .key(self.keys.user_sessions(user))
-                    .key(self.keys.user_devices(user))
-                    .key(self.keys.user_status(user))
-                    .key(self.keys.online())
-                    .arg(user)
-                    .arg(KEY_GRACE_MS)
-                    .arg(FORGET_AFTER_MS),
-            );
+            let mut inv = SCRIPTS.sweep_user.key(self.keys.user_sessions(user));
+            inv.key(self.keys.user_devices(user))
+                .key(self.keys.user_status(user))
+                .key(self.keys.online())
+                .arg(user)
+                .arg(KEY_GRACE_MS)
+                .arg(FORGET_AFTER_MS);
+            calls.push((&SCRIPTS.sweep_user, inv));
         }
         for room in &rooms {
-            pipe.invoke_script(
-                SCRIPTS
-                    .sweep_room
-                    .key(self.keys.room_present(room))
-                    .key(self.keys.rooms_present())
-                    .arg(room)
-                    .arg(&entries)
-                    .arg(KEY_GRACE_MS)
-                    .arg(SWEEP_BATCH),
-            );
+            let mut inv = SCRIPTS.sweep_room.key(self.keys.room_present(room));
+            inv.key(self.keys.rooms_present())
+                .arg(room)
+                .arg(&entries)
+                .arg(KEY_GRACE_MS)
+                .arg(SWEEP_BATCH);
+            calls.push((&SCRIPTS.sweep_room, inv));
         }
-        let replies: Vec<Value> = pipe.query_async(&mut con).await.map_err(err)?;
+        let replies = eval_pipeline(&mut con, &calls).await?;
         if replies.len() != users.len() + rooms.len() {
             return Err(bad("the sweep pipeline"));
         }

@@ -10,9 +10,11 @@
 //!   the reply; releasing deletes the key only while it still holds the marker
 //!   (`lua/store_idem_release.lua`). Redis expiry makes expired keys claimable again.
 //! - **Unread**: a sorted set of countable seqs per room (score = member = seq), trimmed to the newest
-//!   `keep` and given an idle expiry in one `MULTI`; one hash of read pointers per user, moved forward
-//!   only (`lua/store_set_read.lua`). Counting is `ZCOUNT (pointer +inf` per room: pipelines of
-//!   single-key commands (rooms and users hash to different Cluster slots).
+//!   `keep` and given an idle expiry (`lua/store_mark_countable.lua`); one hash of read pointers per
+//!   user, moved forward only (`lua/store_set_read.lua`). Counting is `ZCOUNT (pointer +inf` per room:
+//!   pipelines of single-key commands (rooms and users hash to different Cluster slots). These
+//!   scripts and the publish step (`lua/publish.lua`, which does the same bookkeeping for a countable
+//!   room event in the append's round trip) share their Lua in `lua/unread_lib.lua`.
 //! - **Focus**: a sorted set of `user|session` per room, scored by expiry in unix ms of the Redis clock
 //!   (`TIME` inside `lua/store_focus_*.lua`), pruned on every write and read; the key expires a little
 //!   after its longest-lived entry, so a crashed node never leaves anyone focused.
@@ -38,8 +40,8 @@ use crate::event::Seq;
 /// The value of a claimed, not yet completed idempotency key. Replies are JSON objects, so they never
 /// start with a NUL byte.
 const IDEM_PENDING: &[u8] = b"\0pending";
-/// Idle expiry of a room's countable seqs, refreshed on every write.
-const COUNTABLE_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// Idle expiry of a room's countable seqs, refreshed on every write (here and in the publish step).
+pub(super) const COUNTABLE_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// Idle expiry of a user's announcement cursor, refreshed on every swap.
 const CURSOR_TTL: Duration = Duration::from_secs(90 * 86_400);
 /// How long a focus key outlives its longest-lived entry.
@@ -51,12 +53,22 @@ const UNREAD_ATTEMPTS: usize = 3;
 
 static IDEM_RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/store_idem_release.lua")));
-static SET_READ: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/store_set_read.lua")));
+/// An unread script: `unread_lib.lua` followed by the script's own text.
+macro_rules! unread_lua {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/unread_lib.lua"),
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+}
+pub(super) use unread_lua;
+
+static MARK_COUNTABLE: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_mark_countable.lua"));
+static SET_READ: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_set_read.lua"));
 static FOCUS_SET: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/store_focus_set.lua")));
-static FOCUS_LIST: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/store_focus_list.lua")));
+static FOCUS_LIST: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_focus_list.lua"));
 static ANNOUNCE_ADD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/store_announce_add.lua")));
 static ANNOUNCE_CURSOR: LazyLock<Script> =
@@ -65,6 +77,11 @@ static ANNOUNCE_CURSOR: LazyLock<Script> =
 /// A duration in whole milliseconds, at least 1 (Redis refuses `PX 0`).
 fn millis(d: Duration) -> u64 {
     d.as_millis().clamp(1, i64::MAX as u128) as u64
+}
+
+/// How many countable seqs a room keeps: at least 1, and within what a Lua number holds exactly.
+pub(super) fn countable_keep(keep: usize) -> u64 {
+    keep.clamp(1, 1 << 52) as u64
 }
 
 /// Converts one reply value, mapping a shape mismatch to `Internal`.
@@ -255,20 +272,15 @@ impl Store for RedisBackend {
 
     async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()> {
         let mut con = self.cmd.clone();
-        let key = self.keys.room_countable(room);
-        let keep = keep.clamp(1, i64::MAX as usize) as i64;
-        redis::pipe()
-            .atomic()
-            .zadd(&key, seq, seq)
-            .ignore()
-            // Ranks 0 ..= len-keep-1 are the oldest beyond the newest `keep`.
-            .zremrangebyrank(&key, 0, (-keep - 1) as isize)
-            .ignore()
-            .expire(&key, COUNTABLE_TTL.as_secs() as i64)
-            .ignore()
-            .exec_async(&mut con)
+        let _: i64 = MARK_COUNTABLE
+            .key(self.keys.room_countable(room))
+            .arg(seq)
+            .arg(countable_keep(keep))
+            .arg(COUNTABLE_TTL.as_secs())
+            .invoke_async(&mut con)
             .await
-            .map_err(err)
+            .map_err(err)?;
+        Ok(())
     }
 
     async fn set_read(&self, user: &str, room: &str, seq: Seq) -> BackendResult<Seq> {

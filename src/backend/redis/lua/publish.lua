@@ -1,11 +1,23 @@
 -- Stores one event and fans it out, atomically: seq from the channel's meta hash (a fresh epoch when the
 -- meta is missing, i.e. the channel is new or Redis lost it), XADD with id `seq-0`, MAXLEN trim, idle
--- expiry, and PUBLISH of a payload carrying epoch and seq. Every node sees a channel in seq order.
+-- expiry, the unread step of a countable room event (when given), and PUBLISH of a payload carrying
+-- epoch and seq. Every node sees a channel in seq order. Runs after unread_lib.lua.
 --
 -- KEYS[1] meta hash, KEYS[2] stream
 -- ARGV[1] pubsub channel, ARGV[2] frame head (`{"type":"event","channel":"…",`), ARGV[3] body
 -- (`"id":…,"ts":…}`), ARGV[4] maxlen, ARGV[5] idle ttl (s), ARGV[6] fresh epoch, ARGV[7] event type,
 -- ARGV[8] live-delivery filter (JSON or empty)
+--
+-- The unread step (`UnreadStep` in backend/mod.rs), only when KEYS[3] is given; the same effect as the
+-- Store's mark_countable, set_read for the sender, focused, and set_read for each focused user but the
+-- sender, in one step:
+-- KEYS[3] the room's countable sorted set, KEYS[4] the room's focus sorted set, KEYS[5] the sender's
+-- read-pointer hash (absent: no sender)
+-- ARGV[9] keep (>= 1), ARGV[10] countable idle ttl (s), ARGV[11] room, ARGV[12] sender (when KEYS[5]),
+-- ARGV[13] ARGV[14] the read-pointer hash name of a user is ARGV[13] .. user .. ARGV[14]: the pieces
+-- `keys.rs` gives, since focused users are only known in here (so those keys are not declared: one
+-- Redis, not Cluster, like the presence heartbeat).
+--
 -- Returns {epoch, seq}.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -14,11 +26,29 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = redis_now()
 local frame = ARGV[2] .. '"seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .. ARGV[3]
 redis.call('XADD', KEYS[2], 'MAXLEN', '=', ARGV[4], seq .. '-0', 'f', frame, 't', now, 'x', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+if KEYS[3] then
+  local room = ARGV[11]
+  local seq_s = string.format('%d', seq)
+  mark_countable(KEYS[3], seq_s, ARGV[9], ARGV[10])
+  local sender = nil
+  if KEYS[5] then
+    sender = ARGV[12]
+    read_forward(KEYS[5], room, seq_s)
+  end
+  local done = {}
+  for _, entry in ipairs(live_focus(KEYS[4], now)) do
+    -- `user|session`; user ids never contain `|` (the Store's `focused` splits at the first one too).
+    local user = string.match(entry, '^([^|]*)|')
+    if user and user ~= sender and not done[user] then
+      done[user] = true
+      read_forward(ARGV[13] .. user .. ARGV[14], room, seq_s)
+    end
+  end
+end
 redis.call('PUBLISH', ARGV[1], '1 ' .. seq .. ' ' .. epoch .. ' ' .. ARGV[7] .. '\n' .. ARGV[8] .. '\n' .. frame)
 return {epoch, seq}

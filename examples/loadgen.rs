@@ -84,9 +84,13 @@
 //!    `{"type":"event","channel":"room:{room}",`, then a byte search for `"seq":` and `"t":` (no JSON
 //!    parse), so parsing is a negligible part of the tool's cost. SSE streams are split into lines
 //!    by hand (no SSE library): `data:` lines carry the same bytes as WebSocket frames, `id:` and
-//!    `event:` lines are skipped, and no line is copied unless it straddles two reads. The bytes come
-//!    from reqwest's body stream, so an SSE read wakes two tasks (hyper's connection task, then the
-//!    subscriber) where a WebSocket read wakes one. Latency
+//!    `event:` lines are skipped, and no line is copied unless it straddles two reads. No HTTP
+//!    client either: each SSE subscriber is one task on its own `TcpStream` that writes the
+//!    `GET /sse` request, parses the response head and decodes the body's framing (chunked, or
+//!    Content-Length / to the connection's end) incrementally from its read buffer (16 KiB, doubled
+//!    up to 128 KiB while reads fill it), handing the payload bytes to the line splitter in place;
+//!    so an SSE read, like a WebSocket read, wakes one task, and only a line cut by a read is ever
+//!    copied. Latency
 //!    (now − `t`, both from this machine's clock) goes into a per-subscriber `hdrhistogram` (2
 //!    significant digits: 1 % resolution, ~18 KiB each); seqs go into a per-subscriber bitmap. What
 //!    the tool does spend per delivery is the kernel's TCP receive path and a task wake-up per read
@@ -159,6 +163,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -365,6 +370,19 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest SSE line accepted (event frames are at most the engine's 64 KiB frame limit plus the
 /// envelope): a longer one means the stream is not what the loadgen expects.
 const SSE_MAX_LINE: usize = 1 << 20;
+/// Read buffer of each SSE subscriber at first: 16 KiB holds ~50 events of 100 B data. Reads go
+/// into its spare capacity (nothing is zero-filled), so it costs memory only as far as reads fill
+/// it.
+const SSE_READ_BUFFER: usize = 16 * 1024;
+/// A subscriber whose read filled its whole buffer (it is behind: the socket holds more) doubles
+/// the buffer, up to this: fewer, larger reads while it catches up.
+const SSE_READ_BUFFER_MAX: usize = 128 * 1024;
+/// How long an SSE subscriber's TCP connect may take.
+const SSE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the engine may take to answer `GET /sse` (its response head).
+const SSE_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of an error response's body (e.g. a refused `GET /sse`) is shown.
+const ERROR_BODY_MAX: usize = 1024;
 /// USER_HZ: the unit of the CPU times in /proc/PID/stat. 100 on every mainstream Linux
 /// (`getconf CLK_TCK`); the loadgen does not link libc to ask `sysconf(_SC_CLK_TCK)`.
 const CLK_TCK: u64 = 100;
@@ -902,18 +920,6 @@ async fn load_phase(
     let stop = stop.child_token();
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(n);
     let (base_tx, base_rx) = watch::channel(None::<u64>);
-    let sse_client = match args.transport {
-        TransportKind::Sse => Some(
-            // No overall timeout (streams last the whole run), no idle pool (each stream holds its
-            // connection to the end).
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .pool_max_idle_per_host(0)
-                .build()
-                .context("building the SSE client")?,
-        ),
-        TransportKind::Ws => None,
-    };
     let connect_slots = Arc::new(Semaphore::new(args.setup_concurrency.max(1)));
     let mut subscribers = Vec::with_capacity(n);
     for i in 0..n {
@@ -921,8 +927,8 @@ async fn load_phase(
         let token = herald::transport::auth::mint_hs256(&args.secret, &user, None, TOKEN_TTL_SECS)
             .context("minting a subscriber token")?;
         let base = &urls[i % urls.len()];
-        let task = match &sse_client {
-            None => tokio::spawn(ws_subscriber(
+        let task = match args.transport {
+            TransportKind::Ws => tokio::spawn(ws_subscriber(
                 i,
                 format!("{}/ws?token={token}", ws_base(base)),
                 shared.clone(),
@@ -930,10 +936,9 @@ async fn load_phase(
                 ready_tx.clone(),
                 stop.clone(),
             )),
-            Some(client) => tokio::spawn(sse_subscriber(
+            TransportKind::Sse => tokio::spawn(sse_subscriber(
                 i,
                 format!("{base}/sse?channels={channel}&token={token}"),
-                client.clone(),
                 shared.clone(),
                 connect_slots.clone(),
                 ready_tx.clone(),
@@ -1228,7 +1233,41 @@ impl Tally {
 
 /// Position of `needle` in `hay`.
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    let (&first, rest) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(i) = find_byte(&hay[from..], first) {
+        let at = from + i;
+        if hay[at + 1..].starts_with(rest) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Position of the first `byte` in `hay`, 8 bytes a step (std has no public `memchr`, and a plain
+/// `position` goes a byte a step): SSE lines and frame keys are found with it.
+fn find_byte(hay: &[u8], byte: u8) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let pattern = u64::from_ne_bytes([byte; 8]);
+    let mut words = hay.chunks_exact(8);
+    let mut at = 0;
+    for w in &mut words {
+        let x = u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern;
+        // A high bit for each zero byte of `x` (the lowest one is exact; bits above it may be
+        // false, which does not matter as only the lowest is used).
+        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zero != 0 {
+            return Some(at + zero.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&b| b == byte)
+        .map(|i| at + i)
 }
 
 /// The unsigned integer right after the first `key` in `hay`, and the offset just past it.
@@ -1326,11 +1365,9 @@ async fn ws_subscriber(
 
 /// One SSE subscriber: open the stream, report ready, wait for the channel's seq at subscribe time,
 /// then count deliveries until `stop`.
-#[allow(clippy::too_many_arguments)]
 async fn sse_subscriber(
     index: usize,
     url: String,
-    client: reqwest::Client,
     shared: Arc<Shared>,
     connect_slots: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), String>>,
@@ -1343,16 +1380,16 @@ async fn sse_subscriber(
             .acquire()
             .await
             .map_err(|_| "setup cancelled".to_string())?;
-        open_sse(&client, &url).await
+        open_sse(&url).await
     });
     let opened = tokio::select! {
         r = setup => r,
         _ = stop.cancelled() => return tally,
     };
-    let response = match opened {
-        Ok(r) => {
+    let mut sse = match opened {
+        Ok(s) => {
             let _ = ready.send(Ok(())).await;
-            r
+            s
         }
         Err(e) => {
             let _ = ready.send(Err(format!("subscriber lg-{index}: {e}"))).await;
@@ -1369,91 +1406,501 @@ async fn sse_subscriber(
         },
         _ = stop.cancelled() => return tally,
     };
-    let progress = &shared.progress[index].0;
-    let mut body = response.bytes_stream();
-    let mut lines = SseLines::default();
-    let mut disconnect = None;
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-    loop {
-        tokio::select! {
-            biased;
-            chunk = body.next() => match chunk {
-                Some(Ok(bytes)) => {
-                    let fits = lines.feed(&bytes, |line| {
-                        let Some(data) = line.strip_prefix(b"data:") else { return };
-                        let data = data.strip_prefix(b" ").unwrap_or(data);
-                        if data.starts_with(DISCONNECT_HEAD) {
-                            disconnect = Some(String::from_utf8_lossy(data).into_owned());
-                        } else {
-                            tally.on_frame(data, &shared);
-                        }
-                    });
-                    progress.store(tally.frames, Ordering::Relaxed);
-                    if !fits {
-                        tally.closed = Some(format!("an SSE line longer than {SSE_MAX_LINE} bytes"));
-                        break;
-                    }
-                }
-                Some(Err(e)) => {
-                    tally.closed = Some(format!("stream error: {}", error_chain(&e)));
-                    break;
-                }
-                None => {
-                    tally.closed = Some(match disconnect.take() {
-                        Some(d) => format!("closed by the server: {d}"),
-                        None => "stream ended".into(),
-                    });
-                    break;
-                }
-            },
-            _ = &mut stopped => break,
-        }
-    }
+    sse_receive(
+        &mut sse,
+        &mut tally,
+        &shared,
+        &shared.progress[index].0,
+        &stop,
+    )
+    .await;
     tally
 }
 
-/// `GET /sse…`; the response once the engine answered 200 (it subscribes before answering).
-async fn open_sse(client: &reqwest::Client, url: &str) -> Result<reqwest::Response, String> {
-    let r = client
-        .get(url)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .map_err(|e| {
-            let text = error_chain(&e);
-            let hint = if text.contains("os error 24") {
-                " (too many open files: raise `ulimit -n`)"
-            } else if text.contains("os error 99") {
-                " (out of local ports)"
-            } else {
-                ""
+/// Reads `sse`'s events into `tally` until the body ends, the connection fails or `stop`; sets
+/// `tally.closed` unless stopped.
+async fn sse_receive(
+    sse: &mut SseStream,
+    tally: &mut Tally,
+    shared: &Shared,
+    progress: &AtomicU64,
+    stop: &CancellationToken,
+) {
+    let mut lines = SseLines::default();
+    let mut disconnect = None;
+    // One waiter for the whole loop: `cancelled()` registers with the token (a lock) when first polled.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        // The buffer holds whatever the last read (or the response head's read) brought; the body
+        // decoder and the line splitter keep their partial state, so it is always consumed whole.
+        if !sse.buf.is_empty() {
+            let mut fits = true;
+            let body = sse.body.decode(&sse.buf, |payload| {
+                if fits {
+                    fits = lines.feed(payload, |line| {
+                        on_sse_line(line, tally, shared, &mut disconnect);
+                    });
+                }
+            });
+            let full = sse.buf.len() == sse.buf.capacity();
+            sse.buf.clear();
+            if full && sse.buf.capacity() < SSE_READ_BUFFER_MAX {
+                sse.buf.reserve(2 * sse.buf.capacity());
+            }
+            progress.store(tally.frames, Ordering::Relaxed);
+            if !fits {
+                tally.closed = Some(format!("an SSE line longer than {SSE_MAX_LINE} bytes"));
+                return;
+            }
+            match body {
+                Ok(false) => {}
+                Ok(true) => {
+                    tally.closed = Some(closed_by_server(disconnect, "stream ended"));
+                    return;
+                }
+                Err(e) => {
+                    tally.closed = Some(format!("stream error: {e}"));
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            r = sse.tcp.read_buf(&mut sse.buf) => match r {
+                Ok(0) => {
+                    tally.closed = Some(if sse.body.ends_at_eof() {
+                        closed_by_server(disconnect, "stream ended")
+                    } else {
+                        closed_by_server(
+                            disconnect,
+                            "stream error: the connection closed before the body's end",
+                        )
+                    });
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tally.closed = Some(format!("stream error: {e}"));
+                    return;
+                }
+            },
+            _ = &mut stopped => return,
+        }
+    }
+}
+
+/// `closed by the server: {disconnect frame}` when the engine sent one, else `otherwise`.
+fn closed_by_server(disconnect: Option<String>, otherwise: &str) -> String {
+    match disconnect {
+        Some(d) => format!("closed by the server: {d}"),
+        None => otherwise.into(),
+    }
+}
+
+/// One SSE line: a `data:` line is an event frame (or the engine's last word, a `disconnect`);
+/// `id:`, `event:`, `retry:`, comments and blank lines are skipped.
+fn on_sse_line(line: &[u8], tally: &mut Tally, shared: &Shared, disconnect: &mut Option<String>) {
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return;
+    };
+    let data = data.strip_prefix(b" ").unwrap_or(data);
+    if data.starts_with(DISCONNECT_HEAD) {
+        *disconnect = Some(String::from_utf8_lossy(data).into_owned());
+    } else {
+        tally.on_frame(data, shared);
+    }
+}
+
+/// An open `/sse` stream on its own TCP connection (no HTTP client library: one task per subscriber
+/// reads the socket and parses everything in place).
+struct SseStream {
+    tcp: TcpStream,
+    /// The read buffer ([`SSE_READ_BUFFER`] bytes of capacity, up to [`SSE_READ_BUFFER_MAX`];
+    /// emptied after every read). Between [`open_sse`] and the first read it holds the body bytes
+    /// that came with the response head.
+    buf: Vec<u8>,
+    /// The body's framing.
+    body: BodyDecoder,
+}
+
+/// `GET /sse…` over a new TCP connection, written by hand; the stream once the engine answered 200
+/// (it subscribes before answering).
+async fn open_sse(url: &str) -> Result<SseStream, String> {
+    let (authority, target) = split_http_url(url)?;
+    let connect = tokio::time::timeout(
+        SSE_CONNECT_TIMEOUT,
+        TcpStream::connect(connect_addr(authority)),
+    );
+    let mut tcp = match connect.await {
+        Err(_) => {
+            return Err(format!(
+                "SSE connect to {authority} timed out after {} s",
+                SSE_CONNECT_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(Err(e)) => {
+            let hint = match e.raw_os_error() {
+                Some(24) => " (too many open files: raise `ulimit -n`)",
+                Some(99) => " (out of local ports)",
+                _ => "",
             };
-            format!("SSE connect failed: {text}{hint}")
-        })?;
-    let status = r.status();
-    if !status.is_success() {
-        let body = r.text().await.unwrap_or_default();
-        let hint = if status.as_u16() == 401 {
+            return Err(format!("SSE connect to {authority} failed: {e}{hint}"));
+        }
+        Ok(Ok(tcp)) => tcp,
+    };
+    let request =
+        format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/event-stream\r\n\r\n");
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sending GET /sse: {e}"))?;
+    let mut buf = Vec::with_capacity(SSE_READ_BUFFER);
+    let head_len = tokio::time::timeout(SSE_HEAD_TIMEOUT, async {
+        loop {
+            if let Some(end) = head_end(&buf) {
+                return Ok(end);
+            }
+            if buf.len() >= SSE_READ_BUFFER {
+                return Err(format!(
+                    "GET /sse: the response head is larger than {SSE_READ_BUFFER} bytes"
+                ));
+            }
+            match tcp.read_buf(&mut buf).await {
+                Ok(0) => {
+                    return Err(format!(
+                        "GET /sse: the server closed the connection before the response head's end \
+                         (got {:?})",
+                        String::from_utf8_lossy(&buf)
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("GET /sse: reading the response: {e}")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "GET /sse: no response head within {} s",
+            SSE_HEAD_TIMEOUT.as_secs()
+        )
+    })??;
+    let head = parse_head(&buf[..head_len]).map_err(|e| format!("GET /sse: {e}"))?;
+    buf.drain(..head_len);
+    let mut sse = SseStream {
+        tcp,
+        buf,
+        body: head.body,
+    };
+    if head.status != 200 {
+        let body = error_body(&mut sse).await;
+        let hint = if head.status == 401 {
             " (is --secret the engine's HERALD_JWT_SECRET?)"
         } else {
             ""
         };
-        return Err(format!("GET /sse answered {status}: {body}{hint}"));
+        return Err(format!(
+            "GET /sse answered {}: {body}{hint}",
+            head.status_text
+        ));
     }
-    Ok(r)
+    Ok(sse)
 }
 
-/// An error and its sources, `: `-separated (reqwest's own text leaves out the OS error).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+/// The start of an error response's body (at most [`ERROR_BODY_MAX`] bytes, lossy UTF-8, trimmed):
+/// whatever arrives until the body ends, the connection closes or a read waits 2 s.
+async fn error_body(sse: &mut SseStream) -> String {
+    let mut out = Vec::new();
+    loop {
+        let ended = sse
+            .body
+            .decode(&sse.buf, |data| {
+                let room = ERROR_BODY_MAX.saturating_sub(out.len());
+                out.extend_from_slice(&data[..data.len().min(room)]);
+            })
+            .unwrap_or(true);
+        sse.buf.clear();
+        if ended || out.len() >= ERROR_BODY_MAX {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), sse.tcp.read_buf(&mut sse.buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let mut text = String::from_utf8_lossy(&out).trim().to_string();
+    if out.len() >= ERROR_BODY_MAX {
+        text.push('…');
     }
     text
+}
+
+/// `(authority, target)` of `http://authority[/path…]`: what to connect to (and send as `Host`), and
+/// the request target (at least `/`).
+fn split_http_url(url: &str) -> Result<(&str, &str), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: not an http:// URL"))?;
+    let (authority, target) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    Ok((authority, target))
+}
+
+/// `authority` with port 80 added when it has none (`host`, `[v6]`).
+fn connect_addr(authority: &str) -> String {
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    }
+}
+
+/// The length of the response head (status line, headers, the empty line) at the start of `buf`,
+/// once it is all there. Lines end with `\r\n` (a bare `\n` is accepted).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = find_byte(&buf[from..], b'\n') {
+        let next = from + i + 1;
+        match &buf[next..] {
+            [b'\n', ..] => return Some(next + 1),
+            [b'\r', b'\n', ..] => return Some(next + 2),
+            _ => from = next,
+        }
+    }
+    None
+}
+
+/// What the loadgen needs from a response head.
+struct ResponseHead {
+    status: u16,
+    /// The status line after the version, e.g. `401 Unauthorized`.
+    status_text: String,
+    /// How the body is framed: the last `Transfer-Encoding` coding `chunked`, else
+    /// `Content-Length`, else up to the connection's end (RFC 9112 §6.3; another transfer coding
+    /// also reads to the end, undecoded).
+    body: BodyDecoder,
+}
+
+fn parse_head(head: &[u8]) -> Result<ResponseHead, String> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let status_line = lines.next().unwrap_or_default();
+    let (version, status_text) = status_line.split_once(' ').unwrap_or((status_line, ""));
+    let status = status_text
+        .get(..3)
+        .and_then(|c| c.parse::<u16>().ok())
+        .filter(|_| version.starts_with("HTTP/1."))
+        .ok_or_else(|| format!("not an HTTP/1.x status line: {status_line:?}"))?;
+    let (mut chunked, mut other_coding, mut length) = (false, false, None);
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(format!("malformed header line {line:?}"));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Codings apply in order: only a `chunked` last frames the body.
+            let last = value.rsplit(',').next().unwrap_or_default().trim();
+            chunked = last.eq_ignore_ascii_case("chunked");
+            other_coding = !chunked;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("bad Content-Length {value:?}"))?,
+            );
+        }
+    }
+    let body = match (chunked, other_coding, length) {
+        (true, _, _) => BodyDecoder::Chunked(ChunkState::default()),
+        (false, true, _) | (false, false, None) => BodyDecoder::UntilClose,
+        (false, false, Some(n)) => BodyDecoder::Length(n),
+    };
+    Ok(ResponseHead {
+        status,
+        status_text: status_text.to_string(),
+        body,
+    })
+}
+
+/// An HTTP/1.1 response body's framing, decoded incrementally: the payload bytes of each read are
+/// handed out in place (a chunk cut by a read boundary is handed out in pieces), so nothing is
+/// copied and no read's bytes need keeping.
+enum BodyDecoder {
+    /// `Transfer-Encoding: chunked`, in this state.
+    Chunked(ChunkState),
+    /// `Content-Length`: bytes left.
+    Length(u64),
+    /// Everything up to the connection's end.
+    UntilClose,
+}
+
+/// Where a chunked body's decoder is (RFC 9112 §7.1).
+#[derive(Debug, Default, PartialEq, Eq)]
+enum ChunkState {
+    /// At a chunk-size line's start (a hex digit must come).
+    #[default]
+    Size,
+    /// In a chunk-size line's hex digits: the value so far and how many digits.
+    SizeDigits {
+        size: u64,
+        digits: u8,
+    },
+    /// After the size: whitespace and chunk extensions (`;name=value`, ignored) to the line's end.
+    Ext {
+        size: u64,
+    },
+    /// The size line's `\r` came; its `\n` must follow.
+    SizeLf {
+        size: u64,
+    },
+    /// In a chunk's data: bytes left.
+    Data(u64),
+    /// After a chunk's data: its `\r\n`.
+    DataCr,
+    DataLf,
+    /// After the last (0-size) chunk: trailer lines, up to an empty line. `empty`: nothing but
+    /// `\r` on the current line so far.
+    Trailer {
+        empty: bool,
+    },
+    /// The body ended.
+    Done,
+}
+
+/// Longest chunk-size (hex digits): 15 keep it below 2^60, far beyond any real chunk.
+const CHUNK_SIZE_DIGITS: u8 = 15;
+
+impl BodyDecoder {
+    /// Passes the payload bytes in `input` to `on_data` (in order, possibly in several pieces);
+    /// true once the body ended (bytes after its end are ignored), an error when the framing is
+    /// broken.
+    fn decode(&mut self, input: &[u8], mut on_data: impl FnMut(&[u8])) -> Result<bool, String> {
+        match self {
+            BodyDecoder::UntilClose => {
+                on_data(input);
+                Ok(false)
+            }
+            BodyDecoder::Length(left) => {
+                let take = input
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                on_data(&input[..take]);
+                *left -= take as u64;
+                Ok(*left == 0)
+            }
+            BodyDecoder::Chunked(state) => state.decode(input, on_data),
+        }
+    }
+
+    /// Whether the connection's end is the body's end (rather than a cut).
+    fn ends_at_eof(&self) -> bool {
+        matches!(
+            self,
+            BodyDecoder::UntilClose
+                | BodyDecoder::Length(0)
+                | BodyDecoder::Chunked(ChunkState::Done)
+        )
+    }
+}
+
+impl ChunkState {
+    /// [`BodyDecoder::decode`] of a chunked body. The framing (size lines, CRLFs, trailers) goes
+    /// a byte at a time, a chunk's data in one piece per read.
+    fn decode(&mut self, input: &[u8], mut on_data: impl FnMut(&[u8])) -> Result<bool, String> {
+        let mut i = 0;
+        while i < input.len() {
+            if let ChunkState::Data(left) = *self {
+                let take = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                on_data(&input[i..i + take]);
+                i += take;
+                *self = match left - take as u64 {
+                    0 => ChunkState::DataCr,
+                    left => ChunkState::Data(left),
+                };
+                continue;
+            }
+            let b = input[i];
+            i += 1;
+            *self = match (&*self, b) {
+                (ChunkState::Done, _) => return Ok(true),
+                (ChunkState::Size, _) => match hex_digit(b) {
+                    Some(d) => ChunkState::SizeDigits {
+                        size: u64::from(d),
+                        digits: 1,
+                    },
+                    None => return Err(format!("chunk size expected, got byte {b:#04x}")),
+                },
+                (&ChunkState::SizeDigits { size, digits }, _) => match (hex_digit(b), b) {
+                    (Some(_), _) if digits == CHUNK_SIZE_DIGITS => {
+                        return Err(format!(
+                            "a chunk size of more than {CHUNK_SIZE_DIGITS} hex digits"
+                        ));
+                    }
+                    (Some(d), _) => ChunkState::SizeDigits {
+                        size: size << 4 | u64::from(d),
+                        digits: digits + 1,
+                    },
+                    (None, b';' | b' ' | b'\t') => ChunkState::Ext { size },
+                    (None, b'\r') => ChunkState::SizeLf { size },
+                    (None, b'\n') => ChunkState::after_size(size),
+                    (None, _) => {
+                        return Err(format!("bad byte {b:#04x} in a chunk size line"));
+                    }
+                },
+                (&ChunkState::Ext { size }, b'\n') => ChunkState::after_size(size),
+                (&ChunkState::Ext { size }, _) => ChunkState::Ext { size },
+                (&ChunkState::SizeLf { size }, b'\n') => ChunkState::after_size(size),
+                (ChunkState::SizeLf { .. }, _) => {
+                    return Err(format!("chunk size line: \\r then byte {b:#04x}"));
+                }
+                (ChunkState::DataCr, b'\r') => ChunkState::DataLf,
+                (ChunkState::DataCr | ChunkState::DataLf, b'\n') => ChunkState::Size,
+                (ChunkState::DataCr | ChunkState::DataLf, _) => {
+                    return Err(format!(
+                        "chunk data not followed by \\r\\n (byte {b:#04x}): the size was wrong"
+                    ));
+                }
+                (&ChunkState::Trailer { empty }, b'\n') => {
+                    if empty {
+                        ChunkState::Done
+                    } else {
+                        ChunkState::Trailer { empty: true }
+                    }
+                }
+                (&ChunkState::Trailer { empty }, b'\r') => ChunkState::Trailer { empty },
+                (ChunkState::Trailer { .. }, _) => ChunkState::Trailer { empty: false },
+                (ChunkState::Data(_), _) => unreachable!("handled above"),
+            };
+        }
+        Ok(*self == ChunkState::Done)
+    }
+
+    /// The state after a chunk-size line: the last chunk (0) starts the trailers.
+    fn after_size(size: u64) -> ChunkState {
+        if size == 0 {
+            ChunkState::Trailer { empty: true }
+        } else {
+            ChunkState::Data(size)
+        }
+    }
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// Splits an SSE byte stream into lines. Complete lines inside a chunk are handed out in place; only
@@ -1469,7 +1916,7 @@ impl SseLines {
     fn feed(&mut self, chunk: &[u8], mut on_line: impl FnMut(&[u8])) -> bool {
         let mut rest = chunk;
         if !self.carry.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
+            match find_byte(rest, b'\n') {
                 Some(i) => {
                     self.carry.extend_from_slice(&rest[..i]);
                     on_line(trim_cr(&self.carry));
@@ -1482,7 +1929,7 @@ impl SseLines {
                 }
             }
         }
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(i) = find_byte(rest, b'\n') {
             on_line(trim_cr(&rest[..i]));
             rest = &rest[i + 1..];
         }
@@ -2373,6 +2820,386 @@ mod tests {
         }
         let mut lines = SseLines::default();
         assert!(!lines.feed(&vec![b'x'; SSE_MAX_LINE + 1], |_| {}));
+    }
+
+    /// A chunked body of `chunks` (extension text, data), a last chunk with an extension and a
+    /// trailer, and the start of a next response (which is not body).
+    fn chunked(chunks: &[(&str, &[u8])]) -> (Vec<u8>, usize) {
+        let mut body = Vec::new();
+        for (ext, data) in chunks {
+            body.extend_from_slice(format!("{:X}{ext}\r\n", data.len()).as_bytes());
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0;last=\"yes\"\r\nX-Trailer: 1\r\n\r\n");
+        let end = body.len();
+        body.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        (body, end)
+    }
+
+    /// Decodes `parts` in turn: the payload, and the input offset each part ended at with whether
+    /// the body had ended then.
+    fn decode_parts(parts: &[&[u8]]) -> (Vec<u8>, Vec<(usize, bool)>) {
+        let mut d = BodyDecoder::Chunked(ChunkState::default());
+        let mut payload = Vec::new();
+        let mut at = 0;
+        let mut ends = Vec::new();
+        for p in parts {
+            let ended = d.decode(p, |b| payload.extend_from_slice(b)).unwrap();
+            at += p.len();
+            ends.push((at, ended));
+        }
+        (payload, ends)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_split_at_every_byte_boundary() {
+        let (body, end) = chunked(&[
+            ("", b"retry: 3000\n\n"),
+            (
+                ";name=value;q=\"a;b\"",
+                b"id: c1\nevent: bench\ndata: {\"a\":1}\n\n",
+            ),
+            (" ; x", b"data: 0123456789abcdef\n\n"),
+            ("", b"\r\n: keep-alive\r\n\r\n"),
+        ]);
+        let want = b"retry: 3000\n\nid: c1\nevent: bench\ndata: {\"a\":1}\n\ndata: 0123456789abcdef\n\n\r\n: keep-alive\r\n\r\n";
+        for cut in 0..=body.len() {
+            for cut2 in cut..=body.len() {
+                let parts = [&body[..cut], &body[cut..cut2], &body[cut2..]];
+                let (payload, ends) = decode_parts(&parts);
+                assert_eq!(payload, want, "cut at {cut}, {cut2}");
+                for (at, ended) in ends {
+                    assert_eq!(ended, at >= end, "cut at {cut}, {cut2}: part to {at}");
+                }
+            }
+        }
+        // A byte at a time: the payload comes a byte at a time too, and nothing is lost.
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        let (payload, ends) = decode_parts(&bytes);
+        assert_eq!(payload, want);
+        assert_eq!(ends.iter().position(|&(_, e)| e), Some(end - 1));
+    }
+
+    #[test]
+    fn chunk_extensions_the_last_chunk_and_broken_framing() {
+        let decode = |input: &[u8]| {
+            let mut d = BodyDecoder::Chunked(ChunkState::default());
+            let mut payload = Vec::new();
+            d.decode(input, |b| payload.extend_from_slice(b))
+                .map(|ended| (String::from_utf8(payload).unwrap(), ended))
+        };
+        let ok = |input: &[u8], payload: &str, ended: bool| {
+            assert_eq!(
+                decode(input),
+                Ok((payload.to_string(), ended)),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        };
+        ok(b"5;a=b\r\nhello\r\n0\r\n\r\n", "hello", true);
+        ok(b"5 ;a=\"x;y\" ; b\r\nhello\r\n0;c\r\n\r\n", "hello", true);
+        ok(b"5\t;a\r\nhello\r\n", "hello", false);
+        ok(
+            b"A\r\n0123456789\r\na\r\nabcdefghij\r\n",
+            "0123456789abcdefghij",
+            false,
+        );
+        ok(b"000000000000005\r\nhello\r\n", "hello", false);
+        // The last chunk, its trailers and the empty line end the body; what follows is not body.
+        ok(b"0\r\n\r\n", "", true);
+        ok(b"000\r\n\r\n", "", true);
+        ok(b"0\r\nX-A: 1\r\nX-B: 2\r\n\r\n", "", true);
+        ok(b"0\r\n\r\n5\r\nhello\r\n", "", true);
+        ok(b"0\r\n", "", false);
+        ok(b"0\r\nX-A: 1\r\n", "", false);
+        // Bare LFs are accepted.
+        ok(b"5\nhello\n0\n\n", "hello", true);
+        let mut d = BodyDecoder::Chunked(ChunkState::default());
+        assert_eq!(d.decode(b"3\r\nabc\r\n0\r\n", |_| {}), Ok(false));
+        assert!(!d.ends_at_eof());
+        assert_eq!(d.decode(b"\r\n", |_| {}), Ok(true));
+        assert!(d.ends_at_eof());
+        assert_eq!(d.decode(b"", |_| {}), Ok(true));
+        for bad in [
+            &b"g\r\n"[..],
+            b"\r\n",
+            b";a\r\n",
+            b"5\r\nhelloX",
+            b"5\r\nhello\rX",
+            b"5\rX",
+            b"1000000000000000\r\n",
+        ] {
+            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn identity_bodies_and_response_heads() {
+        let mut d = BodyDecoder::Length(5);
+        let mut payload = Vec::new();
+        assert_eq!(
+            d.decode(b"hel", |b| payload.extend_from_slice(b)),
+            Ok(false)
+        );
+        assert!(!d.ends_at_eof());
+        assert_eq!(
+            d.decode(b"lo, more", |b| payload.extend_from_slice(b)),
+            Ok(true)
+        );
+        assert_eq!(payload, b"hello");
+        assert!(d.ends_at_eof());
+        let mut d = BodyDecoder::UntilClose;
+        assert_eq!(d.decode(b"any\n", |b| assert_eq!(b, b"any\n")), Ok(false));
+        assert!(d.ends_at_eof());
+
+        let response = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            Transfer-Encoding: chunked\r\ndate: x\r\n\r\nd\r\nretry: 3000\n\n\r\n";
+        let end = head_end(response).unwrap();
+        assert_eq!(&response[end..end + 3], b"d\r\n");
+        for cut in 0..end {
+            assert_eq!(head_end(&response[..cut]), None);
+        }
+        let head = parse_head(&response[..end]).unwrap();
+        assert_eq!((head.status, head.status_text.as_str()), (200, "200 OK"));
+        assert!(matches!(head.body, BodyDecoder::Chunked(ChunkState::Size)));
+        let head = |text: &str| parse_head(text.as_bytes());
+        let h = head("HTTP/1.1 401 Unauthorized\r\nContent-Length: 12\r\n\r\n").unwrap();
+        assert_eq!(
+            (h.status, h.status_text.as_str()),
+            (401, "401 Unauthorized")
+        );
+        assert!(matches!(h.body, BodyDecoder::Length(12)));
+        let h = head("HTTP/1.0 200 OK\n\n").unwrap();
+        assert!(matches!(h.body, BodyDecoder::UntilClose));
+        assert_eq!(head_end(b"HTTP/1.0 200 OK\n\nbody"), Some(17));
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, CHUNKED\r\n\r\n").unwrap();
+        assert!(matches!(h.body, BodyDecoder::Chunked(_)));
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n");
+        assert!(matches!(h.unwrap().body, BodyDecoder::UntilClose));
+        assert!(head("SSH-2.0-OpenSSH_9.6\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 2x0 OK\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nno colon\r\n\r\n").is_err());
+
+        assert_eq!(
+            split_http_url("http://127.0.0.1:7070/sse?channels=room:r&token=t"),
+            Ok(("127.0.0.1:7070", "/sse?channels=room:r&token=t"))
+        );
+        assert_eq!(split_http_url("http://h"), Ok(("h", "/")));
+        assert!(split_http_url("https://h/").is_err() && split_http_url("http:///x").is_err());
+        assert_eq!(connect_addr("127.0.0.1:7070"), "127.0.0.1:7070");
+        assert_eq!(connect_addr("localhost"), "localhost:80");
+        assert_eq!(connect_addr("[::1]"), "[::1]:80");
+        assert_eq!(connect_addr("[::1]:7070"), "[::1]:7070");
+    }
+
+    fn test_shared() -> Shared {
+        Shared {
+            head: b"{\"type\":\"event\",\"channel\":\"room:r\",".to_vec(),
+            reset_head: b"{\"type\":\"reset\"".to_vec(),
+            channel: "room:r".into(),
+            measure_from_us: AtomicU64::new(0),
+            progress: Vec::new(),
+        }
+    }
+
+    /// A one-connection HTTP server: checks the request, then writes `parts` (each flushed, with a
+    /// pause between) and keeps the connection open until the client closes it.
+    async fn fake_engine(parts: Vec<Vec<u8>>) -> (String, JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            while head_end(&request).is_none() {
+                assert!(tcp.read_buf(&mut request).await.unwrap() > 0);
+            }
+            let want = format!(
+                "GET /sse?channels=room:r&token=tok HTTP/1.1\r\nHost: {addr}\r\n\
+                 Accept: text/event-stream\r\n\r\n"
+            );
+            assert_eq!(String::from_utf8_lossy(&request), want);
+            for p in parts {
+                tcp.write_all(&p).await.unwrap();
+                tcp.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Like hyper after a keep-alive response: wait for a next request that never comes.
+            let mut rest = Vec::new();
+            let _ = tcp.read_buf(&mut rest).await;
+        });
+        (format!("http://{addr}/sse?channels=room:r&token=tok"), task)
+    }
+
+    #[tokio::test]
+    async fn a_refused_sse_request_shows_the_status_and_the_body() {
+        let (url, server) = fake_engine(vec![
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: 39\r\n\r\n{\"error\":".to_vec(),
+            b"{\"code\":\"unauthorized\",\"m\":1}}".to_vec(),
+        ])
+        .await;
+        let Err(e) = open_sse(&url).await else {
+            panic!("a 401 opened a stream")
+        };
+        assert_eq!(
+            e,
+            "GET /sse answered 401 Unauthorized: {\"error\":{\"code\":\"unauthorized\",\"m\":1}} \
+             (is --secret the engine's HERALD_JWT_SECRET?)"
+        );
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_sse_stream_ends_at_the_last_chunk_with_the_disconnect_as_reason() {
+        let event = |seq: u64| {
+            format!(
+                "id: c{seq}\nevent: bench\ndata: {{\"type\":\"event\",\"channel\":\"room:r\",\
+                 \"seq\":{seq},\"epoch\":\"e\",\"data\":{{\"t\":{},\"pad\":\"x\"}}}}\n\n",
+                now_us()
+            )
+        };
+        let chunk = |payload: &str| format!("{:x}\r\n{payload}\r\n", payload.len()).into_bytes();
+        let two = format!("{}{}", event(2), event(3));
+        let two = chunk(&two);
+        let (cut, cut2) = (two.len() / 3, two.len() / 2);
+        let mut head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+        head.extend(chunk("retry: 3000\n\n"));
+        let (url, server) = fake_engine(vec![
+            head,
+            chunk(&event(1)),
+            two[..cut].to_vec(),
+            two[cut..cut2].to_vec(),
+            two[cut2..].to_vec(),
+            chunk(": keep-alive\n\n"),
+            chunk(
+                "event: disconnect\ndata: {\"type\":\"disconnect\",\"code\":4008,\
+                 \"reason\":\"slow consumer\"}\n\n",
+            ),
+            b"0\r\n\r\n".to_vec(),
+        ])
+        .await;
+        let mut sse = open_sse(&url).await.unwrap();
+        let (shared, progress, stop) = (test_shared(), AtomicU64::new(0), CancellationToken::new());
+        let mut tally = Tally::new();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            sse_receive(&mut sse, &mut tally, &shared, &progress, &stop),
+        )
+        .await
+        .expect("the stream ended at its last chunk, without waiting for the connection's end");
+        assert!(tally.has(1) && tally.has(2) && tally.has(3) && !tally.has(4));
+        assert_eq!((tally.frames, tally.unreadable), (3, 0));
+        assert_eq!(progress.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            tally.closed.as_deref(),
+            Some(
+                "closed by the server: {\"type\":\"disconnect\",\"code\":4008,\
+                 \"reason\":\"slow consumer\"}"
+            )
+        );
+        drop(sse);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_sse_stream_cut_mid_body_is_an_error_and_stop_ends_it_quietly() {
+        // The connection closes in the middle of a chunk.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut kept = None;
+            for i in 0..2 {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                while head_end(&request).is_none() {
+                    assert!(tcp.read_buf(&mut request).await.unwrap() > 0);
+                }
+                tcp.write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n20\r\ndata: cut",
+                )
+                .await
+                .unwrap();
+                // The first connection closes here (dropped); the second stays open.
+                if i == 1 {
+                    kept = Some(tcp);
+                }
+            }
+            kept.unwrap()
+        });
+        let url = format!("http://{addr}/sse?channels=room:r&token=tok");
+        let (shared, progress) = (test_shared(), AtomicU64::new(0));
+        let mut sse = open_sse(&url).await.unwrap();
+        let mut tally = Tally::new();
+        sse_receive(
+            &mut sse,
+            &mut tally,
+            &shared,
+            &progress,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(
+            tally.closed.as_deref(),
+            Some("stream error: the connection closed before the body's end")
+        );
+        // Stopped while the engine is quiet: no close reason.
+        let mut sse = open_sse(&url).await.unwrap();
+        let open = server.await.unwrap();
+        let mut tally = Tally::new();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        sse_receive(&mut sse, &mut tally, &shared, &progress, &stop).await;
+        assert_eq!((tally.closed, tally.frames), (None, 0));
+        drop(open);
+    }
+
+    #[test]
+    fn bytes_and_keys_are_found_like_a_plain_search() {
+        let naive = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+        // Every position, every length, needles next to look-alikes and high bytes (0x80, 0xff
+        // around the byte sought, where a carry could go wrong).
+        let mut hay = Vec::new();
+        for i in 0..67u8 {
+            hay.push(
+                [b'a', b'\n', 0x80, 0xff, 0x0b, 0x09, b'"', 0][usize::from(i) % 8] ^ (i & 0x40),
+            );
+        }
+        for len in 0..hay.len() {
+            for start in 0..len.min(9) {
+                let h = &hay[start..len];
+                for b in [b'\n', 0x80, 0xff, 0, b'"', 0x0b, b'x', 0x41, 0xbf] {
+                    assert_eq!(find_byte(h, b), h.iter().position(|&c| c == b), "{h:?} {b}");
+                }
+            }
+        }
+        for pos in 0..40 {
+            let mut h = vec![b'x'; 40];
+            h[pos] = b'\n';
+            assert_eq!(find_byte(&h, b'\n'), Some(pos));
+            h[pos] = 0x0b; // '\n' + 1: a borrow would turn it into a false match
+            assert_eq!(find_byte(&h, b'\n'), None);
+        }
+        let frame: &[u8] =
+            b"{\"type\":\"event\",\"channel\":\"room:r\",\"seq\":12,\"epoch\":\"e\",\
+            \"data\":{\"pad\":\"\\\"t\\\":\",\"t\":1795249035673804}}";
+        for needle in [
+            &b"\"seq\":"[..],
+            b"\"t\":",
+            b"\"",
+            b"}}",
+            b"\"missing\":",
+            b"{",
+        ] {
+            for cut in 0..frame.len() {
+                assert_eq!(find(&frame[cut..], needle), naive(&frame[cut..], needle));
+            }
+        }
+        assert_eq!(find(b"", b"x"), None);
     }
 
     #[test]

@@ -225,6 +225,13 @@ struct Args {
     /// The bare id (1-128 characters of [A-Za-z0-9_.@-]): the channel is room:{room}.
     #[arg(long, default_value = "bench")]
     room: String,
+    /// Event type of every publish (1-128 characters of [A-Za-z0-9_.:-]).
+    ///
+    /// The default `bench` is a type the shipped rules pass through to the channel defaults; give
+    /// `chat.message` to have the shipped `route` decide every publish (with `herald serve --rules
+    /// rules`), e.g. to compare publish throughput with rules on and off.
+    #[arg(long, default_value = "bench")]
+    event: String,
     /// Publishes per second, on a fixed schedule.
     ///
     /// Each publish is delivered to every subscriber, so the offered deliveries per second are
@@ -1008,6 +1015,7 @@ async fn load_phase(
         route,
         PublishPlan {
             room: args.room.clone(),
+            event: args.event.clone(),
             channel: channel.clone(),
             pad: "x".repeat(args.payload.saturating_sub(DATA_OVERHEAD)),
             rate: args.rate,
@@ -2030,6 +2038,8 @@ enum Route {
 
 struct PublishPlan {
     room: String,
+    /// Event type.
+    event: String,
     /// `room:{room}`.
     channel: String,
     pad: String,
@@ -2148,8 +2158,8 @@ async fn publisher(
                 tokio::spawn(async move {
                     let sent = now_us();
                     let body = format!(
-                        "{{\"event\":\"bench\",\"room\":\"{}\",\"data\":{{\"t\":{t},\"pad\":\"{}\"}}}}",
-                        plan.room, plan.pad
+                        "{{\"event\":\"{}\",\"room\":\"{}\",\"data\":{{\"t\":{t},\"pad\":\"{}\"}}}}",
+                        plan.event, plan.room, plan.pad
                     );
                     let result = publish_http(&http, &target.0, &target.1, body).await;
                     if result.is_err() {
@@ -2165,9 +2175,9 @@ async fn publisher(
             }
             None => {
                 let frame = format!(
-                    "{{\"op\":\"publish\",\"ref\":{n},\"channel\":\"{}\",\"event\":\"bench\",\
+                    "{{\"op\":\"publish\",\"ref\":{n},\"channel\":\"{}\",\"event\":\"{}\",\
                      \"data\":{{\"t\":{t},\"pad\":\"{}\"}}}}",
-                    plan.channel, plan.pad
+                    plan.channel, plan.event, plan.pad
                 );
                 let request = PubRequest {
                     reference: n,

@@ -83,7 +83,7 @@ async fn upgrade(
         .max_write_buffer_size(2 * limit + 4096)
         .max_message_size(2 * limit)
         .max_frame_size(2 * limit)
-        .on_upgrade(move |socket| run(socket, state, claims, q.device))
+        .on_upgrade(move |socket| run(socket, state, claims.map(Box::new), q.device))
 }
 
 /// Client frames of `connect`.
@@ -198,15 +198,15 @@ async fn close_within(socket: &mut WebSocket, reason: CloseReason, grace: Durati
 async fn run(
     mut socket: WebSocket,
     state: AppState,
-    claims: Option<Claims>,
+    claims: Option<Box<Claims>>,
     query_device: Option<String>,
 ) {
-    let Some((mut session, claims)) =
+    let Some((mut session, token_exp)) =
         Box::pin(start(&mut socket, &state, claims, query_device)).await
     else {
         return;
     };
-    let reason = session_loop(&mut socket, &mut session, &state, &claims).await;
+    let reason = session_loop(&mut socket, &mut session, &state, token_exp).await;
     if let Some(r) = reason {
         tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
         if r == CloseReason::SlowConsumer {
@@ -221,17 +221,18 @@ async fn run(
 }
 
 /// Authenticates (token in the upgrade, or a `connect` frame), opens the session and sends
-/// `connected`; `None` when the connection was refused (already closed with its reason).
+/// `connected`; the session and the token's expiry (unix s), or `None` when the connection was refused
+/// (already closed with its reason).
 async fn start(
     socket: &mut WebSocket,
     state: &AppState,
-    claims: Option<Claims>,
+    claims: Option<Box<Claims>>,
     query_device: Option<String>,
-) -> Option<(Session, Claims)> {
+) -> Option<(Session, u64)> {
     let engine = state.engine.clone();
     let mut connect_ref = None;
     let (claims, mut device, mut platform, mut dstate) = match claims {
-        Some(c) => (c, query_device, None, None),
+        Some(c) => (*c, query_device, None, None),
         None => {
             // Wait for the `connect` frame.
             let first =
@@ -304,7 +305,7 @@ async fn start(
             return None;
         }
     }
-    Some((session, claims))
+    Some((session, claims.exp))
 }
 
 /// The connection's loop; returns the reason when the server closes it.
@@ -312,15 +313,15 @@ async fn session_loop(
     socket: &mut WebSocket,
     session: &mut Session,
     state: &AppState,
-    claims: &Claims,
+    token_exp: u64,
 ) -> Option<CloseReason> {
     let handle = session.handle.clone();
-    let limits = state.engine.config.limits.clone();
+    let limits = &state.engine.config.limits;
     let mut limiter = Limiter::new(
         limits.frames_per_second,
         limits.violations_before_disconnect,
     );
-    let expires = Instant::now() + Duration::from_secs(claims.exp.saturating_sub(unix_now()));
+    let expires = Instant::now() + Duration::from_secs(token_exp.saturating_sub(unix_now()));
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
     loop {

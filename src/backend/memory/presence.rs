@@ -25,7 +25,7 @@ pub(super) struct PresenceState {
 }
 
 struct UserEntry {
-    sessions: HashMap<Arc<str>, (SessionInfo, Instant)>,
+    sessions: Sessions,
     /// Reported online and not yet reported offline (Redis: member of the online set). Whoever
     /// clears it reports the user offline, so "offline" is reported exactly once.
     online: bool,
@@ -34,10 +34,49 @@ struct UserEntry {
     last_seen: Option<i64>,
 }
 
+/// A user's sessions with their expiry. A short list rather than a map: users have a handful of
+/// sessions (capped per user), and a map's smallest table costs ~0.5 KB per connected user.
+#[derive(Default)]
+struct Sessions(Vec<(SessionInfo, Instant)>);
+
+impl Sessions {
+    fn insert(&mut self, info: SessionInfo, exp: Instant) {
+        match self.0.iter_mut().find(|(i, _)| i.session == info.session) {
+            Some(s) => *s = (info, exp),
+            None => self.0.push((info, exp)),
+        }
+    }
+
+    fn remove(&mut self, session: &str) -> Option<(SessionInfo, Instant)> {
+        let at = self.0.iter().position(|(i, _)| &*i.session == session)?;
+        Some(self.0.swap_remove(at))
+    }
+
+    fn get_mut(&mut self, session: &str) -> Option<&mut (SessionInfo, Instant)> {
+        self.0.iter_mut().find(|(i, _)| &*i.session == session)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &(SessionInfo, Instant)> {
+        self.0.iter()
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&(SessionInfo, Instant)) -> bool) {
+        self.0.retain(keep);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 impl UserEntry {
     fn new() -> Self {
         UserEntry {
-            sessions: HashMap::new(),
+            sessions: Sessions::default(),
             online: false,
             status: Status::Online,
             text: None,
@@ -104,10 +143,9 @@ impl Presence for Memory {
             .or_insert_with(UserEntry::new);
         // Sessions past their TTL do not count, as in Redis.
         let now = Instant::now();
-        e.sessions.retain(|_, (_, exp)| *exp > now);
+        e.sessions.retain(|(_, exp)| *exp > now);
         let was_offline = e.sessions.is_empty();
-        e.sessions
-            .insert(info.session.clone(), (info.clone(), now + ttl));
+        e.sessions.insert(info.clone(), now + ttl);
         e.online = true;
         Ok(was_offline)
     }
@@ -200,7 +238,7 @@ impl Presence for Memory {
         let now_ms = now_ms();
         let mut out = SweepResult::default();
         p.users.retain(|user, e| {
-            e.sessions.retain(|_, (_, exp)| *exp > now);
+            e.sessions.retain(|(_, exp)| *exp > now);
             if e.online && e.sessions.is_empty() {
                 e.online = false;
                 e.last_seen = Some(now_ms);

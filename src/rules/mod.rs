@@ -635,7 +635,8 @@ pub fn event_map(input: &RouteInput<'_>) -> Dynamic {
                 .collect::<rhai::Array>()
                 .into(),
             "ts" => Dynamic::from(input.ts),
-            _ => input.event.into(),
+            "type" => input.event.into(),
+            _ => Dynamic::UNIT, // not in EVENT_KEYS
         };
     }
     Dynamic::from_map(m)

@@ -163,18 +163,27 @@ fn load_kinds(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<ChannelKi
     Ok(std::sync::Arc::new(ChannelKinds::load(path, false)?))
 }
 
+/// The rules in `dir` as the operator tools load them: default budget, channel defaults on error.
+fn load_rules(
+    dir: &std::path::Path,
+    kinds: std::sync::Arc<ChannelKinds>,
+) -> anyhow::Result<herald::rules::RuleSet> {
+    use herald::rules::{Budget, OnError, RuleSet};
+    Ok(RuleSet::load(
+        dir,
+        kinds,
+        Budget::default(),
+        OnError::DefaultRoute,
+        1,
+    )?)
+}
+
 fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
-    use herald::rules::{Budget, OnError, RuleSet, fixtures};
+    use herald::rules::fixtures;
     match command {
         RulesCommand::Check { dir, channels } => {
             let dir = rules_dir(dir);
-            let set = RuleSet::load(
-                &dir,
-                load_kinds(&channels)?,
-                Budget::default(),
-                OnError::DefaultRoute,
-                1,
-            )?;
+            let set = load_rules(&dir, load_kinds(&channels)?)?;
             let files = set.files();
             if files.is_empty() {
                 println!(
@@ -193,13 +202,7 @@ fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
         }
         RulesCommand::Test { dir, channels } => {
             let dir = rules_dir(dir);
-            let set = RuleSet::load(
-                &dir,
-                load_kinds(&channels)?,
-                Budget::default(),
-                OnError::DefaultRoute,
-                1,
-            )?;
+            let set = load_rules(&dir, load_kinds(&channels)?)?;
             let report = fixtures::run(&dir, &set)?;
             for f in &report.failures {
                 println!("FAIL {f}");
@@ -219,19 +222,13 @@ fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
 }
 
 fn simulate(event: &std::path::Path, rules: PathBuf, channels: PathBuf) -> anyhow::Result<()> {
-    use herald::rules::{Budget, OnError, RuleSet, fixtures::EventSpec};
+    use herald::rules::fixtures::EventSpec;
     let text = std::fs::read_to_string(event)
         .with_context(|| format!("cannot read {}", event.display()))?;
     let spec: EventSpec = serde_json::from_str(&text)
         .with_context(|| format!("{}: not an event", event.display()))?;
     let kinds = load_kinds(&channels)?;
-    let set = RuleSet::load(
-        &rules,
-        kinds.clone(),
-        Budget::default(),
-        OnError::DefaultRoute,
-        1,
-    )?;
+    let set = load_rules(&rules, kinds.clone())?;
     let routed = spec
         .route(&set)
         .map_err(|e| anyhow::anyhow!("{}: {e}", event.display()))?;

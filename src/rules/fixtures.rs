@@ -168,19 +168,10 @@ pub fn run(dir: &Path, rules: &RuleSet) -> Result<Report, RuleError> {
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default()
         );
-        let text = std::fs::read_to_string(&path).map_err(|e| RuleError {
-            file: name.clone(),
-            line: 0,
-            col: 0,
-            message: format!("cannot read: {e}"),
-        })?;
-        let parsed: FixtureFile =
-            crate::channels::parse_toml(&name, &text).map_err(|e| RuleError {
-                file: name.clone(),
-                line: 0,
-                col: 0,
-                message: e.message,
-            })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| RuleError::in_file(&name, format!("cannot read: {e}")))?;
+        let parsed: FixtureFile = crate::channels::parse_toml(&name, &text)
+            .map_err(|e| RuleError::in_file(&name, e.message))?;
         for case in parsed.case {
             report.cases += 1;
             let diffs = check(&case, rules);

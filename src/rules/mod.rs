@@ -135,6 +135,18 @@ impl fmt::Display for RuleError {
 
 impl std::error::Error for RuleError {}
 
+impl RuleError {
+    /// An error about a whole file (no line or column).
+    pub fn in_file(file: impl Into<String>, message: impl Into<String>) -> Self {
+        RuleError {
+            file: file.into(),
+            line: 0,
+            col: 0,
+            message: message.into(),
+        }
+    }
+}
+
 fn pos_error(file: &str, pos: rhai::Position, message: impl Into<String>) -> RuleError {
     RuleError {
         file: file.to_string(),
@@ -247,12 +259,8 @@ impl RuleSet {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let text = std::fs::read_to_string(&path).map_err(|e| RuleError {
-                file: name.clone(),
-                line: 0,
-                col: 0,
-                message: format!("cannot read: {e}"),
-            })?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| RuleError::in_file(&name, format!("cannot read: {e}")))?;
             files.push(compile_file(&engine, &name, &text)?);
         }
         Ok(RuleSet {
@@ -456,12 +464,10 @@ pub fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
-            return Err(RuleError {
-                file: dir.display().to_string(),
-                line: 0,
-                col: 0,
-                message: format!("cannot read the rules directory: {e}"),
-            });
+            return Err(RuleError::in_file(
+                dir.display().to_string(),
+                format!("cannot read the rules directory: {e}"),
+            ));
         }
     };
     let mut v: Vec<PathBuf> = rd

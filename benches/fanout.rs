@@ -27,15 +27,13 @@ use herald::backend::{
 };
 use herald::channels::{ChannelKinds, ChannelName};
 use herald::config::Config;
-use herald::engine::{Hub, Outbound, SessionHandle};
+use herald::engine::{Hub, Next, SessionHandle};
 use herald::event::{Epoch, EventBody, Position, event_frame};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 
 struct Local {
     hub: Arc<Hub>,
     sessions: Vec<Arc<SessionHandle>>,
-    queues: Vec<mpsc::Receiver<Outbound>>,
 }
 
 /// `n` sessions, one per user (`u0`, `u1`, …), each subscribed to `channel`, as `Engine::open` and
@@ -45,34 +43,29 @@ fn local(n: usize, channel: &ChannelName) -> Local {
     let hub = Arc::new(Hub::new());
     let attrs = Arc::new(serde_json::Map::new());
     let mut sessions = Vec::with_capacity(n);
-    let mut queues = Vec::with_capacity(n);
     for i in 0..n {
-        let (handle, rx) = SessionHandle::new(
+        let handle = SessionHandle::new(
             i as u64,
             format!("bench-node:{i}").into(),
             format!("u{i}").into(),
             format!("d-{i}").into(),
             attrs.clone(),
             config.limits.queue_frames,
+            None,
         );
         assert!(hub.register(&handle, config.limits.connections_per_user));
         assert!(hub.subscribe(channel, &handle));
         sessions.push(handle);
-        queues.push(rx);
     }
-    Local {
-        hub,
-        sessions,
-        queues,
-    }
+    Local { hub, sessions }
 }
 
 impl Local {
     /// Empties every queue; returns how many items were queued.
     fn drain(&mut self) -> usize {
         let mut n = 0;
-        for q in &mut self.queues {
-            while q.try_recv().is_ok() {
+        for s in &self.sessions {
+            while s.try_recv().is_some() {
                 n += 1;
             }
         }
@@ -194,19 +187,19 @@ fn fanout(c: &mut Criterion) {
         b.iter_custom(|iters| l.measure(iters, publish))
     });
 
-    // Every queue has a writer task parked on it, as in the server: each `try_send` now also wakes a
+    // Every queue has a writer task parked on it, as in the server: each `send` now also wakes a
     // task (onto the delivering worker's run queue). `deliver` runs on the runtime's one worker, inside a
     // task, as it does under `publish`; the woken tasks drain their queues after it, outside the timing.
-    let mut l = local(n, &channel);
+    let l = local(n, &channel);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .build()
         .expect("runtime");
     let received = Arc::new(AtomicU64::new(0));
-    for mut q in l.queues.drain(..) {
-        let received = received.clone();
+    for s in &l.sessions {
+        let (s, received) = (s.clone(), received.clone());
         rt.spawn(async move {
-            while q.recv().await.is_some() {
+            while let Next::Out(_) = std::future::poll_fn(|cx| s.poll_next(cx)).await {
                 received.fetch_add(1, Ordering::Relaxed);
             }
         });

@@ -66,6 +66,19 @@ impl Server {
     }
 }
 
+/// Makes room for one more item in `v`, exactly while it is short: a `Vec`'s first allocation holds
+/// four items, and the per-connection lists (a user's sessions, a session's subscriptions) mostly hold
+/// one or two, for every idle connection.
+pub(crate) fn reserve_tight<T>(v: &mut Vec<T>) {
+    if v.len() == v.capacity() {
+        if v.len() < 4 {
+            v.reserve_exact(1);
+        } else {
+            v.reserve(1);
+        }
+    }
+}
+
 /// Key prefix of herald's keys in a shared Redis.
 pub const REDIS_PREFIX: &str = "herald:";
 

@@ -5,13 +5,13 @@
 //! the same frame bytes) to every subscriber's bounded queue; a full queue marks that session for
 //! disconnection (slow consumer) and never slows the others.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
 
 use crate::backend::{Delivery, DeliverySink};
 use crate::channels::ChannelName;
@@ -25,6 +25,41 @@ pub enum Outbound {
     Deliver(Arc<Delivery>),
     /// Time to send a transport-level ping.
     Ping,
+}
+
+/// What a session's task waits for: the next queued item, or the signal to close (which comes first).
+#[derive(Debug)]
+pub enum Next {
+    /// Something to write.
+    Out(Outbound),
+    /// The session is asked to close.
+    Close(CloseReason),
+}
+
+/// Capacity a drained queue keeps; beyond it the queue shrinks back once empty, so a burst does not
+/// leave an idle session holding its peak.
+const QUEUE_KEEP: usize = 16;
+
+/// A session's bounded outbound queue. Fan-out pushes, the session's task pops. A plain deque under a
+/// lock with one waker, which also carries the close signal: nothing allocated until something is
+/// queued, where tokio's mpsc cost ~0.75 KiB per session (cache-padded halves, a 32-slot first
+/// block), and most sessions are idle.
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    /// The session task's waker while it waits.
+    waker: Option<Waker>,
+    /// The session is gone: nothing more is accepted.
+    closed: bool,
+}
+
+impl Queue {
+    fn register(&mut self, cx: &Context<'_>) {
+        match &self.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => self.waker = Some(cx.waker().clone()),
+        }
+    }
 }
 
 /// Why a session is being closed (a `disconnect` code).
@@ -131,17 +166,20 @@ pub struct SessionHandle {
     pub device: Arc<str>,
     /// JWT attrs (announcement audiences).
     pub attrs: Arc<serde_json::Map<String, serde_json::Value>>,
-    tx: mpsc::Sender<Outbound>,
+    queue: Mutex<Queue>,
+    capacity: usize,
+    /// When its token expires (unix s).
+    pub expires: Option<u64>,
     close: AtomicU16,
     /// When the close was asked, unix ms (the reaper evicts sessions that do not close in time).
     close_at: AtomicI64,
-    closed: Notify,
     /// Last inbound activity, unix ms (presence heartbeats only count live sessions).
     pub last_activity: AtomicI64,
 }
 
 impl SessionHandle {
-    /// A handle and the receiving end of its bounded queue.
+    /// A handle with an empty queue of at most `queue` items, closed with 4002 at `expires` (unix s;
+    /// a WebSocket's token expiry) by [`Hub::expired`]'s sweep.
     pub fn new(
         id: u64,
         session: Arc<str>,
@@ -149,37 +187,80 @@ impl SessionHandle {
         device: Arc<str>,
         attrs: Arc<serde_json::Map<String, serde_json::Value>>,
         queue: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
-        (
-            Arc::new(SessionHandle {
-                id,
-                session,
-                user,
-                device,
-                attrs,
-                tx,
-                close: AtomicU16::new(0),
-                close_at: AtomicI64::new(0),
-                closed: Notify::new(),
-                last_activity: AtomicI64::new(crate::event::now_ms()),
-            }),
-            rx,
-        )
+        expires: Option<u64>,
+    ) -> Arc<Self> {
+        Arc::new(SessionHandle {
+            id,
+            session,
+            user,
+            device,
+            attrs,
+            queue: Mutex::default(),
+            capacity: queue.max(1),
+            expires,
+            close: AtomicU16::new(0),
+            close_at: AtomicI64::new(0),
+            last_activity: AtomicI64::new(crate::event::now_ms()),
+        })
     }
 
     /// Queues something for this session; a full queue closes it (slow consumer).
     pub fn send(&self, o: Outbound) -> bool {
-        match self.tx.try_send(o) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(CloseReason::SlowConsumer) {
-                    crate::metrics::slow_consumer();
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let mut q = lock(&self.queue);
+        if q.closed {
+            return false;
         }
+        if q.items.len() >= self.capacity {
+            drop(q);
+            if self.close(CloseReason::SlowConsumer) {
+                crate::metrics::slow_consumer();
+            }
+            return false;
+        }
+        q.items.push_back(o);
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    /// The next queued item or the close signal (which comes first), registering the waiting task.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
+        if let Some(r) = self.close_reason() {
+            return Poll::Ready(Next::Close(r));
+        }
+        let mut q = lock(&self.queue);
+        if let Some(o) = q.items.pop_front() {
+            return Poll::Ready(Next::Out(o));
+        }
+        q.register(cx);
+        drop(q);
+        // `close` sets the reason before it takes the waker: one set after the check above either
+        // shows here or finds the waker just registered.
+        match self.close_reason() {
+            Some(r) => Poll::Ready(Next::Close(r)),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Takes another queued item without waiting (writers drain the queue before one flush).
+    pub fn try_recv(&self) -> Option<Outbound> {
+        let mut q = lock(&self.queue);
+        let o = q.items.pop_front();
+        if o.is_none() && q.items.capacity() > QUEUE_KEEP {
+            q.items.shrink_to(QUEUE_KEEP);
+        }
+        o
+    }
+
+    /// The session is gone: drops what is queued and refuses more.
+    pub fn close_queue(&self) {
+        let mut q = lock(&self.queue);
+        q.closed = true;
+        q.items = VecDeque::new();
+        q.waker = None;
     }
 
     /// Asks the session to close with `reason`; true when this call set the reason (the first wins).
@@ -191,7 +272,10 @@ impl SessionHandle {
         if first {
             self.close_at
                 .store(crate::event::now_ms(), Ordering::Release);
-            self.closed.notify_one();
+            let waker = lock(&self.queue).waker.take();
+            if let Some(w) = waker {
+                w.wake();
+            }
         }
         first
     }
@@ -207,14 +291,18 @@ impl SessionHandle {
         CloseReason::from_code(self.close.load(Ordering::Acquire))
     }
 
-    /// Resolves when the session is asked to close.
-    pub async fn closing(&self) -> CloseReason {
-        loop {
+    /// Resolves when the session is asked to close (its task's other waits share the one waker).
+    pub fn closing(&self) -> impl Future<Output = CloseReason> + '_ {
+        std::future::poll_fn(|cx| {
             if let Some(r) = self.close_reason() {
-                return r;
+                return Poll::Ready(r);
             }
-            self.closed.notified().await;
-        }
+            lock(&self.queue).register(cx);
+            match self.close_reason() {
+                Some(r) => Poll::Ready(r),
+                None => Poll::Pending,
+            }
+        })
     }
 
     /// Records inbound activity (any frame, pong, or SSE write).
@@ -229,6 +317,9 @@ pub struct Hub {
     channels: Vec<RwLock<HashMap<ChannelName, Vec<Arc<SessionHandle>>>>>,
     sessions: Mutex<HashMap<u64, Arc<SessionHandle>>>,
     users: Mutex<HashMap<Arc<str>, Vec<u64>>>,
+    /// (token expiry unix s, session id) of sessions that expire: one sweep for the node instead of a
+    /// timer per connection.
+    expiries: Mutex<BTreeSet<(u64, u64)>>,
 }
 
 impl Default for Hub {
@@ -244,6 +335,7 @@ impl Hub {
             channels: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             sessions: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
+            expiries: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -263,14 +355,21 @@ impl Hub {
             }
             return false;
         }
+        crate::reserve_tight(list);
         list.push(s.id);
         drop(users);
         lock(&self.sessions).insert(s.id, s.clone());
+        if let Some(at) = s.expires {
+            lock(&self.expiries).insert((at, s.id));
+        }
         true
     }
 
     /// Removes a session (its subscriptions are removed by the caller).
     pub fn unregister(&self, s: &SessionHandle) {
+        if let Some(at) = s.expires {
+            lock(&self.expiries).remove(&(at, s.id));
+        }
         lock(&self.sessions).remove(&s.id);
         let mut users = lock(&self.users);
         if let Some(list) = users.get_mut(&s.user) {
@@ -289,6 +388,7 @@ impl Hub {
         if list.iter().any(|x| x.id == s.id) {
             return false;
         }
+        crate::reserve_tight(list);
         list.push(s.clone());
         true
     }
@@ -326,6 +426,27 @@ impl Hub {
         }
         self.unregister(s);
         left
+    }
+
+    /// Sessions whose token expired by `now` (unix s), taken off the expiry list.
+    pub fn expired(&self, now: u64) -> Vec<Arc<SessionHandle>> {
+        let mut due = Vec::new();
+        {
+            let mut expiries = lock(&self.expiries);
+            while let Some(&(at, id)) = expiries.first()
+                && at <= now
+            {
+                expiries.pop_first();
+                due.push(id);
+            }
+        }
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let sessions = lock(&self.sessions);
+        due.iter()
+            .filter_map(|id| sessions.get(id).cloned())
+            .collect()
     }
 
     /// Every local session.

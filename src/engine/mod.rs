@@ -26,7 +26,7 @@ use crate::channels::ChannelKinds;
 use crate::config::Config;
 use crate::rules::reload::{Rules, RulesConfig};
 
-pub use hub::{CloseReason, Hub, Outbound, SessionHandle};
+pub use hub::{CloseReason, Hub, Next, Outbound, SessionHandle};
 pub use pipeline::{PublishReply, PublishRequest};
 pub use session::{Session, SessionOpen, Transport};
 
@@ -206,6 +206,7 @@ impl Engine {
             }),
         };
         tokio::spawn(presence::run(engine.clone()));
+        tokio::spawn(expire_tokens(engine.clone()));
         Ok(engine)
     }
 
@@ -228,5 +229,22 @@ impl Engine {
     /// Whether the backend answers (`/readyz`).
     pub async fn ready(&self) -> bool {
         backend(self.backends.broker.ping()).await.is_ok()
+    }
+}
+
+/// Closes sessions whose token expired with 4002: one sweep a second for the node, rather than a timer
+/// in every connection (most of an idle connection's memory is what its task holds while it waits).
+async fn expire_tokens(engine: Engine) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = engine.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = (crate::event::now_ms() / 1000) as u64;
+        for s in engine.hub.expired(now) {
+            s.close(CloseReason::TokenExpired);
+        }
     }
 }

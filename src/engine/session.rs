@@ -5,14 +5,13 @@
 //! history, so every event after the read is already queued; the queue is then filtered by seq, so an
 //! event both replayed and queued is sent once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
 
-use super::hub::{Outbound, SessionHandle};
+use super::hub::{Next, Outbound, SessionHandle};
 use super::pipeline::PublishRequest;
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::backend::{AppState, Delivery, SessionInfo, Status};
@@ -53,6 +52,8 @@ pub struct SessionOpen {
     pub attrs: Map<String, Value>,
     /// Transport.
     pub transport: Transport,
+    /// When the session's token expires (unix s); the session is closed with 4002 then.
+    pub expires: Option<u64>,
 }
 
 /// One subscription. This session has been handed every stored event with `lo < seq <= last`
@@ -62,6 +63,55 @@ struct Sub {
     lo: Seq,
     last: Seq,
     room_presence: bool,
+}
+
+/// A session's subscriptions, sorted by channel. Most sessions hold a handful (their own `user:` and
+/// `global`, a few rooms), where a hash map's smallest table costs ~0.3 KiB per connection; binary
+/// search keeps the per-delivery lookup cheap up to the 512 allowed.
+#[derive(Default)]
+struct Subs(Vec<(ChannelName, Sub)>);
+
+impl Subs {
+    fn find(&self, ch: &ChannelName) -> Result<usize, usize> {
+        self.0
+            .binary_search_by(|(c, _)| c.as_str().cmp(ch.as_str()))
+    }
+
+    fn contains_key(&self, ch: &ChannelName) -> bool {
+        self.find(ch).is_ok()
+    }
+
+    fn get_mut(&mut self, ch: &ChannelName) -> Option<&mut Sub> {
+        let at = self.find(ch).ok()?;
+        Some(&mut self.0[at].1)
+    }
+
+    fn insert(&mut self, ch: ChannelName, sub: Sub) {
+        match self.find(&ch) {
+            Ok(at) => self.0[at].1 = sub,
+            Err(at) => {
+                crate::reserve_tight(&mut self.0);
+                self.0.insert(at, (ch, sub));
+            }
+        }
+    }
+
+    fn remove(&mut self, ch: &ChannelName) -> Option<Sub> {
+        let at = self.find(ch).ok()?;
+        Some(self.0.remove(at).1)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&ChannelName, &Sub)> {
+        self.0.iter().map(|(c, s)| (c, s))
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (ChannelName, Sub)> + '_ {
+        self.0.drain(..)
+    }
 }
 
 /// What to do with a delivery.
@@ -80,8 +130,7 @@ pub struct Session {
     engine: Engine,
     /// The hub's handle.
     pub handle: Arc<SessionHandle>,
-    rx: mpsc::Receiver<Outbound>,
-    subs: HashMap<ChannelName, Sub>,
+    subs: Subs,
     focus: HashSet<String>,
     transport: Transport,
     seen_announcement: Option<String>,
@@ -108,13 +157,14 @@ impl Engine {
             .device
             .map(Into::into)
             .unwrap_or_else(|| format!("d-{}", uuid::Uuid::now_v7().simple()).into());
-        let (handle, rx) = SessionHandle::new(
+        let handle = SessionHandle::new(
             id,
             session.clone(),
             open.user.clone(),
             device.clone(),
             Arc::new(open.attrs),
             self.config.limits.queue_frames,
+            open.expires,
         );
         if !self
             .hub
@@ -157,8 +207,7 @@ impl Engine {
         Ok(Session {
             engine: self.clone(),
             handle,
-            rx,
-            subs: HashMap::new(),
+            subs: Subs::default(),
             focus: HashSet::new(),
             transport: open.transport,
             seen_announcement: None,
@@ -283,14 +332,14 @@ impl Session {
         &self.engine
     }
 
-    /// The next item of the session's queue (`None` when the hub dropped it).
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        self.rx.recv().await
+    /// The next item of the session's queue, or the signal to close (which comes first).
+    pub fn recv(&mut self) -> impl Future<Output = Next> + '_ {
+        std::future::poll_fn(|cx| self.handle.poll_next(cx))
     }
 
     /// Takes another queued item without waiting (writers drain the queue before one flush).
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.rx.try_recv().ok()
+        self.handle.try_recv()
     }
 
     /// Channel positions of stored subscriptions (the SSE cursor).
@@ -811,6 +860,7 @@ async fn release(engine: &Engine, handle: &SessionHandle, ch: &ChannelName, room
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.handle.close_queue();
         // Cleanup needs the backends (async); the task outlives the socket task that dropped us.
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;

@@ -25,7 +25,7 @@ use super::auth::Claims;
 use super::{ApiError, ApiResult, AppState, Client};
 use crate::channels::{ChannelName, Kind};
 use crate::engine::session::Verdict;
-use crate::engine::{EngineError, ErrorCode, Outbound, Session, SessionOpen, Transport};
+use crate::engine::{EngineError, ErrorCode, Next, Outbound, Session, SessionOpen, Transport};
 use crate::event::{Cursor, Position, StoredEvent};
 
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -163,6 +163,8 @@ async fn open_stream(
             state: Default::default(),
             attrs: claims.attrs.clone(),
             transport: Transport::Sse,
+            // An SSE stream outlives its token, as EventSource reconnects with the same URL.
+            expires: None,
         })
         .await?;
     let mut out = BytesMut::new();
@@ -295,11 +297,21 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
     loop {
         let mut out = BytesMut::with_capacity(1024);
         tokio::select! {
-            reason = handle.closing() => {
-                st.done = true;
-                write_event(&mut out, None, "disconnect", &reason.frame());
-                return Some((Ok(out.freeze()), st));
-            }
+            next = st.session.recv() => match next {
+                Next::Close(reason) => {
+                    st.done = true;
+                    write_event(&mut out, None, "disconnect", &reason.frame());
+                    return Some((Ok(out.freeze()), st));
+                }
+                Next::Out(item) => {
+                    st.write(item, &mut out);
+                    while out.len() < 64 * 1024 {
+                        let Some(more) = st.session.try_recv() else { break };
+                        st.write(more, &mut out);
+                    }
+                    st.session.after_delivery().await;
+                }
+            },
             _ = st.keepalive.tick() => {
                 handle.touch();
                 out.put_slice(b": keep-alive\n\n");
@@ -307,15 +319,6 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
             _ = st.heartbeat.tick(), if st.kind == StreamKind::Presence => {
                 let hb = json!({ "ts": crate::event::now_ms() });
                 write_event(&mut out, None, "heartbeat", hb.to_string().as_bytes());
-            }
-            item = st.session.recv() => {
-                let item = item?;
-                st.write(item, &mut out);
-                while out.len() < 64 * 1024 {
-                    let Some(more) = st.session.try_recv() else { break };
-                    st.write(more, &mut out);
-                }
-                st.session.after_delivery().await;
             }
         }
         if !out.is_empty() {

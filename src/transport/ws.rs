@@ -1,6 +1,7 @@
 //! WebSocket endpoint `GET /ws` (PROTOCOL.md "WebSocket"): authenticate (header, `?token=` or a
 //! `connect` frame within the connect timeout), open a session, then one task per connection selects
-//! over the socket, the session's queue, the close signal and the token's expiry.
+//! over the socket and the session's queue (which also carries the close signal: slow consumer,
+//! heartbeat timeout, token expiry, shutdown).
 //!
 //! The writer drains everything queued and flushes once (many frames per syscall). Buffers are small
 //! (NOTES.md: tungstenite's 128 KiB default read buffer would cost ~130 KiB per idle connection).
@@ -8,22 +9,28 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use super::auth::{AuthError, Claims, unix_now};
+use super::auth::{AuthError, Claims};
 use super::{ApiError, AppState};
 use crate::backend::{AppState as DeviceState, Status};
 use crate::engine::{
-    CloseReason, EngineError, ErrorCode, Outbound, Session, SessionOpen, Transport,
+    CloseReason, EngineError, ErrorCode, Next, Outbound, Session, SessionOpen, Transport,
 };
 use crate::event::Position;
 
@@ -50,12 +57,59 @@ struct WsQuery {
     device: Option<String>,
 }
 
+/// A connection's WebSocket.
+type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
+type WsError = tokio_tungstenite::tungstenite::Error;
+
+/// Checks the RFC 6455 upgrade request: the pending upgrade and the `Sec-WebSocket-Accept` value.
+fn handshake(req: &mut Request) -> Result<(OnUpgrade, String), ApiError> {
+    let headers = req.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_frame",
+            "a WebSocket upgrade needs `Connection: upgrade` and `Upgrade: websocket`",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(ApiError::bad("Sec-WebSocket-Version must be 13"));
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(ApiError::bad("Sec-WebSocket-Key is missing"));
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_frame",
+            "this connection cannot be upgraded (WebSocket needs HTTP/1.1)",
+        ));
+    };
+    Ok((on_upgrade, accept))
+}
+
+/// The upgrade is herald's own rather than axum's `WebSocketUpgrade`, whose spawned task keeps the
+/// socket's setup beside the connection's future for its whole life (~0.3 KiB per idle connection).
 async fn upgrade(
     State(state): State<AppState>,
     Query(q): Query<WsQuery>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut req: Request,
 ) -> Response {
+    let (on_upgrade, accept) = match handshake(&mut req) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let headers = req.headers();
     let allow = &state.engine.config.ws_origins;
     if !allow.is_empty() {
         let origin = headers
@@ -67,23 +121,35 @@ async fn upgrade(
                 .into_response();
         }
     }
-    let claims = match super::auth::bearer(&headers, q.token.as_deref()) {
+    let claims = match super::auth::bearer(headers, q.token.as_deref()) {
         Some(t) => match state.auth.verify(&t) {
             Ok(c) => Some(c),
             Err(e) => return ApiError::from(e).into_response(),
         },
         None => None,
     };
-    let limit = state.engine.config.limits.frame_bytes;
-    // tungstenite closes the connection on frames over its limit; allow twice ours so an oversized
-    // frame within reason gets a `too_large` reply instead.
-    ws.read_buffer_size(READ_BUFFER)
+    tokio::spawn(run(on_upgrade, state, claims.map(Box::new), q.device));
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
+/// The socket's limits: small buffers, and frames up to twice ours (tungstenite closes the connection
+/// on frames over its limit; within reason, an oversized frame gets a `too_large` reply instead).
+fn ws_config(frame_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         // Frames fed between flushes collect here, so a drained batch leaves in one write.
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(2 * limit + 4096)
-        .max_message_size(2 * limit)
-        .max_frame_size(2 * limit)
-        .on_upgrade(move |socket| run(socket, state, claims.map(Box::new), q.device))
+        .max_write_buffer_size(2 * frame_bytes + 4096)
+        .max_message_size(Some(2 * frame_bytes))
+        .max_frame_size(Some(2 * frame_bytes))
 }
 
 /// Client frames of `connect`.
@@ -175,7 +241,10 @@ fn ok_reply(reference: &Value, result: Value) -> Value {
 }
 
 async fn close_with(socket: &mut WebSocket, reason: CloseReason) {
-    Box::pin(close_within(socket, reason, Duration::from_secs(1))).await;
+    // Boxed in its own statement, like every boxed step here: a temporary lives to the end of its
+    // statement, so `Box::pin(f()).await` would keep room for the unboxed `f()` in this future too.
+    let closing = Box::pin(close_within(socket, reason, Duration::from_secs(1)));
+    closing.await;
 }
 
 /// Sends `disconnect` then the close frame, giving up after `grace` (a client that stopped reading).
@@ -184,7 +253,7 @@ async fn close_within(socket: &mut WebSocket, reason: CloseReason, grace: Durati
         let _ = socket.send(text(reason.frame())).await;
         let _ = socket
             .send(Message::Close(Some(CloseFrame {
-                code: reason.code(),
+                code: reason.code().into(),
                 reason: reason.text().into(),
             })))
             .await;
@@ -194,41 +263,55 @@ async fn close_within(socket: &mut WebSocket, reason: CloseReason, grace: Durati
 
 /// One connection: authenticate and open the session (a boxed step: its state is freed once done), then
 /// the session loop, which is all an idle connection holds (the task is as large as its largest await
-/// state for its whole life).
-async fn run(
-    mut socket: WebSocket,
+/// state for its whole life). Each boxed step is boxed in its own statement: a temporary lives to the
+/// end of its statement, so `Box::pin(start(..)).await` would still reserve the unboxed `start` future
+/// (2.2 KiB) in this one. And it is a block, not an `async fn`, whose arguments would be kept twice
+/// (as passed, and moved into the body).
+#[allow(clippy::manual_async_fn)]
+fn run(
+    on_upgrade: OnUpgrade,
     state: AppState,
     claims: Option<Box<Claims>>,
     query_device: Option<String>,
-) {
-    let Some((mut session, token_exp)) =
-        Box::pin(start(&mut socket, &state, claims, query_device)).await
-    else {
-        return;
-    };
-    let reason = session_loop(&mut socket, &mut session, &state, token_exp).await;
-    if let Some(r) = reason {
-        tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
-        if r == CloseReason::SlowConsumer {
-            // Its socket is full: release the session now (presence, subscriptions), then give the
-            // client a grace period to read up to the `disconnect` frame before the socket is dropped.
-            drop(session);
-            Box::pin(close_within(&mut socket, r, SLOW_CONSUMER_GRACE)).await;
-        } else {
-            close_with(&mut socket, r).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let config = ws_config(state.engine.config.limits.frame_bytes);
+        let mut socket: WebSocket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let opening = Box::pin(start(&mut socket, &state, claims, query_device));
+        let Some(mut session) = opening.await else {
+            return;
+        };
+        let reason = session_loop(&mut socket, &mut session, &state).await;
+        if let Some(r) = reason {
+            tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
+            if r == CloseReason::SlowConsumer {
+                // Its socket is full: release the session now (presence, subscriptions), then give
+                // the client a grace period to read up to the `disconnect` frame before the socket
+                // is dropped.
+                drop(session);
+                let closing = Box::pin(close_within(&mut socket, r, SLOW_CONSUMER_GRACE));
+                closing.await;
+            } else {
+                close_with(&mut socket, r).await;
+            }
         }
     }
 }
 
-/// Authenticates (token in the upgrade, or a `connect` frame), opens the session and sends
-/// `connected`; the session and the token's expiry (unix s), or `None` when the connection was refused
-/// (already closed with its reason).
+/// Authenticates (token in the upgrade, or a `connect` frame), opens the session (closed at the token's
+/// expiry) and sends `connected`; `None` when the connection was refused (already closed with its
+/// reason).
 async fn start(
     socket: &mut WebSocket,
     state: &AppState,
     claims: Option<Box<Claims>>,
     query_device: Option<String>,
-) -> Option<(Session, u64)> {
+) -> Option<Session> {
     let engine = state.engine.clone();
     let mut connect_ref = None;
     let (claims, mut device, mut platform, mut dstate) = match claims {
@@ -276,6 +359,7 @@ async fn start(
         state: dstate.take().unwrap_or_default(),
         attrs: claims.attrs.clone(),
         transport: Transport::Ws,
+        expires: Some(claims.exp),
     };
     let mut session = match engine.open_session(open).await {
         Ok(s) => s,
@@ -305,7 +389,7 @@ async fn start(
             return None;
         }
     }
-    Some((session, claims.exp))
+    Some(session)
 }
 
 /// The connection's loop; returns the reason when the server closes it.
@@ -313,7 +397,6 @@ async fn session_loop(
     socket: &mut WebSocket,
     session: &mut Session,
     state: &AppState,
-    token_exp: u64,
 ) -> Option<CloseReason> {
     let handle = session.handle.clone();
     let limits = &state.engine.config.limits;
@@ -321,19 +404,18 @@ async fn session_loop(
         limits.frames_per_second,
         limits.violations_before_disconnect,
     );
-    let expires = Instant::now() + Duration::from_secs(token_exp.saturating_sub(unix_now()));
-    let expiry = tokio::time::sleep_until(expires);
-    tokio::pin!(expiry);
     loop {
         tokio::select! {
-            reason = handle.closing() => return Some(reason),
-            _ = &mut expiry => return Some(CloseReason::TokenExpired),
-            out = session.recv() => {
-                let Some(out) = out else { return Some(CloseReason::Shutdown) };
+            next = session.recv() => {
+                let out = match next {
+                    Next::Out(out) => out,
+                    Next::Close(reason) => return Some(reason),
+                };
                 // A client that stops reading blocks the write; the close signal (slow consumer,
                 // heartbeat timeout, shutdown) must still end the session.
+                let writing = Box::pin(drain(socket, session, out));
                 tokio::select! {
-                    r = Box::pin(drain(socket, session, out)) => if r.is_err() { return None },
+                    r = writing => if r.is_err() { return None },
                     reason = handle.closing() => return Some(reason),
                 }
             }
@@ -343,55 +425,70 @@ async fn session_loop(
                     _ => return None,
                 };
                 handle.touch();
-                match msg {
-                    Message::Text(t) => {
-                        if !limiter.allow() {
-                            let e = EngineError::new(ErrorCode::RateLimited, "too many frames; slow down");
-                            let r = read_ref(&t);
-                            if socket.send(json_msg(&error_reply(&r, &e, false))).await.is_err() {
-                                return None;
-                            }
-                            if limiter.violation() {
-                                return Some(CloseReason::BadFrameLimit);
-                            }
-                            continue;
-                        }
-                        // Boxed, like every transient step here: the connection's task is as large
-                        // as its largest await state for its whole life, and an op (a publish runs
-                        // the whole pipeline) is far larger than the idle wait.
-                        let replies =
-                            Box::pin(handle_frame(session, t.as_str(), limits.frame_bytes)).await;
-                        let bad = replies.first().is_some_and(|r| {
-                            r.get("ok") == Some(&Value::Bool(false))
-                                && matches!(r["error"]["code"].as_str(), Some("bad_frame" | "too_large"))
-                        });
-                        for m in replies_to_messages(replies) {
-                            if socket.feed(m).await.is_err() {
-                                return None;
-                            }
-                        }
-                        if socket.flush().await.is_err() {
-                            return None;
-                        }
-                        if bad && limiter.violation() {
-                            return Some(CloseReason::BadFrameLimit);
-                        }
-                    }
-                    Message::Binary(_) => {
-                        let e = EngineError::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text");
-                        if socket.send(json_msg(&error_reply(&Value::Null, &e, false))).await.is_err() {
-                            return None;
-                        }
-                        if limiter.violation() {
-                            return Some(CloseReason::BadFrameLimit);
-                        }
-                    }
-                    Message::Close(_) => return None,
-                    Message::Ping(_) | Message::Pong(_) => {}
+                // Boxed, like every transient step here: the connection's task is as large as its
+                // largest await state for its whole life, and an op (a publish runs the whole
+                // pipeline) is far larger than the idle wait.
+                let step = Box::pin(on_message(socket, session, &mut limiter, msg, limits.frame_bytes));
+                if let Err(reason) = step.await {
+                    return reason;
                 }
             }
         }
     }
+}
+
+/// Handles one client message; `Err` ends the session (with the reason to close it with, or `None`
+/// when the socket is gone).
+async fn on_message(
+    socket: &mut WebSocket,
+    session: &mut Session,
+    limiter: &mut Limiter,
+    msg: Message,
+    max: usize,
+) -> Result<(), Option<CloseReason>> {
+    let refuse = |e: &EngineError, r: &Value| json_msg(&error_reply(r, e, false));
+    match msg {
+        Message::Text(t) => {
+            if !limiter.allow() {
+                let e = EngineError::new(ErrorCode::RateLimited, "too many frames; slow down");
+                let reply = refuse(&e, &read_ref(&t));
+                socket.send(reply).await.map_err(|_| None)?;
+                if limiter.violation() {
+                    return Err(Some(CloseReason::BadFrameLimit));
+                }
+                return Ok(());
+            }
+            let replies = handle_frame(session, t.as_str(), max).await;
+            let bad = replies.first().is_some_and(|r| {
+                r.get("ok") == Some(&Value::Bool(false))
+                    && matches!(r["error"]["code"].as_str(), Some("bad_frame" | "too_large"))
+            });
+            for m in replies_to_messages(replies) {
+                socket.feed(m).await.map_err(|_| None)?;
+            }
+            socket.flush().await.map_err(|_| None)?;
+            if bad && limiter.violation() {
+                return Err(Some(CloseReason::BadFrameLimit));
+            }
+        }
+        Message::Binary(_) => {
+            let e = EngineError::new(
+                ErrorCode::BadFrame,
+                "binary frames are not supported; send JSON text",
+            );
+            socket
+                .send(refuse(&e, &Value::Null))
+                .await
+                .map_err(|_| None)?;
+            if limiter.violation() {
+                return Err(Some(CloseReason::BadFrameLimit));
+            }
+        }
+        Message::Close(_) => return Err(None),
+        // Frame is write-only (raw frames); reads never yield it.
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+    }
+    Ok(())
 }
 
 /// A reply and the frames that follow it (replayed events), as JSON values or raw bytes.
@@ -411,7 +508,7 @@ async fn drain(
     socket: &mut WebSocket,
     session: &mut Session,
     first: Outbound,
-) -> Result<(), axum::Error> {
+) -> Result<(), WsError> {
     write_outbound(socket, session, first).await?;
     let mut n = 0;
     while n < WRITE_BATCH {
@@ -430,7 +527,7 @@ async fn write_outbound(
     socket: &mut WebSocket,
     session: &mut Session,
     out: Outbound,
-) -> Result<(), axum::Error> {
+) -> Result<(), WsError> {
     match out {
         Outbound::Deliver(d) => match session.check(&d) {
             crate::engine::session::Verdict::Skip => Ok(()),

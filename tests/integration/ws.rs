@@ -618,3 +618,77 @@ async fn removed_member_stops_receiving_the_room() {
         .await;
     assert_eq!(h["events"].as_array().unwrap().len(), 0);
 }
+
+/// The upgrade is checked as RFC 6455 asks, with the protocol's error body: a plain GET is told to
+/// upgrade (426), a wrong version or a missing key is a bad request.
+#[tokio::test]
+async fn upgrade_requests_are_checked() {
+    let t = TestServer::start().await;
+    let get = |headers: &[(&'static str, &'static str)]| {
+        let mut req = t
+            .http
+            .get(t.url(&format!("/ws?token={}", t.token("alice"))));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        async move {
+            let resp = tokio::time::timeout(WAIT, req.send())
+                .await
+                .expect("HTTP timed out")
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_error(&get(&[]).await, 426, "bad_frame");
+    let upgrade = [
+        ("connection", "keep-alive, Upgrade"),
+        ("upgrade", "WebSocket"),
+    ];
+    let v12 = [
+        upgrade[0],
+        upgrade[1],
+        ("sec-websocket-version", "12"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    assert_error(&get(&v12).await, 400, "bad_frame");
+    let no_key = [upgrade[0], upgrade[1], ("sec-websocket-version", "13")];
+    assert_error(&get(&no_key).await, 400, "bad_frame");
+    // The same headers with a key upgrade (token lists and case as browsers send them).
+    let mut a = Ws::connect(&t.ws_url(&format!("?token={}", t.token("alice")))).await;
+    assert_eq!(a.next().await["type"], "connected");
+}
+
+/// A WebSocket client that stops reading: its queue fills while its writer is blocked on the socket,
+/// and the session is closed as a slow consumer (presence goes offline) without waiting for it.
+#[tokio::test]
+async fn websocket_client_that_stops_reading_is_closed_as_slow_consumer() {
+    let t = TestServer::start_with(|c| c.limits.queue_frames = 8).await;
+    t.join("r1", "slow").await;
+    let mut stuck = t.ws("slow").await;
+    let r = stuck
+        .request(json!({"op":"subscribe","channel":"room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    // From here on it never reads.
+    let (_, p) = t.api("GET", "/api/v1/presence/slow", None).await;
+    assert_eq!(p["online"], true, "{p}");
+    let pad = "x".repeat(32 * 1024);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    loop {
+        // Publish until the socket's buffers are full and the queue overflows.
+        t.publish(json!({"event":"bulk","room":"r1","data":{"i":i,"pad":pad}}))
+            .await;
+        i += 1;
+        let (_, p) = t.api("GET", "/api/v1/presence/slow", None).await;
+        if p["online"] == false {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck WebSocket session was not closed after {i} events"
+        );
+    }
+    drop(stuck);
+}

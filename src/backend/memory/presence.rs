@@ -43,7 +43,10 @@ impl Sessions {
     fn insert(&mut self, info: SessionInfo, exp: Instant) {
         match self.0.iter_mut().find(|(i, _)| i.session == info.session) {
             Some(s) => *s = (info, exp),
-            None => self.0.push((info, exp)),
+            None => {
+                crate::reserve_tight(&mut self.0);
+                self.0.push((info, exp));
+            }
         }
     }
 

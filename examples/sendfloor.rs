@@ -41,9 +41,7 @@ fn parse_args() -> Result<Args, String> {
         if flag == "--help" || flag == "-h" {
             return Err(String::new());
         }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
         match flag.as_str() {
             "--connections" => a.connections = value.parse().map_err(|e| bad(&e))?,
@@ -59,7 +57,8 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-const HELP: &str = "sendfloor: the CPU cost of one send() per delivery on this machine (loopback TCP)
+const HELP: &str =
+    "sendfloor: the CPU cost of one send() per delivery on this machine (loopback TCP)
 
   --connections N   connections, each written once per round      [1000]
   --rate R          rounds per second                              [50]

@@ -5,7 +5,6 @@
 //! history, so every event after the read is already queued; the queue is then filtered by seq, so an
 //! event both replayed and queued is sent once.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -131,9 +130,10 @@ pub struct Session {
     /// The hub's handle.
     pub handle: Arc<SessionHandle>,
     subs: Subs,
-    focus: HashSet<String>,
+    /// Rooms focused (open) on this device: a few, at most one per subscription.
+    focus: Vec<String>,
     transport: Transport,
-    seen_announcement: Option<String>,
+    seen_announcement: Option<Box<str>>,
 }
 
 /// Most users in one `presence`/`watch` op.
@@ -208,7 +208,7 @@ impl Engine {
             engine: self.clone(),
             handle,
             subs: Subs::default(),
-            focus: HashSet::new(),
+            focus: Vec::new(),
             transport: open.transport,
             seen_announcement: None,
         })
@@ -414,7 +414,7 @@ impl Session {
         {
             return false;
         }
-        self.seen_announcement = data["id"].as_str().map(str::to_string);
+        self.seen_announcement = data["id"].as_str().map(Box::from);
         true
     }
 
@@ -446,7 +446,7 @@ impl Session {
                 );
             }
         }
-        self.focus.remove(&room);
+        self.focus.retain(|r| *r != room);
     }
 
     /// `subscribe`: join a channel; with `since`, the missed events to send after the reply.
@@ -656,7 +656,9 @@ impl Session {
             e.config.presence_ttl,
         ))
         .await?;
-        self.focus.insert(room.to_string());
+        if !self.focus.iter().any(|r| r == room) {
+            self.focus.push(room.to_string());
+        }
         Ok(json!({ "room": room, "focused": true }))
     }
 
@@ -665,7 +667,7 @@ impl Session {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
         self.drop_sub(&active).await;
-        self.focus.remove(room);
+        self.focus.retain(|r| r != room);
         backend(
             e.backends
                 .store
@@ -872,7 +874,7 @@ impl Drop for Session {
             .drain()
             .map(|(c, s)| (c, s.room_presence))
             .collect();
-        let focus: Vec<String> = self.focus.drain().collect();
+        let focus = std::mem::take(&mut self.focus);
         let transport = self.transport;
         rt.spawn(async move {
             for (ch, rp) in &subs {

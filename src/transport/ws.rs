@@ -128,7 +128,12 @@ async fn upgrade(
         },
         None => None,
     };
-    tokio::spawn(run(on_upgrade, state, claims.map(Box::new), q.device));
+    let upgrade = Box::new(Upgrade {
+        on_upgrade: Some(on_upgrade),
+        claims,
+        device: q.device,
+    });
+    tokio::spawn(run(state, upgrade));
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -161,33 +166,43 @@ struct ConnectFrame {
     state: Option<DeviceState>,
 }
 
+/// Milliseconds since the process's first limiter: the limiter keeps plain numbers rather than two
+/// `Instant`s (16 bytes each, in every connection's task).
+fn clock_ms() -> u64 {
+    static ORIGIN: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    ORIGIN.elapsed().as_millis() as u64
+}
+
 /// A per-connection token bucket, and the count of violations that leads to 4010.
 struct Limiter {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
+    /// Tokens, refilled at `rate` a second up to `rate`.
+    tokens: f32,
+    rate: f32,
+    /// When the bucket was last refilled, and when the violation window opened ([`clock_ms`]).
+    last_ms: u64,
+    window_ms: u64,
     violations: u32,
-    window: Instant,
     max_violations: u32,
 }
 
 impl Limiter {
     fn new(rate: u32, max_violations: u32) -> Self {
+        let now = clock_ms();
         Limiter {
-            rate: rate.max(1) as f64,
-            tokens: rate.max(1) as f64,
-            last: Instant::now(),
+            tokens: rate.max(1) as f32,
+            rate: rate.max(1) as f32,
+            last_ms: now,
+            window_ms: now,
             violations: 0,
-            window: Instant::now(),
             max_violations,
         }
     }
 
     fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
-        self.last = now;
+        let now = clock_ms();
+        let elapsed = now.saturating_sub(self.last_ms) as f32 / 1000.0;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.last_ms = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -198,14 +213,25 @@ impl Limiter {
 
     /// Records a violation; true when the connection should be closed.
     fn violation(&mut self) -> bool {
-        let now = Instant::now();
-        if now.duration_since(self.window) > Duration::from_secs(10) {
-            self.window = now;
+        let now = clock_ms();
+        if now.saturating_sub(self.window_ms) > 10_000 {
+            self.window_ms = now;
             self.violations = 0;
         }
         self.violations += 1;
         self.violations > self.max_violations
     }
+}
+
+/// What the upgrade request brought, for the connection to start with: one box, freed once the
+/// session is open, so the connection's task holds one pointer for it.
+struct Upgrade {
+    /// Taken when the connection starts.
+    on_upgrade: Option<OnUpgrade>,
+    /// From a token in the upgrade; `None`: a `connect` frame must bring one.
+    claims: Option<Claims>,
+    /// `?device=`.
+    device: Option<String>,
 }
 
 fn text(b: Bytes) -> Message {
@@ -268,21 +294,25 @@ async fn close_within(socket: &mut WebSocket, reason: CloseReason, grace: Durati
 /// (2.2 KiB) in this one. And it is a block, not an `async fn`, whose arguments would be kept twice
 /// (as passed, and moved into the body).
 #[allow(clippy::manual_async_fn)]
-fn run(
-    on_upgrade: OnUpgrade,
-    state: AppState,
-    claims: Option<Box<Claims>>,
-    query_device: Option<String>,
-) -> impl Future<Output = ()> + Send {
+fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> + Send {
     async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let config = ws_config(state.engine.config.limits.frame_bytes);
-        let mut socket: WebSocket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        let opening = Box::pin(start(&mut socket, &state, claims, query_device));
+        // In a block: a named local keeps its room in the task until its scope ends, even moved out.
+        let mut socket: WebSocket = {
+            let Some(pending) = upgrade.on_upgrade.take() else {
+                return;
+            };
+            let Ok(upgraded) = pending.await else {
+                return;
+            };
+            let config = ws_config(state.engine.config.limits.frame_bytes);
+            Box::pin(WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            ))
+        }
+        .await;
+        let opening = Box::pin(start(&mut socket, &state, upgrade));
         let Some(mut session) = opening.await else {
             return;
         };
@@ -306,16 +336,16 @@ fn run(
 /// Authenticates (token in the upgrade, or a `connect` frame), opens the session (closed at the token's
 /// expiry) and sends `connected`; `None` when the connection was refused (already closed with its
 /// reason).
-async fn start(
-    socket: &mut WebSocket,
-    state: &AppState,
-    claims: Option<Box<Claims>>,
-    query_device: Option<String>,
-) -> Option<Session> {
+async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) -> Option<Session> {
     let engine = state.engine.clone();
     let mut connect_ref = None;
+    let Upgrade {
+        claims,
+        device: query_device,
+        ..
+    } = *upgrade;
     let (claims, mut device, mut platform, mut dstate) = match claims {
-        Some(c) => (*c, query_device, None, None),
+        Some(c) => (c, query_device, None, None),
         None => {
             // Wait for the `connect` frame.
             let first =

@@ -35,6 +35,11 @@ pub fn slow_consumer() {
     metrics::counter!("herald_slow_consumer_disconnects_total").increment(1);
 }
 
+/// Best-effort frames (presence, typing) skipped for sessions that were falling behind.
+pub fn best_effort_skipped() {
+    metrics::counter!("herald_best_effort_skipped_total").increment(1);
+}
+
 /// Sessions opened, by transport.
 pub fn session_opened(transport: &'static str) {
     metrics::counter!("herald_sessions_opened_total", "transport" => transport).increment(1);

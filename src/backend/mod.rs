@@ -92,6 +92,18 @@ pub struct Delivery {
     pub filter: DeliveryFilter,
 }
 
+impl Delivery {
+    /// Best effort: a session that is falling behind skips it rather than queueing it (PROTOCOL.md,
+    /// frames). Room presence (`presence.update`), `presence.changed`, and what `active:` channels
+    /// carry unstored (typing, read receipts): momentary signals that a later one supersedes, with no
+    /// seq to leave a gap in. Stored events and anything on `user:` channels (kicks, sync) never are.
+    pub fn best_effort(&self) -> bool {
+        self.position.is_none()
+            && (matches!(self.channel.kind(), Kind::Active | Kind::Presence)
+                || (self.channel.kind() == Kind::Room && &*self.event == "presence.update"))
+    }
+}
+
 /// The receiving end of a node: the broker calls it for every delivery on a channel the node subscribed
 /// to, in `seq` order per channel. Must not block.
 pub trait DeliverySink: Send + Sync + 'static {
@@ -486,5 +498,36 @@ impl Backends {
             presence: m.clone(),
             store: m,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Epoch;
+
+    fn delivery(channel: &str, event: &str, stored: bool) -> Delivery {
+        Delivery {
+            channel: ChannelName::parse(channel).expect("valid"),
+            position: stored.then(|| Position {
+                epoch: Epoch::new("e1"),
+                seq: 1,
+            }),
+            event: Arc::from(event),
+            frame: bytes::Bytes::new(),
+            filter: DeliveryFilter::default(),
+        }
+    }
+
+    #[test]
+    fn only_momentary_unstored_frames_are_best_effort() {
+        assert!(delivery("room:r1", "presence.update", false).best_effort());
+        assert!(delivery("presence:u1", "presence.changed", false).best_effort());
+        assert!(delivery("active:r1", "typing", false).best_effort());
+        // Stored, or a room event that is not presence, or anything on a user's own channel: never.
+        assert!(!delivery("active:r1", "typing", true).best_effort());
+        assert!(!delivery("room:r1", "chat.message", false).best_effort());
+        assert!(!delivery("user:u1", "herald.kick", false).best_effort());
+        assert!(!delivery("global", "announcement", false).best_effort());
     }
 }

@@ -204,10 +204,20 @@ impl SessionHandle {
         })
     }
 
-    /// Queues something for this session; a full queue closes it (slow consumer).
+    /// Queues something for this session; a full queue closes it (slow consumer). A best-effort
+    /// delivery is skipped instead when the queue is half full: the session is falling behind, and a
+    /// burst of presence changes (thousands joining a room at once) must not disconnect it.
     pub fn send(&self, o: Outbound) -> bool {
         let mut q = lock(&self.queue);
         if q.closed {
+            return false;
+        }
+        if q.items.len() >= (self.capacity / 2).max(1)
+            && let Outbound::Deliver(d) = &o
+            && d.best_effort()
+        {
+            drop(q);
+            crate::metrics::best_effort_skipped();
             return false;
         }
         if q.items.len() >= self.capacity {

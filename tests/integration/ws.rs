@@ -692,3 +692,51 @@ async fn websocket_client_that_stops_reading_is_closed_as_slow_consumer() {
     }
     drop(stuck);
 }
+
+/// Best-effort frames (unstored events on `active:`, presence) are skipped for a session that is
+/// falling behind, instead of closing it as a slow consumer; what is stored still arrives.
+#[tokio::test]
+async fn lagging_session_skips_best_effort_frames_instead_of_being_closed() {
+    let t = TestServer::start_with(|c| c.limits.queue_frames = 8).await;
+    t.join("r1", "lag").await;
+    let mut lag = t.ws("lag").await;
+    let r = lag.request(json!({"op":"focus","room":"r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let r = lag
+        .request(json!({"op":"subscribe","channel":"room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    // From here it does not read: 300 unstored 32 KiB frames on `active:r1` fill its socket, then its
+    // queue (8 frames: the same flood of stored events closes it, see the test above).
+    let pad = "x".repeat(32 * 1024);
+    let published = 300;
+    for i in 0..published {
+        t.publish(json!({"event":"cursor.moved","channel":"active:r1","data":{"i":i,"pad":pad}}))
+            .await;
+    }
+    let (_, p) = t.api("GET", "/api/v1/presence/lag", None).await;
+    assert_eq!(p["online"], true, "the lagging session was closed: {p}");
+    t.publish(json!({"event":"note","room":"r1","data":{"after":"the flood"}}))
+        .await;
+    // It reads again: fewer cursor frames than were published, in order, then the stored event.
+    let mut got = Vec::new();
+    let note = loop {
+        let v = lag.next().await;
+        if v["type"] != "event" {
+            continue;
+        }
+        if v["channel"] == "active:r1" {
+            got.push(v["data"]["i"].as_u64().expect("i"));
+        } else if v["channel"] == "room:r1" {
+            break v;
+        }
+    };
+    assert_eq!(note["data"]["after"], "the flood", "{note}");
+    assert!(note["seq"].is_u64(), "{note}");
+    assert!(
+        (got.len() as u64) < published,
+        "every cursor frame arrived ({}), none was skipped",
+        got.len()
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+}

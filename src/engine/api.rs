@@ -70,7 +70,8 @@ impl Engine {
         )
         .await?;
         let recovered = after + 1 >= page.first_available || after >= page.position.seq;
-        // Events are the stored frames, embedded as they are (no re-encoding).
+        // Events are the stored frames, checked as JSON here; `json!` then parses them into the reply's
+        // values (re-encoded, keys in sorted order: the same content as the live frame).
         let mut events = Vec::with_capacity(page.events.len());
         for ev in &page.events {
             let text = std::str::from_utf8(&ev.frame)

@@ -51,6 +51,10 @@ impl StoreState {
             return Vec::new();
         };
         f.retain(|_, exp| *exp > now);
+        if f.is_empty() {
+            self.focus.remove(room);
+            return Vec::new();
+        }
         let mut users: Vec<String> = f.keys().map(|(u, _)| u.clone()).collect();
         users.sort();
         users.dedup();

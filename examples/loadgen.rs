@@ -1312,30 +1312,12 @@ async fn ws_subscriber(
     stop: CancellationToken,
 ) -> Tally {
     let mut tally = Tally::new();
-    let setup = Box::pin(async {
-        let _slot = connect_slots
-            .acquire()
-            .await
-            .map_err(|_| "setup cancelled".to_string())?;
-        open_ws(&ws_url, Some(&shared.channel), READ_BUFFER).await
-    });
-    let opened = tokio::select! {
-        r = setup => r,
-        _ = stop.cancelled() => return tally,
+    let open = open_ws(&ws_url, Some(&shared.channel), READ_BUFFER);
+    let Some((mut ws, base)) = set_up(index, open, &connect_slots, ready, &stop, &mut tally).await
+    else {
+        return tally;
     };
-    let mut ws = match opened {
-        Ok((ws, base)) => {
-            tally.base = base;
-            let _ = ready.send(Ok(())).await;
-            ws
-        }
-        Err(e) => {
-            let _ = ready.send(Err(format!("subscriber lg-{index}: {e}"))).await;
-            tally.closed = Some(e);
-            return tally;
-        }
-    };
-    drop(ready);
+    tally.base = base;
     let progress = &shared.progress[index].0;
     // One waiter for the whole loop: `cancelled()` registers with the token (a lock) when first polled.
     let stopped = stop.cancelled();
@@ -1371,6 +1353,40 @@ async fn ws_subscriber(
     tally
 }
 
+/// Opens subscriber `index`'s connection with `open` (holding one of `connect_slots` meanwhile) and
+/// reports the outcome on `ready`; `None` when stopped, or refused (the reason is in `tally.closed`).
+async fn set_up<T>(
+    index: usize,
+    open: impl Future<Output = Result<T, String>>,
+    connect_slots: &Semaphore,
+    ready: mpsc::Sender<Result<(), String>>,
+    stop: &CancellationToken,
+    tally: &mut Tally,
+) -> Option<T> {
+    let setup = Box::pin(async {
+        let _slot = connect_slots
+            .acquire()
+            .await
+            .map_err(|_| "setup cancelled".to_string())?;
+        open.await
+    });
+    let opened = tokio::select! {
+        r = setup => r,
+        _ = stop.cancelled() => return None,
+    };
+    match opened {
+        Ok(conn) => {
+            let _ = ready.send(Ok(())).await;
+            Some(conn)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("subscriber lg-{index}: {e}"))).await;
+            tally.closed = Some(e);
+            None
+        }
+    }
+}
+
 /// One SSE subscriber: open the stream, report ready, wait for the channel's seq at subscribe time,
 /// then count deliveries until `stop`.
 async fn sse_subscriber(
@@ -1383,29 +1399,18 @@ async fn sse_subscriber(
     mut base: watch::Receiver<Option<u64>>,
 ) -> Tally {
     let mut tally = Tally::new();
-    let setup = Box::pin(async {
-        let _slot = connect_slots
-            .acquire()
-            .await
-            .map_err(|_| "setup cancelled".to_string())?;
-        open_sse(&url).await
-    });
-    let opened = tokio::select! {
-        r = setup => r,
-        _ = stop.cancelled() => return tally,
+    let Some(mut sse) = set_up(
+        index,
+        open_sse(&url),
+        &connect_slots,
+        ready,
+        &stop,
+        &mut tally,
+    )
+    .await
+    else {
+        return tally;
     };
-    let mut sse = match opened {
-        Ok(s) => {
-            let _ = ready.send(Ok(())).await;
-            s
-        }
-        Err(e) => {
-            let _ = ready.send(Err(format!("subscriber lg-{index}: {e}"))).await;
-            tally.closed = Some(e);
-            return tally;
-        }
-    };
-    drop(ready);
     // Nothing is published before the base is known, so the stream can wait in the socket.
     tally.base = tokio::select! {
         b = base.wait_for(Option::is_some) => match b {

@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod redis;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -276,6 +277,27 @@ pub struct DevicePresence {
     pub platform: Option<String>,
     /// App state.
     pub state: AppState,
+}
+
+impl DevicePresence {
+    /// A user's devices from their live sessions, one entry per device in device order: a device is
+    /// in the foreground when any of its sessions is. Both backends build [`UserPresence::devices`] so.
+    pub fn of_sessions<'a>(sessions: impl IntoIterator<Item = &'a SessionInfo>) -> Vec<Self> {
+        let mut devices: BTreeMap<&str, DevicePresence> = BTreeMap::new();
+        for info in sessions {
+            let d = devices
+                .entry(&info.device)
+                .or_insert_with(|| DevicePresence {
+                    device: info.device.to_string(),
+                    platform: info.platform.as_deref().map(str::to_string),
+                    state: info.state,
+                });
+            if info.state == AppState::Foreground {
+                d.state = AppState::Foreground;
+            }
+        }
+        devices.into_values().collect()
+    }
 }
 
 /// A user's presence: the `presence.changed` object without `type`.

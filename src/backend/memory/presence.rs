@@ -1,6 +1,6 @@
 //! Memory presence: per-user sessions with expiry, status, last_seen, and room presence.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,27 +95,14 @@ impl UserEntry {
     }
 
     fn view(&self, user: &str) -> UserPresence {
-        let mut devices: BTreeMap<&str, DevicePresence> = BTreeMap::new();
-        for info in self.live(Instant::now()) {
-            let d = devices
-                .entry(&info.device)
-                .or_insert_with(|| DevicePresence {
-                    device: info.device.to_string(),
-                    platform: info.platform.as_deref().map(str::to_string),
-                    state: info.state,
-                });
-            // A device with any foreground session is in the foreground.
-            if info.state == AppState::Foreground {
-                d.state = AppState::Foreground;
-            }
-        }
+        let devices = DevicePresence::of_sessions(self.live(Instant::now()));
         let online = !devices.is_empty();
         UserPresence {
             user: user.to_string(),
             online,
             status: self.status,
             text: self.text.clone(),
-            devices: devices.into_values().collect(),
+            devices,
             last_seen: if online {
                 Some(now_ms())
             } else {

@@ -34,7 +34,6 @@
 //! Pipelines of script calls ([`eval_pipeline`]) send `EVALSHA` only; a script Redis does not know
 //! (after a restart or `SCRIPT FLUSH`) is loaded then, and only the calls that failed are sent again.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -148,35 +147,23 @@ fn view(user: &str, reply: Value) -> BackendResult<UserPresence> {
     let status: Option<String> = parse(next()?, WHAT)?;
     let text: Option<String> = parse(next()?, WHAT)?;
     let last_seen: Option<i64> = parse(next()?, WHAT)?;
-    let mut devices: BTreeMap<String, DevicePresence> = BTreeMap::new();
-    let mut online = false;
+    let mut sessions = Vec::new();
     for raw in it {
         let raw: Vec<u8> = parse(raw, WHAT)?;
-        let info: SessionInfo = match serde_json::from_slice(&raw) {
-            Ok(i) => i,
+        match serde_json::from_slice::<SessionInfo>(&raw) {
+            Ok(info) => sessions.push(info),
             Err(e) => {
                 tracing::warn!(user, error = %e, "Unreadable session details in Redis; skipped.");
-                continue;
             }
-        };
-        online = true;
-        let d = devices
-            .entry(info.device.to_string())
-            .or_insert_with(|| DevicePresence {
-                device: info.device.to_string(),
-                platform: info.platform.as_deref().map(str::to_string),
-                state: info.state,
-            });
-        if info.state == AppState::Foreground {
-            d.state = AppState::Foreground;
         }
     }
+    let online = !sessions.is_empty();
     Ok(UserPresence {
         user: user.to_string(),
         online,
         status: status.as_deref().map_or(Status::Online, parse_status),
         text,
-        devices: devices.into_values().collect(),
+        devices: DevicePresence::of_sessions(&sessions),
         last_seen: if online { Some(now) } else { last_seen },
     })
 }

@@ -43,6 +43,16 @@ const PROBE_DEADLINE_MS: i64 = 3_000;
 /// Page size when healing a gap from history.
 const HEAL_PAGE: usize = 1000;
 
+/// A channel script: `channel_lib.lua` followed by the script's own text.
+macro_rules! channel_lua {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/channel_lib.lua"),
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+}
+
 struct Scripts {
     publish: Script,
     position: Script,
@@ -141,9 +151,13 @@ impl RedisBroker {
             keys,
             cmd,
             scripts: Scripts {
-                publish: super::store::unread_lua!("publish.lua"),
-                position: Script::new(include_str!("lua/position.lua")),
-                read: Script::new(include_str!("lua/read.lua")),
+                publish: Script::new(concat!(
+                    include_str!("lua/unread_lib.lua"),
+                    include_str!("lua/channel_lib.lua"),
+                    include_str!("lua/publish.lua")
+                )),
+                position: channel_lua!("position.lua"),
+                read: channel_lua!("read.lua"),
             },
             sink: OnceLock::new(),
             channels: Mutex::new(HashMap::new()),

@@ -62,17 +62,24 @@ macro_rules! unread_lua {
         ))
     };
 }
-pub(super) use unread_lua;
 
 static MARK_COUNTABLE: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_mark_countable.lua"));
 static SET_READ: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_set_read.lua"));
 static FOCUS_SET: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/store_focus_set.lua")));
 static FOCUS_LIST: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_focus_list.lua"));
-static ANNOUNCE_ADD: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/store_announce_add.lua")));
+/// An announcement script: `announce_lib.lua` (id order) followed by the script's own text.
+macro_rules! announce_lua {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/announce_lib.lua"),
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+}
+static ANNOUNCE_ADD: LazyLock<Script> = LazyLock::new(|| announce_lua!("store_announce_add.lua"));
 static ANNOUNCE_CURSOR: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/store_announce_cursor.lua")));
+    LazyLock::new(|| announce_lua!("store_announce_cursor.lua"));
 
 /// A duration in whole milliseconds, at least 1 (Redis refuses `PX 0`).
 fn millis(d: Duration) -> u64 {

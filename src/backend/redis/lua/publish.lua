@@ -1,7 +1,7 @@
 -- Stores one event and fans it out, atomically: seq from the channel's meta hash (a fresh epoch when the
 -- meta is missing, i.e. the channel is new or Redis lost it), XADD with id `seq-0`, MAXLEN trim, idle
 -- expiry, the unread step of a countable room event (when given), and PUBLISH of a payload carrying
--- epoch and seq. Every node sees a channel in seq order. Runs after unread_lib.lua.
+-- epoch and seq. Every node sees a channel in seq order. Runs after unread_lib.lua and channel_lib.lua.
 --
 -- KEYS[1] meta hash, KEYS[2] stream
 -- ARGV[1] pubsub channel, ARGV[2] frame head (`{"type":"event","channel":"…",`), ARGV[3] body
@@ -19,12 +19,8 @@
 -- Redis, not Cluster, like the presence heartbeat).
 --
 -- Returns {epoch, seq}.
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
-end
+-- (No expiry for a new meta here: both keys get theirs below.)
+local epoch = channel_epoch(ARGV[6])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local now = redis_now()
 local frame = ARGV[2] .. '"seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .. ARGV[3]

@@ -3,14 +3,9 @@
 -- KEYS[1] meta hash, KEYS[2] stream
 -- ARGV[1] after, ARGV[2] until (-1 = the last), ARGV[3] limit, ARGV[4] max age (ms), ARGV[5] fresh epoch,
 -- ARGV[6] idle ttl (s) for a new meta.
--- Returns {epoch, seq, first_available, seq1, t1, frame1, filter1, seq2, ...}.
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-end
+-- Returns {epoch, seq, first_available, seq1, t1, frame1, filter1, seq2, ...}. Runs after
+-- channel_lib.lua.
+local epoch = channel_epoch(ARGV[5], ARGV[6])
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4])

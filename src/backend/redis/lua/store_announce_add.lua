@@ -2,19 +2,9 @@
 -- smallest ids going first (ids are UUID v7 strings: byte order = time order).
 -- KEYS[1] the announcements hash (id -> announcement JSON, with `expires` unix ms or null)
 -- ARGV[1] id, ARGV[2] announcement JSON, ARGV[3] most kept
--- Returns the number of announcements removed.
+-- Returns the number of announcements removed. Runs after announce_lib.lua.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
--- Byte-wise string order (Lua's `<` follows the server's locale).
-local function less(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
 
 local removed = 0
 local all = redis.call('HGETALL', KEYS[1])

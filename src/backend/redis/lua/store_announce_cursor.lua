@@ -2,16 +2,7 @@
 -- ids are UUID v7 strings, so greater = newer), and refreshes the key's expiry either way.
 -- KEYS[1] the user's cursor (string)
 -- ARGV[1] id, ARGV[2] ttl (s)
--- Returns the cursor before the call, or nil when there was none.
-local function less(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-
+-- Returns the cursor before the call, or nil when there was none. Runs after announce_lib.lua.
 local prev = redis.call('GET', KEYS[1])
 if not prev or less(prev, ARGV[1]) then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])

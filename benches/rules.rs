@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use herald::channels::{ChannelKinds, ChannelName};
-use herald::rules::{Budget, Decision, OnError, RouteInput, RuleSet, Source, event_map};
+use herald::rules::{
+    Budget, Decision, EventFields, OnError, RouteInput, RuleSet, Source, event_map, event_template,
+};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
@@ -82,8 +84,10 @@ fn rules(c: &mut Criterion) {
     g.bench_function("decision_defaults", |b| {
         b.iter(|| Decision::defaults(black_box(&targets)))
     });
+    // Every field: what a route that uses the event as a whole (`event.keys()`, `helper(event)`) pays.
+    let all = event_template(EventFields::ALL);
     g.bench_function("event_map/chat.message", |b| {
-        b.iter(|| event_map(black_box(&chat)))
+        b.iter(|| event_map(black_box(&all), black_box(&chat)))
     });
     g.bench_function("route/chat.message", |b| {
         b.iter(|| set.route(black_box(&chat)))

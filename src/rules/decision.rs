@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rhai::Dynamic;
 
+use super::{RouteInput, template};
 use crate::channels::{ChannelKinds, ChannelName, parse_duration, valid_id};
 
 /// Which of a recipient's devices get an event live.
@@ -114,7 +115,17 @@ impl Decision {
 pub const DECISION_KEYS: [&str; 8] = [
     "to", "except", "persist", "unread", "devices", "push", "drop", "reason",
 ];
-const PUSH_KEYS: [&str; 7] = ["when", "after", "title", "body", "data", "collapse", "ttl"];
+const PUSH_KEYS: [&str; 9] = [
+    "when",
+    "after",
+    "title",
+    "title_template",
+    "body",
+    "body_template",
+    "data",
+    "collapse",
+    "ttl",
+];
 
 impl DevicePolicy {
     /// Parses `all|foreground|latest|mobile|web`.
@@ -226,7 +237,8 @@ impl Decision {
 
     /// Parses the map a `route` returned. Keys absent from the map keep their channel defaults (`to`:
     /// the publisher's targets). When `except` is given it replaces the sender exclusion.
-    pub fn from_dynamic(d: Dynamic, targets: &[ChannelName]) -> Result<Self, String> {
+    pub fn from_dynamic(d: Dynamic, input: &RouteInput<'_>) -> Result<Self, String> {
+        let targets = input.targets;
         if !d.is_map() {
             return Err(format!(
                 "a {}, expected a map like #{{to: [..]}} or ()",
@@ -317,7 +329,7 @@ impl Decision {
                 }
                 "push" => {
                     if !v.is_unit() {
-                        out.push = Some(parse_push(v)?);
+                        out.push = Some(parse_push(v, input)?);
                     }
                 }
                 "drop" => drop = want_bool("drop", &v)?,
@@ -340,7 +352,7 @@ impl Decision {
     }
 }
 
-fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
+fn parse_push(v: Dynamic, input: &RouteInput<'_>) -> Result<PushPolicy, String> {
     if !v.is_map() {
         return Err(format!("`push` must be a map, not {}", type_of(&v)));
     }
@@ -364,6 +376,7 @@ fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
         }
         Ok(Some(x.into_string().unwrap_or_default()))
     }
+    let (mut title_template, mut body_template) = (None, None);
     for (k, x) in m {
         match k.as_str() {
             "when" => {
@@ -377,6 +390,13 @@ fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
             "after" | "ttl" => {}
             "title" => p.title = opt_string("push.title", x)?,
             "body" => p.body = opt_string("push.body", x)?,
+            "title_template" if !x.is_unit() => {
+                title_template = Some(want_str("push.title_template", &x)?)
+            }
+            "body_template" if !x.is_unit() => {
+                body_template = Some(want_str("push.body_template", &x)?)
+            }
+            "title_template" | "body_template" => {}
             "collapse" => p.collapse = opt_string("push.collapse", x)?,
             "data" => p.data = (!x.is_unit()).then(|| super::dynamic_to_json(&x)),
             _ => {
@@ -388,6 +408,18 @@ fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
         }
     }
     p.when = when.ok_or("`push.when` is required")?;
+    for (key, text, tpl) in [
+        ("title", &mut p.title, title_template),
+        ("body", &mut p.body, body_template),
+    ] {
+        let Some(tpl) = tpl else { continue };
+        if text.is_some() {
+            return Err(format!(
+                "give `push.{key}` or `push.{key}_template`, not both"
+            ));
+        }
+        *text = template::render(&tpl, input).map_err(|e| format!("`push.{key}_template`: {e}"))?;
+    }
     if p.when == PushWhen::Unacked && p.after.is_none() {
         return Err("`push.after` is required with `when: \"unacked\"`".into());
     }

@@ -13,10 +13,13 @@
 //! Imports only the vocabulary (`channels`, `event`); never `engine`, `backend` or `transport`.
 
 pub mod decision;
+pub mod fields;
 pub mod fixtures;
 pub mod reload;
+pub mod template;
 
 pub use decision::{Decision, DevicePolicy, PushPolicy, PushWhen};
+pub use fields::EventFields;
 
 use std::cell::Cell;
 use std::fmt;
@@ -205,6 +208,8 @@ struct RuleFile {
     hooks: Hooks,
     /// Line of `fn route`, for errors about what it returned.
     route_line: usize,
+    /// The event fields its `route` can observe.
+    fields: EventFields,
 }
 
 /// A compiled rule set (immutable; reloads build a new one and swap it in).
@@ -215,6 +220,8 @@ pub struct RuleSet {
     kinds: Arc<ChannelKinds>,
     budget: Budget,
     on_error: OnError,
+    /// The event map `route` gets, with `()` values: only the fields some `route` can observe.
+    template: rhai::Map,
     /// Increases with every successful load.
     pub version: u64,
     /// When it was loaded, unix ms.
@@ -239,6 +246,7 @@ impl RuleSet {
             kinds,
             budget,
             on_error: OnError::DefaultRoute,
+            template: rhai::Map::new(),
             version: 0,
             loaded_at: crate::event::now_ms(),
         }
@@ -263,12 +271,16 @@ impl RuleSet {
                 .map_err(|e| RuleError::in_file(&name, format!("cannot read: {e}")))?;
             files.push(compile_file(&engine, &name, &text)?);
         }
+        let fields = files
+            .iter()
+            .fold(EventFields::NONE, |f, file| f.union(file.fields));
         Ok(RuleSet {
             engine: Arc::new(engine),
             files,
             kinds,
             budget,
             on_error,
+            template: event_template(fields),
             version,
             loaded_at: crate::event::now_ms(),
         })
@@ -321,7 +333,7 @@ impl RuleSet {
         if !self.files.iter().any(|f| f.hooks.route) {
             return self.by_default(input, None);
         }
-        let mut event = Some(event_map(input));
+        let mut event = Some(event_map(&self.template, input));
         let routes: Vec<&RuleFile> = self.files.iter().filter(|f| f.hooks.route).collect();
         let last = routes.len() - 1;
         for (i, f) in routes.into_iter().enumerate() {
@@ -336,7 +348,7 @@ impl RuleSet {
             match self.call(f, "route", (arg,)) {
                 Ok(d) if d.is_unit() => continue,
                 Ok(d) => {
-                    return match Decision::from_dynamic(d, input.targets) {
+                    return match Decision::from_dynamic(d, input) {
                         Ok(decision) => Routed {
                             decision,
                             by: Some(f.name.clone()),
@@ -510,6 +522,7 @@ fn compile_file(engine: &Engine, name: &str, text: &str) -> Result<RuleFile, Rul
     }
     Ok(RuleFile {
         name: name.into(),
+        fields: fields::route_fields(&ast),
         ast,
         hooks,
         route_line: fn_line(text, "route"),
@@ -591,29 +604,21 @@ fn user_map(user: &str, attrs: &Map<String, Value>) -> Dynamic {
     Dynamic::from_map(m)
 }
 
-/// The keys of the event map, in the map's (sorted) order.
-const EVENT_KEYS: [&str; 10] = [
-    "attrs", "channel", "data", "from", "id", "room", "source", "to", "ts", "type",
-];
-
-/// The event map with every key and `()` values: cloning it (one node) and filling the values in
-/// place is cheaper than building a map entry by entry (a sort and a search per key).
-static EVENT_TEMPLATE: LazyLock<rhai::Map> = LazyLock::new(|| {
-    EVENT_KEYS
-        .iter()
-        .map(|k| ((*k).into(), Dynamic::UNIT))
-        .collect()
-});
+/// The event map with the keys of `fields` and `()` values: cloning it (one node) and filling the
+/// values in place is cheaper than building a map entry by entry (a sort and a search per key).
+pub fn event_template(fields: EventFields) -> rhai::Map {
+    fields.keys().map(|k| (k.into(), Dynamic::UNIT)).collect()
+}
 
 /// `source` as scripts see it, shared rather than allocated per publish.
 static SOURCES: LazyLock<[rhai::ImmutableString; 2]> =
     LazyLock::new(|| [Source::Api.as_str().into(), Source::Client.as_str().into()]);
 
 /// The event as scripts see it: `type`, `id`, `channel`, `room`, `from`, `to`, `data`, `ts`, `source`,
-/// `attrs`.
-pub fn event_map(input: &RouteInput<'_>) -> Dynamic {
+/// `attrs`, or those of them `template` (from [`event_template`]) has.
+pub fn event_map(template: &rhai::Map, input: &RouteInput<'_>) -> Dynamic {
     let first = input.targets.first();
-    let mut m = EVENT_TEMPLATE.clone();
+    let mut m = template.clone();
     for (k, v) in m.iter_mut() {
         *v = match k.as_str() {
             "attrs" => Dynamic::from_map(
@@ -642,7 +647,7 @@ pub fn event_map(input: &RouteInput<'_>) -> Dynamic {
                 .into(),
             "ts" => Dynamic::from(input.ts),
             "type" => input.event.into(),
-            _ => Dynamic::UNIT, // not in EVENT_KEYS
+            _ => Dynamic::UNIT, // not in fields::EVENT_KEYS
         };
     }
     Dynamic::from_map(m)

@@ -1046,3 +1046,116 @@ async fn reading_the_rules_does_not_trigger_reloads() {
         "reloads without a change"
     );
 }
+
+// ---- push text templates and the event fields routes read ----
+
+/// `POST /admin/rules/dry-run` of `body`.
+async fn dry_run(s: &TestServer, body: Value) -> Value {
+    let (st, v) = s
+        .call("POST", "/admin/rules/dry-run", Some(body), Some(ADMIN_KEY))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+const TEMPLATES: &str = r#"
+fn route(e) {
+    switch e.type {
+        "tpl" => #{ push: #{ when: "always", title_template: "{attrs.name ?? from}",
+                             body_template: "{data.text} ({data.n ?? \"-\"})" } },
+        "literal" => #{ push: #{ when: "always", title: e.data.text } },
+        "both" => #{ push: #{ when: "always", title: "x", title_template: "{from}" } },
+        "unclosed" => #{ push: #{ when: "always", body_template: "{data.text" } },
+        "unknown" => #{ push: #{ when: "always", body_template: "{data.text ?? sender}" } },
+        _ => ()
+    }
+}
+"#;
+
+#[tokio::test]
+async fn push_templates_are_filled_from_the_event_and_user_text_is_never_a_template() {
+    let dir = TempDir::new("rules-templates");
+    write(&dir.path, "10-tpl.rhai", TEMPLATES);
+    let s = start(&dir).await;
+    let ev = |t: &str, attrs: Value, text: &str| json!({"event": t, "channel": "room:r1", "from": "alice", "attrs": attrs, "data": {"text": text}});
+
+    let v = dry_run(&s, ev("tpl", json!({"name": "Alice Kim"}), "hi {from}")).await;
+    assert_eq!(v["trace"]["by"], "10-tpl.rhai::route", "{v}");
+    assert_eq!(v["decision"]["push"]["title"], "Alice Kim", "{v}");
+    // A filled-in value is not read again: the user's braces stay as they are.
+    assert_eq!(v["decision"]["push"]["body"], "hi {from} (-)", "{v}");
+    let v = dry_run(&s, ev("tpl", json!({}), "yo")).await;
+    assert_eq!(v["decision"]["push"]["title"], "alice", "{v}");
+
+    // Text a script builds from the payload is literal text, never a template.
+    let v = dry_run(
+        &s,
+        ev("literal", json!({"secret": "s3"}), "{attrs.secret} }{"),
+    )
+    .await;
+    assert_eq!(v["decision"]["push"]["title"], "{attrs.secret} }{", "{v}");
+
+    // Mistakes are rule errors: the channel defaults route the event, and the error says why.
+    for (t, why) in [
+        ("both", "not both"),
+        ("unclosed", "unclosed `{`"),
+        ("unknown", "unknown field `sender`"),
+    ] {
+        let v = dry_run(&s, ev(t, json!({}), "x")).await;
+        assert_eq!(v["trace"]["by"], "channel defaults", "{v}");
+        let err = v["trace"]["error"].as_str().unwrap_or_default();
+        assert!(err.contains("10-tpl.rhai") && err.contains(why), "{t}: {v}");
+        assert!(v["decision"]["push"].is_null(), "{v}");
+    }
+    s.stop().await;
+}
+
+const NARROW: &str = r#"
+fn route(e) {
+    if e.type == "narrow" {
+        return #{ push: #{ when: "always", title: e.from + "@" + e.room, body: e.data.text } };
+    }
+}
+"#;
+
+const WIDE: &str = r#"
+fn route(event) {
+    if event.type == "wide" {
+        let keys = "";
+        for k in event.keys() { keys += k + " "; }
+        return #{ push: #{ when: "always", title: keys, body: event.id } };
+    }
+}
+"#;
+
+#[tokio::test]
+async fn routes_see_every_field_they_read_whatever_the_others_read() {
+    let dir = TempDir::new("rules-fields");
+    write(&dir.path, "10-narrow.rhai", NARROW);
+    let s = start(&dir).await;
+    let body = |t: &str| json!({"event": t, "channel": "room:r1", "from": "alice", "data": {"text": "hi"}});
+    let v = dry_run(&s, body("narrow")).await;
+    assert_eq!(v["decision"]["push"]["title"], "alice@r1", "{v}");
+    assert_eq!(v["decision"]["push"]["body"], "hi", "{v}");
+
+    // A file that uses the event as a whole (its keys) gets all of it, and the narrow one still
+    // reads what it read.
+    let before = version(&rules_status(&s).await);
+    write(&dir.path, "20-wide.rhai", WIDE);
+    reloaded(&s, before).await;
+    let v = dry_run(&s, body("wide")).await;
+    assert_eq!(
+        v["decision"]["push"]["title"], "attrs channel data from id room source to ts type ",
+        "{v}"
+    );
+    assert!(
+        !v["decision"]["push"]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{v}"
+    );
+    let v = dry_run(&s, body("narrow")).await;
+    assert_eq!(v["decision"]["push"]["title"], "alice@r1", "{v}");
+    s.stop().await;
+}

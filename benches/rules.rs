@@ -1,8 +1,14 @@
 //! Rule evaluation cost per publish: `RuleSet::route` on the shipped `rules/` for a chat message (the
-//! heaviest shipped route: a push policy built from the payload and the sender's attrs; target:
-//! median ≤ 2 µs), a typing indicator (a light one), and an event type no rule handles (it passes
-//! through every `route` to the channel defaults), with `Decision::defaults` (no script at all) as the baseline and
-//! `event_map` (building the map scripts see) to tell the script's share from the engine's.
+//! heaviest shipped route: a push policy whose text templates are filled from the payload and the
+//! sender's attrs; target: median ≤ 2 µs), a typing indicator (a light one), and an event type no
+//! rule handles (it passes through every `route` to the channel defaults), with `Decision::defaults`
+//! (no script at all) as the baseline and `event_map` (building the whole map scripts can see) to
+//! tell the script's share from the engine's.
+//!
+//! The `…/evaluated` cases run the scripts every time: each iteration names one of 5,000 rooms, more
+//! than the rule set's decision cache keeps, so no decision is reused. The others repeat one event, so
+//! after the first they measure the cache (`RouteCache`: the key, a lookup, a clone and the templates
+//! filled in), which is what a busy room's messages cost.
 //!
 //! `cargo bench --bench rules -- --warm-up-time 1 --measurement-time 3`; `HERALD_BENCH_RULES=DIR`
 //! measures the rules in DIR instead of the shipped ones.
@@ -60,6 +66,22 @@ fn rules(c: &mut Criterion) {
         event: "poll.created",
         ..chat
     };
+    // One target per room, for the `evaluated` cases.
+    let rooms: Vec<[ChannelName; 1]> = (0..5000)
+        .map(|i| [ChannelName::parse(&format!("room:r{i}")).expect("valid")])
+        .collect();
+    let chats: Vec<RouteInput> = rooms
+        .iter()
+        .map(|t| RouteInput { targets: t, ..chat })
+        .collect();
+    let typings: Vec<RouteInput> = chats
+        .iter()
+        .map(|c| RouteInput {
+            event: "typing",
+            data: &typing_data,
+            ..*c
+        })
+        .collect();
     // The rules must decide as the fixtures say, or the numbers measure an error path.
     let routed = set.route(&chat);
     assert!(routed.error.is_none() && routed.by.is_some(), "{routed:?}");
@@ -69,8 +91,8 @@ fn rules(c: &mut Criterion) {
         .ok()
         .and_then(|n| n.parse::<u64>().ok())
     {
-        for _ in 0..n {
-            black_box(set.route(black_box(&chat)));
+        for i in 0..n {
+            black_box(set.route(black_box(&chats[i as usize % chats.len()])));
         }
         std::process::exit(0);
     }
@@ -89,8 +111,21 @@ fn rules(c: &mut Criterion) {
     g.bench_function("event_map/chat.message", |b| {
         b.iter(|| event_map(black_box(&all), black_box(&chat)))
     });
+    let mut i = 0;
+    g.bench_function("route/chat.message/evaluated", |b| {
+        b.iter(|| {
+            i = (i + 1) % chats.len();
+            set.route(black_box(&chats[i]))
+        })
+    });
     g.bench_function("route/chat.message", |b| {
         b.iter(|| set.route(black_box(&chat)))
+    });
+    g.bench_function("route/typing/evaluated", |b| {
+        b.iter(|| {
+            i = (i + 1) % typings.len();
+            set.route(black_box(&typings[i]))
+        })
     });
     g.bench_function("route/typing", |b| b.iter(|| set.route(black_box(&typing))));
     g.bench_function("route/unknown", |b| {

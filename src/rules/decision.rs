@@ -58,6 +58,17 @@ pub struct PushPolicy {
     pub collapse: Option<String>,
     /// Time to live.
     pub ttl: Option<Duration>,
+    /// `title_template` / `body_template` still to fill in from the event ([`Decision::fill_in`]).
+    pub templates: Option<Box<PushTemplates>>,
+}
+
+/// Push text templates a route returned, before they are filled in from the event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PushTemplates {
+    /// `title_template`.
+    pub title: Option<rhai::ImmutableString>,
+    /// `body_template`.
+    pub body: Option<rhai::ImmutableString>,
 }
 
 /// How one event is routed.
@@ -237,8 +248,7 @@ impl Decision {
 
     /// Parses the map a `route` returned. Keys absent from the map keep their channel defaults (`to`:
     /// the publisher's targets). When `except` is given it replaces the sender exclusion.
-    pub fn from_dynamic(d: Dynamic, input: &RouteInput<'_>) -> Result<Self, String> {
-        let targets = input.targets;
+    pub fn from_dynamic(d: Dynamic, targets: &[ChannelName]) -> Result<Self, String> {
         if !d.is_map() {
             return Err(format!(
                 "a {}, expected a map like #{{to: [..]}} or ()",
@@ -329,7 +339,7 @@ impl Decision {
                 }
                 "push" => {
                     if !v.is_unit() {
-                        out.push = Some(parse_push(v, input)?);
+                        out.push = Some(parse_push(v)?);
                     }
                 }
                 "drop" => drop = want_bool("drop", &v)?,
@@ -352,7 +362,7 @@ impl Decision {
     }
 }
 
-fn parse_push(v: Dynamic, input: &RouteInput<'_>) -> Result<PushPolicy, String> {
+fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
     if !v.is_map() {
         return Err(format!("`push` must be a map, not {}", type_of(&v)));
     }
@@ -366,6 +376,7 @@ fn parse_push(v: Dynamic, input: &RouteInput<'_>) -> Result<PushPolicy, String> 
         data: None,
         collapse: None,
         ttl: None,
+        templates: None,
     };
     fn opt_string(key: &str, x: Dynamic) -> Result<Option<String>, String> {
         if x.is_unit() {
@@ -409,19 +420,20 @@ fn parse_push(v: Dynamic, input: &RouteInput<'_>) -> Result<PushPolicy, String> 
     }
     p.when = when.ok_or("`push.when` is required")?;
     for (key, text, tpl) in [
-        ("title", &mut p.title, title_template),
-        ("body", &mut p.body, body_template),
+        ("title", &p.title, &title_template),
+        ("body", &p.body, &body_template),
     ] {
-        let Some(tpl) = tpl else { continue };
-        if text.is_some() {
+        if text.is_some() && tpl.is_some() {
             return Err(format!(
                 "give `push.{key}` or `push.{key}_template`, not both"
             ));
         }
-        *text = template::render(&tpl, input).map_err(|e| format!("`push.{key}_template`: {e}"))?;
     }
-    if p.when == PushWhen::Unacked && p.after.is_none() {
-        return Err("`push.after` is required with `when: \"unacked\"`".into());
+    if title_template.is_some() || body_template.is_some() {
+        p.templates = Some(Box::new(PushTemplates {
+            title: title_template,
+            body: body_template,
+        }));
     }
     Ok(p)
 }
@@ -443,6 +455,26 @@ impl PushPolicy {
 }
 
 impl Decision {
+    /// Fills the push text templates in from the event (see [`template`]).
+    pub fn fill_in(&mut self, input: &RouteInput<'_>) -> Result<(), String> {
+        let Some(p) = &mut self.push else {
+            return Ok(());
+        };
+        let Some(t) = p.templates.take() else {
+            return Ok(());
+        };
+        for (key, text, tpl) in [
+            ("title", &mut p.title, t.title),
+            ("body", &mut p.body, t.body),
+        ] {
+            if let Some(tpl) = tpl {
+                *text = template::render(&tpl, input)
+                    .map_err(|e| format!("`push.{key}_template`: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// As JSON for operators (`herald simulate`, `/admin/rules/dry-run`): the decision as returned,
     /// and per target channel what it means with the channel defaults resolved.
     pub fn to_json(&self, kinds: &ChannelKinds, from: Option<&str>) -> serde_json::Value {

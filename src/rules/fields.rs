@@ -38,6 +38,14 @@ impl EventFields {
             .is_some_and(|i| self.0 & (1 << i) != 0)
     }
 
+    /// Whether these fields repeat from one publish to the next (no `data`, `attrs`, `id` or `ts`), so
+    /// that decisions made on them are worth keeping.
+    pub fn is_repetitive(self) -> bool {
+        ["data", "attrs", "id", "ts"]
+            .iter()
+            .all(|k| !self.contains(k))
+    }
+
     /// The set's keys, in [`EVENT_KEYS`] order.
     pub fn keys(self) -> impl Iterator<Item = &'static str> {
         EVENT_KEYS
@@ -66,8 +74,7 @@ pub fn route_fields(ast: &AST) -> EventFields {
     };
     // Only `route`'s body: helpers can see the event only if `route` passes it, which is a use that
     // needs the whole map anyway.
-    let route =
-        ast.clone_functions_only_filtered(|_, _, _, name, arity| name == "route" && arity == 1);
+    let route = only(ast, |name, arity| name == "route" && arity == 1);
     let mut fields = EventFields::NONE;
     let complete = route.walk(&mut |path: &[ASTNode]| {
         match path.last() {
@@ -86,6 +93,46 @@ pub fn route_fields(ast: &AST) -> EventFields {
         }
     });
     if complete { fields } else { EventFields::ALL }
+}
+
+/// Whether `route` in `ast`, or a function of `ast` it calls (directly or not), calls `name` (as
+/// `name(..)` or `x.name(..)`). Other hooks and their helpers do not count.
+pub fn route_calls(ast: &AST, name: &str) -> bool {
+    let mut seen: Vec<String> = vec!["route".to_string()];
+    let mut next = 0;
+    while let Some(f) = seen.get(next).cloned() {
+        next += 1;
+        let body = only(ast, |n, _| n == f);
+        let mut found = false;
+        body.walk(&mut |path: &[ASTNode]| {
+            let called = match path.last() {
+                Some(ASTNode::Expr(Expr::FnCall(c, ..) | Expr::MethodCall(c, ..)))
+                | Some(ASTNode::Stmt(Stmt::FnCall(c, ..))) => c.name.as_str(),
+                _ => return true,
+            };
+            if called == name {
+                found = true;
+                return false;
+            }
+            if !seen.iter().any(|s| s == called) && ast.iter_functions().any(|d| d.name == called) {
+                seen.push(called.to_string());
+            }
+            true
+        });
+        if found {
+            return true;
+        }
+    }
+    false
+}
+
+/// The functions of `ast` that `keep` (name, arity) keeps, and no top-level statements.
+fn only(ast: &AST, keep: impl Fn(&str, usize) -> bool) -> AST {
+    // Not `clone_functions_only_filtered`: in rhai 1.27 it keeps every function when it copies into
+    // an empty module.
+    let mut out = ast.clone_functions_only();
+    out.retain_functions(|_, _, name, arity| keep(name, arity));
+    out
 }
 
 /// The property `var` (the last node of `path`) is read through: `var.name…` or `var?.name…`. `None` for
@@ -141,9 +188,40 @@ mod tests {
         assert_eq!(fields("fn route(e) { e.to.len() }"), ["to"]);
         // Other hooks and helpers do not count; no `route`, no fields.
         assert_eq!(
+            fields("fn route(e) { e.type } fn other(e) { e.keys() } fn can_publish(u, c, e) { e }"),
+            ["type"]
+        );
+        assert_eq!(
             fields("fn can_publish(u, c, event) { event.x } fn h(event) { event.y }"),
             Vec::<&str>::new()
         );
+    }
+
+    #[test]
+    fn clock_calls_and_repeating_fields() {
+        let engine = crate::rules::sandbox(crate::rules::Budget::default());
+        let ast = |s: &str| engine.compile(s).expect("compiles");
+        let clock = |s: &str| route_calls(&ast(s), "now_ms");
+        assert!(clock(
+            "fn route(e) { h() } fn h() { g(1) } fn g(x) { let t = now_ms(); t }"
+        ));
+        assert!(clock("fn route(e) { now_ms(); }"));
+        assert!(clock("fn route(e) { e.x.h() } fn h() { this + now_ms() }"));
+        assert!(!clock("fn route(e) { e.now_ms }"));
+        // Another hook's clock does not make `route` impure.
+        assert!(!clock(
+            "fn route(e) { h() } fn h() { 1 } fn announce(a, u) { now_ms() }"
+        ));
+        let f = |s: &str| route_fields(&ast(s)).is_repetitive();
+        assert!(f(
+            "fn route(e) { e.type + e.room + e.from + e.to + e.channel + e.source }"
+        ));
+        for field in ["data", "attrs", "id", "ts"] {
+            assert!(
+                !f(&format!("fn route(e) {{ e.type + e.{field} }}")),
+                "{field}"
+            );
+        }
     }
 
     #[test]

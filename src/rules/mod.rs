@@ -177,7 +177,11 @@ pub fn sandbox(budget: Budget) -> Engine {
     e.set_optimization_level(rhai::OptimizationLevel::Full);
     e.disable_symbol("eval");
     // The one impure thing scripts get: the clock (announcement expiry, time windows).
-    e.register_fn("now_ms", crate::event::now_ms);
+    // Volatile: otherwise the optimizer evaluates a call without arguments once, at compile time,
+    // and every later call would get the load time.
+    rhai::FuncRegistration::new("now_ms")
+        .with_volatility(true)
+        .register_into_engine(&mut e, crate::event::now_ms);
     // Scripts are pure: no output.
     e.on_print(|_| {});
     e.on_debug(|_, _, _| {});
@@ -210,6 +214,9 @@ struct RuleFile {
     route_line: usize,
     /// The event fields its `route` can observe.
     fields: EventFields,
+    /// Its `route` does not read the clock (nor any function it calls): it decides the same for the
+    /// same fields.
+    pure: bool,
 }
 
 /// A compiled rule set (immutable; reloads build a new one and swap it in).
@@ -222,6 +229,8 @@ pub struct RuleSet {
     on_error: OnError,
     /// The event map `route` gets, with `()` values: only the fields some `route` can observe.
     template: rhai::Map,
+    /// Decisions by what the routes read, when that is little enough to repeat (see [`RouteCache`]).
+    cache: Option<Arc<RouteCache>>,
     /// Increases with every successful load.
     pub version: u64,
     /// When it was loaded, unix ms.
@@ -247,6 +256,7 @@ impl RuleSet {
             budget,
             on_error: OnError::DefaultRoute,
             template: rhai::Map::new(),
+            cache: None,
             version: 0,
             loaded_at: crate::event::now_ms(),
         }
@@ -274,6 +284,8 @@ impl RuleSet {
         let fields = files
             .iter()
             .fold(EventFields::NONE, |f, file| f.union(file.fields));
+        let pure = files.iter().all(|f| !f.hooks.route || f.pure);
+        let cache = (pure && fields.is_repetitive()).then(|| Arc::new(RouteCache::new(fields)));
         Ok(RuleSet {
             engine: Arc::new(engine),
             files,
@@ -281,6 +293,7 @@ impl RuleSet {
             budget,
             on_error,
             template: event_template(fields),
+            cache,
             version,
             loaded_at: crate::event::now_ms(),
         })
@@ -294,6 +307,18 @@ impl RuleSet {
     /// The loaded file names, in evaluation order.
     pub fn files(&self) -> Vec<String> {
         self.files.iter().map(|f| f.name.to_string()).collect()
+    }
+
+    /// The event fields the `route` hooks read.
+    pub fn event_fields(&self) -> EventFields {
+        self.files
+            .iter()
+            .fold(EventFields::NONE, |f, file| f.union(file.fields))
+    }
+
+    /// Whether `route` decisions are kept and reused ([`RouteCache`]).
+    pub fn caches_decisions(&self) -> bool {
+        self.cache.is_some()
     }
 
     /// The channel kinds the defaults come from.
@@ -328,42 +353,69 @@ impl RuleSet {
         })
     }
 
-    /// Evaluates `route` for one publish.
+    /// Evaluates `route` for one publish (or takes the decision it made for an event that looked the
+    /// same to it, see [`RouteCache`]).
     pub fn route(&self, input: &RouteInput<'_>) -> Routed {
         if !self.files.iter().any(|f| f.hooks.route) {
             return self.by_default(input, None);
         }
+        let key = self.cache.as_ref().map(|c| c.key(input));
+        if let (Some(cache), Some(key)) = (&self.cache, &key) {
+            if let Some(hit) = cache.get(key) {
+                return self.fill_in(hit, input);
+            }
+        }
+        let decided = match self.evaluate(input) {
+            Ok(decided) => decided,
+            Err(e) => return self.failed(input, e),
+        };
+        if let (Some(cache), Some(key)) = (&self.cache, key) {
+            cache.put(key, decided.clone());
+        }
+        self.fill_in(decided, input)
+    }
+
+    /// Calls the `route` hooks in file order: the first decision, `None` when every file passed.
+    fn evaluate(&self, input: &RouteInput<'_>) -> Result<Cached, String> {
         let mut event = Some(event_map(&self.template, input));
-        let routes: Vec<&RuleFile> = self.files.iter().filter(|f| f.hooks.route).collect();
-        let last = routes.len() - 1;
-        for (i, f) in routes.into_iter().enumerate() {
+        let last = self.files.iter().rposition(|f| f.hooks.route);
+        for (i, f) in self.files.iter().enumerate().filter(|(_, f)| f.hooks.route) {
             // Arguments are passed by value: the last (usually the only) file takes the map itself
             // instead of a deep copy.
-            let arg = if i == last {
+            let arg = if Some(i) == last {
                 event.take()
             } else {
                 event.clone()
             };
             let Some(arg) = arg else { break };
-            match self.call(f, "route", (arg,)) {
-                Ok(d) if d.is_unit() => continue,
-                Ok(d) => {
-                    return match Decision::from_dynamic(d, input) {
-                        Ok(decision) => Routed {
-                            decision,
-                            by: Some(f.name.clone()),
-                            error: None,
-                        },
-                        Err(msg) => self.failed(
-                            input,
-                            format!("{}:{}: route() returned {msg}", f.name, f.route_line),
-                        ),
-                    };
-                }
-                Err(e) => return self.failed(input, e),
+            let d = self.call(f, "route", (arg,))?;
+            if d.is_unit() {
+                continue;
             }
+            return Decision::from_dynamic(d, input.targets)
+                .map(|d| Some((d, i)))
+                .map_err(|msg| format!("{}:{}: route() returned {msg}", f.name, f.route_line));
         }
-        self.by_default(input, None)
+        Ok(None)
+    }
+
+    /// The routed result: push text templates filled in from this event.
+    fn fill_in(&self, decided: Cached, input: &RouteInput<'_>) -> Routed {
+        let Some((mut decision, file)) = decided else {
+            return self.by_default(input, None);
+        };
+        let f = &self.files[file];
+        match decision.fill_in(input) {
+            Ok(()) => Routed {
+                decision,
+                by: Some(f.name.clone()),
+                error: None,
+            },
+            Err(msg) => self.failed(
+                input,
+                format!("{}:{}: route() returned {msg}", f.name, f.route_line),
+            ),
+        }
     }
 
     fn by_default(&self, input: &RouteInput<'_>, error: Option<String>) -> Routed {
@@ -470,6 +522,65 @@ impl RuleSet {
     }
 }
 
+/// The decisions `route` made, by the event fields it read (and the publisher's targets, which a
+/// decision without `to` keeps), so that a publish that looks the same to the rules as an earlier one
+/// is not evaluated again: a chat room's messages differ in `data` and `id`, which the shipped route
+/// does not read (its push text is a template, filled in per event). Used only when the rules are
+/// pure (no `now_ms()` in `route` or what it calls: Rhai scripts have no other outside input) and read
+/// nothing but `type`, `channel`, `room`, `from`, `source` and `to`. Errors are not kept. Bounded:
+/// emptied when full. A reload builds a new rule set, with an empty cache.
+pub struct RouteCache {
+    fields: EventFields,
+    map: std::sync::Mutex<std::collections::HashMap<String, Cached>>,
+}
+
+/// A `route` outcome: the decision (templates not filled in) and the index of the file that made it,
+/// or `None` when every file passed.
+type Cached = Option<(Decision, usize)>;
+
+/// Entries a [`RouteCache`] holds before it is emptied.
+const ROUTE_CACHE_ENTRIES: usize = 4096;
+
+impl RouteCache {
+    fn new(fields: EventFields) -> Self {
+        RouteCache {
+            fields,
+            map: Default::default(),
+        }
+    }
+
+    /// What the routes see of `input`: the fields they read and the targets.
+    fn key(&self, input: &RouteInput<'_>) -> String {
+        use std::fmt::Write;
+        let mut k = String::with_capacity(64);
+        k.push_str(input.event);
+        if self.fields.contains("from") {
+            let _ = write!(k, "\0{}", input.from.unwrap_or("\u{1}"));
+        }
+        if self.fields.contains("source") {
+            k.push('\0');
+            k.push_str(input.source.as_str());
+        }
+        for t in input.targets {
+            k.push('\0');
+            k.push_str(t.as_str());
+        }
+        k
+    }
+
+    fn get(&self, key: &str) -> Option<Cached> {
+        self.map.lock().ok()?.get(key).cloned()
+    }
+
+    fn put(&self, key: String, decided: Cached) {
+        let Ok(mut map) = self.map.lock() else { return };
+        if map.len() >= ROUTE_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(key, decided);
+    }
+}
+
 /// The `*.rhai` files of `dir`, sorted by name. A missing directory has none.
 pub fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
     let rd = match std::fs::read_dir(dir) {
@@ -523,6 +634,7 @@ fn compile_file(engine: &Engine, name: &str, text: &str) -> Result<RuleFile, Rul
     Ok(RuleFile {
         name: name.into(),
         fields: fields::route_fields(&ast),
+        pure: !fields::route_calls(&ast, "now_ms"),
         ast,
         hooks,
         route_line: fn_line(text, "route"),

@@ -43,6 +43,11 @@ pub struct RulesStatus {
     pub loaded_at: i64,
     /// Its files, in evaluation order.
     pub files: Vec<String>,
+    /// The event fields the `route` hooks read: the event map a publish builds has only these.
+    pub event_fields: Vec<&'static str>,
+    /// Whether `route` decisions are kept and reused for events that look the same to the rules
+    /// (they read no `data`, `attrs`, `id` or `ts`, nor the clock).
+    pub decision_cache: bool,
     /// The last refused reload's error, until a reload succeeds.
     pub last_error: Option<String>,
     /// When that happened, unix ms.
@@ -147,6 +152,8 @@ impl Rules {
             version: cur.version,
             loaded_at: cur.loaded_at,
             files: cur.files(),
+            event_fields: cur.event_fields().keys().collect(),
+            decision_cache: cur.caches_decisions(),
             last_error: err.as_ref().map(|(e, _)| e.clone()),
             last_error_at: err.map(|(_, t)| t),
         }

@@ -1159,3 +1159,69 @@ async fn routes_see_every_field_they_read_whatever_the_others_read() {
     assert_eq!(v["decision"]["push"]["title"], "alice@r1", "{v}");
     s.stop().await;
 }
+
+const CLOCK: &str = r#"
+fn route(e) {
+    if e.type == "clock" {
+        return #{ push: #{ when: "always", title: stamp() } };
+    }
+}
+fn stamp() { now_ms().to_string() }
+"#;
+
+#[tokio::test]
+async fn a_route_that_reads_the_clock_is_evaluated_for_every_publish() {
+    // Routes that read only repeating fields have their decisions kept per (type, targets…); one
+    // that reads the clock, even through a helper, must not.
+    let dir = TempDir::new("rules-clock");
+    write(&dir.path, "10-clock.rhai", CLOCK);
+    let s = start(&dir).await;
+    let st = rules_status(&s).await;
+    assert_eq!(st["event_fields"], json!(["type"]), "{st}");
+    assert_eq!(st["decision_cache"], false, "{st}");
+    let body = json!({"event": "clock", "channel": "room:r1", "from": "alice"});
+    let first = dry_run(&s, body.clone()).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = dry_run(&s, body).await;
+    let (a, b) = (
+        &first["decision"]["push"]["title"],
+        &second["decision"]["push"]["title"],
+    );
+    assert!(a.is_string() && b.is_string(), "{first} {second}");
+    assert_ne!(a, b, "the second publish got the first one's decision");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_decisions_still_fill_each_events_push_text() {
+    // The shipped chat route reads only `type` and `room`: its decisions are kept per room and
+    // reused, and the push text is filled in for every event from that event alone.
+    let shipped = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules"));
+    let s = TestServer::start_with(|c| c.rules_dir = shipped.to_path_buf()).await;
+    let st = rules_status(&s).await;
+    assert_eq!(st["event_fields"], json!(["room", "type"]), "{st}");
+    assert_eq!(st["decision_cache"], true, "{st}");
+    let msg = |room: &str, from: &str, attrs: Value, text: &str| {
+        json!({"event": "chat.message", "channel": format!("room:{room}"), "from": from,
+               "attrs": attrs, "data": {"text": text}})
+    };
+    for (room, from, attrs, text, title) in [
+        (
+            "r1",
+            "alice",
+            json!({"name": "Alice Kim"}),
+            "one",
+            "Alice Kim",
+        ),
+        ("r1", "bob", json!({}), "two", "bob"),
+        ("r1", "carol", json!({"name": "Carol"}), "three", "Carol"),
+        ("r2", "alice", json!({}), "four", "alice"),
+    ] {
+        let v = dry_run(&s, msg(room, from, attrs, text)).await;
+        assert_eq!(v["trace"]["by"], "10-seeds.rhai::route", "{v}");
+        assert_eq!(v["decision"]["to"], json!([format!("room:{room}")]), "{v}");
+        assert_eq!(v["decision"]["push"]["title"], title, "{v}");
+        assert_eq!(v["decision"]["push"]["body"], text, "{v}");
+    }
+    s.stop().await;
+}

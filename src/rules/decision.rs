@@ -435,6 +435,9 @@ fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
             body: body_template,
         }));
     }
+    if p.when == PushWhen::Unacked && p.after.is_none() {
+        return Err("`push.after` is required with `when: \"unacked\"`".into());
+    }
     Ok(p)
 }
 

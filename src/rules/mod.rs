@@ -281,9 +281,7 @@ impl RuleSet {
                 .map_err(|e| RuleError::in_file(&name, format!("cannot read: {e}")))?;
             files.push(compile_file(&engine, &name, &text)?);
         }
-        let fields = files
-            .iter()
-            .fold(EventFields::NONE, |f, file| f.union(file.fields));
+        let fields = route_fields(&files);
         let pure = files.iter().all(|f| !f.hooks.route || f.pure);
         let cache = (pure && fields.is_repetitive()).then(|| Arc::new(RouteCache::new(fields)));
         Ok(RuleSet {
@@ -311,9 +309,7 @@ impl RuleSet {
 
     /// The event fields the `route` hooks read.
     pub fn event_fields(&self) -> EventFields {
-        self.files
-            .iter()
-            .fold(EventFields::NONE, |f, file| f.union(file.fields))
+        route_fields(&self.files)
     }
 
     /// Whether `route` decisions are kept and reused ([`RouteCache`]).
@@ -520,6 +516,13 @@ impl RuleSet {
         let args = vec![json_to_dynamic(announcement), user_map(user, attrs)];
         self.permission("announce", |h| h.announce, args)
     }
+}
+
+/// The event fields some file's `route` reads.
+fn route_fields(files: &[RuleFile]) -> EventFields {
+    files
+        .iter()
+        .fold(EventFields::NONE, |f, file| f.union(file.fields))
 }
 
 /// The decisions `route` made, by the event fields it read (and the publisher's targets, which a

@@ -1067,6 +1067,7 @@ fn route(e) {
         "both" => #{ push: #{ when: "always", title: "x", title_template: "{from}" } },
         "unclosed" => #{ push: #{ when: "always", body_template: "{data.text" } },
         "unknown" => #{ push: #{ when: "always", body_template: "{data.text ?? sender}" } },
+        "no_after" => #{ push: #{ when: "unacked", title_template: "{from}" } },
         _ => ()
     }
 }
@@ -1100,6 +1101,7 @@ async fn push_templates_are_filled_from_the_event_and_user_text_is_never_a_templ
         ("both", "not both"),
         ("unclosed", "unclosed `{`"),
         ("unknown", "unknown field `sender`"),
+        ("no_after", "`push.after` is required"),
     ] {
         let v = dry_run(&s, ev(t, json!({}), "x")).await;
         assert_eq!(v["trace"]["by"], "channel defaults", "{v}");

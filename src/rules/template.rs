@@ -97,10 +97,7 @@ fn field(
     spec: &str,
     out: Option<&mut String>,
 ) -> Result<bool, String> {
-    let (root, rest) = match path.bytes().position(|b| b == b'.') {
-        Some(i) => (&path[..i], Some(&path[i + 1..])),
-        None => (path, None),
-    };
+    let (root, rest) = first_step(path);
     let first = input.targets.first();
     let ts;
     let scalar: Option<&str> = match root {
@@ -155,6 +152,14 @@ fn field(
             "unknown field `{path}` in {{{spec}}} (fields: type, id, from, room, channel, source, ts, \
              attrs.KEY, data.KEY…)"
         )),
+    }
+}
+
+/// `"a.b.c"` as `("a", Some("b.c"))`, `"a"` as `("a", None)`.
+fn first_step(path: &str) -> (&str, Option<&str>) {
+    match path.bytes().position(|b| b == b'.') {
+        Some(i) => (&path[..i], Some(&path[i + 1..])),
+        None => (path, None),
     }
 }
 
@@ -213,11 +218,7 @@ impl<'de> Visitor<'de> for Lookup<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<bool, A::Error> {
-        let path = self.rest.unwrap_or_default();
-        let (step, rest) = match path.bytes().position(|b| b == b'.') {
-            Some(i) => (&path[..i], Some(&path[i + 1..])),
-            None => (path, None),
-        };
+        let (step, rest) = first_step(self.rest.unwrap_or_default());
         let mut out = Some(self.out);
         let mut found = false;
         while let Some(hit) = m.next_key_seed(KeyIs(step))? {
@@ -233,11 +234,7 @@ impl<'de> Visitor<'de> for Lookup<'_, '_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<bool, A::Error> {
-        let path = self.rest.unwrap_or_default();
-        let (step, rest) = match path.bytes().position(|b| b == b'.') {
-            Some(i) => (&path[..i], Some(&path[i + 1..])),
-            None => (path, None),
-        };
+        let (step, rest) = first_step(self.rest.unwrap_or_default());
         let want = step.parse::<usize>().ok();
         let mut out = Some(self.out);
         let mut found = false;

@@ -43,16 +43,6 @@ const PROBE_DEADLINE_MS: i64 = 3_000;
 /// Page size when healing a gap from history.
 const HEAL_PAGE: usize = 1000;
 
-/// A channel script: `channel_lib.lua` followed by the script's own text.
-macro_rules! channel_lua {
-    ($file:literal) => {
-        Script::new(concat!(
-            include_str!("lua/channel_lib.lua"),
-            include_str!(concat!("lua/", $file))
-        ))
-    };
-}
-
 struct Scripts {
     publish: Script,
     position: Script,
@@ -151,13 +141,9 @@ impl RedisBroker {
             keys,
             cmd,
             scripts: Scripts {
-                publish: Script::new(concat!(
-                    include_str!("lua/unread_lib.lua"),
-                    include_str!("lua/channel_lib.lua"),
-                    include_str!("lua/publish.lua")
-                )),
-                position: channel_lua!("position.lua"),
-                read: channel_lua!("read.lua"),
+                publish: lua!("unread_lib.lua", "channel_lib.lua", "publish.lua"),
+                position: lua!("channel_lib.lua", "position.lua"),
+                read: lua!("channel_lib.lua", "read.lua"),
             },
             sink: OnceLock::new(),
             channels: Mutex::new(HashMap::new()),

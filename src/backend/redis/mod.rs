@@ -10,6 +10,14 @@
 //!
 //! Imports nothing of `engine`, `transport` or `rules`.
 
+/// A Lua script made of files from `lua/`, concatenated in order: the shared libraries a script uses
+/// (`channel_lib.lua`, `unread_lib.lua`, …), then the script's own text.
+macro_rules! lua {
+    ($($file:literal),+ $(,)?) => {
+        redis::Script::new(concat!($(include_str!(concat!("lua/", $file))),+))
+    };
+}
+
 mod broker;
 pub mod keys;
 mod presence;

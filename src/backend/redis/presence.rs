@@ -59,16 +59,6 @@ const HEARTBEAT_CHUNK: usize = 256;
 /// TTLs are capped (ten years) so `now + ttl` stays exact in Lua's doubles.
 const MAX_TTL_MS: i64 = 10 * 365 * 86_400 * 1000;
 
-/// A presence script: `presence_lib.lua` followed by the script's own text.
-macro_rules! lua {
-    ($file:literal) => {
-        Script::new(concat!(
-            include_str!("lua/presence_lib.lua"),
-            include_str!(concat!("lua/", $file))
-        ))
-    };
-}
-
 struct Scripts {
     connect: Script,
     disconnect: Script,
@@ -85,18 +75,18 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    connect: lua!("presence_connect.lua"),
-    disconnect: lua!("presence_disconnect.lua"),
-    heartbeat: lua!("presence_heartbeat.lua"),
-    set_state: lua!("presence_set_state.lua"),
-    set_status: lua!("presence_set_status.lua"),
-    get: lua!("presence_get.lua"),
-    live: lua!("presence_live.lua"),
-    due: lua!("presence_due.lua"),
-    sweep_user: lua!("presence_sweep_user.lua"),
-    sweep_room: lua!("presence_sweep_room.lua"),
-    room_join: lua!("presence_room_join.lua"),
-    room_leave: lua!("presence_room_leave.lua"),
+    connect: lua!("presence_lib.lua", "presence_connect.lua"),
+    disconnect: lua!("presence_lib.lua", "presence_disconnect.lua"),
+    heartbeat: lua!("presence_lib.lua", "presence_heartbeat.lua"),
+    set_state: lua!("presence_lib.lua", "presence_set_state.lua"),
+    set_status: lua!("presence_lib.lua", "presence_set_status.lua"),
+    get: lua!("presence_lib.lua", "presence_get.lua"),
+    live: lua!("presence_lib.lua", "presence_live.lua"),
+    due: lua!("presence_lib.lua", "presence_due.lua"),
+    sweep_user: lua!("presence_lib.lua", "presence_sweep_user.lua"),
+    sweep_room: lua!("presence_lib.lua", "presence_sweep_room.lua"),
+    room_join: lua!("presence_lib.lua", "presence_room_join.lua"),
+    room_leave: lua!("presence_lib.lua", "presence_room_leave.lua"),
 });
 
 /// A duration in ms, capped at [`MAX_TTL_MS`].

@@ -53,33 +53,17 @@ const UNREAD_ATTEMPTS: usize = 3;
 
 static IDEM_RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/store_idem_release.lua")));
-/// An unread script: `unread_lib.lua` followed by the script's own text.
-macro_rules! unread_lua {
-    ($file:literal) => {
-        Script::new(concat!(
-            include_str!("lua/unread_lib.lua"),
-            include_str!(concat!("lua/", $file))
-        ))
-    };
-}
-
-static MARK_COUNTABLE: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_mark_countable.lua"));
-static SET_READ: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_set_read.lua"));
+static MARK_COUNTABLE: LazyLock<Script> =
+    LazyLock::new(|| lua!("unread_lib.lua", "store_mark_countable.lua"));
+static SET_READ: LazyLock<Script> = LazyLock::new(|| lua!("unread_lib.lua", "store_set_read.lua"));
 static FOCUS_SET: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/store_focus_set.lua")));
-static FOCUS_LIST: LazyLock<Script> = LazyLock::new(|| unread_lua!("store_focus_list.lua"));
-/// An announcement script: `announce_lib.lua` (id order) followed by the script's own text.
-macro_rules! announce_lua {
-    ($file:literal) => {
-        Script::new(concat!(
-            include_str!("lua/announce_lib.lua"),
-            include_str!(concat!("lua/", $file))
-        ))
-    };
-}
-static ANNOUNCE_ADD: LazyLock<Script> = LazyLock::new(|| announce_lua!("store_announce_add.lua"));
+static FOCUS_LIST: LazyLock<Script> =
+    LazyLock::new(|| lua!("unread_lib.lua", "store_focus_list.lua"));
+static ANNOUNCE_ADD: LazyLock<Script> =
+    LazyLock::new(|| lua!("announce_lib.lua", "store_announce_add.lua"));
 static ANNOUNCE_CURSOR: LazyLock<Script> =
-    LazyLock::new(|| announce_lua!("store_announce_cursor.lua"));
+    LazyLock::new(|| lua!("announce_lib.lua", "store_announce_cursor.lua"));
 
 /// A duration in whole milliseconds, at least 1 (Redis refuses `PX 0`).
 fn millis(d: Duration) -> u64 {

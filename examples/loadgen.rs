@@ -682,17 +682,7 @@ async fn add_members(
         .map(|(user, base)| {
             let url = format!("{base}/api/v1/rooms/{}/members/{user}", args.room);
             async move {
-                let r = http
-                    .put(&url)
-                    .bearer_auth(api_key)
-                    .send()
-                    .await
-                    .with_context(|| format!("PUT {url}"))?;
-                let status = r.status();
-                if !status.is_success() {
-                    let body = r.text().await.unwrap_or_default();
-                    bail!("PUT {url} answered {status}: {body}");
-                }
+                api_call(http.put(&url).bearer_auth(api_key), "PUT", &url).await?;
                 ui.bar.inc(1);
                 Ok(())
             }
@@ -1094,6 +1084,20 @@ async fn load_phase(
     Ok(r)
 }
 
+/// Sends a setup call to the engine's API; its body, or an error naming the call, its status and body.
+async fn api_call(req: reqwest::RequestBuilder, method: &str, url: &str) -> anyhow::Result<String> {
+    let r = req
+        .send()
+        .await
+        .with_context(|| format!("{method} {url}"))?;
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{method} {url} answered {status}: {body}");
+    }
+    Ok(body)
+}
+
 /// The channel's last seq, from its history (one event read at most).
 async fn channel_seq(
     http: &reqwest::Client,
@@ -1102,17 +1106,7 @@ async fn channel_seq(
     channel: &str,
 ) -> anyhow::Result<u64> {
     let url = format!("{base}/api/v1/channels/{channel}/history?since=0&limit=1");
-    let r = http
-        .get(&url)
-        .bearer_auth(api_key)
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    let status = r.status();
-    let body = r.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!("GET {url} answered {status}: {body}");
-    }
+    let body = api_call(http.get(&url).bearer_auth(api_key), "GET", &url).await?;
     let v: Value =
         serde_json::from_str(&body).with_context(|| format!("GET {url}: not JSON: {body}"))?;
     Ok(v["seq"].as_u64().unwrap_or(0))

@@ -277,6 +277,15 @@ impl Ws {
         self.reply(json!(r)).await
     }
 
+    /// Subscribes to `channel`, asserts the reply is `ok` and returns it.
+    pub async fn subscribed(&mut self, channel: &str) -> Value {
+        let r = self
+            .request(json!({"op": "subscribe", "channel": channel}))
+            .await;
+        assert_eq!(r["ok"], true, "subscribe {channel}: {r}");
+        r
+    }
+
     /// Waits for the reply carrying `r`.
     pub async fn reply(&mut self, r: Value) -> Value {
         loop {

@@ -190,10 +190,7 @@ async fn only_contacts_and_room_mates_may_watch() {
 
     // Once a contact, the same subscribe is allowed and delivers presence.changed.
     set_contacts(&t, "alice", &["bob"]).await;
-    let r = alice
-        .request(json!({"op": "subscribe", "channel": "presence:bob"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    alice.subscribed("presence:bob").await;
     let _b = t.ws("bob").await;
     let p = alice.wait_for(changed("bob")).await;
     assert_eq!(p["online"], true);
@@ -253,16 +250,10 @@ async fn room_presence_joined_and_left() {
     let is_update = |v: &Value| v["type"] == "presence.update";
 
     let mut alice = t.ws("alice").await;
-    let r = alice
-        .request(json!({"op": "subscribe", "channel": "room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    alice.subscribed("room:r1").await;
 
     let mut bob = t.ws("bob").await;
-    let r = bob
-        .request(json!({"op": "subscribe", "channel": "room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    bob.subscribed("room:r1").await;
     assert_eq!(alice.wait_for(is_update).await, update("bob", "joined"));
     // Nobody is told of their own join.
     bob.assert_none(std::time::Duration::from_millis(200), is_update)
@@ -283,10 +274,7 @@ async fn room_presence_joined_and_left() {
     let (_, v) = t.api("GET", "/api/v1/rooms/r1/presence", None).await;
     assert_eq!(v["users"], json!(["alice"]), "{v}");
 
-    let r = bob
-        .request(json!({"op": "subscribe", "channel": "room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    bob.subscribed("room:r1").await;
     assert_eq!(alice.wait_for(is_update).await, update("bob", "joined"));
     bob.close_client().await;
     assert_eq!(alice.wait_for(is_update).await, update("bob", "left"));

@@ -403,15 +403,9 @@ async fn a_slow_consumer_is_disconnected_and_others_get_everything() {
     t.join("r1", "slow").await;
     t.join("r1", "reader").await;
     let mut slow = t.ws("slow").await;
-    let r = slow
-        .request(json!({"op": "subscribe", "channel": "room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    slow.subscribed("room:r1").await;
     let mut reader = t.ws("reader").await;
-    let r = reader
-        .request(json!({"op": "subscribe", "channel": "room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    reader.subscribed("room:r1").await;
 
     const N: u64 = 300;
     let reading = tokio::spawn(async move {

@@ -598,7 +598,7 @@ async fn a_dropped_event_is_rejected_and_nothing_is_stored() {
     s.join("r1", "alice").await;
     s.join("r1", "bob").await;
     let mut bob = s.ws("bob").await;
-    assert_eq!(subscribe(&mut bob, "room:r1").await["ok"], true);
+    bob.subscribed("room:r1").await;
     let mut alice = s.ws("alice").await;
 
     let got = s
@@ -647,8 +647,8 @@ async fn an_invalid_decision_falls_back_to_the_defaults_and_counts_an_error() {
     s.join("r1", "bob").await;
     s.join("r2", "bob").await;
     let mut bob = s.ws("bob").await;
-    assert_eq!(subscribe(&mut bob, "room:r1").await["ok"], true);
-    assert_eq!(subscribe(&mut bob, "room:r2").await["ok"], true);
+    bob.subscribed("room:r1").await;
+    bob.subscribed("room:r2").await;
     let before = rule_errors(&s, "route").await;
 
     for ev in ["bogus.key", "bad.persist"] {
@@ -977,7 +977,7 @@ async fn the_shipped_rules_load_and_route_chat_and_typing() {
     let mut bob = s.ws("bob").await;
     let mut carol = s.ws("carol").await;
     for ws in [&mut alice, &mut bob, &mut carol] {
-        assert_eq!(subscribe(ws, "room:r1").await["ok"], true);
+        ws.subscribed("room:r1").await;
     }
     for ws in [&mut alice, &mut bob] {
         let r = ws.request(json!({"op": "focus", "room": "r1"})).await;

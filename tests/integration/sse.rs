@@ -42,10 +42,7 @@ async fn sse_events_carry_cursor_type_and_the_websocket_json() {
     let t = TestServer::start().await;
     t.join("r1", "alice").await;
     let mut ws = t.ws("alice").await;
-    let r = ws
-        .request(json!({"op": "subscribe", "channel": "room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    ws.subscribed("room:r1").await;
 
     let mut raw = RawSse::open(&sse_url(&t, "alice", "room:r1,user:alice"), None).await;
     // `retry:` comes once, first, as a block of its own (no event).
@@ -189,10 +186,7 @@ async fn sse_non_stored_events_carry_no_id() {
     assert_eq!(raw.next_block().await.names(), vec!["retry"]);
     // bob joins r1 (room presence, not stored): no id. alice's own join is not echoed to her.
     let mut bob = t.ws("bob").await;
-    let r = bob
-        .request(json!({"op": "subscribe", "channel": "room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    bob.subscribed("room:r1").await;
     let b = raw.next_block().await;
     assert_eq!(b.names(), vec!["event", "data"], "{b:?}");
     assert_eq!(b.get("event"), Some("presence.update"));

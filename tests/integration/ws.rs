@@ -25,10 +25,7 @@ async fn room_message_reaches_members_but_not_sender() {
     let mut a = t.ws("alice").await;
     let mut b = t.ws("bob").await;
     for ws in [&mut a, &mut b] {
-        let r = ws
-            .request(json!({"op":"subscribe","channel":"room:r1"}))
-            .await;
-        assert_eq!(r["ok"], true, "{r}");
+        let r = ws.subscribed("room:r1").await;
         assert_eq!(r["recovered"], true);
     }
     let r = a
@@ -251,10 +248,7 @@ async fn countable_event_moves_focused_readers_and_is_counted_on_arrival() {
         let r = ws.request(json!({"op":"focus","room":"r1"})).await;
         assert_eq!(r["ok"], true, "{r}");
     }
-    let r = carol
-        .request(json!({"op":"subscribe","channel":"room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    carol.subscribed("room:r1").await;
     let unread = |user: &'static str| {
         let t = &t;
         async move {
@@ -666,10 +660,7 @@ async fn websocket_client_that_stops_reading_is_closed_as_slow_consumer() {
     let t = TestServer::start_with(|c| c.limits.queue_frames = 8).await;
     t.join("r1", "slow").await;
     let mut stuck = t.ws("slow").await;
-    let r = stuck
-        .request(json!({"op":"subscribe","channel":"room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    stuck.subscribed("room:r1").await;
     // From here on it never reads.
     let (_, p) = t.api("GET", "/api/v1/presence/slow", None).await;
     assert_eq!(p["online"], true, "{p}");
@@ -702,10 +693,7 @@ async fn lagging_session_skips_best_effort_frames_instead_of_being_closed() {
     let mut lag = t.ws("lag").await;
     let r = lag.request(json!({"op":"focus","room":"r1"})).await;
     assert_eq!(r["ok"], true, "{r}");
-    let r = lag
-        .request(json!({"op":"subscribe","channel":"room:r1"}))
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    lag.subscribed("room:r1").await;
     // From here it does not read: 300 unstored 32 KiB frames on `active:r1` fill its socket, then its
     // queue (8 frames: the same flood of stored events closes it, see the test above).
     let pad = "x".repeat(32 * 1024);

@@ -822,29 +822,20 @@ async fn idle_connection(
     ready: mpsc::Sender<Result<(), String>>,
     stop: CancellationToken,
 ) -> Option<String> {
-    // Boxed: the connect future is ~5 KiB, and inline it would stay in the task for its whole life.
-    let setup = Box::pin(async {
-        let _slot = slots
-            .acquire()
-            .await
-            .map_err(|_| "setup cancelled".to_string())?;
-        open_ws(&ws_url, Some(&format!("user:{user}")), IDLE_READ_BUFFER).await
-    });
-    let opened = tokio::select! {
-        r = setup => r,
-        _ = stop.cancelled() => return None,
+    // Boxed, in a statement of its own: the connect future is ~5 KiB, and inline (or held in a named
+    // local) it would stay in the task for its whole life.
+    let channel = format!("user:{user}");
+    let setup = Box::pin(open_reported(
+        &user,
+        open_ws(&ws_url, Some(&channel), IDLE_READ_BUFFER),
+        &slots,
+        ready,
+        &stop,
+    ));
+    let mut ws = match setup.await? {
+        Ok((ws, _)) => ws,
+        Err(e) => return Some(e),
     };
-    let mut ws = match opened {
-        Ok((ws, _)) => {
-            let _ = ready.send(Ok(())).await;
-            ws
-        }
-        Err(e) => {
-            let _ = ready.send(Err(format!("{user}: {e}"))).await;
-            return Some(e);
-        }
-    };
-    drop(ready);
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     let closed = loop {
@@ -1347,8 +1338,8 @@ async fn ws_subscriber(
     tally
 }
 
-/// Opens subscriber `index`'s connection with `open` (holding one of `connect_slots` meanwhile) and
-/// reports the outcome on `ready`; `None` when stopped, or refused (the reason is in `tally.closed`).
+/// Opens subscriber `index`'s connection with `open` (see [`open_reported`]); `None` when stopped, or
+/// refused (the reason is in `tally.closed`).
 async fn set_up<T>(
     index: usize,
     open: impl Future<Output = Result<T, String>>,
@@ -1357,6 +1348,25 @@ async fn set_up<T>(
     stop: &CancellationToken,
     tally: &mut Tally,
 ) -> Option<T> {
+    let who = format!("subscriber lg-{index}");
+    match open_reported(&who, open, connect_slots, ready, stop).await? {
+        Ok(conn) => Some(conn),
+        Err(e) => {
+            tally.closed = Some(e);
+            None
+        }
+    }
+}
+
+/// Opens a connection with `open`, holding one of `connect_slots` meanwhile, and reports the outcome
+/// on `ready` (a refusal prefixed with `who`); `None` when stopped first.
+async fn open_reported<T>(
+    who: &str,
+    open: impl Future<Output = Result<T, String>>,
+    connect_slots: &Semaphore,
+    ready: mpsc::Sender<Result<(), String>>,
+    stop: &CancellationToken,
+) -> Option<Result<T, String>> {
     let setup = Box::pin(async {
         let _slot = connect_slots
             .acquire()
@@ -1368,17 +1378,12 @@ async fn set_up<T>(
         r = setup => r,
         _ = stop.cancelled() => return None,
     };
-    match opened {
-        Ok(conn) => {
-            let _ = ready.send(Ok(())).await;
-            Some(conn)
-        }
-        Err(e) => {
-            let _ = ready.send(Err(format!("subscriber lg-{index}: {e}"))).await;
-            tally.closed = Some(e);
-            None
-        }
-    }
+    let report = match &opened {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{who}: {e}")),
+    };
+    let _ = ready.send(report).await;
+    Some(opened)
 }
 
 /// One SSE subscriber: open the stream, report ready, wait for the channel's seq at subscribe time,

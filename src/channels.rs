@@ -134,6 +134,12 @@ impl ChannelName {
         }
     }
 
+    /// True when both are the same copy of the name (see `Hub::subscribe`): a sure match, where
+    /// false says nothing.
+    pub fn same(&self, other: &ChannelName) -> bool {
+        Arc::ptr_eq(&self.full, &other.full)
+    }
+
     /// The full name as on the wire.
     pub fn as_str(&self) -> &str {
         &self.full
@@ -144,9 +150,11 @@ fn truncate(s: &str) -> String {
     s.chars().take(140).collect()
 }
 
+// Equal names held by the hub and its sessions share one `Arc` (the hub interns them), so the
+// pointer test settles most comparisons on the delivery path without reading the text.
 impl PartialEq for ChannelName {
     fn eq(&self, other: &Self) -> bool {
-        self.full == other.full
+        self.same(other) || self.full == other.full
     }
 }
 impl Eq for ChannelName {}
@@ -162,6 +170,9 @@ impl PartialOrd for ChannelName {
 }
 impl Ord for ChannelName {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if self.same(other) {
+            return std::cmp::Ordering::Equal;
+        }
         self.full.cmp(&other.full)
     }
 }

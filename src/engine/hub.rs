@@ -390,17 +390,21 @@ impl Hub {
         }
     }
 
-    /// Adds a subscriber; true when it was not one already. Every `true` is paired with one
-    /// [`crate::backend::Broker::subscribe`] (the broker reference-counts).
-    pub fn subscribe(&self, ch: &ChannelName, s: &Arc<SessionHandle>) -> bool {
+    /// Adds a subscriber. `Some` when it was not one already, with the hub's own copy of the name
+    /// (one `Arc` for every local subscriber and every delivery on the channel: the session keeps
+    /// it, so finding a delivery's subscription compares pointers, not text). Every `Some` is paired
+    /// with one [`crate::backend::Broker::subscribe`] (the broker reference-counts).
+    pub fn subscribe(&self, ch: &ChannelName, s: &Arc<SessionHandle>) -> Option<ChannelName> {
         let mut shard = write(self.shard(ch));
-        let list = shard.entry(ch.clone()).or_default();
+        let entry = shard.entry(ch.clone());
+        let name = entry.key().clone();
+        let list = entry.or_default();
         if list.iter().any(|x| x.id == s.id) {
-            return false;
+            return None;
         }
         crate::reserve_tight(list);
         list.push(s.clone());
-        true
+        Some(name)
     }
 
     /// Removes a subscriber; true when it was one (pair it with one `Broker::unsubscribe`).
@@ -485,11 +489,15 @@ impl Hub {
 }
 
 impl DeliverySink for Hub {
-    fn deliver(&self, d: Arc<Delivery>) {
+    fn deliver(&self, mut d: Arc<Delivery>) {
         let shard = read(self.shard(&d.channel));
-        let Some(list) = shard.get(&d.channel) else {
+        let Some((name, list)) = shard.get_key_value(&d.channel) else {
             return;
         };
+        // Carry the hub's name (see `subscribe`) when the delivery is still ours alone to change.
+        if let Some(only) = Arc::get_mut(&mut d) {
+            only.channel = name.clone();
+        }
         let filtered = !d.filter.is_empty();
         let mut n = 0u64;
         for s in list {

@@ -6,6 +6,8 @@
 //! The writer drains everything queued and flushes once (many frames per syscall). Buffers are small
 //! (NOTES.md: tungstenite's 128 KiB default read buffer would cost ~130 KiB per idle connection).
 
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::Router;
@@ -29,6 +31,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use super::auth::{AuthError, Claims};
 use super::{ApiError, AppState};
 use crate::backend::{AppState as DeviceState, Status};
+use crate::config::Limits;
 use crate::engine::{
     CloseReason, EngineError, ErrorCode, Next, Outbound, Session, SessionOpen, Transport,
 };
@@ -173,35 +176,33 @@ fn clock_ms() -> u64 {
     ORIGIN.elapsed().as_millis() as u64
 }
 
-/// A per-connection token bucket, and the count of violations that leads to 4010.
+/// A per-connection token bucket, and the count of violations that leads to 4010. The limits
+/// themselves are read from the config at each call rather than kept in every connection's task.
 struct Limiter {
-    /// Tokens, refilled at `rate` a second up to `rate`.
+    /// Tokens, refilled at `frames_per_second` a second up to that.
     tokens: f32,
-    rate: f32,
     /// When the bucket was last refilled, and when the violation window opened ([`clock_ms`]).
     last_ms: u64,
     window_ms: u64,
     violations: u32,
-    max_violations: u32,
 }
 
 impl Limiter {
-    fn new(rate: u32, max_violations: u32) -> Self {
+    fn new(limits: &Limits) -> Self {
         let now = clock_ms();
         Limiter {
-            tokens: rate.max(1) as f32,
-            rate: rate.max(1) as f32,
+            tokens: limits.frames_per_second.max(1) as f32,
             last_ms: now,
             window_ms: now,
             violations: 0,
-            max_violations,
         }
     }
 
-    fn allow(&mut self) -> bool {
+    fn allow(&mut self, limits: &Limits) -> bool {
+        let rate = limits.frames_per_second.max(1) as f32;
         let now = clock_ms();
         let elapsed = now.saturating_sub(self.last_ms) as f32 / 1000.0;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
         self.last_ms = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -212,14 +213,14 @@ impl Limiter {
     }
 
     /// Records a violation; true when the connection should be closed.
-    fn violation(&mut self) -> bool {
+    fn violation(&mut self, limits: &Limits) -> bool {
         let now = clock_ms();
         if now.saturating_sub(self.window_ms) > 10_000 {
             self.window_ms = now;
             self.violations = 0;
         }
         self.violations += 1;
-        self.violations > self.max_violations
+        self.violations > limits.violations_before_disconnect
     }
 }
 
@@ -237,6 +238,26 @@ struct Upgrade {
 fn text(b: Bytes) -> Message {
     // Frames are built from JSON strings, so this never fails; fall back to an empty frame if it did.
     Message::Text(Utf8Bytes::try_from(b).unwrap_or_default())
+}
+
+thread_local! {
+    /// The delivery frame this thread last made a text message of. Every local recipient of an event
+    /// shares its frame's bytes, and tungstenite checks UTF-8 again for each `Utf8Bytes` made from
+    /// them: the recipients' writers that run here after the first reuse its check. Holding the frame
+    /// keeps its storage alive, so the same pointer and length are the same text.
+    static LAST_DELIVERY_TEXT: std::cell::RefCell<Utf8Bytes> = const {
+        std::cell::RefCell::new(Utf8Bytes::from_static(""))
+    };
+}
+
+/// [`text`] for a delivery's shared frame, checked once per thread rather than once per recipient.
+fn delivery_text(frame: &Bytes) -> Message {
+    LAST_DELIVERY_TEXT.with_borrow_mut(|last| {
+        if last.as_ptr() != frame.as_ptr() || last.len() != frame.len() {
+            *last = Utf8Bytes::try_from(frame.clone()).unwrap_or_default();
+        }
+        Message::Text(last.clone())
+    })
 }
 
 fn json_msg(v: &Value) -> Message {
@@ -430,10 +451,8 @@ async fn session_loop(
 ) -> Option<CloseReason> {
     let handle = session.handle.clone();
     let limits = &state.engine.config.limits;
-    let mut limiter = Limiter::new(
-        limits.frames_per_second,
-        limits.violations_before_disconnect,
-    );
+    let mut limiter = Limiter::new(limits);
+    let mut reader = SocketReader::new();
     loop {
         tokio::select! {
             next = session.recv() => {
@@ -445,11 +464,12 @@ async fn session_loop(
                 // heartbeat timeout, shutdown) must still end the session.
                 let writing = Box::pin(drain(socket, session, out));
                 tokio::select! {
+                    biased;
                     r = writing => if r.is_err() { return None },
                     reason = handle.closing() => return Some(reason),
                 }
             }
-            msg = socket.next() => {
+            msg = std::future::poll_fn(|cx| reader.poll_next(socket, cx)) => {
                 let msg = match msg {
                     Some(Ok(m)) => m,
                     _ => return None,
@@ -458,12 +478,84 @@ async fn session_loop(
                 // Boxed, like every transient step here: the connection's task is as large as its
                 // largest await state for its whole life, and an op (a publish runs the whole
                 // pipeline) is far larger than the idle wait.
-                let step = Box::pin(on_message(socket, session, &mut limiter, msg, limits.frame_bytes));
+                let step = Box::pin(on_message(socket, session, &mut limiter, msg, limits));
                 if let Err(reason) = step.await {
                     return reason;
                 }
             }
         }
+    }
+}
+
+/// Polls the socket only when the socket woke the connection's task. The task is woken far more
+/// often by its queue (each delivery) than by its client, and polling the WebSocket stream for
+/// nothing (tungstenite's waker proxy, tokio's readiness, hyper's rewind buffer) took ~15 % of the
+/// engine's instructions per delivery. One pointer in the task: the task is as large as its largest
+/// await state for its whole life, idle or not.
+struct SocketReader(Arc<SocketWake>);
+
+/// What the socket is polled with: records that the socket woke the task, then wakes it.
+struct SocketWake(std::sync::Mutex<Woken>);
+
+struct Woken {
+    /// The socket woke the task, or the stream may hold more buffered frames: poll it.
+    socket: bool,
+    /// The task's waker. Kept when woken (unlike an `AtomicWaker`), so it is stored once rather
+    /// than at every poll.
+    task: Option<Waker>,
+}
+
+impl SocketWake {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Woken> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Wake for SocketWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut w = self.lock();
+        w.socket = true;
+        if let Some(t) = &w.task {
+            t.wake_by_ref();
+        }
+    }
+}
+
+impl SocketReader {
+    fn new() -> Self {
+        SocketReader(Arc::new(SocketWake(std::sync::Mutex::new(Woken {
+            socket: true,
+            task: None,
+        }))))
+    }
+
+    fn poll_next(
+        &mut self,
+        socket: &mut WebSocket,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, WsError>>> {
+        {
+            // The task's waker is stored under the same lock that the flag is read: a wake after
+            // this finds it.
+            let mut w = self.0.lock();
+            if !w.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                w.task = Some(cx.waker().clone());
+            }
+            if !std::mem::take(&mut w.socket) {
+                return Poll::Pending;
+            }
+        }
+        let waker = Waker::from(self.0.clone());
+        let next = socket.poll_next_unpin(&mut Context::from_waker(&waker));
+        if next.is_ready() {
+            // More frames may wait in the stream's buffer, and no wake comes for those.
+            self.0.lock().socket = true;
+        }
+        next
     }
 }
 
@@ -474,21 +566,21 @@ async fn on_message(
     session: &mut Session,
     limiter: &mut Limiter,
     msg: Message,
-    max: usize,
+    limits: &Limits,
 ) -> Result<(), Option<CloseReason>> {
     let refuse = |e: &EngineError, r: &Value| json_msg(&error_reply(r, e, false));
     match msg {
         Message::Text(t) => {
-            if !limiter.allow() {
+            if !limiter.allow(limits) {
                 let e = EngineError::new(ErrorCode::RateLimited, "too many frames; slow down");
                 let reply = refuse(&e, &read_ref(&t));
                 socket.send(reply).await.map_err(|_| None)?;
-                if limiter.violation() {
+                if limiter.violation(limits) {
                     return Err(Some(CloseReason::BadFrameLimit));
                 }
                 return Ok(());
             }
-            let replies = handle_frame(session, t.as_str(), max).await;
+            let replies = handle_frame(session, t.as_str(), limits.frame_bytes).await;
             let bad = replies.first().is_some_and(|r| {
                 r.get("ok") == Some(&Value::Bool(false))
                     && matches!(r["error"]["code"].as_str(), Some("bad_frame" | "too_large"))
@@ -497,7 +589,7 @@ async fn on_message(
                 socket.feed(m).await.map_err(|_| None)?;
             }
             socket.flush().await.map_err(|_| None)?;
-            if bad && limiter.violation() {
+            if bad && limiter.violation(limits) {
                 return Err(Some(CloseReason::BadFrameLimit));
             }
         }
@@ -510,7 +602,7 @@ async fn on_message(
                 .send(refuse(&e, &Value::Null))
                 .await
                 .map_err(|_| None)?;
-            if limiter.violation() {
+            if limiter.violation(limits) {
                 return Err(Some(CloseReason::BadFrameLimit));
             }
         }
@@ -561,10 +653,10 @@ async fn write_outbound(
     match out {
         Outbound::Deliver(d) => match session.check(&d) {
             crate::engine::session::Verdict::Skip => Ok(()),
-            crate::engine::session::Verdict::Deliver => socket.feed(text(d.frame.clone())).await,
+            crate::engine::session::Verdict::Deliver => socket.feed(delivery_text(&d.frame)).await,
             crate::engine::session::Verdict::Reset(r) => {
                 socket.feed(text(r)).await?;
-                socket.feed(text(d.frame.clone())).await
+                socket.feed(delivery_text(&d.frame)).await
             }
         },
         Outbound::Ping => socket.feed(Message::Ping(Bytes::new())).await,

@@ -1,6 +1,8 @@
 //! WebSocket: connect, subscribe/publish/replay, errors.
 
+use futures_util::SinkExt;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
@@ -60,6 +62,23 @@ async fn ping_gets_pong_with_ref() {
     let mut a = t.ws("alice").await;
     let r = a.request(json!({"op":"ping"})).await;
     assert_eq!(r["type"], "pong");
+}
+
+#[tokio::test]
+async fn ops_arriving_in_one_write_are_all_answered() {
+    // The server polls the socket only when the socket woke it; frames already read into the
+    // stream's buffer bring no wake of their own, and must still be handled, in order.
+    let t = TestServer::start().await;
+    let mut a = t.ws("alice").await;
+    for i in 0..5 {
+        let op = json!({"op":"ping","ref":i}).to_string();
+        a.stream.feed(Message::Text(op.into())).await.unwrap();
+    }
+    a.stream.flush().await.unwrap();
+    for i in 0..5 {
+        let v = a.next().await;
+        assert_eq!((&v["type"], &v["ref"]), (&json!("pong"), &json!(i)), "{v}");
+    }
 }
 
 #[tokio::test]

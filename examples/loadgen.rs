@@ -44,11 +44,11 @@
 //!    which sends one `subscribe` to its own `user:` channel (no memberships needed), waits for every
 //!    reply and one more second for the engine to settle, and reads the RSS again. The idle sockets
 //!    stay open (reading, so the engine's pings get their pongs) until the run ends, so they are
-//!    also present during the publish phase. Their read buffers are 1 KiB, so they cost the loadgen
-//!    little (about 7 KiB each, kernel socket buffers aside). `--subscribers 0` makes a run of this
-//!    phase alone. Measure on a freshly started engine: memory that earlier connections or load
-//!    left to the allocator is reused without growing RSS, so a second run on the same engine
-//!    reports far less (it can be 0). On a fresh engine the figure includes the first-use growth
+//!    also present during the publish phase. They use the subscribers' hand-rolled WebSocket client
+//!    (see 5.) with a 1 KiB read buffer, so they cost the loadgen little (kernel socket buffers
+//!    aside). `--subscribers 0` makes a run of this phase alone. Measure on a freshly started
+//!    engine: memory that earlier connections or load left to the allocator is reused without
+//!    growing RSS, so a second run on the same engine reports far less (it can be 0). On a fresh engine the figure includes the first-use growth
 //!    of per-thread allocator arenas and tables, which a larger K amortises.
 //! 3. **Subscribers.** Adds users `lg-0 … lg-{N-1}` to the room with
 //!    `PUT /api/v1/rooms/{room}/members/{user}` (through the node that user connects to;
@@ -82,20 +82,28 @@
 //!    duplicates and order, but not counted in latency, completeness or CPU.
 //! 5. **Receive.** Each subscriber parses frames lazily: a prefix check for
 //!    `{"type":"event","channel":"room:{room}",`, then a byte search for `"seq":` and `"t":` (no JSON
-//!    parse), so parsing is a negligible part of the tool's cost. SSE streams are split into lines
-//!    by hand (no SSE library): `data:` lines carry the same bytes as WebSocket frames, `id:` and
-//!    `event:` lines are skipped, and no line is copied unless it straddles two reads. No HTTP
-//!    client either: each SSE subscriber is one task on its own `TcpStream` that writes the
-//!    `GET /sse` request, parses the response head and decodes the body's framing (chunked, or
-//!    Content-Length / to the connection's end) incrementally from its read buffer (16 KiB, doubled
-//!    up to 128 KiB while reads fill it), handing the payload bytes to the line splitter in place;
-//!    so an SSE read, like a WebSocket read, wakes one task, and only a line cut by a read is ever
-//!    copied. Latency
-//!    (now − `t`, both from this machine's clock) goes into a per-subscriber `hdrhistogram` (2
-//!    significant digits: 1 % resolution, ~18 KiB each); seqs go into a per-subscriber bitmap. What
-//!    the tool does spend per delivery is the kernel's TCP receive path and a task wake-up per read
-//!    (WebSocket reads are 4 KiB: tungstenite zero-fills its read buffer on every read attempt, so a
-//!    larger one costs more than it saves); `loadgen_cpu_us_per_delivery` reports it.
+//!    parse), so parsing is a negligible part of the tool's cost. No WebSocket, SSE or HTTP client
+//!    library either: each subscriber is one task on its own `TcpStream` that writes its request by
+//!    hand, parses the response head, and then reads into one read buffer (16 KiB, doubled up to
+//!    128 KiB while reads fill it; reads go into its spare capacity, nothing is zero-filled), parsing
+//!    each read's bytes in place:
+//!    - WebSocket: `GET /ws` with the upgrade headers, a `101` with the right
+//!      `Sec-WebSocket-Accept`, then RFC 6455 frames. A text frame's payload is handed to the frame
+//!      check as a slice of the buffer (no copy, no allocation, no UTF-8 check); a frame cut by a
+//!      read stays at the buffer's start for the next one (a frame larger than the buffer grows it,
+//!      up to 16 MiB); a fragmented message is reassembled; pings get their (masked) pongs; a
+//!      close frame ends the subscriber (`closed by the server: CODE REASON`). The setup frames
+//!      (`connected`, the subscribe and its reply) are the only ones parsed as JSON.
+//!    - SSE: `GET /sse`; the body's framing (chunked, or Content-Length / to the connection's end)
+//!      is decoded incrementally and its payload bytes split into lines in place: `data:` lines
+//!      carry the same bytes as WebSocket frames, `id:` and `event:` lines are skipped, and no line
+//!      is copied unless it straddles two reads.
+//!
+//!    Latency (now − `t`, both from this machine's clock) goes into a per-subscriber `hdrhistogram`
+//!    (2 significant digits: 1 % resolution, ~18 KiB each); seqs go into a per-subscriber bitmap.
+//!    What the tool does spend per delivery is the kernel's TCP receive path and a task wake-up per
+//!    read; `loadgen_cpu_us_per_delivery` reports it. (Only the `--publish-via ws` sockets use
+//!    tungstenite: their frames are per publish, not per delivery.)
 //! 6. **Report.** After the last publish the tool waits until every expected delivery arrived (or
 //!    `--drain` seconds passed) to close the CPU window, then for the rest of `--drain`; subscribers
 //!    stop, their histograms are merged, and each subscriber's bitmap is checked against the seqs
@@ -169,6 +177,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -362,12 +372,12 @@ const TOKEN_TTL_SECS: u64 = 6 * 3600;
 const FD_MARGIN: u64 = 256;
 /// Bytes of `data` besides the padding: `{"t":` + 16 digits + `,"pad":"` + `"}`.
 const DATA_OVERHEAD: usize = 5 + 16 + 8 + 2;
-/// WebSocket read size of subscribers and publishers. tungstenite zero-fills its whole read buffer
-/// before every read attempt (even one that finds no data), so a large buffer costs a memset per
-/// wake-up: 4 KiB holds ~15 event frames of 100 B data.
+/// WebSocket read size of the publisher sockets (tungstenite). tungstenite zero-fills its whole read
+/// buffer before every read attempt (even one that finds no data), so a large buffer costs a memset
+/// per wake-up: 4 KiB holds ~15 reply frames.
 const READ_BUFFER: usize = 4 * 1024;
-/// Read size of idle WebSockets: they only ever read a `connected`, a reply and pings, and there may
-/// be many of them (tungstenite grows the buffer for a larger frame).
+/// Read buffer of idle WebSockets: they only ever read a `connected`, a reply and pings, and there
+/// may be many of them (it grows for a larger frame, and shrinks back once that frame is read).
 const IDLE_READ_BUFFER: usize = 1024;
 /// How long the engine has to settle after the last idle connection subscribed, before its RSS is
 /// read again.
@@ -377,17 +387,28 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest SSE line accepted (event frames are at most the engine's 64 KiB frame limit plus the
 /// envelope): a longer one means the stream is not what the loadgen expects.
 const SSE_MAX_LINE: usize = 1 << 20;
-/// Read buffer of each SSE subscriber at first: 16 KiB holds ~50 events of 100 B data. Reads go
-/// into its spare capacity (nothing is zero-filled), so it costs memory only as far as reads fill
-/// it.
-const SSE_READ_BUFFER: usize = 16 * 1024;
+/// Read buffer of each subscriber (SSE or WebSocket) at first: 16 KiB holds ~50 events of 100 B
+/// data. Reads go into its spare capacity (nothing is zero-filled), so it costs memory only as far
+/// as reads fill it.
+const SUB_READ_BUFFER: usize = 16 * 1024;
 /// A subscriber whose read filled its whole buffer (it is behind: the socket holds more) doubles
 /// the buffer, up to this: fewer, larger reads while it catches up.
-const SSE_READ_BUFFER_MAX: usize = 128 * 1024;
-/// How long an SSE subscriber's TCP connect may take.
-const SSE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the engine may take to answer `GET /sse` (its response head).
-const SSE_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+const SUB_READ_BUFFER_MAX: usize = 128 * 1024;
+/// Largest WebSocket frame, or fragmented message, a subscriber or idle connection accepts (the
+/// engine's frames are at most 64 KiB): a larger one means the stream is not what the loadgen
+/// expects, and is an error rather than a buffer that grows without bound.
+const WS_MAX_MESSAGE: usize = 16 << 20;
+/// How long a write of a subscriber's or idle connection's WebSocket (the upgrade request, the
+/// subscribe, a pong) may wait for the socket.
+const WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long WebSocket setup waits for each frame (`connected`, the subscribe reply).
+const SETUP_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an SSE or WebSocket subscriber's (or idle connection's) TCP connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the engine may take to answer `GET /sse` or a WebSocket upgrade (its response head).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest response head accepted.
+const HEAD_MAX: usize = 16 * 1024;
 /// How much of an error response's body (e.g. a refused `GET /sse`) is shown.
 const ERROR_BODY_MAX: usize = 1024;
 /// USER_HZ: the unit of the CPU times in /proc/PID/stat. 100 on every mainstream Linux
@@ -814,7 +835,7 @@ impl IdlePhase {
 }
 
 /// One idle connection: connect, subscribe to its own `user:` channel, report ready, then read
-/// (which answers the engine's pings) until `stop`. Returns why the socket ended early, if it did.
+/// (answering the engine's pings) until `stop`. Returns why the socket ended early, if it did.
 async fn idle_connection(
     user: String,
     ws_url: String,
@@ -822,12 +843,12 @@ async fn idle_connection(
     ready: mpsc::Sender<Result<(), String>>,
     stop: CancellationToken,
 ) -> Option<String> {
-    // Boxed, in a statement of its own: the connect future is ~5 KiB, and inline (or held in a named
-    // local) it would stay in the task for its whole life.
+    // Boxed, in a statement of its own: the setup future (connect, upgrade, subscribe) is large,
+    // and inline (or held in a named local) it would stay in the task for its whole life.
     let channel = format!("user:{user}");
     let setup = Box::pin(open_reported(
         &user,
-        open_ws(&ws_url, Some(&channel), IDLE_READ_BUFFER),
+        open_ws_stream(&ws_url, Some(&channel), IDLE_READ_BUFFER, IDLE_READ_BUFFER),
         &slots,
         ready,
         &stop,
@@ -836,24 +857,7 @@ async fn idle_connection(
         Ok((ws, _)) => ws,
         Err(e) => return Some(e),
     };
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-    let closed = loop {
-        tokio::select! {
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Close(c))) => break Some(close_reason(c)),
-                // tungstenite queues the pong to a ping and sends it on the next read.
-                Some(Ok(_)) => {}
-                Some(Err(e)) => break Some(format!("socket error: {e}")),
-                None => break Some("socket ended".into()),
-            },
-            _ = &mut stopped => break None,
-        }
-    };
-    if closed.is_none() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-    }
-    closed
+    ws_receive(&mut ws, &stop, |_| {}).await
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -955,7 +959,7 @@ async fn load_phase(
             )
             .context("minting a publisher token")?;
             let url = format!("{}/ws?token={token}", ws_base(&urls[0]));
-            let (ws, _) = tokio::time::timeout_at(deadline, open_ws(&url, None, READ_BUFFER))
+            let ws = tokio::time::timeout_at(deadline, open_publisher_ws(&url))
                 .await
                 .context("setup timed out while opening the publisher sockets (--setup-timeout)")?
                 .map_err(|e| anyhow::anyhow!("publisher socket lg-pub-{c}: {e}"))?;
@@ -1297,44 +1301,24 @@ async fn ws_subscriber(
     stop: CancellationToken,
 ) -> Tally {
     let mut tally = Tally::new();
-    let open = open_ws(&ws_url, Some(&shared.channel), READ_BUFFER);
+    let open = open_ws_stream(
+        &ws_url,
+        Some(&shared.channel),
+        SUB_READ_BUFFER,
+        SUB_READ_BUFFER_MAX,
+    );
     let Some((mut ws, base)) = set_up(index, open, &connect_slots, ready, &stop, &mut tally).await
     else {
         return tally;
     };
     tally.base = base;
     let progress = &shared.progress[index].0;
-    // One waiter for the whole loop: `cancelled()` registers with the token (a lock) when first polled.
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-    loop {
-        tokio::select! {
-            biased;
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
-                    tally.on_frame(t.as_bytes(), &shared);
-                    progress.store(tally.frames, Ordering::Relaxed);
-                }
-                Some(Ok(Message::Close(c))) => {
-                    tally.closed = Some(close_reason(c));
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tally.closed = Some(format!("socket error: {e}"));
-                    break;
-                }
-                None => {
-                    tally.closed = Some("socket ended".into());
-                    break;
-                }
-            },
-            _ = &mut stopped => break,
-        }
-    }
-    if tally.closed.is_none() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-    }
+    let closed = ws_receive(&mut ws, &stop, |frame| {
+        tally.on_frame(frame, &shared);
+        progress.store(tally.frames, Ordering::Relaxed);
+    })
+    .await;
+    tally.closed = closed;
     tally
 }
 
@@ -1457,7 +1441,7 @@ async fn sse_receive(
             });
             let full = sse.buf.len() == sse.buf.capacity();
             sse.buf.clear();
-            if full && sse.buf.capacity() < SSE_READ_BUFFER_MAX {
+            if full && sse.buf.capacity() < SUB_READ_BUFFER_MAX {
                 sse.buf.reserve(2 * sse.buf.capacity());
             }
             progress.store(tally.frames, Ordering::Relaxed);
@@ -1528,7 +1512,7 @@ fn on_sse_line(line: &[u8], tally: &mut Tally, shared: &Shared, disconnect: &mut
 /// reads the socket and parses everything in place).
 struct SseStream {
     tcp: TcpStream,
-    /// The read buffer ([`SSE_READ_BUFFER`] bytes of capacity, up to [`SSE_READ_BUFFER_MAX`];
+    /// The read buffer ([`SUB_READ_BUFFER`] bytes of capacity, up to [`SUB_READ_BUFFER_MAX`];
     /// emptied after every read). Between [`open_sse`] and the first read it holds the body bytes
     /// that came with the response head.
     buf: Vec<u8>,
@@ -1539,103 +1523,123 @@ struct SseStream {
 /// `GET /sse…` over a new TCP connection, written by hand; the stream once the engine answered 200
 /// (it subscribes before answering).
 async fn open_sse(url: &str) -> Result<SseStream, String> {
-    let (authority, target) = split_http_url(url)?;
-    let connect = tokio::time::timeout(
-        SSE_CONNECT_TIMEOUT,
-        TcpStream::connect(connect_addr(authority)),
-    );
-    let mut tcp = match connect.await {
-        Err(_) => {
-            return Err(format!(
-                "SSE connect to {authority} timed out after {} s",
-                SSE_CONNECT_TIMEOUT.as_secs()
-            ));
-        }
+    let (authority, target) = split_url(url, "http")?;
+    let mut tcp = connect_tcp(authority, "SSE").await?;
+    let request =
+        format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/event-stream\r\n\r\n");
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sending GET /sse: {e}"))?;
+    let mut buf = Vec::with_capacity(SUB_READ_BUFFER);
+    let mut head = read_head(&mut tcp, &mut buf, "GET /sse").await?;
+    if head.status != 200 {
+        return Err(refusal("GET /sse", &mut head, &mut tcp, &mut buf).await);
+    }
+    Ok(SseStream {
+        tcp,
+        buf,
+        body: head.body,
+    })
+}
+
+/// A TCP connection to `authority` (port 80 if it has none) within [`CONNECT_TIMEOUT`]; `what`
+/// (`SSE`, `WebSocket`) names it in errors.
+async fn connect_tcp(authority: &str, what: &str) -> Result<TcpStream, String> {
+    let connect =
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(connect_addr(authority)));
+    match connect.await {
+        Err(_) => Err(format!(
+            "{what} connect to {authority} timed out after {} s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
         Ok(Err(e)) => {
             let hint = match e.raw_os_error() {
                 Some(24) => " (too many open files: raise `ulimit -n`)",
                 Some(99) => " (out of local ports)",
                 _ => "",
             };
-            return Err(format!("SSE connect to {authority} failed: {e}{hint}"));
+            Err(format!("{what} connect to {authority} failed: {e}{hint}"))
         }
-        Ok(Ok(tcp)) => tcp,
-    };
-    let request =
-        format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/event-stream\r\n\r\n");
-    tcp.write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("sending GET /sse: {e}"))?;
-    let mut buf = Vec::with_capacity(SSE_READ_BUFFER);
-    let head_len = tokio::time::timeout(SSE_HEAD_TIMEOUT, async {
+        Ok(Ok(tcp)) => Ok(tcp),
+    }
+}
+
+/// Reads the response head to the request `what` (e.g. `GET /sse`) into `buf` and parses it; what
+/// came after the head (the first body or frame bytes) stays in `buf`.
+async fn read_head(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> Result<ResponseHead, String> {
+    let head_len = tokio::time::timeout(HEAD_TIMEOUT, async {
         loop {
-            if let Some(end) = head_end(&buf) {
+            if let Some(end) = head_end(buf) {
                 return Ok(end);
             }
-            if buf.len() >= SSE_READ_BUFFER {
+            if buf.len() >= HEAD_MAX {
                 return Err(format!(
-                    "GET /sse: the response head is larger than {SSE_READ_BUFFER} bytes"
+                    "{what}: the response head is larger than {HEAD_MAX} bytes"
                 ));
             }
-            match tcp.read_buf(&mut buf).await {
+            match tcp.read_buf(buf).await {
                 Ok(0) => {
                     return Err(format!(
-                        "GET /sse: the server closed the connection before the response head's end \
+                        "{what}: the server closed the connection before the response head's end \
                          (got {:?})",
-                        String::from_utf8_lossy(&buf)
+                        String::from_utf8_lossy(buf)
                     ));
                 }
                 Ok(_) => {}
-                Err(e) => return Err(format!("GET /sse: reading the response: {e}")),
+                Err(e) => return Err(format!("{what}: reading the response: {e}")),
             }
         }
     })
     .await
     .map_err(|_| {
         format!(
-            "GET /sse: no response head within {} s",
-            SSE_HEAD_TIMEOUT.as_secs()
+            "{what}: no response head within {} s",
+            HEAD_TIMEOUT.as_secs()
         )
     })??;
-    let head = parse_head(&buf[..head_len]).map_err(|e| format!("GET /sse: {e}"))?;
+    let head = parse_head(&buf[..head_len]).map_err(|e| format!("{what}: {e}"))?;
     buf.drain(..head_len);
-    let mut sse = SseStream {
-        tcp,
-        buf,
-        body: head.body,
-    };
-    if head.status != 200 {
-        let body = error_body(&mut sse).await;
-        let hint = if head.status == 401 {
-            " (is --secret the engine's HERALD_JWT_SECRET?)"
-        } else {
-            ""
-        };
-        return Err(format!(
-            "GET /sse answered {}: {body}{hint}",
-            head.status_text
-        ));
-    }
-    Ok(sse)
+    Ok(head)
 }
 
-/// The start of an error response's body (at most [`ERROR_BODY_MAX`] bytes, lossy UTF-8, trimmed):
-/// whatever arrives until the body ends, the connection closes or a read waits 2 s.
-async fn error_body(sse: &mut SseStream) -> String {
+/// The error for a refused request `what`: the status, the start of the body (see [`error_body`])
+/// and, for a 401, a hint.
+async fn refusal(
+    what: &str,
+    head: &mut ResponseHead,
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> String {
+    let body = error_body(tcp, buf, &mut head.body).await;
+    let hint = if head.status == 401 {
+        " (is --secret the engine's HERALD_JWT_SECRET?)"
+    } else {
+        ""
+    };
+    format!("{what} answered {}: {body}{hint}", head.status_text)
+}
+
+/// The start of an error response's body (at most [`ERROR_BODY_MAX`] bytes, lossy UTF-8, trimmed),
+/// framed by `body`, from what `buf` holds and then `tcp`: whatever arrives until the body ends, the
+/// connection closes or a read waits 2 s.
+async fn error_body(tcp: &mut TcpStream, buf: &mut Vec<u8>, body: &mut BodyDecoder) -> String {
     let mut out = Vec::new();
     loop {
-        let ended = sse
-            .body
-            .decode(&sse.buf, |data| {
+        let ended = body
+            .decode(buf, |data| {
                 let room = ERROR_BODY_MAX.saturating_sub(out.len());
                 out.extend_from_slice(&data[..data.len().min(room)]);
             })
             .unwrap_or(true);
-        sse.buf.clear();
+        buf.clear();
         if ended || out.len() >= ERROR_BODY_MAX {
             break;
         }
-        match tokio::time::timeout(Duration::from_secs(2), sse.tcp.read_buf(&mut sse.buf)).await {
+        match tokio::time::timeout(Duration::from_secs(2), tcp.read_buf(buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => break,
         }
@@ -1647,12 +1651,20 @@ async fn error_body(sse: &mut SseStream) -> String {
     text
 }
 
-/// `(authority, target)` of `http://authority[/path…]`: what to connect to (and send as `Host`), and
-/// the request target (at least `/`).
-fn split_http_url(url: &str) -> Result<(&str, &str), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: not an http:// URL"))?;
+/// `(authority, target)` of `{scheme}://authority[/path…]` (`http` or `ws`): what to connect to (and
+/// send as `Host`), and the request target (at least `/`). No TLS: `https://` and `wss://` are
+/// refused.
+fn split_url<'a>(url: &'a str, scheme: &str) -> Result<(&'a str, &'a str), String> {
+    let after_scheme = url.strip_prefix(scheme);
+    let rest = after_scheme
+        .and_then(|r| r.strip_prefix("://"))
+        .ok_or_else(|| {
+            if after_scheme.is_some_and(|r| r.starts_with("s://")) {
+                format!("{url}: {scheme}s:// (TLS) is not supported, only {scheme}://")
+            } else {
+                format!("{url}: not a {scheme}:// URL")
+            }
+        })?;
     let (authority, target) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, "/"),
@@ -1700,6 +1712,10 @@ struct ResponseHead {
     /// `Content-Length`, else up to the connection's end (RFC 9112 §6.3; another transfer coding
     /// also reads to the end, undecoded).
     body: BodyDecoder,
+    /// `Upgrade` (a WebSocket upgrade's answer has `websocket`).
+    upgrade: Option<String>,
+    /// `Sec-WebSocket-Accept`.
+    ws_accept: Option<String>,
 }
 
 fn parse_head(head: &[u8]) -> Result<ResponseHead, String> {
@@ -1713,6 +1729,7 @@ fn parse_head(head: &[u8]) -> Result<ResponseHead, String> {
         .filter(|_| version.starts_with("HTTP/1."))
         .ok_or_else(|| format!("not an HTTP/1.x status line: {status_line:?}"))?;
     let (mut chunked, mut other_coding, mut length) = (false, false, None);
+    let (mut upgrade, mut ws_accept) = (None, None);
     for line in lines.take_while(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
             return Err(format!("malformed header line {line:?}"));
@@ -1729,6 +1746,10 @@ fn parse_head(head: &[u8]) -> Result<ResponseHead, String> {
                     .parse::<u64>()
                     .map_err(|_| format!("bad Content-Length {value:?}"))?,
             );
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-accept") {
+            ws_accept = Some(value.to_string());
         }
     }
     let body = match (chunked, other_coding, length) {
@@ -1740,6 +1761,8 @@ fn parse_head(head: &[u8]) -> Result<ResponseHead, String> {
         status,
         status_text: status_text.to_string(),
         body,
+        upgrade,
+        ws_accept,
     })
 }
 
@@ -1954,15 +1977,432 @@ fn trim_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Connects, waits for `connected`, and subscribes to `channel` when given; returns the socket and
-/// the channel's seq from the subscribe reply (0 without a subscribe).
-async fn open_ws(
+// ---------------------------------------------------------------------------------------------------
+// WebSocket client (subscribers, idle connections)
+
+/// An open WebSocket on its own TCP connection, read without a WebSocket library: the frames of
+/// each read are parsed in place in one buffer, and a text frame's payload is handed out as a slice
+/// of it (no copy, no allocation, no UTF-8 check).
+struct WsStream {
+    tcp: TcpStream,
+    /// Bytes read and not parsed yet: between reads, part of one frame at most (kept at the start).
+    /// Reads go into its spare capacity.
+    buf: Vec<u8>,
+    /// The capacity `buf` doubles up to while reads fill it; it grows past this only for a frame
+    /// larger than itself, and shrinks back once that frame is read.
+    buf_max: usize,
+    /// Whether the last read filled `buf`.
+    filled: bool,
+    frames: WsFrames,
+}
+
+/// Connects to `url` (`ws://` only) and upgrades to a WebSocket, written by hand; waits for
+/// `connected`, and subscribes to `channel` when given. Returns the stream and the channel's seq from
+/// the subscribe reply (0 without a subscribe). The read buffer starts at `read_buffer` bytes and
+/// doubles up to `read_buffer_max` while reads fill it.
+async fn open_ws_stream(
     url: &str,
     channel: Option<&str>,
     read_buffer: usize,
-) -> Result<(Ws, u64), String> {
+    read_buffer_max: usize,
+) -> Result<(WsStream, u64), String> {
+    let (authority, target) = split_url(url, "ws")?;
+    let what = format!("GET {}", target.split('?').next().unwrap_or(target));
+    let mut tcp = connect_tcp(authority, "WebSocket").await?;
+    // The subscribe and the pongs go out at once (as tungstenite's `disable_nagle` did).
+    let _ = tcp.set_nodelay(true);
+    let key = generate_key();
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    match tokio::time::timeout(WS_WRITE_TIMEOUT, tcp.write_all(request.as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("sending {what}: {e}")),
+        Err(_) => return Err(format!("sending {what}: timed out")),
+    }
+    let mut buf = Vec::with_capacity(read_buffer);
+    let mut head = read_head(&mut tcp, &mut buf, &what).await?;
+    if head.status != 101 {
+        return Err(refusal(&what, &mut head, &mut tcp, &mut buf).await);
+    }
+    if !head
+        .upgrade
+        .as_deref()
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+    {
+        return Err(format!(
+            "{what} answered {} without `Upgrade: websocket` (got {:?})",
+            head.status_text, head.upgrade
+        ));
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    if head.ws_accept.as_deref() != Some(&accept) {
+        return Err(format!(
+            "{what}: wrong Sec-WebSocket-Accept {:?} (expected {accept:?})",
+            head.ws_accept
+        ));
+    }
+    // `buf` keeps the bytes that came with the head: the first frames.
+    let mut ws = WsStream {
+        tcp,
+        buf,
+        buf_max: read_buffer_max,
+        filled: false,
+        frames: WsFrames::new(None),
+    };
+    let first = ws.next_json().await?;
+    if first["type"] != "connected" {
+        return Err(format!("expected `connected`, got {first}"));
+    }
+    let Some(channel) = channel else {
+        return Ok((ws, 0));
+    };
+    let sub = json!({"op": "subscribe", "channel": channel, "ref": 1});
+    ws.send_text(&sub.to_string())
+        .await
+        .map_err(|e| format!("sending subscribe: {e}"))?;
+    loop {
+        let v = ws.next_json().await?;
+        if v["type"] == "reply" && v["ref"] == 1 {
+            if v["ok"] != true {
+                return Err(format!("subscribe {channel} refused: {}", v["error"]));
+            }
+            return Ok((ws, v["seq"].as_u64().unwrap_or(0)));
+        }
+        if v["type"] == "disconnect" {
+            return Err(format!("disconnected during setup: {v}"));
+        }
+        // Anything else (presence updates of the others joining) is skipped.
+    }
+}
+
+impl WsStream {
+    /// One read into `buf`'s spare capacity. Before it, `buf` doubles when a frame fills all of it,
+    /// or when the last read filled it and it is below `buf_max`.
+    async fn fill(&mut self) -> Result<(), String> {
+        let cap = self.buf.capacity();
+        if self.buf.len() == cap || (self.filled && cap < self.buf_max) {
+            self.buf.reserve(2 * cap - self.buf.len());
+        }
+        match self.tcp.read_buf(&mut self.buf).await {
+            Ok(0) => Err("socket ended".into()),
+            Ok(_) => {
+                self.filled = self.buf.len() == self.buf.capacity();
+                Ok(())
+            }
+            Err(e) => Err(format!("socket error: {e}")),
+        }
+    }
+
+    /// Drops the first `n` bytes of `buf` (parsed frames), moving what is left (part of a frame) to
+    /// its start; a buffer grown past `buf_max` for a large frame shrinks back once empty.
+    fn consume(&mut self, n: usize) {
+        self.buf.drain(..n);
+        if self.buf.is_empty() && self.buf.capacity() > self.buf_max {
+            self.buf = Vec::with_capacity(self.buf_max);
+        }
+    }
+
+    /// Writes the frames queued in `frames.out` (pongs, a close reply, a setup frame), if any.
+    async fn send_queued(&mut self) -> Result<(), String> {
+        if self.frames.out.is_empty() {
+            return Ok(());
+        }
+        let written =
+            tokio::time::timeout(WS_WRITE_TIMEOUT, self.tcp.write_all(&self.frames.out)).await;
+        self.frames.out.clear();
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("socket error: {e}")),
+            Err(_) => Err(format!(
+                "socket error: the engine took no frame for {} s",
+                WS_WRITE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Sends `text` as one masked text frame (setup only).
+    async fn send_text(&mut self, text: &str) -> Result<(), String> {
+        self.frames.queue(OP_TEXT, text.as_bytes());
+        self.send_queued().await
+    }
+
+    /// The next text message, parsed as JSON (setup only: this allocates), each within
+    /// [`SETUP_FRAME_TIMEOUT`]; pings on the way are answered.
+    async fn next_json(&mut self) -> Result<Value, String> {
+        let next = async {
+            loop {
+                let Some((len, text)) = self.frames.next(&self.buf)? else {
+                    self.fill().await?;
+                    continue;
+                };
+                let json = text.map(|t| {
+                    serde_json::from_slice(t).map_err(|e| {
+                        format!("unreadable frame ({e}): {}", String::from_utf8_lossy(t))
+                    })
+                });
+                self.consume(len);
+                self.send_queued().await?;
+                if let Some(json) = json {
+                    return json;
+                }
+            }
+        };
+        tokio::time::timeout(SETUP_FRAME_TIMEOUT, next)
+            .await
+            .map_err(|_| {
+                format!(
+                    "no frame from the server within {} s",
+                    SETUP_FRAME_TIMEOUT.as_secs()
+                )
+            })?
+    }
+
+    /// Sends a close frame (no status), best effort: 1 s at most.
+    async fn close(&mut self) {
+        self.frames.out.clear();
+        self.frames.queue(OP_CLOSE, &[]);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tcp.write_all(&self.frames.out))
+            .await;
+        self.frames.out.clear();
+    }
+}
+
+/// Reads `ws`'s frames until the server closes it, the connection fails or `stop`, handing each text
+/// message to `on_text` (in place: a slice of the read buffer) and answering pings. Returns why the
+/// socket ended; `None` when stopped (after sending a close frame, best effort).
+async fn ws_receive(
+    ws: &mut WsStream,
+    stop: &CancellationToken,
+    mut on_text: impl FnMut(&[u8]),
+) -> Option<String> {
+    // One waiter for the whole loop: `cancelled()` registers with the token (a lock) when first polled.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        // The buffer holds what the last read brought after the partial frame the one before left
+        // (at first: whatever came with the subscribe reply). Every complete frame is handled, then
+        // the rest moves to the buffer's start.
+        if !ws.buf.is_empty() {
+            let parsed = ws.frames.parse(&ws.buf, &mut on_text);
+            let sent = ws.send_queued().await;
+            match parsed {
+                Ok(n) => ws.consume(n),
+                Err(reason) => return Some(reason),
+            }
+            if let Err(e) = sent {
+                return Some(e);
+            }
+        }
+        tokio::select! {
+            biased;
+            r = ws.fill() => if let Err(e) = r {
+                return Some(e);
+            },
+            _ = &mut stopped => break,
+        }
+    }
+    ws.close().await;
+    None
+}
+
+/// WebSocket opcodes (RFC 6455 §5.2).
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xa;
+
+/// The frame layer of a client WebSocket (RFC 6455 §5): parses the server's frames in place, and
+/// queues the frames to send back (pongs, the close reply) in `out`.
+struct WsFrames {
+    /// The masking key of every frame sent, in tests; `None`: a fresh random key for each frame
+    /// (RFC 6455 §5.3). Frames sent are few (the subscribe, pongs, the close).
+    fixed_mask: Option<[u8; 4]>,
+    /// Whether the fragmented message in progress is text (`Some(false)`: binary); `None` outside
+    /// one.
+    fragmented: Option<bool>,
+    /// The fragmented text message so far (rare: the engine sends each message in one frame).
+    fragments: Vec<u8>,
+    /// Masked frames to send.
+    out: Vec<u8>,
+}
+
+impl WsFrames {
+    fn new(fixed_mask: Option<[u8; 4]>) -> WsFrames {
+        WsFrames {
+            fixed_mask,
+            fragmented: None,
+            fragments: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Queues a frame to send in `out`, masked with a fresh key (or the fixed one).
+    fn queue(&mut self, opcode: u8, payload: &[u8]) {
+        let mask = self.fixed_mask.unwrap_or_else(rand::random);
+        masked_frame(&mut self.out, opcode, payload, mask);
+    }
+
+    /// Hands the text messages of the complete frames at the start of `buf` to `on_text`; returns
+    /// how many bytes they took (the rest is part of a frame), or why the connection ends (a close
+    /// frame, a protocol error).
+    fn parse(&mut self, buf: &[u8], mut on_text: impl FnMut(&[u8])) -> Result<usize, String> {
+        let mut at = 0;
+        while let Some((len, text)) = self.next(&buf[at..])? {
+            if let Some(text) = text {
+                on_text(text);
+            }
+            at += len;
+        }
+        Ok(at)
+    }
+
+    /// The frame at the start of `buf`: its length and the text message it completes (`None` for a
+    /// fragment, a binary message or a control frame), or `Ok(None)` when only part of it is there.
+    /// A ping queues its pong. A close frame queues the reply and ends with `Err(closed by the
+    /// server: CODE REASON)`; a protocol error ends with `Err` too.
+    fn next<'a>(&'a mut self, buf: &'a [u8]) -> Result<Option<WsFrame<'a>>, String> {
+        let [b0, b1, ..] = *buf else {
+            return Ok(None);
+        };
+        if b0 & 0x70 != 0 {
+            return Err(protocol_error(
+                "reserved bits set (no extension was agreed)",
+            ));
+        }
+        if b1 & 0x80 != 0 {
+            return Err(protocol_error("a masked frame from the server"));
+        }
+        let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
+        let (header, len) = match b1 & 0x7f {
+            126 => match buf.get(2..4) {
+                Some(b) => (4, u64::from(u16::from_be_bytes([b[0], b[1]]))),
+                None => return Ok(None),
+            },
+            127 => match buf.get(2..10) {
+                Some(b) => (10, u64::from_be_bytes(b.try_into().expect("8 bytes"))),
+                None => return Ok(None),
+            },
+            n => (2, u64::from(n)),
+        };
+        if len > WS_MAX_MESSAGE as u64 {
+            return Err(protocol_error(format_args!(
+                "a frame of {len} bytes (at most {WS_MAX_MESSAGE} accepted)"
+            )));
+        }
+        let end = header + len as usize;
+        let Some(payload) = buf.get(header..end) else {
+            return Ok(None);
+        };
+        let text = match opcode {
+            // The hot path: a whole text message in one frame.
+            OP_TEXT if fin && self.fragmented.is_none() => Some(payload),
+            OP_TEXT | OP_BINARY if self.fragmented.is_some() => {
+                return Err(protocol_error("a new message inside a fragmented one"));
+            }
+            OP_BINARY if fin => None,
+            OP_TEXT | OP_BINARY => {
+                self.fragmented = Some(opcode == OP_TEXT);
+                self.fragments.clear();
+                if opcode == OP_TEXT {
+                    self.add_fragment(payload)?;
+                }
+                None
+            }
+            OP_CONTINUATION => {
+                let Some(is_text) = self.fragmented else {
+                    return Err(protocol_error("a continuation frame outside a message"));
+                };
+                if is_text {
+                    self.add_fragment(payload)?;
+                }
+                if fin {
+                    self.fragmented = None;
+                }
+                (fin && is_text).then_some(&self.fragments[..])
+            }
+            OP_CLOSE | OP_PING | OP_PONG if !fin || len > 125 => {
+                return Err(protocol_error("a fragmented or oversized control frame"));
+            }
+            OP_PING => {
+                self.queue(OP_PONG, payload);
+                None
+            }
+            OP_PONG => None,
+            OP_CLOSE => return Err(self.on_close(payload)),
+            _ => return Err(protocol_error(format_args!("unknown opcode {opcode:#x}"))),
+        };
+        Ok(Some((end, text)))
+    }
+
+    fn add_fragment(&mut self, payload: &[u8]) -> Result<(), String> {
+        if self.fragments.len() + payload.len() > WS_MAX_MESSAGE {
+            return Err(protocol_error(format_args!(
+                "a fragmented message of more than {WS_MAX_MESSAGE} bytes"
+            )));
+        }
+        self.fragments.extend_from_slice(payload);
+        Ok(())
+    }
+
+    /// A close frame: queues the reply (echoing the status code, RFC 6455 §5.5.1) and returns why
+    /// the connection ends.
+    fn on_close(&mut self, payload: &[u8]) -> String {
+        match *payload {
+            [] => {
+                self.queue(OP_CLOSE, &[]);
+                "closed by the server".into()
+            }
+            [_] => protocol_error("a close frame with a 1-byte payload"),
+            [c0, c1, ref reason @ ..] => {
+                self.queue(OP_CLOSE, &[c0, c1]);
+                format!(
+                    "closed by the server: {} {}",
+                    u16::from_be_bytes([c0, c1]),
+                    String::from_utf8_lossy(reason)
+                )
+            }
+        }
+    }
+}
+
+/// A complete frame at the start of the buffer: its length, and the text message it completes.
+type WsFrame<'a> = (usize, Option<&'a [u8]>);
+
+fn protocol_error(detail: impl Display) -> String {
+    format!("WebSocket protocol error: {detail}")
+}
+
+/// Appends a client frame (FIN set, one frame per message) of `opcode` with `payload` masked by
+/// `mask` to `out`.
+fn masked_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Publisher
+
+/// A publisher's socket, through tungstenite (its frames are one request and one reply per publish,
+/// not per delivery): connects and waits for `connected`.
+async fn open_publisher_ws(url: &str) -> Result<Ws, String> {
     let config = WebSocketConfig::default()
-        .read_buffer_size(read_buffer)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0);
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
         .await
@@ -1985,32 +2425,18 @@ async fn open_ws(
     if first["type"] != "connected" {
         return Err(format!("expected `connected`, got {first}"));
     }
-    let Some(channel) = channel else {
-        return Ok((ws, 0));
-    };
-    let sub = json!({"op": "subscribe", "channel": channel, "ref": 1});
-    ws.send(Message::Text(sub.to_string().into()))
-        .await
-        .map_err(|e| format!("sending subscribe: {e}"))?;
-    loop {
-        let v = next_json(&mut ws).await?;
-        if v["type"] == "reply" && v["ref"] == 1 {
-            if v["ok"] != true {
-                return Err(format!("subscribe {channel} refused: {}", v["error"]));
-            }
-            return Ok((ws, v["seq"].as_u64().unwrap_or(0)));
-        }
-        if v["type"] == "disconnect" {
-            return Err(format!("disconnected during setup: {v}"));
-        }
-        // Anything else (presence updates of the others joining) is skipped.
-    }
+    Ok(ws)
 }
 
 async fn next_json(ws: &mut Ws) -> Result<Value, String> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-            Err(_) => return Err("no frame from the server within 30 s".into()),
+        match tokio::time::timeout(SETUP_FRAME_TIMEOUT, ws.next()).await {
+            Err(_) => {
+                return Err(format!(
+                    "no frame from the server within {} s",
+                    SETUP_FRAME_TIMEOUT.as_secs()
+                ));
+            }
             Ok(None) => return Err("the server closed the socket".into()),
             Ok(Some(Err(e))) => return Err(format!("socket error: {e}")),
             Ok(Some(Ok(Message::Text(t)))) => {
@@ -2024,9 +2450,6 @@ async fn next_json(ws: &mut Ws) -> Result<Value, String> {
         }
     }
 }
-
-// ---------------------------------------------------------------------------------------------------
-// Publisher
 
 /// Where publishes go.
 enum Route {
@@ -3008,11 +3431,36 @@ mod tests {
         assert!(head("HTTP/1.1 200 OK\r\nno colon\r\n\r\n").is_err());
 
         assert_eq!(
-            split_http_url("http://127.0.0.1:7070/sse?channels=room:r&token=t"),
+            split_url("http://127.0.0.1:7070/sse?channels=room:r&token=t", "http"),
             Ok(("127.0.0.1:7070", "/sse?channels=room:r&token=t"))
         );
-        assert_eq!(split_http_url("http://h"), Ok(("h", "/")));
-        assert!(split_http_url("https://h/").is_err() && split_http_url("http:///x").is_err());
+        assert_eq!(split_url("http://h", "http"), Ok(("h", "/")));
+        assert_eq!(
+            split_url("ws://h:1/ws?token=t", "ws"),
+            Ok(("h:1", "/ws?token=t"))
+        );
+        assert_eq!(
+            split_url("wss://h/ws", "ws"),
+            Err("wss://h/ws: wss:// (TLS) is not supported, only ws://".into())
+        );
+        assert_eq!(
+            split_url("http://h/ws", "ws"),
+            Err("http://h/ws: not a ws:// URL".into())
+        );
+        assert!(
+            split_url("https://h/", "http").is_err() && split_url("http:///x", "http").is_err()
+        );
+        assert!(split_url("wsx://h/", "ws").is_err());
+        let h = head(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             sec-websocket-accept:  s3pPLMBiTxaQ9kYGzzhZRbK+xOo= \r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(h.status, 101);
+        assert_eq!(
+            (h.upgrade.as_deref(), h.ws_accept.as_deref()),
+            (Some("websocket"), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="))
+        );
         assert_eq!(connect_addr("127.0.0.1:7070"), "127.0.0.1:7070");
         assert_eq!(connect_addr("localhost"), "localhost:80");
         assert_eq!(connect_addr("[::1]"), "[::1]:80");
@@ -3029,32 +3477,56 @@ mod tests {
         }
     }
 
-    /// A one-connection HTTP server: checks the request, then writes `parts` (each flushed, with a
-    /// pause between) and keeps the connection open until the client closes it.
-    async fn fake_engine(parts: Vec<Vec<u8>>) -> (String, JoinHandle<()>) {
+    /// A one-connection server: reads the request head and hands it to `respond`, which checks it
+    /// and returns the answer; writes the answer's parts (each flushed, with a pause between), then
+    /// reads until the client closes the connection. Its address, and a task returning what the
+    /// client sent after the request head.
+    async fn serve_once(
+        respond: impl FnOnce(std::net::SocketAddr, &str) -> Vec<Vec<u8>> + Send + 'static,
+    ) -> (std::net::SocketAddr, JoinHandle<Vec<u8>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let (mut tcp, _) = listener.accept().await.unwrap();
             let mut request = Vec::new();
-            while head_end(&request).is_none() {
+            let end = loop {
+                if let Some(end) = head_end(&request) {
+                    break end;
+                }
                 assert!(tcp.read_buf(&mut request).await.unwrap() > 0);
-            }
-            let want = format!(
-                "GET /sse?channels=room:r&token=tok HTTP/1.1\r\nHost: {addr}\r\n\
-                 Accept: text/event-stream\r\n\r\n"
-            );
-            assert_eq!(String::from_utf8_lossy(&request), want);
-            for p in parts {
-                tcp.write_all(&p).await.unwrap();
+            };
+            let mut sent = request.split_off(end);
+            for p in respond(addr, &String::from_utf8_lossy(&request)) {
+                // A client that refused the answer may be gone already.
+                if tcp.write_all(&p).await.is_err() {
+                    break;
+                }
                 tcp.flush().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             // Like hyper after a keep-alive response: wait for a next request that never comes.
-            let mut rest = Vec::new();
-            let _ = tcp.read_buf(&mut rest).await;
+            while let Ok(n) = tcp.read_buf(&mut sent).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            sent
         });
+        (addr, task)
+    }
+
+    /// [`serve_once`] for `GET /sse?channels=room:r&token=tok`: checks the request, answers `parts`.
+    async fn fake_engine(parts: Vec<Vec<u8>>) -> (String, JoinHandle<Vec<u8>>) {
+        let (addr, task) = serve_once(move |addr, request| {
+            let want = format!(
+                "GET /sse?channels=room:r&token=tok HTTP/1.1\r\nHost: {addr}\r\n\
+                 Accept: text/event-stream\r\n\r\n"
+            );
+            assert_eq!(request, want);
+            parts
+        })
+        .await;
         (format!("http://{addr}/sse?channels=room:r&token=tok"), task)
     }
 
@@ -3181,6 +3653,414 @@ mod tests {
         sse_receive(&mut sse, &mut tally, &shared, &progress, &stop).await;
         assert_eq!((tally.closed, tally.frames), (None, 0));
         drop(open);
+    }
+
+    /// A server frame (unmasked) with first byte `b0` (FIN and opcode), its length in the fewest
+    /// bytes.
+    fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![b0];
+        match payload.len() {
+            n @ 0..=125 => f.push(n as u8),
+            n @ 126..=0xffff => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// [`frame`] with a 64-bit length whatever the payload's size.
+    fn frame64(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![b0, 127];
+        f.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The client frames in `bytes`, each checked to be masked with `mask` (when given): the first
+    /// byte and the unmasked payload.
+    fn client_frames(bytes: &[u8], mask: Option<[u8; 4]>) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let (b0, b1) = (bytes[at], bytes[at + 1]);
+            assert!(b1 & 0x80 != 0, "an unmasked client frame: {bytes:?}");
+            let (mut h, len) = match b1 & 0x7f {
+                126 => (
+                    4,
+                    usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])),
+                ),
+                127 => {
+                    let n = u64::from_be_bytes(bytes[at + 2..at + 10].try_into().unwrap());
+                    (10, n as usize)
+                }
+                n => (2, usize::from(n)),
+            };
+            let key = &bytes[at + h..at + h + 4];
+            if let Some(mask) = mask {
+                assert_eq!(key, mask);
+            }
+            h += 4;
+            let payload = bytes[at + h..at + h + len]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ key[i % 4])
+                .collect();
+            frames.push((b0, payload));
+            at += h + len;
+        }
+        frames
+    }
+
+    /// Feeds `reads` to a new [`WsFrames`] as successive reads into one buffer, kept and compacted
+    /// as [`ws_receive`] does: the text messages, the frames queued to send, and how it ended
+    /// (`Ok`: the bytes of a partial frame left).
+    fn feed(reads: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>, Result<usize, String>) {
+        let mut frames = WsFrames::new(Some([0x0f, 0xa0, 0x55, 0xff]));
+        let (mut buf, mut texts) = (Vec::new(), Vec::new());
+        for read in reads {
+            buf.extend_from_slice(read);
+            match frames.parse(&buf, |t| texts.push(t.to_vec())) {
+                Ok(n) => drop(buf.drain(..n)),
+                Err(e) => return (texts, frames.out, Err(e)),
+            }
+        }
+        (texts, frames.out, Ok(buf.len()))
+    }
+
+    #[test]
+    fn ws_frames_split_at_every_byte_boundary_are_read_whole() {
+        let long16 = vec![b'm'; 300];
+        let long64: Vec<u8> = (0..200u8).collect();
+        let mut stream = frame(0x81, b"{\"n\":1}");
+        for f in [
+            frame(0x89, b"p1"),
+            frame(0x81, &long16),
+            frame(0x82, b"binary, ignored"),
+            frame64(0x81, &long64),
+            // A fragmented text message with a control frame between its fragments.
+            frame(0x01, b"frag-"),
+            frame(0x8a, b"pong, ignored"),
+            frame(0x00, b"ment-"),
+            frame(0x80, b"ed"),
+            // A fragmented binary message, ignored.
+            frame(0x02, b"b1"),
+            frame(0x80, b"b2"),
+            frame(0x81, b""),
+            frame(0x01, b"again"),
+            frame(0x80, b"!"),
+            frame(0x81, b"last"),
+            frame(0x88, b"\x03\xe8bye"),
+        ] {
+            stream.extend(f);
+        }
+        let texts: Vec<Vec<u8>> = vec![
+            b"{\"n\":1}".to_vec(),
+            long16,
+            long64,
+            b"frag-ment-ed".to_vec(),
+            Vec::new(),
+            b"again!".to_vec(),
+            b"last".to_vec(),
+        ];
+        let sent = vec![(0x8a, b"p1".to_vec()), (0x88, b"\x03\xe8".to_vec())];
+        let end = Err("closed by the server: 1000 bye".to_string());
+        let check = |reads: &[&[u8]], what: &str| {
+            let (got, out, ended) = feed(reads);
+            assert_eq!(got, texts, "{what}");
+            assert_eq!(
+                client_frames(&out, Some([0x0f, 0xa0, 0x55, 0xff])),
+                sent,
+                "{what}"
+            );
+            assert_eq!(ended, end, "{what}");
+        };
+        for cut in 0..=stream.len() {
+            check(&[&stream[..cut], &stream[cut..]], &format!("cut at {cut}"));
+        }
+        for size in [1, 2, 3, 7, 64] {
+            let reads: Vec<&[u8]> = stream.chunks(size).collect();
+            check(&reads, &format!("reads of {size}"));
+        }
+        // Without the close: the partial frame at the end stays in the buffer.
+        let cut = stream.len() - 3;
+        let (got, _, ended) = feed(&[&stream[..cut]]);
+        assert_eq!((got.len(), ended), (texts.len(), Ok(4)));
+    }
+
+    #[test]
+    fn ws_control_frames_and_protocol_errors() {
+        // A ping's pong is masked (here with a fixed key).
+        let mut frames = WsFrames::new(Some([0xa5, 0x5a, 0xff, 0x00]));
+        assert_eq!(frames.parse(&frame(0x89, b"hey"), |_| panic!()), Ok(5));
+        assert_eq!(
+            frames.out,
+            [
+                0x8a,
+                0x83,
+                0xa5,
+                0x5a,
+                0xff,
+                0x00,
+                b'h' ^ 0xa5,
+                b'e' ^ 0x5a,
+                b'y' ^ 0xff
+            ]
+        );
+        let mut frames = WsFrames::new(Some([1, 2, 3, 4]));
+        assert_eq!(
+            frames.parse(&frame(0x88, b""), |_| panic!()),
+            Err("closed by the server".into())
+        );
+        assert_eq!(frames.out, [0x88, 0x80, 1, 2, 3, 4]);
+        let mut frames = WsFrames::new(Some([1, 2, 3, 4]));
+        assert_eq!(
+            frames.parse(&frame(0x88, b"\x0f\xa8slow consumer"), |_| panic!()),
+            Err("closed by the server: 4008 slow consumer".into())
+        );
+        assert_eq!(
+            client_frames(&frames.out, Some([1, 2, 3, 4])),
+            [(0x88, b"\x0f\xa8".to_vec())]
+        );
+
+        let error = |bytes: &[&[u8]]| feed(bytes).2.unwrap_err();
+        let masked = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+        assert_eq!(
+            error(&[&masked]),
+            "WebSocket protocol error: a masked frame from the server"
+        );
+        let mut oversized = vec![0x81, 127];
+        oversized.extend_from_slice(&(WS_MAX_MESSAGE as u64 + 1).to_be_bytes());
+        assert_eq!(
+            error(&[&oversized]),
+            "WebSocket protocol error: a frame of 16777217 bytes (at most 16777216 accepted)"
+        );
+        // The largest frame accepted is merely incomplete; so is a 64-bit length without its payload.
+        oversized[9] -= 1;
+        assert_eq!(feed(&[&oversized]).2, Ok(10));
+        let mut huge = vec![0x81, 127];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert!(error(&[&huge]).contains("a frame of 18446744073709551615 bytes"));
+        let big = frame64(0x01, &vec![b'x'; WS_MAX_MESSAGE]);
+        assert_eq!(
+            error(&[&big, &frame(0x80, b"y")]),
+            "WebSocket protocol error: a fragmented message of more than 16777216 bytes"
+        );
+        assert!(error(&[&frame(0x80, b"x")]).contains("a continuation frame outside a message"));
+        assert!(
+            error(&[&frame(0x01, b"a"), &frame(0x81, b"b")])
+                .contains("a new message inside a fragmented one")
+        );
+        assert!(error(&[&frame(0x09, b"")]).contains("a fragmented or oversized control frame"));
+        assert!(error(&[&frame(0x89, &[0; 126])]).contains("oversized control frame"));
+        assert!(error(&[&frame(0xc1, b"x")]).contains("reserved bits"));
+        assert!(error(&[&frame(0x83, b"x")]).contains("unknown opcode 0x3"));
+        assert!(error(&[&frame(0x88, b"\x03")]).contains("a 1-byte payload"));
+    }
+
+    /// [`serve_once`] for a WebSocket upgrade of `GET /ws?token=tok`: checks the request, answers
+    /// `answer(key)`, the request's `Sec-WebSocket-Key`.
+    async fn fake_ws_engine(
+        answer: impl FnOnce(&str) -> Vec<Vec<u8>> + Send + 'static,
+    ) -> (String, JoinHandle<Vec<u8>>) {
+        let (addr, task) = serve_once(move |addr, request| {
+            let key = request
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .expect("a Sec-WebSocket-Key")
+                .to_string();
+            let want = format!(
+                "GET /ws?token=tok HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            assert_eq!(request, want);
+            answer(&key)
+        })
+        .await;
+        (format!("ws://{addr}/ws?token=tok"), task)
+    }
+
+    fn switching_protocols(accept: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-accept: {accept}\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_refused_ws_upgrade_shows_the_status_and_the_body() {
+        let (url, server) = fake_ws_engine(|_| {
+            vec![
+                b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: 39\r\n\r\n{\"error\":".to_vec(),
+                b"{\"code\":\"unauthorized\",\"m\":1}}".to_vec(),
+            ]
+        })
+        .await;
+        let Err(e) = open_ws_stream(&url, None, 1024, 1024).await else {
+            panic!("a 401 opened a WebSocket")
+        };
+        assert_eq!(
+            e,
+            "GET /ws answered 401 Unauthorized: {\"error\":{\"code\":\"unauthorized\",\"m\":1}} \
+             (is --secret the engine's HERALD_JWT_SECRET?)"
+        );
+        server.await.unwrap();
+        let Err(e) = open_ws_stream("wss://127.0.0.1:1/ws", None, 1024, 1024).await else {
+            panic!("a wss:// URL opened a WebSocket")
+        };
+        assert_eq!(
+            e,
+            "wss://127.0.0.1:1/ws: wss:// (TLS) is not supported, only ws://"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ws_upgrade_with_a_wrong_accept_is_refused() {
+        let connected = frame(0x81, b"{\"type\":\"connected\"}");
+        let (url, server) = fake_ws_engine(move |_| {
+            let mut answer = switching_protocols(&derive_accept_key(b"another key"));
+            answer.extend(connected);
+            vec![answer]
+        })
+        .await;
+        let Err(e) = open_ws_stream(&url, None, 1024, 1024).await else {
+            panic!("a wrong Sec-WebSocket-Accept was taken")
+        };
+        assert!(
+            e.starts_with("GET /ws: wrong Sec-WebSocket-Accept Some("),
+            "{e}"
+        );
+        server.await.unwrap();
+        // The right one is taken.
+        let connected = frame(0x81, b"{\"type\":\"connected\"}");
+        let (url, server) = fake_ws_engine(move |key| {
+            let mut answer = switching_protocols(&derive_accept_key(key.as_bytes()));
+            answer.extend(connected);
+            vec![answer]
+        })
+        .await;
+        let (ws, base) = open_ws_stream(&url, None, 1024, 1024).await.unwrap();
+        assert_eq!((base, ws.buf.len()), (0, 0));
+        drop(ws);
+        server.await.unwrap();
+    }
+
+    fn event(seq: u64, pad: usize) -> Vec<u8> {
+        format!(
+            "{{\"type\":\"event\",\"channel\":\"room:r\",\"seq\":{seq},\"epoch\":\"e\",\
+             \"data\":{{\"t\":{},\"pad\":\"{}\"}}}}",
+            now_us(),
+            "x".repeat(pad)
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_ws_stream_subscribes_and_reads_frames_of_any_size() {
+        let (url, server) = fake_ws_engine(|key| {
+            let presence = frame(0x81, b"{\"type\":\"presence\",\"user\":\"lg-1\"}");
+            let mut first = switching_protocols(&derive_accept_key(key.as_bytes()));
+            // The first frames come with the head, and the presence update is cut by a read.
+            first.extend(frame(
+                0x81,
+                b"{\"type\":\"connected\",\"connection_id\":\"c\"}",
+            ));
+            first.extend_from_slice(&presence[..10]);
+            let mut second = presence[10..].to_vec();
+            second.extend(frame(
+                0x81,
+                b"{\"type\":\"reply\",\"ref\":1,\"ok\":true,\"seq\":4}",
+            ));
+            // An event right behind the reply, in the same read.
+            second.extend(frame(0x81, &event(5, 10)));
+            let six = frame(0x81, &event(6, 10));
+            let mut fourth = six[10..].to_vec();
+            fourth.extend(frame(0x89, b"hb"));
+            // Larger than the buffer can grow to by itself.
+            fourth.extend(frame(0x81, &event(7, 70_000)));
+            let eight = event(8, 100);
+            let (a, b) = eight.split_at(50);
+            vec![
+                first,
+                second,
+                six[..10].to_vec(),
+                fourth,
+                [frame(0x01, a), frame(0x80, b)].concat(),
+                frame(0x88, b"\x0f\xa8slow consumer"),
+            ]
+        })
+        .await;
+        let (mut ws, base) = open_ws_stream(&url, Some("room:r"), 1024, 4096)
+            .await
+            .unwrap();
+        assert_eq!(base, 4);
+        let (shared, stop) = (test_shared(), CancellationToken::new());
+        let mut tally = Tally::new();
+        tally.base = base;
+        let closed = tokio::time::timeout(
+            Duration::from_secs(5),
+            ws_receive(&mut ws, &stop, |f| tally.on_frame(f, &shared)),
+        )
+        .await
+        .expect("the stream ended at the close frame");
+        assert_eq!(
+            closed.as_deref(),
+            Some("closed by the server: 4008 slow consumer")
+        );
+        assert!((5..=8).all(|s| tally.has(s)) && !tally.has(9));
+        assert_eq!((tally.frames, tally.unreadable), (4, 0));
+        drop(ws);
+        let sent = client_frames(&server.await.unwrap(), None);
+        assert_eq!(sent.len(), 3, "{sent:?}");
+        assert_eq!(sent[0].0, 0x81);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&sent[0].1).unwrap(),
+            json!({"op": "subscribe", "channel": "room:r", "ref": 1})
+        );
+        assert_eq!(sent[1], (0x8a, b"hb".to_vec()));
+        assert_eq!(sent[2], (0x88, b"\x0f\xa8".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_refused_subscribe_is_an_error_and_stop_sends_a_close() {
+        let answer = |reply: &'static [u8]| {
+            move |key: &str| {
+                let mut answer = switching_protocols(&derive_accept_key(key.as_bytes()));
+                answer.extend(frame(0x81, b"{\"type\":\"connected\"}"));
+                answer.extend(frame(0x81, reply));
+                vec![answer]
+            }
+        };
+        let (url, server) = fake_ws_engine(answer(
+            b"{\"type\":\"reply\",\"ref\":1,\"ok\":false,\"error\":{\"code\":\"forbidden\"}}",
+        ))
+        .await;
+        let Err(e) = open_ws_stream(&url, Some("room:r"), 1024, 1024).await else {
+            panic!("a refused subscribe opened a subscriber")
+        };
+        assert_eq!(e, "subscribe room:r refused: {\"code\":\"forbidden\"}");
+        server.await.unwrap();
+
+        let (url, server) = fake_ws_engine(answer(
+            b"{\"type\":\"reply\",\"ref\":1,\"ok\":true,\"seq\":0}",
+        ))
+        .await;
+        let (mut ws, _) = open_ws_stream(&url, Some("room:r"), 1024, 1024)
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        assert_eq!(ws_receive(&mut ws, &stop, |_| panic!()).await, None);
+        drop(ws);
+        let sent = client_frames(&server.await.unwrap(), None);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!(sent[1], (0x88, Vec::new()));
     }
 
     #[test]

@@ -129,15 +129,15 @@
 //! ```text
 //! {"transport":"ws","publish_via":"http","nodes":1,"subscribers":200,"room":"bench",
 //!  "payload_bytes":100,"duration_s":5,"warmup_s":2,"setup_s":0.1,"offered_publishes_per_s":100,
-//!  "achieved_publishes_per_s":100.0,"publishes":500,"publish_errors":0,"publish_p50_us":891,
-//!  "publish_p99_us":4927,"schedule_lag_max_us":2207,"expected_deliveries":100000,
+//!  "achieved_publishes_per_s":100.0,"publishes":500,"publish_errors":0,"publish_p50_us":887,
+//!  "publish_p99_us":2303,"schedule_lag_max_us":3263,"expected_deliveries":100000,
 //!  "delivered":100000,"completeness":1.0,"missing":0,"gaps":0,"duplicates":0,"reorders":0,
-//!  "disconnects":0,"resets":0,"deliveries_per_s":20000.0,"latency_p50_us":2079,
-//!  "latency_p90_us":3519,"latency_p99_us":7327,"latency_max_us":12159,"loadgen_cpu_percent":15.7,
+//!  "disconnects":0,"resets":0,"deliveries_per_s":19997.4,"latency_p50_us":1455,
+//!  "latency_p90_us":2335,"latency_p99_us":2975,"latency_max_us":4479,"loadgen_cpu_percent":14.6,
 //!  "publish_connections":0,"offered_deliveries_per_s":20000,"cpu_window_s":5.0,
-//!  "loadgen_cpu_us_per_delivery":8.0,"engine_cpu_us_per_delivery":10.8,"engine_cpu_percent":21.6,
-//!  "idle_connections":2000,"idle_setup_s":0.4,"rss_before_kb":11884,"rss_after_kb":40528,
-//!  "rss_per_idle_connection_bytes":14665,"idle_disconnects":0}
+//!  "loadgen_cpu_us_per_delivery":7.4,"engine_cpu_us_per_delivery":9.0,"engine_cpu_percent":18.0,
+//!  "idle_connections":2000,"idle_setup_s":0.2,"rss_before_kb":12200,"rss_after_kb":20168,
+//!  "rss_per_idle_connection_bytes":4079,"idle_disconnects":0}
 //! ```
 //!
 //! At a low rate like this one every event costs each subscriber a wake-up and a `read` of its own

@@ -66,6 +66,12 @@ impl Server {
     }
 }
 
+/// Locks a mutex, recovering from poisoning: the state behind herald's locks is kept consistent by each
+/// critical section (no panics inside them), so a poisoned lock is still usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Makes room for one more item in `v`, exactly while it is short: a `Vec`'s first allocation holds
 /// four items, and the per-connection lists (a user's sessions, a session's subscriptions) mostly hold
 /// one or two, for every idle connection.

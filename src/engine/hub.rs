@@ -15,6 +15,7 @@ use bytes::Bytes;
 
 use crate::backend::{Delivery, DeliverySink};
 use crate::channels::ChannelName;
+use crate::lock;
 
 const SHARDS: usize = 64;
 
@@ -512,9 +513,6 @@ impl DeliverySink for Hub {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|e| e.into_inner())
 }

@@ -125,14 +125,13 @@ impl Rules {
                 let files = set.files();
                 self.current.store(Arc::new(set));
                 self.versions.store(version, Ordering::Release);
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *crate::lock(&self.last_error) = None;
                 crate::metrics::rules_reload("ok");
                 tracing::info!(version, files = ?files, "Rules reloaded.");
                 Ok(version)
             }
             Err(e) => {
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((e.clone(), crate::event::now_ms()));
+                *crate::lock(&self.last_error) = Some((e.clone(), crate::event::now_ms()));
                 crate::metrics::rules_reload("refused");
                 tracing::error!(error = %e, "Rules reload refused; the last good rules stay.");
                 Err(e)
@@ -143,11 +142,7 @@ impl Rules {
     /// Status for operators.
     pub fn status(&self) -> RulesStatus {
         let cur = self.current();
-        let err = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let err = crate::lock(&self.last_error).clone();
         RulesStatus {
             version: cur.version,
             loaded_at: cur.loaded_at,

@@ -507,19 +507,13 @@ struct Woken {
     task: Option<Waker>,
 }
 
-impl SocketWake {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Woken> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 impl Wake for SocketWake {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let mut w = self.lock();
+        let mut w = crate::lock(&self.0);
         w.socket = true;
         if let Some(t) = &w.task {
             t.wake_by_ref();
@@ -543,7 +537,7 @@ impl SocketReader {
         {
             // The task's waker is stored under the same lock that the flag is read: a wake after
             // this finds it.
-            let mut w = self.0.lock();
+            let mut w = crate::lock(&self.0.0);
             if !w.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
                 w.task = Some(cx.waker().clone());
             }
@@ -555,7 +549,7 @@ impl SocketReader {
         let next = socket.poll_next_unpin(&mut Context::from_waker(&waker));
         if next.is_ready() {
             // More frames may wait in the stream's buffer, and no wake comes for those.
-            self.0.lock().socket = true;
+            crate::lock(&self.0.0).socket = true;
         }
         next
     }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Memory, SHARDS, lock};
+use super::{Memory, SHARDS};
 use crate::backend::{
     BackendResult, Broker, Delivery, DeliverySink, History, HistoryPage, Outgoing, OutgoingPayload,
 };
 use crate::channels::ChannelName;
 use crate::event::{Epoch, Position, Seq, StoredEvent, event_frame, now_ms};
+use crate::lock;
 
 /// One channel's history.
 pub struct ChannelLog {

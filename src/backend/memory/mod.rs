@@ -45,9 +45,3 @@ impl Memory {
         }
     }
 }
-
-/// Locks a mutex, recovering from poisoning: the state behind these locks is kept consistent by each
-/// critical section (no panics inside them), so a poisoned lock is still usable.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}

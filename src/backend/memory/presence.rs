@@ -7,12 +7,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Memory, lock};
+use super::Memory;
 use crate::backend::{
     AppState, BackendResult, DevicePresence, Presence, SessionInfo, Status, SweepResult,
     UserPresence,
 };
 use crate::event::now_ms;
+use crate::lock;
 
 /// How long an offline user's last_seen and status are kept.
 const FORGET_AFTER_MS: i64 = 7 * 86_400 * 1000;

@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Memory, lock};
+use super::Memory;
 use crate::backend::{Announcement, BackendResult, Idempotency, PushDevice, Store, UnreadStep};
 use crate::event::Seq;
+use crate::lock;
 
 #[derive(Default)]
 pub(super) struct StoreState {

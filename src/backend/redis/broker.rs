@@ -33,6 +33,7 @@ use crate::backend::{
 };
 use crate::channels::ChannelName;
 use crate::event::{Epoch, Position, Seq, StoredEvent, event_frame_head, now_ms};
+use crate::lock;
 
 /// Idle expiry of channel metadata created by a read (publishes set their kind's own).
 const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(30 * 86_400);
@@ -111,10 +112,6 @@ pub(super) struct RedisBroker {
     /// Subscription requests to the manager task. Unbounded: one entry per local subscribe or
     /// unsubscribe, drained continuously in batches; bounded by the number of local subscriptions.
     ops: mpsc::UnboundedSender<SubOp>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RedisBroker {

@@ -178,6 +178,7 @@ fn fanout(c: &mut Criterion) {
             persist: Some(limits),
             filter: except_sender.clone(),
             unread: None,
+            dedupe: None,
         }))
         .expect("publish")
         .expect("stored");

@@ -203,6 +203,9 @@ pub struct Config {
     pub metrics_require_admin: bool,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// How long a publish holds its idempotency key's claim: a retry while it is held waits or gets
+    /// 503; after it lapses (the publisher crashed or lost the backend), a retry takes the key over.
+    pub idempotency_lease: Duration,
     /// How long shutdown waits for in-flight work.
     pub shutdown_grace: Duration,
     /// Push providers (not delivered yet).
@@ -231,6 +234,8 @@ struct FileConfig {
     http: FileHttp,
     #[serde(default, deserialize_with = "de_opt_duration")]
     idempotency_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    idempotency_lease: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     shutdown_grace: Option<Duration>,
     #[serde(default)]
@@ -424,6 +429,16 @@ impl Config {
         if let Some(t) = file.idempotency_ttl {
             c.idempotency_ttl = t;
         }
+        if let Some(t) = file.idempotency_lease {
+            c.idempotency_lease = t;
+        }
+        if c.idempotency_lease.is_zero() || c.idempotency_lease > c.idempotency_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "idempotency_lease ({}s) must be > 0 and not longer than idempotency_ttl ({}s)",
+                c.idempotency_lease.as_secs_f64(),
+                c.idempotency_ttl.as_secs_f64()
+            )));
+        }
         if let Some(t) = file.shutdown_grace {
             c.shutdown_grace = t;
         }
@@ -579,6 +594,7 @@ impl Config {
             ws_origins: Vec::new(),
             metrics_require_admin: false,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            idempotency_lease: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             push: PushConfig::default(),
             log_format: LogFormat::Text,

@@ -39,3 +39,6 @@ mod cluster;
 
 #[path = "integration/rules.rs"]
 mod rules;
+
+#[path = "integration/faults.rs"]
+mod faults;

@@ -20,12 +20,19 @@ use serde::{Deserialize, Serialize};
 use crate::channels::{ChannelName, Kind};
 use crate::event::{Position, Seq, StoredEvent};
 
-/// A backend failure. Every operation either completes or fails with nothing half-done.
+/// A backend failure. Every operation either completes or fails with nothing half-done; what a caller
+/// cannot know is whether it completed, when the backend went away after the request was sent.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    /// The backend cannot be reached or did not answer in time (`unavailable`, HTTP 503).
+    /// The backend refused or could not be reached before the request was sent (down, loading its
+    /// data, read-only, …): the operation did not happen (`unavailable`, HTTP 503).
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// The connection failed, or the answer did not come in time, after the request was sent: the
+    /// operation may or may not have happened. Retrying a write is only safe when it is idempotent
+    /// (a publish with an idempotency key: [`Outgoing::dedupe`]).
+    #[error("backend outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// Anything else (`internal`).
     #[error("backend error: {0}")]
     Internal(String),
@@ -113,7 +120,7 @@ pub trait DeliverySink: Send + Sync + 'static {
 }
 
 /// One publish to one channel.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Outgoing {
     /// Target channel.
     pub channel: ChannelName,
@@ -130,6 +137,11 @@ pub struct Outgoing {
     /// Unread bookkeeping to do in the same atomic step as the append (see [`UnreadStep`]). Applies to
     /// stored events on `room:` channels only ([`Outgoing::unread_room`]); `None` costs nothing.
     pub unread: Option<UnreadStep>,
+    /// For a stored event published under an idempotency key claimed with [`Store::idem_begin`]: the
+    /// key. The append and the record "stored on this channel at this position" under the key are one
+    /// atomic step, and a publish to a channel the key's record already has returns that position
+    /// without storing again: so a publish whose outcome was unknown can be sent again safely.
+    pub dedupe: Option<Arc<str>>,
 }
 
 /// The unread bookkeeping of a countable room event, folded into [`Broker::publish`] so that the
@@ -176,7 +188,9 @@ pub enum OutgoingPayload {
 /// any, [`UnreadStep`]) is applied and it is handed to every subscribed node's sink **atomically and in
 /// seq order per channel** (publishers on different nodes included): a recipient that sees the event
 /// and asks for its unread counts sees the bookkeeping done. Delivery to sinks is at most once (Redis
-/// Pub/Sub); the engine heals gaps from history. An error means nothing was stored.
+/// Pub/Sub); the engine heals gaps from history. [`BackendError::Unavailable`] means nothing was
+/// stored; [`BackendError::OutcomeUnknown`] that it may have been (send it again with
+/// [`Outgoing::dedupe`] to find out).
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Sets the node's sink; called once at start, before any subscribe.
@@ -383,9 +397,14 @@ pub trait Presence: Send + Sync + 'static {
 /// The state of an idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Idempotency {
-    /// This caller owns the key: publish, then `idem_complete` or `idem_release`.
-    Claimed,
-    /// Another publish with the key is in flight.
+    /// This caller holds the key's lease: publish under the event id `id` (the key's first claim's:
+    /// a caller that takes over from a publish that stopped uses the same id) with [`Outgoing::dedupe`],
+    /// then `idem_complete` or `idem_release`.
+    Claimed {
+        /// The event id every attempt under this key publishes with.
+        id: String,
+    },
+    /// Another publish with the key holds a live lease.
     Pending,
     /// Done before: the stored first reply.
     Done(Bytes),
@@ -436,6 +455,14 @@ pub struct Announcement {
 /// Guarantees: each call is atomic; membership has a reverse index (rooms of a user); read pointers
 /// only move forward; countable seqs are kept per room up to a bound (the history size); idempotency
 /// keys and focus expire.
+///
+/// Idempotency: a key's record holds the event id of its first claim, a lease (who is publishing now,
+/// until when: backend clock), the channels stored under it with their positions
+/// ([`Outgoing::dedupe`]), and once done, the first reply. A lease that lapses (its publisher crashed,
+/// or lost the backend) is taken over by the next claim, which publishes the same event id; the
+/// dedupe records make the takeover store nothing twice, so a key always ends in one stored event per
+/// target however its publishers failed. The record lives for the key's `ttl` from its first claim
+/// (and again from completion).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Adds a member; true when new.
@@ -453,11 +480,20 @@ pub trait Store: Send + Sync + 'static {
     /// A user's contacts, sorted.
     async fn contacts(&self, user: &str) -> BackendResult<Vec<String>>;
 
-    /// Claims an idempotency key (pending marker with `ttl`), or reports its state.
-    async fn idem_begin(&self, key: &str, ttl: Duration) -> BackendResult<Idempotency>;
-    /// Stores the first reply for a claimed key.
+    /// Claims an idempotency key with a `lease`: a new key records `id` as its event id and lives for
+    /// `ttl`; a key whose lease lapsed is taken over (its first id returned); a live lease is
+    /// `Pending`; a completed key returns its reply.
+    async fn idem_begin(
+        &self,
+        key: &str,
+        id: &str,
+        lease: Duration,
+        ttl: Duration,
+    ) -> BackendResult<Idempotency>;
+    /// Stores the first reply for a claimed key (kept for `ttl` from now).
     async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()>;
-    /// Releases a claimed key after a failed publish.
+    /// Ends a claimed key's lease after a failed publish: the next claim takes it over at once (what
+    /// was stored under the key stays, so the retry does not store it twice).
     async fn idem_release(&self, key: &str) -> BackendResult<()>;
 
     /// Records `seq` of `room` as countable for unread, keeping at most `keep` of them. (The publish

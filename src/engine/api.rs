@@ -147,6 +147,7 @@ impl Engine {
             persist: None,
             filter: DeliveryFilter::default(),
             unread: None,
+            dedupe: None,
         }))
         .await?;
         Ok(())
@@ -369,6 +370,7 @@ impl Engine {
                         .then(|| Arc::new(a.audience.clone())),
                 },
                 unread: None,
+                dedupe: None,
             }),
         )
         .await?;
@@ -487,6 +489,7 @@ impl Engine {
             persist: None,
             filter: DeliveryFilter::default(),
             unread: None,
+            dedupe: None,
         }))
         .await?;
         Ok(json!({ "user": user, "closed": sessions.len() }))

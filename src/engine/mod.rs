@@ -54,6 +54,9 @@ pub enum ErrorCode {
     Rejected,
     /// Backend down; nothing was stored.
     Unavailable,
+    /// Backend lost after a publish was sent: it may have been stored (HTTP 503). A retry with the
+    /// same idempotency key finds out; without a key a retry may store it twice.
+    OutcomeUnknown,
     /// Not found (HTTP only).
     NotFound,
     /// A bug or an unexpected backend answer.
@@ -73,6 +76,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Rejected => "rejected",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
         }
@@ -106,8 +110,14 @@ impl From<BackendError> for EngineError {
                 tracing::warn!(error = %m, "Backend unavailable.");
                 EngineError::new(
                     ErrorCode::Unavailable,
-                    "backend unavailable; nothing was stored",
+                    "backend unavailable; nothing was done",
                 )
+            }
+            // Outside a publish (which says what it knows itself), an operation whose outcome is
+            // unknown is one to try again: every other write is idempotent or only moves forward.
+            BackendError::OutcomeUnknown(m) => {
+                tracing::warn!(error = %m, "Backend lost during an operation.");
+                EngineError::new(ErrorCode::Unavailable, "backend unavailable; try again")
             }
             BackendError::Internal(m) => {
                 tracing::error!(error = %m, "Backend error.");
@@ -126,14 +136,22 @@ impl From<crate::channels::ChannelError> for EngineError {
 /// Result of an engine operation.
 pub type EngineResult<T> = Result<T, EngineError>;
 
-/// Runs a backend call with the [`BACKEND_DEADLINE`].
+/// Runs a backend call with the [`BACKEND_DEADLINE`]; an answer that does not come in time is an
+/// unknown outcome (the call may have been carried out).
+pub(crate) async fn within_deadline<T>(
+    f: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(BACKEND_DEADLINE, f).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::OutcomeUnknown("no answer in time".into())),
+    }
+}
+
+/// Runs a backend call with the [`BACKEND_DEADLINE`], its error as the caller sees it.
 pub(crate) async fn backend<T>(
     f: impl Future<Output = Result<T, BackendError>>,
 ) -> EngineResult<T> {
-    match tokio::time::timeout(BACKEND_DEADLINE, f).await {
-        Ok(r) => r.map_err(EngineError::from),
-        Err(_) => Err(BackendError::Unavailable("timed out".into()).into()),
-    }
+    within_deadline(f).await.map_err(EngineError::from)
 }
 
 /// The engine: cheap to clone, shared by every transport.

@@ -2,6 +2,11 @@
 //! dedupe (idempotency key) -> route (one evaluation per publish) -> for each target, append + unread
 //! bookkeeping + fan out in one backend step (seq assigned there; on Redis one round trip) -> reply.
 //!
+//! Under an idempotency key, the key's claim fixes the event id, and each append is recorded under
+//! the key in the same backend step: an append whose answer was lost is sent again and returns what
+//! was stored, and a retry after a crash takes the key over once its lease lapses (seconds) and
+//! stores only the targets not stored yet.
+//!
 //! The payload is encoded once per publish ([`EventBody::encode`]); the backend frames it per target.
 
 use std::sync::Arc;
@@ -11,16 +16,80 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
+use super::{Engine, EngineError, EngineResult, ErrorCode, backend, within_deadline};
 use crate::backend::{
-    DeliveryFilter, HistoryLimits, Idempotency, Outgoing, OutgoingPayload, UnreadStep,
+    BackendError, DeliveryFilter, HistoryLimits, Idempotency, Outgoing, OutgoingPayload, UnreadStep,
 };
 use crate::channels::{ChannelName, Kind};
-use crate::event::{EventBody, new_event_id, now_ms};
+use crate::event::{EventBody, EventId, Position, new_event_id, now_ms};
 use crate::rules::{RouteInput, Source};
 
 /// Most target channels one publish may name.
 pub const MAX_TARGETS: usize = 100;
+
+/// Pause between the attempts of an append whose outcome was unknown (the backend's connection is
+/// re-established meanwhile).
+const APPEND_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// What claiming an idempotency key gave.
+enum Claim {
+    /// Publish under this event id.
+    Owned(EventId),
+    /// Done before: the first reply.
+    Done(PublishReply),
+}
+
+/// The error of a publish whose append to `channel` failed after `stored` (the targets before it)
+/// succeeded: it says exactly what is known to be stored and what is not.
+fn append_failed(
+    e: BackendError,
+    channel: &ChannelName,
+    stored: &[Receipt],
+    keyed: bool,
+) -> EngineError {
+    let before = if stored.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<&str> = stored.iter().map(|r| r.channel.as_str()).collect();
+        format!("stored on {}; ", list.join(", "))
+    };
+    let retry = if keyed {
+        "retry with the same idempotency key to complete it: nothing is stored twice"
+    } else if stored.is_empty() {
+        "retry"
+    } else {
+        "a retry stores those again (publish with an idempotency key to retry safely)"
+    };
+    match e {
+        BackendError::Unavailable(m) => {
+            tracing::warn!(channel = %channel, error = %m, "Publish refused: backend unavailable.");
+            let what = if stored.is_empty() {
+                "nothing was stored".to_string()
+            } else {
+                format!("not stored on {channel}")
+            };
+            EngineError::new(
+                ErrorCode::Unavailable,
+                format!("backend unavailable: {before}{what}; {retry}"),
+            )
+        }
+        BackendError::OutcomeUnknown(m) => {
+            tracing::warn!(channel = %channel, error = %m, "Publish outcome unknown: backend lost.");
+            let retry = if keyed {
+                "retry with the same idempotency key to find out: nothing is stored twice"
+            } else {
+                "a retry may store it twice (publish with an idempotency key to retry safely)"
+            };
+            EngineError::new(
+                ErrorCode::OutcomeUnknown,
+                format!(
+                    "backend lost after the event was sent: {before}it may or may not be stored on {channel}; {retry}"
+                ),
+            )
+        }
+        other => EngineError::from(other),
+    }
+}
 
 /// A publish, as a transport hands it over.
 #[derive(Debug)]
@@ -80,8 +149,10 @@ fn valid_event_type(t: &str) -> bool {
 }
 
 impl Engine {
-    /// Publishes an event (see the module doc). An error means nothing was stored for the failing
-    /// target and the idempotency key (if any) was released.
+    /// Publishes an event (see the module doc). An error says what is known: `unavailable` that the
+    /// failing target was not stored (earlier targets were, and the message names them),
+    /// `outcome_unknown` that it may have been. Under an idempotency key, a retry completes the
+    /// publish without storing anything twice.
     pub async fn publish(&self, req: PublishRequest) -> EngineResult<PublishReply> {
         let source = req.source.as_str();
         let r = self.publish_inner(req).await;
@@ -127,41 +198,52 @@ impl Engine {
                     "idempotency_key: 1-256 characters",
                 ));
             }
-            Some(k) => Some(format!("{}:{k}", req.from.as_deref().unwrap_or(""))),
-            None => None,
+            Some(k) => format!("{}:{k}", req.from.as_deref().unwrap_or("")),
+            None => return self.publish_claimed(&req, new_event_id(), None).await,
         };
-        if let Some(k) = &key
-            && let Some(first) = self.claim(k).await?
-        {
-            crate::metrics::idempotent_replay();
-            return Ok(first);
-        }
-        let result = self.publish_claimed(&req).await;
-        if let Some(k) = &key {
-            match &result {
-                Ok(reply) => {
-                    let bytes = Bytes::from(serde_json::to_vec(reply).expect("reply serialises"));
-                    let ttl = self.config.idempotency_ttl;
-                    if let Err(e) = backend(self.backends.store.idem_complete(k, bytes, ttl)).await
-                    {
-                        tracing::warn!(error = %e, "Could not store an idempotent publish result.");
-                    }
+        let id = match self.claim(&key).await? {
+            Claim::Owned(id) => id,
+            Claim::Done(first) => {
+                crate::metrics::idempotent_replay();
+                return Ok(first);
+            }
+        };
+        let key: Arc<str> = key.into();
+        let result = self.publish_claimed(&req, id, Some(&key)).await;
+        let store = &self.backends.store;
+        match &result {
+            Ok(reply) => {
+                let bytes = Bytes::from(serde_json::to_vec(reply).expect("reply serialises"));
+                let ttl = self.config.idempotency_ttl;
+                if let Err(e) = within_deadline(store.idem_complete(&key, bytes, ttl)).await {
+                    // Every target is recorded under the key: a retry takes over once the lease
+                    // lapses and gets this reply's positions without storing again.
+                    tracing::warn!(error = %e, "Could not store an idempotent publish result.");
                 }
-                Err(_) => {
-                    let _ = backend(self.backends.store.idem_release(k)).await;
-                }
+            }
+            Err(_) => {
+                // What was stored stays recorded under the key; ending the lease lets the
+                // publisher's retry take over at once (else when the lease lapses).
+                let _ = within_deadline(store.idem_release(&key)).await;
             }
         }
         result
     }
 
-    /// Claims an idempotency key: `None` when this call owns it, the first reply when done before.
-    async fn claim(&self, key: &str) -> EngineResult<Option<PublishReply>> {
+    /// Claims an idempotency key: the event id to publish under, or the first reply when done before.
+    /// A publish holding the key's lease is waited for, within the backend deadline.
+    async fn claim(&self, key: &str) -> EngineResult<Claim> {
         let deadline = tokio::time::Instant::now() + super::BACKEND_DEADLINE;
+        let fresh = new_event_id();
         loop {
-            let ttl = self.config.idempotency_ttl;
-            match backend(self.backends.store.idem_begin(key, ttl)).await? {
-                Idempotency::Claimed => return Ok(None),
+            let begin = self.backends.store.idem_begin(
+                key,
+                &fresh,
+                self.config.idempotency_lease,
+                self.config.idempotency_ttl,
+            );
+            match backend(begin).await? {
+                Idempotency::Claimed { id } => return Ok(Claim::Owned(id.into())),
                 Idempotency::Done(bytes) => {
                     let reply = serde_json::from_slice(&bytes).map_err(|_| {
                         EngineError::new(
@@ -169,13 +251,16 @@ impl Engine {
                             "stored idempotent reply is unreadable",
                         )
                     })?;
-                    return Ok(Some(reply));
+                    return Ok(Claim::Done(reply));
                 }
                 Idempotency::Pending => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(EngineError::new(
                             ErrorCode::Unavailable,
-                            "a publish with this idempotency key is still in flight; retry",
+                            format!(
+                                "a publish with this idempotency key is in flight; retry (its claim lapses within {} s)",
+                                self.config.idempotency_lease.as_secs_f64().ceil()
+                            ),
                         ));
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -184,8 +269,40 @@ impl Engine {
         }
     }
 
-    async fn publish_claimed(&self, req: &PublishRequest) -> EngineResult<PublishReply> {
-        let id = new_event_id();
+    /// Appends to one target. Under an idempotency key the append is deduplicated by the key's
+    /// record, so one whose outcome is unknown (the backend went away after it was sent) is sent
+    /// again until the backend answers, within the deadline: the reply then says what was stored.
+    async fn append(&self, out: Outgoing) -> Result<Option<Position>, BackendError> {
+        if out.dedupe.is_none() {
+            return within_deadline(self.backends.broker.publish(out)).await;
+        }
+        let deadline = tokio::time::Instant::now() + super::BACKEND_DEADLINE;
+        let mut unknown = None;
+        loop {
+            let e = match within_deadline(self.backends.broker.publish(out.clone())).await {
+                Ok(p) => return Ok(p),
+                Err(e @ BackendError::OutcomeUnknown(_)) => e,
+                // Refused now, but an earlier attempt may have been stored.
+                Err(e @ BackendError::Unavailable(_)) if unknown.is_some() => e,
+                Err(e) => return Err(e),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(match unknown {
+                    Some(first) => first,
+                    None => e,
+                });
+            }
+            unknown.get_or_insert(e);
+            tokio::time::sleep(APPEND_RETRY_PAUSE).await;
+        }
+    }
+
+    async fn publish_claimed(
+        &self,
+        req: &PublishRequest,
+        id: EventId,
+        dedupe: Option<&Arc<str>>,
+    ) -> EngineResult<PublishReply> {
         let ts = now_ms();
         // One rule evaluation per publish; the set (and its channel kinds) stays the same for the
         // whole publish even if a reload swaps in a new one meanwhile.
@@ -235,15 +352,19 @@ impl Engine {
                     keep: kind.history_size,
                     from: req.from.clone(),
                 });
-            let position = backend(self.backends.broker.publish(Outgoing {
+            let out = Outgoing {
                 channel: channel.clone(),
                 event: event.clone(),
                 payload: OutgoingPayload::EventBody(body.clone()),
                 persist,
                 filter,
                 unread,
-            }))
-            .await?;
+                dedupe: persist.and(dedupe.cloned()),
+            };
+            let position = match self.append(out).await {
+                Ok(p) => p,
+                Err(e) => return Err(append_failed(e, channel, &deliveries, dedupe.is_some())),
+            };
             deliveries.push(Receipt {
                 channel: channel.to_string(),
                 seq: position.as_ref().map(|p| p.seq),

@@ -140,6 +140,7 @@ impl Engine {
             persist: None,
             filter,
             unread: None,
+            dedupe: None,
         };
         if let Err(e) = backend(self.backends.broker.publish(out)).await {
             tracing::warn!(error = %e, "Presence frame publish failed.");

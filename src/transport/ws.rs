@@ -859,6 +859,12 @@ async fn handle_frame(session: &mut Session, t: &str, max: usize) -> Vec<Value> 
             }
             out
         }
-        Err(e) => vec![error_reply(&reference, &e, is_publish)],
+        // A publish whose outcome is unknown may have been delivered: not one to roll back (the
+        // client retries it with the same idempotency key to find out).
+        Err(e) => vec![error_reply(
+            &reference,
+            &e,
+            is_publish && e.code != ErrorCode::OutcomeUnknown,
+        )],
     }
 }

@@ -68,6 +68,7 @@ async fn publish_counted(
             persist,
             filter: DeliveryFilter::default(),
             unread,
+            dedupe: None,
         })
         .await
         .unwrap()
@@ -355,34 +356,173 @@ async fn store_membership(b: Backends) {
     assert!(s.contacts("amy").await.unwrap().is_empty());
 }
 
-/// Store: an idempotency key is claimed once; duplicates see it pending, then the first reply; a
-/// released key can be claimed again; keys expire.
+fn claimed(id: &str) -> Idempotency {
+    Idempotency::Claimed { id: id.into() }
+}
+
+/// Store: an idempotency key is claimed once, with the event id of its first claim; duplicates see
+/// the lease held, then the first reply; a released or lapsed lease is taken over with the first id;
+/// records expire.
 async fn store_idempotency(b: Backends) {
     let s = &b.store;
     let ttl = Duration::from_secs(60);
-    assert_eq!(s.idem_begin("k1", ttl).await.unwrap(), Idempotency::Claimed);
-    assert_eq!(s.idem_begin("k1", ttl).await.unwrap(), Idempotency::Pending);
+    let lease = Duration::from_secs(60);
+    assert_eq!(
+        s.idem_begin("k1", "id-1", lease, ttl).await.unwrap(),
+        claimed("id-1")
+    );
+    assert_eq!(
+        s.idem_begin("k1", "id-2", lease, ttl).await.unwrap(),
+        Idempotency::Pending
+    );
     s.idem_complete("k1", Bytes::from_static(b"first"), ttl)
         .await
         .unwrap();
+    let done = Idempotency::Done(Bytes::from_static(b"first"));
+    assert_eq!(s.idem_begin("k1", "id-3", lease, ttl).await.unwrap(), done);
+    s.idem_release("k1").await.unwrap();
     assert_eq!(
-        s.idem_begin("k1", ttl).await.unwrap(),
-        Idempotency::Done(Bytes::from_static(b"first"))
+        s.idem_begin("k1", "id-4", lease, ttl).await.unwrap(),
+        done,
+        "a done key stays done"
     );
-    assert_eq!(s.idem_begin("k2", ttl).await.unwrap(), Idempotency::Claimed);
-    s.idem_release("k2").await.unwrap();
-    assert_eq!(s.idem_begin("k2", ttl).await.unwrap(), Idempotency::Claimed);
+    // Released after a failed publish: the retry takes over at once, under the first id.
     assert_eq!(
-        s.idem_begin("k3", Duration::from_millis(100))
-            .await
-            .unwrap(),
-        Idempotency::Claimed
+        s.idem_begin("k2", "id-a", lease, ttl).await.unwrap(),
+        claimed("id-a")
+    );
+    s.idem_release("k2").await.unwrap();
+    assert_eq!(
+        s.idem_begin("k2", "id-b", lease, ttl).await.unwrap(),
+        claimed("id-a")
+    );
+    assert_eq!(
+        s.idem_begin("k2", "id-c", lease, ttl).await.unwrap(),
+        Idempotency::Pending,
+        "the takeover holds the lease"
+    );
+    // A publisher that died: its lease lapses within seconds, not with the key's ttl.
+    let short = Duration::from_millis(100);
+    assert_eq!(
+        s.idem_begin("k3", "id-x", short, ttl).await.unwrap(),
+        claimed("id-x")
+    );
+    assert_eq!(
+        s.idem_begin("k3", "id-y", short, ttl).await.unwrap(),
+        Idempotency::Pending
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        s.idem_begin("k3", ttl).await.unwrap(),
-        Idempotency::Claimed,
+        s.idem_begin("k3", "id-y", lease, ttl).await.unwrap(),
+        claimed("id-x"),
+        "lapsed lease taken over"
+    );
+    // The record itself expires with its ttl.
+    assert_eq!(
+        s.idem_begin("k4", "id-1", short, Duration::from_millis(150))
+            .await
+            .unwrap(),
+        claimed("id-1")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.idem_begin("k4", "id-2", lease, ttl).await.unwrap(),
+        claimed("id-2"),
         "expired"
+    );
+}
+
+/// Broker + store: a stored publish under a claimed idempotency key is recorded with its append, and
+/// the same channel published again under the key returns the recorded position without storing or
+/// delivering again (what makes a publish whose outcome was unknown safe to send again). Other
+/// channels under the key, and publishes under a key never claimed, store as usual.
+async fn broker_dedupes_under_an_idempotency_key(b: Backends) {
+    let rec = Arc::new(Recorder::default());
+    b.broker.attach(rec.clone());
+    let a = ChannelName::parse("room:conf-dedupe-a").unwrap();
+    let c = ChannelName::parse("room:conf-dedupe-c").unwrap();
+    b.broker.subscribe(&a).await.unwrap();
+    b.broker.subscribe(&c).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        b.store.idem_begin("dk", "id-1", ttl, ttl).await.unwrap(),
+        claimed("id-1")
+    );
+    let send = |ch: &ChannelName, key: Option<&str>, n: u64| Outgoing {
+        channel: ch.clone(),
+        event: "n".into(),
+        payload: OutgoingPayload::EventBody(body(n)),
+        persist: limits(100),
+        filter: DeliveryFilter::default(),
+        unread: None,
+        dedupe: key.map(Into::into),
+    };
+    let first = b.broker.publish(send(&a, Some("dk"), 1)).await.unwrap();
+    let again = b.broker.publish(send(&a, Some("dk"), 2)).await.unwrap();
+    assert_eq!(
+        again, first,
+        "the same channel under the key: the first position"
+    );
+    let other = b
+        .broker
+        .publish(send(&c, Some("dk"), 3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.seq, 1, "another channel under the key is stored");
+    assert_eq!(
+        b.broker
+            .publish(send(&c, Some("dk"), 4))
+            .await
+            .unwrap()
+            .unwrap(),
+        other
+    );
+    // A key never claimed records nothing: both are stored.
+    let x = b
+        .broker
+        .publish(send(&a, Some("never"), 5))
+        .await
+        .unwrap()
+        .unwrap();
+    let y = b
+        .broker
+        .publish(send(&a, Some("never"), 6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((x.seq, y.seq), (2, 3));
+    let page = b
+        .history
+        .read(&a, 0, None, 100, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(page.events.len(), 3, "one event under the key, two without");
+    // Delivered once per stored event (Redis hands over asynchronously).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = rec.0.lock().unwrap().len();
+        if n >= 4 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got: Vec<(String, u64)> = rec
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| (d.channel.to_string(), d.position.as_ref().unwrap().seq))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("room:conf-dedupe-a".to_string(), 1),
+            ("room:conf-dedupe-c".to_string(), 1),
+            ("room:conf-dedupe-a".to_string(), 2),
+            ("room:conf-dedupe-a".to_string(), 3),
+        ]
     );
 }
 
@@ -604,6 +744,7 @@ where
     presence_queries(make().await).await;
     store_membership(make().await).await;
     store_idempotency(make().await).await;
+    broker_dedupes_under_an_idempotency_key(make().await).await;
     store_unread(make().await).await;
     store_focus_devices_announcements(make().await).await;
     unread_step_with_the_append(make().await).await;
@@ -673,12 +814,15 @@ async fn redis_idempotency_race_between_nodes() {
     let ttl = Duration::from_secs(60);
     for i in 0..50 {
         let key = format!("race-{i}");
-        let (ra, rb) = tokio::join!(a.store.idem_begin(&key, ttl), b.store.idem_begin(&key, ttl));
+        let (ra, rb) = tokio::join!(
+            a.store.idem_begin(&key, "id-a", ttl, ttl),
+            b.store.idem_begin(&key, "id-b", ttl, ttl)
+        );
         let results = [ra.unwrap(), rb.unwrap()];
         assert_eq!(
             results
                 .iter()
-                .filter(|r| **r == Idempotency::Claimed)
+                .filter(|r| matches!(r, Idempotency::Claimed { .. }))
                 .count(),
             1,
             "{key}: {results:?}"

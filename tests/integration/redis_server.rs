@@ -75,11 +75,44 @@ impl RedisServer {
         r
     }
 
-    fn socket(&self) -> std::path::PathBuf {
+    /// The unix socket it listens on.
+    pub fn socket(&self) -> std::path::PathBuf {
         self.dir.join("redis.sock")
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.ping() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Restarts it on the same socket and directory with `extra` arguments, so it loads the data
+    /// saved there (`SAVE`), and returns as soon as it answers, while it is still loading (with
+    /// `--key-load-delay`, loading takes a while).
+    pub fn restart_loading(&mut self, extra: &[&str]) {
+        self.stop();
+        self.spawn_with(extra);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.is_loading() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start loading"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// True while the server answers `LOADING` (it is loading its data; `PING` is answered even
+    /// then, a read is not).
+    pub fn is_loading(&self) -> bool {
+        self.command(&["EXISTS", "herald-test:loading"])
+            .is_some_and(|r| r.starts_with("-LOADING"))
+    }
+
+    fn spawn_with(&mut self, extra: &[&str]) {
         let _ = std::fs::remove_file(self.socket());
         let child = Command::new("redis-server")
             .args(["--port", "0", "--unixsocket"])
@@ -95,16 +128,12 @@ impl RedisServer {
             .args(["--maxmemory-policy", "noeviction", "--dir"])
             .arg(&self.dir.path)
             .args(self.tls_args())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.ping() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     fn tls_args(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Memory broker + history: per-channel logs with seq, epoch, size and age limits. A publish's unread
-//! step ([`crate::backend::UnreadStep`]) runs under the channel's lock, with the append.
+//! step ([`crate::backend::UnreadStep`]) and its idempotency record ([`Outgoing::dedupe`]) run under
+//! the channel's lock, with the append.
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
@@ -79,11 +80,18 @@ impl Broker for Memory {
             persist,
             filter,
             unread: _,
+            dedupe,
         } = msg;
         match (payload, persist) {
             (OutgoingPayload::EventBody(body), Some(limits)) => {
                 let log = self.channel(&channel);
                 let mut log = lock(&log);
+                // Under the channel's lock, so a check and the append that follows are one step.
+                if let Some(key) = &dedupe
+                    && let Some(stored) = self.deduped(key, channel.as_str())
+                {
+                    return Ok(Some(stored));
+                }
                 let now = now_ms();
                 log.last += 1;
                 let seq = log.last;
@@ -102,6 +110,9 @@ impl Broker for Memory {
                 // event, and in seq order with the channel's other publishes.
                 if let Some(step) = &unread {
                     self.apply_unread(channel.id(), seq, step);
+                }
+                if let Some(key) = &dedupe {
+                    self.record_dedupe(key, channel.as_str(), &position);
                 }
                 // Handing over while the channel lock is held keeps deliveries in seq order; the sink
                 // only does non-blocking queue pushes.

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::Memory;
 use crate::backend::{Announcement, BackendResult, Idempotency, PushDevice, Store, UnreadStep};
-use crate::event::Seq;
+use crate::event::{Position, Seq};
 use crate::lock;
 
 #[derive(Default)]
@@ -19,7 +19,7 @@ pub(super) struct StoreState {
     members: HashMap<String, BTreeSet<String>>,
     rooms_of: HashMap<String, BTreeSet<String>>,
     contacts: HashMap<String, Vec<String>>,
-    idem: HashMap<String, (Option<Bytes>, Instant)>,
+    idem: HashMap<String, IdemRecord>,
     idem_pruned_at: usize,
     countable: HashMap<String, BTreeSet<Seq>>,
     read: HashMap<(String, String), Seq>,
@@ -30,7 +30,25 @@ pub(super) struct StoreState {
     announcement_cursor: HashMap<String, String>,
 }
 
+/// One idempotency key (see [`Store`]'s idempotency contract).
+struct IdemRecord {
+    /// The event id of the key's first claim.
+    id: String,
+    /// Until when the current publisher holds the key.
+    lease_until: Instant,
+    /// The first reply, once done.
+    reply: Option<Bytes>,
+    /// Channels stored under the key and where (few: one per publish target).
+    stored: Vec<(String, Position)>,
+    expires: Instant,
+}
+
 impl StoreState {
+    /// The live record of an idempotency key.
+    fn idem_live(&mut self, key: &str, now: Instant) -> Option<&mut IdemRecord> {
+        self.idem.get_mut(key).filter(|r| r.expires > now)
+    }
+
     fn mark_countable(&mut self, room: &str, seq: Seq, keep: usize) {
         let set = self.countable.entry(room.into()).or_default();
         set.insert(seq);
@@ -64,6 +82,25 @@ impl StoreState {
 }
 
 impl Memory {
+    /// Where `channel` was stored under the idempotency key `key`, if it was.
+    pub(super) fn deduped(&self, key: &str, channel: &str) -> Option<Position> {
+        let mut s = lock(&self.store);
+        let r = s.idem_live(key, Instant::now())?;
+        r.stored
+            .iter()
+            .find(|(c, _)| c == channel)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Records that `channel` was stored at `position` under the idempotency key `key` (the broker
+    /// calls it inside the append, as it does [`Memory::apply_unread`]).
+    pub(super) fn record_dedupe(&self, key: &str, channel: &str, position: &Position) {
+        let mut s = lock(&self.store);
+        if let Some(r) = s.idem_live(key, Instant::now()) {
+            r.stored.push((channel.to_string(), position.clone()));
+        }
+    }
+
     /// The [`UnreadStep`] of a stored room event: the same three steps as the [`Store`] calls it
     /// stands for, under one store lock. The broker calls it while it holds the channel's lock (the
     /// lock order is always channel, then store).
@@ -152,35 +189,74 @@ impl Store for Memory {
         Ok(s.contacts.get(user).cloned().unwrap_or_default())
     }
 
-    async fn idem_begin(&self, key: &str, ttl: Duration) -> BackendResult<Idempotency> {
+    async fn idem_begin(
+        &self,
+        key: &str,
+        id: &str,
+        lease: Duration,
+        ttl: Duration,
+    ) -> BackendResult<Idempotency> {
         let mut s = lock(&self.store);
         let now = Instant::now();
         // Amortised pruning keeps the map bounded by the keys alive within their TTL.
         if s.idem.len() > 1024 && s.idem.len() > 2 * s.idem_pruned_at {
-            s.idem.retain(|_, (_, exp)| *exp > now);
+            s.idem.retain(|_, r| r.expires > now);
             s.idem_pruned_at = s.idem.len();
         }
-        match s.idem.get(key) {
-            Some((_, exp)) if *exp <= now => {}
-            Some((Some(reply), _)) => return Ok(Idempotency::Done(reply.clone())),
-            Some((None, _)) => return Ok(Idempotency::Pending),
-            None => {}
+        if let Some(r) = s.idem_live(key, now) {
+            if let Some(reply) = &r.reply {
+                return Ok(Idempotency::Done(reply.clone()));
+            }
+            if r.lease_until > now {
+                return Ok(Idempotency::Pending);
+            }
+            r.lease_until = now + lease;
+            return Ok(Idempotency::Claimed { id: r.id.clone() });
         }
-        s.idem.insert(key.into(), (None, now + ttl));
-        Ok(Idempotency::Claimed)
+        s.idem.insert(
+            key.into(),
+            IdemRecord {
+                id: id.into(),
+                lease_until: now + lease,
+                reply: None,
+                stored: Vec::new(),
+                expires: now + ttl,
+            },
+        );
+        Ok(Idempotency::Claimed { id: id.into() })
     }
 
     async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()> {
         let mut s = lock(&self.store);
-        s.idem
-            .insert(key.into(), (Some(reply), Instant::now() + ttl));
+        let now = Instant::now();
+        match s.idem_live(key, now) {
+            Some(r) => {
+                r.reply = Some(reply);
+                r.expires = now + ttl;
+            }
+            None => {
+                s.idem.insert(
+                    key.into(),
+                    IdemRecord {
+                        id: String::new(),
+                        lease_until: now,
+                        reply: Some(reply),
+                        stored: Vec::new(),
+                        expires: now + ttl,
+                    },
+                );
+            }
+        }
         Ok(())
     }
 
     async fn idem_release(&self, key: &str) -> BackendResult<()> {
         let mut s = lock(&self.store);
-        if matches!(s.idem.get(key), Some((None, _))) {
-            s.idem.remove(key);
+        let now = Instant::now();
+        if let Some(r) = s.idem_live(key, now)
+            && r.reply.is_none()
+        {
+            r.lease_until = now;
         }
         Ok(())
     }

@@ -657,7 +657,12 @@ impl Broker for RedisBackend {
                     .arg(idle)
                     .arg(Epoch::generate().as_str())
                     .arg(&*msg.event)
-                    .arg(&filter);
+                    .arg(&filter)
+                    .arg(
+                        msg.dedupe
+                            .as_deref()
+                            .map_or(String::new(), |k| self.keys.idempotency(k)),
+                    );
                 // The unread step rides in the same script (see lua/publish.lua); without one the
                 // call is exactly the plain append.
                 if let Some((room, step)) = msg.unread_room() {

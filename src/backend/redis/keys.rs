@@ -111,9 +111,11 @@ impl Keys {
         format!("{}{{u:{user}}}:contacts", self.prefix)
     }
 
-    /// String: an idempotency key's pending marker or first reply.
+    /// Hash: an idempotency key's record: `id` (the event id of its first claim), `lease` (until when
+    /// its publisher holds it, unix ms of the Redis clock), `reply` once done, and `c:<channel's
+    /// Pub/Sub name>` = `<seq> <epoch>` for each channel stored under it.
     pub fn idempotency(&self, key: &str) -> String {
-        format!("{}idem:{{{key}}}", self.prefix)
+        format!("{}idem2:{{{key}}}", self.prefix)
     }
 
     /// Sorted set: a room's countable seqs (score = member = seq).

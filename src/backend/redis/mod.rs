@@ -36,14 +36,36 @@ pub use keys::Keys;
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Maps a Redis error to the backend contract: connection trouble is `Unavailable`, anything else
-/// (a script or type error: a bug) is `Internal`.
+/// Maps a Redis error to the backend contract ([`BackendError`]):
+/// - Redis refused the command without running it (loading its data after a restart, a replica that
+///   became read-only in a failover, a cluster or master down, an unreachable server): `Unavailable`;
+/// - the connection broke, or the reply did not come in time, once the command may have been sent:
+///   `OutcomeUnknown` (a script may have run: only the caller knows whether sending again is safe);
+/// - anything else (a script or type error: a bug): `Internal`.
 pub(crate) fn err(e: redis::RedisError) -> BackendError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    if let Some(kind) = refused(e.kind()) {
+        return BackendError::Unavailable(format!("Redis {kind}: {e}"));
+    }
+    if e.is_connection_refusal() {
         BackendError::Unavailable(e.to_string())
+    } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        BackendError::OutcomeUnknown(e.to_string())
     } else {
         BackendError::Internal(e.to_string())
     }
+}
+
+/// The server errors that mean Redis did not run the command and may take it later.
+fn refused(kind: redis::ErrorKind) -> Option<&'static str> {
+    use redis::ErrorKind::Server;
+    Some(match kind {
+        Server(ServerErrorKind::BusyLoading) => "is loading its data",
+        Server(ServerErrorKind::ReadOnly) => "is read-only (a replica)",
+        Server(ServerErrorKind::MasterDown) => "has its master down",
+        Server(ServerErrorKind::ClusterDown) => "cluster is down",
+        Server(ServerErrorKind::TryAgain) => "asks to try again",
+        _ => return None,
+    })
 }
 
 /// Stands for an id when splitting a key name into pieces (ids never contain NUL).
@@ -117,7 +139,12 @@ async fn eval_pipeline(
     }
     if let Some(Value::ServerError(e)) = replies.iter().find(|v| matches!(v, Value::ServerError(_)))
     {
-        return Err(BackendError::Internal(format!("Redis script error: {e}")));
+        return Err(
+            match e.kind().and_then(|k| refused(redis::ErrorKind::Server(k))) {
+                Some(why) => BackendError::Unavailable(format!("Redis {why}: {e}")),
+                None => BackendError::Internal(format!("Redis script error: {e}")),
+            },
+        );
     }
     Ok(replies)
 }

@@ -5,10 +5,10 @@
 //! - **Membership**: a set of members per room and a set of rooms per user, written together in one
 //!   `MULTI` (leaving a room also drops the user's read pointer for it). Contacts: one set per user,
 //!   replaced by `DEL` + `SADD` in one `MULTI`.
-//! - **Idempotency**: one string per key. `SET NX GET PX` claims it with a pending marker (a value no
-//!   JSON reply can be) or returns what it holds, in one command; completing overwrites the marker with
-//!   the reply; releasing deletes the key only while it still holds the marker
-//!   (`lua/store_idem_release.lua`). Redis expiry makes expired keys claimable again.
+//! - **Idempotency**: one hash per key (`lua/store_idem_begin.lua` documents its fields): claiming
+//!   takes a lapsed lease over or reports the key's state in one script; the publish step records
+//!   each channel stored under the key with the append (`lua/publish.lua`); completing stores the
+//!   reply; releasing ends the lease (`lua/store_idem_release.lua`). Redis expiry ends the record.
 //! - **Unread**: a sorted set of countable seqs per room (score = member = seq), trimmed to the newest
 //!   `keep` and given an idle expiry (`lua/store_mark_countable.lua`); one hash of read pointers per
 //!   user, moved forward only (`lua/store_set_read.lua`). Counting is `ZCOUNT (pointer +inf` per room:
@@ -37,9 +37,6 @@ use super::{RedisBackend, err};
 use crate::backend::{Announcement, BackendError, BackendResult, Idempotency, PushDevice, Store};
 use crate::event::Seq;
 
-/// The value of a claimed, not yet completed idempotency key. Replies are JSON objects, so they never
-/// start with a NUL byte.
-const IDEM_PENDING: &[u8] = b"\0pending";
 /// Idle expiry of a room's countable seqs, refreshed on every write (here and in the publish step).
 pub(super) const COUNTABLE_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// Idle expiry of a user's announcement cursor, refreshed on every swap.
@@ -51,6 +48,8 @@ const MAX_ANNOUNCEMENTS: usize = 1000;
 /// Rounds of `unread` re-reading pointers that moved while counting.
 const UNREAD_ATTEMPTS: usize = 3;
 
+static IDEM_BEGIN: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/store_idem_begin.lua")));
 static IDEM_RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/store_idem_release.lua")));
 static MARK_COUNTABLE: LazyLock<Script> =
@@ -217,34 +216,58 @@ impl Store for RedisBackend {
         Ok(sorted(v))
     }
 
-    async fn idem_begin(&self, key: &str, ttl: Duration) -> BackendResult<Idempotency> {
+    async fn idem_begin(
+        &self,
+        key: &str,
+        id: &str,
+        lease: Duration,
+        ttl: Duration,
+    ) -> BackendResult<Idempotency> {
         let mut con = self.cmd.clone();
-        // One command: sets the marker when the key is absent (reply nil), otherwise leaves the key
-        // alone and returns what it holds (Redis >= 7.0 allows NX with GET).
-        let held: Option<Vec<u8>> = redis::cmd("SET")
-            .arg(self.keys.idempotency(key))
-            .arg(IDEM_PENDING)
-            .arg("NX")
-            .arg("GET")
-            .arg("PX")
+        let reply: Vec<Value> = IDEM_BEGIN
+            .key(self.keys.idempotency(key))
+            .arg(id)
+            .arg(millis(lease))
             .arg(millis(ttl))
-            .query_async(&mut con)
+            .invoke_async(&mut con)
             .await
             .map_err(err)?;
-        Ok(match held {
-            None => Idempotency::Claimed,
-            Some(v) if v == IDEM_PENDING => Idempotency::Pending,
-            Some(v) => Idempotency::Done(Bytes::from(v)),
+        let mut it = reply.into_iter();
+        let state: String = parse(
+            it.next().unwrap_or(Value::Nil),
+            "store_idem_begin.lua state",
+        )?;
+        let mut value = || -> BackendResult<Vec<u8>> {
+            parse(
+                it.next().unwrap_or(Value::Nil),
+                "store_idem_begin.lua value",
+            )
+        };
+        Ok(match state.as_str() {
+            "done" => Idempotency::Done(Bytes::from(value()?)),
+            "pending" => Idempotency::Pending,
+            "claimed" => Idempotency::Claimed {
+                id: String::from_utf8(value()?).map_err(|_| {
+                    BackendError::Internal("idempotency: event id is not UTF-8".into())
+                })?,
+            },
+            other => {
+                return Err(BackendError::Internal(format!(
+                    "unexpected Redis reply for store_idem_begin.lua: {other:?}"
+                )));
+            }
         })
     }
 
     async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()> {
         let mut con = self.cmd.clone();
-        redis::cmd("SET")
-            .arg(self.keys.idempotency(key))
-            .arg(&reply[..])
-            .arg("PX")
-            .arg(millis(ttl))
+        let k = self.keys.idempotency(key);
+        redis::pipe()
+            .atomic()
+            .hset(&k, "reply", &reply[..])
+            .ignore()
+            .pexpire(&k, millis(ttl) as i64)
+            .ignore()
             .exec_async(&mut con)
             .await
             .map_err(err)
@@ -252,9 +275,8 @@ impl Store for RedisBackend {
 
     async fn idem_release(&self, key: &str) -> BackendResult<()> {
         let mut con = self.cmd.clone();
-        let _deleted: u64 = IDEM_RELEASE
+        let _ended: u64 = IDEM_RELEASE
             .key(self.keys.idempotency(key))
-            .arg(IDEM_PENDING)
             .invoke_async(&mut con)
             .await
             .map_err(err)?;

@@ -6,19 +6,31 @@
 -- KEYS[1] meta hash, KEYS[2] stream
 -- ARGV[1] pubsub channel, ARGV[2] frame head (`{"type":"event","channel":"…",`), ARGV[3] body
 -- (`"id":…,"ts":…}`), ARGV[4] maxlen, ARGV[5] idle ttl (s), ARGV[6] fresh epoch, ARGV[7] event type,
--- ARGV[8] live-delivery filter (JSON or empty)
+-- ARGV[8] live-delivery filter (JSON or empty), ARGV[9] the idempotency record this publish is made
+-- under (`Outgoing::dedupe`; empty: none): when it already holds this channel, nothing is stored and
+-- the position recorded there is returned; otherwise the append records it there (a record that
+-- expired is not recreated). Undeclared, like the read pointers below.
 --
 -- The unread step (`UnreadStep` in backend/mod.rs), only when KEYS[3] is given; the same effect as the
 -- Store's mark_countable, set_read for the sender, focused, and set_read for each focused user but the
 -- sender, in one step:
 -- KEYS[3] the room's countable sorted set, KEYS[4] the room's focus sorted set, KEYS[5] the sender's
 -- read-pointer hash (absent: no sender)
--- ARGV[9] keep (>= 1), ARGV[10] countable idle ttl (s), ARGV[11] room, ARGV[12] sender (when KEYS[5]),
--- ARGV[13] ARGV[14] the read-pointer hash name of a user is ARGV[13] .. user .. ARGV[14]: the pieces
+-- ARGV[10] keep (>= 1), ARGV[11] countable idle ttl (s), ARGV[12] room, ARGV[13] sender (when KEYS[5]),
+-- ARGV[14] ARGV[15] the read-pointer hash name of a user is ARGV[14] .. user .. ARGV[15]: the pieces
 -- `keys.rs` gives, since focused users are only known in here (so those keys are not declared: one
 -- Redis, not Cluster, like the presence heartbeat).
 --
 -- Returns {epoch, seq}.
+local dedupe = ARGV[9]
+local stored_as = 'c:' .. ARGV[1]
+if dedupe ~= '' then
+  local done = redis.call('HGET', dedupe, stored_as)
+  if done then
+    local s, e = string.match(done, '^(%d+) (.+)$')
+    return {e, tonumber(s)}
+  end
+end
 -- (No expiry for a new meta here: both keys get theirs below.)
 local epoch = channel_epoch(ARGV[6])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -27,13 +39,16 @@ local frame = ARGV[2] .. '"seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .. ARG
 redis.call('XADD', KEYS[2], 'MAXLEN', '=', ARGV[4], seq .. '-0', 'f', frame, 't', now, 'x', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+local seq_s = string.format('%d', seq)
+if dedupe ~= '' and redis.call('EXISTS', dedupe) == 1 then
+  redis.call('HSET', dedupe, stored_as, seq_s .. ' ' .. epoch)
+end
 if KEYS[3] then
-  local room = ARGV[11]
-  local seq_s = string.format('%d', seq)
-  mark_countable(KEYS[3], seq_s, ARGV[9], ARGV[10])
+  local room = ARGV[12]
+  mark_countable(KEYS[3], seq_s, ARGV[10], ARGV[11])
   local sender = nil
   if KEYS[5] then
-    sender = ARGV[12]
+    sender = ARGV[13]
     read_forward(KEYS[5], room, seq_s)
   end
   local done = {}
@@ -42,7 +57,7 @@ if KEYS[3] then
     local user = string.match(entry, '^([^|]*)|')
     if user and user ~= sender and not done[user] then
       done[user] = true
-      read_forward(ARGV[13] .. user .. ARGV[14], room, seq_s)
+      read_forward(ARGV[14] .. user .. ARGV[15], room, seq_s)
     end
   end
 end

@@ -1,9 +1,10 @@
--- Idempotency release (compare-and-delete): a failed publish gives its key back, but only while the
--- key still holds the pending marker; a stored first reply is never deleted.
--- KEYS[1] the idempotency key
--- ARGV[1] the pending marker
--- Returns 1 when the key was deleted, 0 otherwise.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+-- Idempotency release: a failed publish ends its lease, so the next claim takes the key over at once.
+-- The record stays (its event id and the channels already stored under it are what make the retry
+-- store nothing twice); a done key, or one that expired, is left alone.
+-- KEYS[1] the idempotency key (a hash: see store_idem_begin.lua)
+-- Returns 1 when a lease was ended, 0 otherwise.
+if redis.call('HEXISTS', KEYS[1], 'id') == 1 and redis.call('HEXISTS', KEYS[1], 'reply') == 0 then
+  redis.call('HSET', KEYS[1], 'lease', 0)
+  return 1
 end
 return 0

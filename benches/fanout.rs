@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use herald::backend::{
-    Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Outgoing, OutgoingPayload,
+    AppState, Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Outgoing,
+    OutgoingPayload, SessionInfo,
 };
 use herald::channels::{ChannelKinds, ChannelName};
 use herald::config::Config;
@@ -44,11 +45,17 @@ fn local(n: usize, channel: &ChannelName) -> Local {
     let attrs = Arc::new(serde_json::Map::new());
     let mut sessions = Vec::with_capacity(n);
     for i in 0..n {
+        let info = SessionInfo {
+            session: format!("bench-node:{i}").into(),
+            user: format!("u{i}").into(),
+            device: format!("d-{i}").into(),
+            platform: None,
+            state: AppState::Foreground,
+            node: "bench-node".into(),
+        };
         let handle = SessionHandle::new(
             i as u64,
-            format!("bench-node:{i}").into(),
-            format!("u{i}").into(),
-            format!("d-{i}").into(),
+            &info,
             attrs.clone(),
             config.limits.queue_frames,
             None,

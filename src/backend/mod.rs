@@ -352,13 +352,16 @@ pub trait Presence: Send + Sync + 'static {
     async fn connect(&self, info: &SessionInfo, ttl: Duration) -> BackendResult<bool>;
     /// Removes a session; `Some(last_seen)` when it was the user's last.
     async fn disconnect(&self, user: &str, session: &str) -> BackendResult<Option<i64>>;
-    /// Extends the expiry of many sessions (one call per node per heartbeat). Sessions already expired
-    /// are not revived.
+    /// Extends the expiry of many `(user, session)`s and their room presence (one call per node per
+    /// heartbeat). Returns the indexes (into `sessions`) of those it did not find live: expired (the
+    /// node could not heartbeat in time; they may have been reported offline) or gone (a backend
+    /// that lost its data). They are not revived here: the caller registers those still connected
+    /// again with [`Presence::connect`] and [`Presence::room_join`], which report the changes.
     async fn heartbeat(
         &self,
         sessions: &[(Arc<str>, Arc<str>)],
         ttl: Duration,
-    ) -> BackendResult<()>;
+    ) -> BackendResult<Vec<usize>>;
     /// Sets a session's app state.
     async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()>;
     /// Sets a user's custom status.
@@ -510,6 +513,13 @@ pub trait Store: Send + Sync + 'static {
         room: &str,
         user: &str,
         session: &str,
+        ttl: Duration,
+    ) -> BackendResult<()>;
+    /// Refreshes many focus entries `(room, user, session)` until `ttl` (one call per node per
+    /// heartbeat): [`Store::set_focus`] for each, so an entry the backend lost comes back.
+    async fn refresh_focus(
+        &self,
+        entries: &[(Box<str>, Arc<str>, Arc<str>)],
         ttl: Duration,
     ) -> BackendResult<()>;
     /// Clears a session's focus.

@@ -7,13 +7,13 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicI64, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::backend::{Delivery, DeliverySink};
+use crate::backend::{AppState, Delivery, DeliverySink, SessionInfo};
 use crate::channels::ChannelName;
 use crate::lock;
 
@@ -26,6 +26,10 @@ pub enum Outbound {
     Deliver(Arc<Delivery>),
     /// Time to send a transport-level ping.
     Ping,
+    /// The backend no longer has this session live (it lost its data, or swept the session while
+    /// this node could not heartbeat): register it again, with its room presence
+    /// ([`crate::engine::Session::after_delivery`] does, once the writer has seen this).
+    Restore,
 }
 
 /// What a session's task waits for: the next queued item, or the signal to close (which comes first).
@@ -165,6 +169,12 @@ pub struct SessionHandle {
     pub user: Arc<str>,
     /// Device.
     pub device: Arc<str>,
+    /// Platform, when known.
+    pub platform: Option<Arc<str>>,
+    /// The device's app state as last set (presence keeps it too: this copy restores it there).
+    background: AtomicBool,
+    /// Rooms focused on this session (`focus`), refreshed in the backend by the node's heartbeat.
+    focus: Mutex<Vec<Box<str>>>,
     /// JWT attrs (announcement audiences).
     pub attrs: Arc<serde_json::Map<String, serde_json::Value>>,
     queue: Mutex<Queue>,
@@ -179,22 +189,23 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// A handle with an empty queue of at most `queue` items, closed with 4002 at `expires` (unix s;
-    /// a WebSocket's token expiry) by [`Hub::expired`]'s sweep.
+    /// A handle for the session `info` with an empty queue of at most `queue` items, closed with 4002
+    /// at `expires` (unix s; a WebSocket's token expiry) by [`Hub::expired`]'s sweep.
     pub fn new(
         id: u64,
-        session: Arc<str>,
-        user: Arc<str>,
-        device: Arc<str>,
+        info: &SessionInfo,
         attrs: Arc<serde_json::Map<String, serde_json::Value>>,
         queue: usize,
         expires: Option<u64>,
     ) -> Arc<Self> {
         Arc::new(SessionHandle {
             id,
-            session,
-            user,
-            device,
+            session: info.session.clone(),
+            user: info.user.clone(),
+            device: info.device.clone(),
+            platform: info.platform.clone(),
+            background: AtomicBool::new(info.state == AppState::Background),
+            focus: Mutex::default(),
             attrs,
             queue: Mutex::default(),
             capacity: queue.max(1),
@@ -314,6 +325,61 @@ impl SessionHandle {
                 None => Poll::Pending,
             }
         })
+    }
+
+    /// The session as presence records it, on node `node`.
+    pub fn info(&self, node: &Arc<str>) -> SessionInfo {
+        SessionInfo {
+            session: self.session.clone(),
+            user: self.user.clone(),
+            device: self.device.clone(),
+            platform: self.platform.clone(),
+            state: self.state(),
+            node: node.clone(),
+        }
+    }
+
+    /// The device's app state.
+    pub fn state(&self) -> AppState {
+        if self.background.load(Ordering::Relaxed) {
+            AppState::Background
+        } else {
+            AppState::Foreground
+        }
+    }
+
+    /// Records the device's app state.
+    pub fn set_state(&self, state: AppState) {
+        self.background
+            .store(state == AppState::Background, Ordering::Relaxed);
+    }
+
+    /// Rooms focused on this session.
+    pub fn focused(&self) -> Vec<Box<str>> {
+        lock(&self.focus).clone()
+    }
+
+    /// Adds or removes a focused room; true when that changed anything.
+    pub fn set_focus(&self, room: &str, focused: bool) -> bool {
+        let mut f = lock(&self.focus);
+        let at = f.iter().position(|r| &**r == room);
+        match (at, focused) {
+            (None, true) => {
+                crate::reserve_tight(&mut f);
+                f.push(room.into());
+                true
+            }
+            (Some(i), false) => {
+                f.swap_remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes every focused room (the session is closing).
+    pub fn take_focus(&self) -> Vec<Box<str>> {
+        std::mem::take(&mut *lock(&self.focus))
     }
 
     /// Records inbound activity (any frame, pong, or SSE write).

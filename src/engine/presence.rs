@@ -29,12 +29,16 @@ pub(crate) async fn run(engine: Engine) {
 }
 
 impl Engine {
-    /// Refreshes presence for live local sessions, pings them, and closes those silent for a TTL.
+    /// Refreshes presence and focus for live local sessions, pings them, closes those silent for a
+    /// TTL, and asks those the backend no longer has live to register again (a Redis that restarted
+    /// without its data forgot them; they are connected here).
     pub(crate) async fn heartbeat_once(&self) {
         let now = now_ms();
         let ttl_ms = self.config.presence_ttl.as_millis() as i64;
-        let mut alive = Vec::new();
         let grace_ms = self.config.heartbeat.as_millis() as i64;
+        let mut live = Vec::new();
+        let mut alive = Vec::new();
+        let mut focus = Vec::new();
         for s in self.hub.sessions() {
             if let Some(at) = s.close_asked_at() {
                 if now - at > grace_ms {
@@ -47,18 +51,37 @@ impl Engine {
                 continue;
             }
             alive.push((s.user.clone(), s.session.clone()));
+            for room in s.focused() {
+                focus.push((room, s.user.clone(), s.session.clone()));
+            }
             // A queued ping; a full queue means a slow consumer anyway.
             s.send(Outbound::Ping);
+            live.push(s);
         }
-        if !alive.is_empty()
-            && let Err(e) = backend(
-                self.backends
-                    .presence
-                    .heartbeat(&alive, self.config.presence_ttl),
-            )
-            .await
-        {
-            tracing::warn!(error = %e, sessions = alive.len(), "Presence heartbeat failed.");
+        if alive.is_empty() {
+            return;
+        }
+        let ttl = self.config.presence_ttl;
+        match backend(self.backends.presence.heartbeat(&alive, ttl)).await {
+            Ok(missing) => {
+                if !missing.is_empty() {
+                    tracing::warn!(
+                        sessions = missing.len(),
+                        "Presence had lost live sessions of this node; restoring them."
+                    );
+                }
+                for i in missing {
+                    if let Some(s) = live.get(i) {
+                        s.send(Outbound::Restore);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, sessions = alive.len(), "Presence heartbeat failed.")
+            }
+        }
+        if let Err(e) = backend(self.backends.store.refresh_focus(&focus, ttl)).await {
+            tracing::warn!(error = %e, entries = focus.len(), "Focus refresh failed.");
         }
     }
 

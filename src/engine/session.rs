@@ -137,9 +137,10 @@ pub struct Session {
     /// The hub's handle.
     pub handle: Arc<SessionHandle>,
     subs: Subs,
-    /// Rooms focused (open) on this device: a few, at most one per subscription.
-    focus: Vec<String>,
     transport: Transport,
+    /// The backend lost this session (an [`Outbound::Restore`] came): register it again after the
+    /// writer's batch.
+    restore: bool,
     seen_announcement: Option<Box<str>>,
 }
 
@@ -164,11 +165,17 @@ impl Engine {
             .device
             .map(Into::into)
             .unwrap_or_else(|| format!("d-{}", uuid::Uuid::now_v7().simple()).into());
+        let info = SessionInfo {
+            session,
+            user: open.user.clone(),
+            device,
+            platform: open.platform.map(Into::into),
+            state: open.state,
+            node: self.node.clone(),
+        };
         let handle = SessionHandle::new(
             id,
-            session.clone(),
-            open.user.clone(),
-            device.clone(),
+            &info,
             Arc::new(open.attrs),
             self.config.limits.queue_frames,
             open.expires,
@@ -185,14 +192,6 @@ impl Engine {
                 ),
             ));
         }
-        let info = SessionInfo {
-            session,
-            user: open.user.clone(),
-            device,
-            platform: open.platform.map(Into::into),
-            state: open.state,
-            node: self.node.clone(),
-        };
         let first = match backend(
             self.backends
                 .presence
@@ -215,8 +214,8 @@ impl Engine {
             engine: self.clone(),
             handle,
             subs: Subs::default(),
-            focus: Vec::new(),
             transport: open.transport,
+            restore: false,
             seen_announcement: None,
         })
     }
@@ -428,10 +427,66 @@ impl Session {
     /// Bookkeeping the deliveries just written asked for (backend writes stay off the fan-out path;
     /// writers call this after each batch). Announcements are rare, so this is usually a no-op.
     pub async fn after_delivery(&mut self) {
+        if std::mem::take(&mut self.restore) {
+            self.restore().await;
+        }
         if let Some(id) = self.seen_announcement.take() {
             let store = &self.engine.backends.store;
             if let Err(e) = backend(store.swap_announcement_cursor(&self.handle.user, &id)).await {
                 tracing::warn!(user = %self.handle.user, error = %e, "Announcement cursor update failed.");
+            }
+        }
+    }
+
+    /// Takes a control item of the session's queue (the writer hands over everything it does not
+    /// write itself): [`Outbound::Restore`] is carried out by the next [`Session::after_delivery`].
+    pub fn control(&mut self, item: Outbound) {
+        if matches!(item, Outbound::Restore) {
+            self.restore = true;
+        }
+    }
+
+    /// Registers this session in presence again, with its room presence, after the backend lost it
+    /// (a Redis that restarted without its data, or a sweep while this node could not heartbeat);
+    /// its focus comes back with the node's next heartbeat. Announced as if it had just connected.
+    async fn restore(&mut self) {
+        let e = self.engine.clone();
+        let info = self.handle.info(&e.node);
+        match backend(e.backends.presence.connect(&info, e.config.presence_ttl)).await {
+            Ok(first) => {
+                tracing::info!(conn = %self.handle.session, user = %self.handle.user, "Session restored in presence (the backend had lost it).");
+                if first {
+                    e.publish_presence(&self.handle.user).await;
+                }
+            }
+            Err(err) => {
+                // The next heartbeat finds it missing again and asks once more.
+                tracing::warn!(conn = %self.handle.session, error = %err, "Presence restore failed.");
+                return;
+            }
+        }
+        let rooms: Vec<ChannelName> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.room_presence)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for ch in rooms {
+            let joined = e.backends.presence.room_join(
+                ch.id(),
+                &self.handle.user,
+                &self.handle.session,
+                e.config.presence_ttl,
+            );
+            match backend(joined).await {
+                Ok(true) => {
+                    e.publish_room_presence(ch.id(), &self.handle.user, "joined")
+                        .await
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(channel = %ch, error = %err, "Room presence restore failed.")
+                }
             }
         }
     }
@@ -453,7 +508,7 @@ impl Session {
                 );
             }
         }
-        self.focus.retain(|r| *r != room);
+        self.handle.set_focus(&room, false);
     }
 
     /// `subscribe`: join a channel; with `since`, the missed events to send after the reply.
@@ -666,9 +721,7 @@ impl Session {
             e.config.presence_ttl,
         ))
         .await?;
-        if !self.focus.iter().any(|r| r == room) {
-            self.focus.push(room.to_string());
-        }
+        self.handle.set_focus(room, true);
         Ok(json!({ "room": room, "focused": true }))
     }
 
@@ -677,7 +730,7 @@ impl Session {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
         self.drop_sub(&active).await;
-        self.focus.retain(|r| r != room);
+        self.handle.set_focus(room, false);
         backend(
             e.backends
                 .store
@@ -730,6 +783,7 @@ impl Session {
     /// `state`: foreground or background.
     pub async fn state(&mut self, state: AppState) -> EngineResult<Value> {
         let e = self.engine.clone();
+        self.handle.set_state(state);
         backend(
             e.backends
                 .presence
@@ -884,7 +938,7 @@ impl Drop for Session {
             .drain()
             .map(|(c, s)| (c, s.room_presence))
             .collect();
-        let focus = std::mem::take(&mut self.focus);
+        let focus = self.handle.take_focus();
         let transport = self.transport;
         rt.spawn(async move {
             for (ch, rp) in &subs {

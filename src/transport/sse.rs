@@ -359,6 +359,7 @@ impl StreamState {
                 }
             }
             Outbound::Ping => self.session.handle.touch(),
+            other => self.session.control(other),
         }
     }
 }

@@ -656,6 +656,10 @@ async fn write_outbound(
             }
         },
         Outbound::Ping => socket.feed(Message::Ping(Bytes::new())).await,
+        other => {
+            session.control(other);
+            Ok(())
+        }
     }
 }
 

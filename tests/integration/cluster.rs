@@ -359,3 +359,92 @@ async fn disconnecting_a_user_reaches_every_node() {
     assert_eq!(c.disconnect, Some(4012), "{c:?}");
     assert_eq!(other.request(json!({"op":"ping"})).await["type"], "pong");
 }
+
+/// A Redis that restarted without its data forgets who is connected: the node's next heartbeat
+/// finds its sessions gone and registers them again (online, the device, room presence, focus), and
+/// watchers are told, while the users stay connected.
+#[tokio::test]
+async fn presence_comes_back_when_redis_loses_its_data_under_connected_users() {
+    let mut redis = RedisServer::start();
+    let t = TestServer::start_redis(&redis.url, "node-a", |c| {
+        c.heartbeat = Duration::from_secs(1);
+        c.presence_ttl = Duration::from_secs(10);
+    })
+    .await;
+    for u in ["alice", "carol"] {
+        t.join("r1", u).await;
+    }
+    let mut alice = t.ws_with("alice", "&device=phone").await;
+    alice.subscribed("room:r1").await;
+    let r = alice.request(json!({"op": "focus", "room": "r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let r = alice
+        .request(json!({"op": "state", "state": "background"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let mut carol = t.ws("carol").await;
+    carol.subscribed("room:r1").await;
+    redis.restart();
+    // Membership is gone too: the backend restores it, as an application would.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for u in ["alice", "carol"] {
+        loop {
+            let (s, _) = t
+                .api("PUT", &format!("/api/v1/rooms/r1/members/{u}"), None)
+                .await;
+            if s == 200 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Within a heartbeat or two: online again, on the same device in the same state, in the room.
+    let p = t
+        .api_until("/api/v1/presence/alice", |v| v["online"] == true)
+        .await;
+    assert_eq!(
+        p["devices"],
+        json!([{"device": "phone", "platform": null, "state": "background"}]),
+        "{p}"
+    );
+    t.api_until("/api/v1/rooms/r1/presence", |v| {
+        v["users"]
+            .as_array()
+            .is_some_and(|u| u.contains(&json!("alice")))
+    })
+    .await;
+    // Focus too: a message carol sends now does not count as unread for alice, who has r1 open.
+    let focused = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, v) = t
+            .api(
+                "POST",
+                "/api/v1/events",
+                Some(json!({"event":"chat.message","room":"r1","from":"carol","data":{}})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let (_, u) = t.api("GET", "/api/v1/users/alice/unread", None).await;
+        if u["unread"]["r1"].as_u64().unwrap_or(0) == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < focused,
+            "focus never came back: {u}"
+        );
+        // Catch up before the next try (countable events before the focus came back stay unread).
+        let seq = v["deliveries"][0]["seq"].as_u64().unwrap();
+        t.api(
+            "POST",
+            "/api/v1/users/alice/read",
+            Some(json!({"room": "r1", "seq": seq})),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // alice never saw a disconnect through all this.
+    alice
+        .assert_none(Duration::from_millis(100), |v| v["type"] == "disconnect")
+        .await;
+}

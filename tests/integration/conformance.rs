@@ -271,6 +271,23 @@ async fn presence_expiry(b: Backends) {
         "reported once"
     );
     assert!(!b.presence.get(&["pe".into()]).await.unwrap()[0].online);
+    // A heartbeat names the sessions it did not find live (expired, swept, never there), by index,
+    // and revives none of them.
+    let missing = b
+        .presence
+        .heartbeat(
+            &[
+                ("pe".into(), "x1".into()),
+                ("pk".into(), "k1".into()),
+                ("pn".into(), "never".into()),
+            ],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing, vec![0, 2]);
+    assert!(!b.presence.get(&["pe".into()]).await.unwrap()[0].online);
+    assert!(b.presence.get(&["pk".into()]).await.unwrap()[0].online);
 }
 
 /// Presence: status, state, counts, pages, rooms.

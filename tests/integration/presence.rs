@@ -282,3 +282,36 @@ async fn room_presence_joined_and_left() {
     let (_, v) = t.api("GET", "/api/v1/channels/room:r1/history", None).await;
     assert_eq!(v["events"], json!([]), "{v}");
 }
+
+/// Focus (who has a room open) is kept while the session lives, however long past the presence TTL:
+/// the node's heartbeat refreshes it, so a message arriving a minute later still does not count as
+/// unread for someone looking at the room.
+#[tokio::test]
+async fn focus_outlives_the_presence_ttl_while_the_session_lives() {
+    let t = TestServer::start_with(|c| {
+        c.presence_ttl = Duration::from_secs(2);
+        c.heartbeat = Duration::from_secs(1);
+    })
+    .await;
+    for u in ["alice", "bob", "carol"] {
+        t.join("r1", u).await;
+    }
+    let mut alice = t.ws("alice").await;
+    let r = alice.request(json!({"op": "focus", "room": "r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    // Past the TTL, reading (so answering pings) all along.
+    alice
+        .assert_none(Duration::from_millis(3500), |v| v["type"] == "disconnect")
+        .await;
+    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{"text":"hi"}}))
+        .await;
+    let (_, v) = t.api("GET", "/api/v1/users/alice/unread", None).await;
+    // (Rooms with nothing unread are left out.)
+    assert_eq!(
+        v["unread"]["r1"].as_u64().unwrap_or(0),
+        0,
+        "alice has r1 open: {v}"
+    );
+    let (_, v) = t.api("GET", "/api/v1/users/carol/unread", None).await;
+    assert_eq!(v["unread"]["r1"], 1, "carol does not: {v}");
+}

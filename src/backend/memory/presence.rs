@@ -162,30 +162,33 @@ impl Presence for Memory {
         &self,
         sessions: &[(Arc<str>, Arc<str>)],
         ttl: Duration,
-    ) -> BackendResult<()> {
+    ) -> BackendResult<Vec<usize>> {
         let mut p = lock(&self.presence);
         let now = Instant::now();
         let expiry = now + ttl;
-        for (user, session) in sessions {
-            if let Some(e) = p.users.get_mut(user)
-                && let Some(s) = e.sessions.get_mut(session)
-                && s.1 > now
+        let mut missing = Vec::new();
+        for (i, (user, session)) in sessions.iter().enumerate() {
+            match p
+                .users
+                .get_mut(user)
+                .and_then(|e| e.sessions.get_mut(session))
             {
-                s.1 = expiry;
+                Some(s) if s.1 > now => s.1 = expiry,
+                _ => missing.push(i),
             }
         }
-        // Room presence entries of these sessions are refreshed too.
+        // Room presence entries of these sessions are refreshed too, while live.
         let wanted: std::collections::HashSet<&str> = sessions.iter().map(|(_, s)| &**s).collect();
         for users in p.rooms.values_mut() {
             for sess in users.values_mut() {
                 for (s, exp) in sess.iter_mut() {
-                    if wanted.contains(s.as_str()) {
+                    if *exp > now && wanted.contains(s.as_str()) {
                         *exp = expiry;
                     }
                 }
             }
         }
-        Ok(())
+        Ok(missing)
     }
 
     async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()> {

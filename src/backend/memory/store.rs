@@ -3,6 +3,7 @@
 //! inside its append.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -299,6 +300,22 @@ impl Store for Memory {
             .entry(room.into())
             .or_default()
             .insert((user.into(), session.into()), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn refresh_focus(
+        &self,
+        entries: &[(Box<str>, Arc<str>, Arc<str>)],
+        ttl: Duration,
+    ) -> BackendResult<()> {
+        let mut s = lock(&self.store);
+        let until = Instant::now() + ttl;
+        for (room, user, session) in entries {
+            s.focus
+                .entry(room.to_string())
+                .or_default()
+                .insert((user.to_string(), session.to_string()), until);
+        }
         Ok(())
     }
 

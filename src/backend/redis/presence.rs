@@ -229,9 +229,9 @@ impl Presence for RedisBackend {
         &self,
         sessions: &[(Arc<str>, Arc<str>)],
         ttl: Duration,
-    ) -> BackendResult<()> {
+    ) -> BackendResult<Vec<usize>> {
         if sessions.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let present = pieces(self.keys.room_present(MARK), 1)?;
         let entries = pieces(self.keys.room_user_sessions(MARK, MARK), 2)?;
@@ -254,7 +254,13 @@ impl Presence for RedisBackend {
             calls.push((&SCRIPTS.heartbeat, inv));
         }
         let mut con = self.cmd.clone();
-        eval_pipeline(&mut con, &calls).await.map(drop)
+        let replies = eval_pipeline(&mut con, &calls).await?;
+        let mut missing = Vec::new();
+        for (c, reply) in replies.into_iter().enumerate() {
+            let at: Vec<usize> = parse(reply, "presence_heartbeat.lua")?;
+            missing.extend(at.into_iter().map(|i| c * HEARTBEAT_CHUNK + i));
+        }
+        Ok(missing)
     }
 
     async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()> {

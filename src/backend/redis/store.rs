@@ -26,14 +26,14 @@
 //! Errors: connection trouble is [`BackendError::Unavailable`]; a reply of an unexpected shape is
 //! [`BackendError::Internal`]. Nothing here unwraps a Redis reply.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{FromRedisValue, Script, Value};
 
-use super::{RedisBackend, err};
+use super::{RedisBackend, err, eval_pipeline};
 use crate::backend::{Announcement, BackendError, BackendResult, Idempotency, PushDevice, Store};
 use crate::event::Seq;
 
@@ -348,6 +348,29 @@ impl Store for RedisBackend {
             .await
             .map_err(err)?;
         Ok(())
+    }
+
+    async fn refresh_focus(
+        &self,
+        entries: &[(Box<str>, Arc<str>, Arc<str>)],
+        ttl: Duration,
+    ) -> BackendResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let calls: Vec<_> = entries
+            .iter()
+            .map(|(room, user, session)| {
+                let mut inv = FOCUS_SET.prepare_invoke();
+                inv.key(self.keys.room_focus(room))
+                    .arg(focus_member(user, session))
+                    .arg(millis(ttl))
+                    .arg(millis(FOCUS_SLACK));
+                (&*FOCUS_SET, inv)
+            })
+            .collect();
+        let mut con = self.cmd.clone();
+        eval_pipeline(&mut con, &calls).await.map(drop)
     }
 
     async fn clear_focus(&self, room: &str, user: &str, session: &str) -> BackendResult<()> {

@@ -1,7 +1,8 @@
 -- Extends many sessions at once (one node's heartbeat, in chunks): each session that is still live
 -- gets `now + ttl` (never less than it has: GT), its user's online score follows, and so do the live
 -- room entries of the session (found through its rooms set; entries gone or expired are dropped from
--- that set). Expired sessions and entries are never revived: the sweeper reports them.
+-- that set). Expired sessions and entries are never revived here (the sweeper reports them): the
+-- reply names the sessions not found live, and the node registers those still connected again.
 --
 -- Room keys are only known once the session's rooms set is read, so they are built here from the
 -- pieces of their names that `keys.rs` gives (one Redis, not Cluster: see presence.rs).
@@ -11,11 +12,11 @@
 -- ARGV[1] ttl (ms), ARGV[2] key grace (ms), ARGV[3], ARGV[4] room present key = ARGV[3]..room..ARGV[4],
 -- ARGV[5..7] room entries key = ARGV[5]..room..ARGV[6]..user..ARGV[7], then per session i:
 -- ARGV[8+2i] user, ARGV[9+2i] session
--- Returns the number of sessions extended.
+-- Returns the indexes (from 0, in this call's order) of the sessions not found live.
 local now = now_ms()
 local grace = tonumber(ARGV[2])
 local exp = now + tonumber(ARGV[1])
-local extended = 0
+local missing = {}
 local n = (#KEYS - 2) / 3
 for i = 0, n - 1 do
   local sessions, devices, index = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
@@ -24,7 +25,8 @@ for i = 0, n - 1 do
   if score and tonumber(score) > now then
     redis.call('ZADD', sessions, 'XX', 'GT', int(exp), session)
     settle_user(sessions, devices, KEYS[1], user, grace)
-    extended = extended + 1
+  else
+    missing[#missing + 1] = i
   end
   local rooms = redis.call('SMEMBERS', index)
   for _, room in ipairs(rooms) do
@@ -41,4 +43,4 @@ for i = 0, n - 1 do
   end
   expire_at_least(index, exp + grace)
 end
-return extended
+return missing

@@ -201,6 +201,12 @@ pub struct Config {
     pub ws_origins: Vec<String>,
     /// Put `/metrics` behind the admin key.
     pub metrics_require_admin: bool,
+    /// How long a connection may take to send a request head (and a request body), and may idle
+    /// between keep-alive requests, before it is closed.
+    pub read_timeout: Duration,
+    /// Most open connections on this node (HTTP, SSE and WebSocket); `None`: the open-file limit
+    /// less a reserve.
+    pub max_connections: Option<usize>,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
     /// How long a publish holds its idempotency key's claim: a retry while it is held waits or gets
@@ -284,6 +290,9 @@ struct FileHttp {
     cors_origins: Option<Vec<String>>,
     ws_origins: Option<Vec<String>>,
     metrics_require_admin: Option<bool>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    read_timeout: Option<Duration>,
+    max_connections: Option<usize>,
 }
 
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -532,6 +541,26 @@ impl Config {
         {
             c.ws_origins = o;
         }
+        if let Some(t) = file.http.read_timeout {
+            if t.is_zero() {
+                return Err(ConfigError::Invalid("http.read_timeout must be > 0".into()));
+            }
+            c.read_timeout = t;
+        }
+        let max = match env("HERALD_MAX_CONNECTIONS") {
+            Some(v) => Some(v.parse::<usize>().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "HERALD_MAX_CONNECTIONS: {v:?} is not a number of connections"
+                ))
+            })?),
+            None => file.http.max_connections,
+        };
+        if max == Some(0) {
+            return Err(ConfigError::Invalid(
+                "http.max_connections must be > 0".into(),
+            ));
+        }
+        c.max_connections = max;
         if let Some(m) = file.http.metrics_require_admin {
             c.metrics_require_admin = m;
         }
@@ -593,6 +622,8 @@ impl Config {
             cors_origins: vec!["*".into()],
             ws_origins: Vec::new(),
             metrics_require_admin: false,
+            read_timeout: Duration::from_secs(10),
+            max_connections: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),
             idempotency_lease: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),

@@ -23,6 +23,7 @@ pub mod channels;
 pub mod config;
 pub mod engine;
 pub mod event;
+pub mod logging;
 pub mod metrics;
 pub mod rules;
 pub mod transport;

@@ -119,18 +119,11 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     }
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
+/// `println!` that ignores a closed stdout (`herald | head`) instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {
+        herald::logging::println_quiet(&format!($($t)*))
+    };
 }
 
 fn main() -> std::process::ExitCode {
@@ -145,10 +138,11 @@ fn main() -> std::process::ExitCode {
             channels,
         } => simulate(&event, rules, channels),
     };
+    herald::logging::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("herald: {e:#}");
+            herald::logging::eprintln_quiet(&format!("herald: {e:#}"));
             std::process::ExitCode::from(2)
         }
     }
@@ -186,12 +180,12 @@ fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
             let set = load_rules(&dir, load_kinds(&channels)?)?;
             let files = set.files();
             if files.is_empty() {
-                println!(
+                out!(
                     "{}: no rule files (*.rhai); channel defaults route every event",
                     dir.display()
                 );
             } else {
-                println!(
+                out!(
                     "{}: {} file(s) compiled: {}",
                     dir.display(),
                     files.len(),
@@ -205,9 +199,9 @@ fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
             let set = load_rules(&dir, load_kinds(&channels)?)?;
             let report = fixtures::run(&dir, &set)?;
             for f in &report.failures {
-                println!("FAIL {f}");
+                out!("FAIL {f}");
             }
-            println!(
+            out!(
                 "{} passed, {} failed",
                 report.cases - report.failures.len(),
                 report.failures.len()
@@ -237,7 +231,7 @@ fn simulate(event: &std::path::Path, rules: PathBuf, channels: PathBuf) -> anyho
         "by": routed.by.map(|f| format!("{f}::route")).unwrap_or_else(|| "channel defaults".into()),
         "error": routed.error,
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    out!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
@@ -256,7 +250,7 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
         .secret
         .as_deref()
         .context("herald token needs an HS256 secret (a public key cannot sign)")?;
-    println!(
+    out!(
         "{}",
         auth::mint_hs256(secret, &t.user, t.device.as_deref(), t.ttl)?
     );
@@ -276,11 +270,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         log_format: a.log_format,
     })?;
     let kinds = ChannelKinds::load(&config.channels_file, config.channels_required)?;
-    init_logs(config.log_format);
+    herald::logging::init(config.log_format);
+    match herald::transport::conn::raise_open_file_limit() {
+        Ok((before, after)) if before < after => {
+            tracing::info!(limit = after, was = before, "Raised the open file limit.")
+        }
+        Ok((_, limit)) => tracing::info!(limit, "Open file limit."),
+        Err(e) => tracing::warn!(error = %e, "Could not raise the open file limit."),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -308,26 +309,30 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             Some(url) => format!("Redis backend at {}", herald::redact_url(url)),
             None => "memory backend".to_string(),
         };
-        println!("herald listening on http://{addr}  (node {}, {backend})", server.engine.node);
-        println!("  WebSocket  ws://{addr}/ws");
-        println!("  SSE        http://{addr}/sse?channels=user:demo,global");
-        println!("  API        http://{addr}/api/v1");
-        println!("  admin      http://{addr}/admin");
+        out!("herald listening on http://{addr}  (node {}, {backend})", server.engine.node);
+        out!("  WebSocket  ws://{addr}/ws");
+        out!("  SSE        http://{addr}/sse?channels=user:demo,global");
+        out!("  API        http://{addr}/api/v1");
+        out!("  admin      http://{addr}/admin");
         if let Some((api, admin)) = banner_keys {
-            println!("  API key    {api}   (generated; set HERALD_API_KEY to keep one)");
-            println!("  admin key  {admin}   (generated; set HERALD_ADMIN_KEY)");
+            out!("  API key    {api}   (generated; set HERALD_API_KEY to keep one)");
+            out!("  admin key  {admin}   (generated; set HERALD_ADMIN_KEY)");
         }
         if let Some(secret) = generated_secret {
-            println!("  JWT secret {secret}   (generated; set HERALD_JWT_SECRET)");
+            out!("  JWT secret {secret}   (generated; set HERALD_JWT_SECRET)");
         }
         if let Some(t) = demo {
-            println!("  demo token {t}");
-            println!("  try: websocat 'ws://{addr}/ws?token=<demo token>'");
+            out!("  demo token {t}");
+            out!("  try: websocat 'ws://{addr}/ws?token=<demo token>'");
         }
         server.wait().await?;
         tracing::info!("Stopped.");
         Ok(())
-    })
+    });
+    // Whatever is still running (a rules compile, a connection past the grace period) does not
+    // hold the exit up.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 async fn shutdown_signal() {
@@ -351,4 +356,11 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+    // A second Ctrl-C during the drain ends the process at once.
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            herald::logging::eprintln_quiet("herald: second interrupt; exiting now");
+            std::process::exit(130);
+        }
+    });
 }

@@ -70,3 +70,8 @@ pub fn rule_error(hook: &'static str) {
 pub fn rules_reload(outcome: &'static str) {
     metrics::counter!("herald_rules_reloads_total", "outcome" => outcome).increment(1);
 }
+
+/// Connections refused because the node held its maximum (`http.max_connections`).
+pub fn connection_refused() {
+    metrics::counter!("herald_connections_refused_total").increment(1);
+}

@@ -42,3 +42,9 @@ mod rules;
 
 #[path = "integration/faults.rs"]
 mod faults;
+
+#[path = "integration/http.rs"]
+mod http;
+
+#[path = "integration/process.rs"]
+mod process;

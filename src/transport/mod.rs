@@ -1,10 +1,12 @@
 //! The edges: wire frames <-> engine calls, no business logic. Assembles the axum router (one state
-//! type), maps engine errors to `{"error":{"code","message"}}` with fitting statuses, and serves with
-//! graceful shutdown: sessions get `disconnect` 1001 with `reconnect: true`, in-flight requests finish.
+//! type), maps engine errors to `{"error":{"code","message"}}` with fitting statuses, and serves
+//! ([`conn`]: connection cap, read timeouts) with graceful shutdown: sessions get `disconnect` 1001
+//! with `reconnect: true`, in-flight requests finish, within the grace period.
 
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod conn;
 pub mod sse;
 pub mod ws;
 
@@ -19,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::engine::{CloseReason, Engine, EngineError, ErrorCode};
@@ -107,8 +110,19 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let limit = state.engine.config.limits.frame_bytes + ENVELOPE_BYTES;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
+        let within = state.engine.config.read_timeout;
+        let bytes = tokio::time::timeout(within, axum::body::to_bytes(req.into_body(), limit))
             .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "bad_frame",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        within.as_secs_f64()
+                    ),
+                )
+            })?
             .map_err(|_| {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -232,47 +246,139 @@ pub fn router(state: AppState) -> Router {
         .merge(api::routes())
         .merge(admin::routes())
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_hygiene))
         .layer(cors)
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves, then drains: sessions get `disconnect` 1001 (reconnect), in-flight
-/// requests finish, and the call returns once every session closed or the grace period ran out.
+/// What every request gets before and after its handler: a head over [`conn::MAX_HEADERS`] fields
+/// or [`conn::MAX_HEADER_BYTES`] is refused with 431 in the error shape; and a response sent
+/// before the request's body was read says `Connection: close`, since the connection cannot carry
+/// another request (the unread body is in the way): a pooling client would otherwise send its next
+/// request into a connection about to close.
+async fn request_hygiene(req: Request, next: axum::middleware::Next) -> Response {
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > conn::MAX_HEADERS || bytes > conn::MAX_HEADER_BYTES {
+        let mut resp = ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too_large",
+            format!(
+                "request headers: at most {} fields and {} bytes",
+                conn::MAX_HEADERS,
+                conn::MAX_HEADER_BYTES
+            ),
+        )
+        .into_response();
+        close_after(&mut resp);
+        return resp;
+    }
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    if !has_body {
+        return next.run(req).await;
+    }
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let req = req.map(|b| {
+        axum::body::Body::new(ReadToEnd {
+            inner: b,
+            done: read.clone(),
+        })
+    });
+    let mut resp = next.run(req).await;
+    if !read.load(std::sync::atomic::Ordering::Acquire) {
+        close_after(&mut resp);
+    }
+    resp
+}
+
+fn close_after(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// A request body that records when it was read to its end.
+struct ReadToEnd {
+    inner: axum::body::Body,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.done.store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains: sessions get `disconnect` 1001 (reconnect), open
+/// connections finish their request, and the call returns once every connection closed or the grace
+/// period ran out, whatever the clients (or the log sink) do.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let engine = state.engine.clone();
-    let app = router(state);
-    let token = engine.shutdown.clone();
-    let drain_engine = engine.clone();
-    let graceful = async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = token.cancelled() => {}
-        }
-        tracing::info!("Shutting down: closing sessions.");
-        drain_engine.shutdown.cancel();
-        drain_engine.close_all(CloseReason::Shutdown);
-    };
-    // No Nagle: frames are already batched per flush; waiting for ACKs only adds latency.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "Could not set TCP_NODELAY.");
-        }
-    });
-    axum::serve(
+    let config = &engine.config;
+    let connections = conn::Connections::new(conn::max_connections(config.max_connections));
+    tracing::info!(
+        max_connections = connections.max(),
+        read_timeout_s = config.read_timeout.as_secs_f64(),
+        "Accepting connections."
+    );
+    let stop = CancellationToken::new();
+    let accepting = tokio::spawn(conn::accept(
         listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(graceful)
-    .await?;
-    // Upgraded WebSockets are not tracked by the server: wait for their sessions to close.
-    let deadline = tokio::time::Instant::now() + engine.config.shutdown_grace;
-    while !engine.hub.is_empty() && tokio::time::Instant::now() < deadline {
+        router(state),
+        connections.clone(),
+        config.read_timeout,
+        stop.clone(),
+    ));
+    tokio::select! {
+        _ = shutdown => {}
+        _ = engine.shutdown.cancelled() => {}
+    }
+    tracing::info!("Shutting down: closing sessions.");
+    engine.shutdown.cancel();
+    stop.cancel();
+    let _ = accepting.await;
+    // Sessions are told first (1001), then their sockets close; upgraded WebSockets and SSE
+    // streams hold their connection until then.
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    while (connections.open() > 0 || !engine.hub.is_empty())
+        && tokio::time::Instant::now() < deadline
+    {
         engine.close_all(CloseReason::Shutdown);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if connections.open() > 0 {
+        tracing::info!(
+            open = connections.open(),
+            "Grace period over: leaving the connections still open."
+        );
     }
     Ok(())
 }

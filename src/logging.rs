@@ -1,0 +1,179 @@
+//! Where log lines go: `tracing` to stderr through a sink that never blocks the engine and never
+//! panics, whatever stderr is (a terminal, a file, a pipe whose reader went away or stopped reading).
+//!
+//! Lines are handed to one writer thread through a bounded queue; when the queue is full (stderr is
+//! not keeping up) a line is dropped and counted, and the count is written once stderr takes lines
+//! again. A write that fails (a closed pipe) is dropped too: logging must not be what stops a
+//! shutdown. At exit, [`flush`] gives the writer a bounded time to write what is queued.
+//!
+//! Secrets never reach a line: the WebSocket library logs frames' contents (a `connect` frame holds a
+//! JWT) at trace level, so its targets are held at `debug` whatever the filter asks.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::config::LogFormat;
+
+/// Lines queued for stderr before new ones are dropped.
+const QUEUE_LINES: usize = 4096;
+
+/// Targets that log message contents (a `connect` frame's token) at trace level, held at `debug`
+/// whatever the filter says.
+const QUIET_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
+
+enum Item {
+    Line(Vec<u8>),
+    Flush(SyncSender<()>),
+}
+
+struct Sink {
+    tx: SyncSender<Item>,
+    dropped: AtomicU64,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+fn sink() -> &'static Sink {
+    SINK.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LINES);
+        let spawned = std::thread::Builder::new()
+            .name("herald-log".into())
+            .spawn(move || write_lines(rx));
+        if spawned.is_err() {
+            // No writer: lines are dropped (counted) rather than written on the engine's threads.
+            eprintln_quiet("herald: could not start the log writer; logs are dropped");
+        }
+        Sink {
+            tx,
+            dropped: AtomicU64::new(0),
+        }
+    })
+}
+
+/// Writes to stderr, ignoring every error (the one place herald writes to stderr directly).
+pub fn eprintln_quiet(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(line.as_bytes());
+    let _ = err.write_all(b"\n");
+}
+
+/// Writes to stdout, ignoring every error (`herald | head` must not panic the server).
+pub fn println_quiet(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+fn write_lines(rx: Receiver<Item>) {
+    let mut err = std::io::stderr();
+    let mut broken = false;
+    for item in rx {
+        match item {
+            Item::Line(line) => {
+                if broken {
+                    continue;
+                }
+                if let Some(s) = SINK.get() {
+                    let n = s.dropped.swap(0, Ordering::Relaxed);
+                    if n > 0 {
+                        let note =
+                            format!("herald: {n} log line(s) dropped: stderr did not keep up\n");
+                        broken |= err.write_all(note.as_bytes()).is_err();
+                    }
+                }
+                // A closed pipe stays closed: stop trying, keep draining.
+                broken |= err.write_all(&line).is_err();
+            }
+            Item::Flush(done) => {
+                let _ = err.flush();
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// One event's bytes, queued whole when the formatter is done with it.
+pub struct Line(Vec<u8>);
+
+impl Write for Line {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let s = sink();
+        match s.tx.try_send(Item::Line(std::mem::take(&mut self.0))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                s.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The `MakeWriter` of the sink.
+#[derive(Clone, Copy, Default)]
+pub struct Stderr;
+
+impl<'a> MakeWriter<'a> for Stderr {
+    type Writer = Line;
+
+    fn make_writer(&'a self) -> Line {
+        Line(Vec::with_capacity(256))
+    }
+}
+
+/// The filter: `HERALD_LOG`, else `RUST_LOG`, else `info`, with [`QUIET_TARGETS`] held at `debug`.
+pub fn filter() -> EnvFilter {
+    let mut filter = EnvFilter::try_from_env("HERALD_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in QUIET_TARGETS {
+        if let Ok(d) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
+}
+
+/// Installs the subscriber: `format` lines on stderr through the sink.
+pub fn init(format: LogFormat) {
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Never fails a write, so the formatter's fallback (a print to stderr, which panics when
+        // stderr is a closed pipe) never runs.
+        .with_writer(Stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+/// Gives the writer up to `within` to write what is queued (at exit).
+pub fn flush(within: Duration) {
+    static FLUSHING: Mutex<()> = Mutex::new(());
+    let Some(s) = SINK.get() else { return };
+    let _one = FLUSHING.lock();
+    let (done, wait) = std::sync::mpsc::sync_channel(1);
+    if s.tx.try_send(Item::Flush(done)).is_ok() {
+        let _ = wait.recv_timeout(within);
+    }
+}

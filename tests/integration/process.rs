@@ -1,0 +1,161 @@
+//! The `herald` process itself: shutting down on a signal whatever its log sink does, no secret in
+//! any log line at any level, the open-file limit it runs with.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn token(user: &str) -> String {
+    herald::transport::auth::mint_hs256(SECRET, user, None, 3600).unwrap()
+}
+
+fn env() -> [(&'static str, &'static str); 3] {
+    [
+        ("HERALD_JWT_SECRET", SECRET),
+        ("HERALD_API_KEY", API_KEY),
+        ("HERALD_ADMIN_KEY", ADMIN_KEY),
+    ]
+}
+
+/// `herald 2>&1 | tee log`, then Ctrl-C: the pipe's reader is gone before herald logs its shutdown.
+/// Sessions still get 1001 and the process ends within its grace period.
+#[tokio::test]
+async fn ctrl_c_shuts_down_when_stdout_and_stderr_are_closed_pipes() {
+    let dir = TempDir::new("closed-pipes");
+    let channels = shipped_channels();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--channels", &channels])
+        .current_dir(&dir.path)
+        .env_clear()
+        .envs(env())
+        .env("HERALD_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("herald starts");
+    let first = {
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line
+        // The reader of stdout goes here, with the banner half read.
+    };
+    drop(child.stderr.take());
+    let addr = first
+        .strip_prefix("herald listening on http://")
+        .unwrap_or_else(|| panic!("first line: {first:?}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token("alice"))).await;
+    assert_eq!(ws.next().await["type"], "connected");
+    // Something to log on both closed pipes before the signal.
+    let r = ws.request(json!({"op": "ping"})).await;
+    assert_eq!(r["type"], "pong");
+    signal(child.id(), "-INT");
+    let closed = ws.closed().await;
+    assert_eq!(closed.disconnect, Some(1001), "{closed:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("herald did not exit after SIGINT with its stderr closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+/// At `HERALD_LOG=trace`, with every kind of credential in use (a JWT in the query, in a `connect`
+/// frame and in an SSE URL, the API key, the admin key), none reaches the log.
+#[tokio::test]
+async fn no_secret_reaches_the_log_at_trace_level() {
+    let dir = TempDir::new("trace-secrets");
+    let channels = shipped_channels();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--channels", &channels];
+    let mut env: Vec<(&str, &str)> = env().to_vec();
+    env.push(("HERALD_LOG", "trace"));
+    let mut p = Proc::spawn(&dir.path, &args, &env);
+    // Proc sets HERALD_LOG=info itself; the one given here comes later and wins.
+    let first = p.line();
+    let addr = first
+        .strip_prefix("herald listening on http://")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let (in_query, in_frame, in_sse) = (token("alice"), token("bob"), token("carol"));
+    let mut a = Ws::connect(&format!("ws://{addr}/ws?token={in_query}")).await;
+    assert_eq!(a.next().await["type"], "connected");
+    let mut b = Ws::connect(&format!("ws://{addr}/ws")).await;
+    b.send(json!({"op": "connect", "token": in_frame, "ref": 1}))
+        .await;
+    assert_eq!(b.next().await["type"], "connected");
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{addr}/api/v1/events"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"event":"n","to":["alice"],"data":{}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("http://{addr}/admin/rules"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sse = Sse::open(
+        &format!("http://{addr}/sse?channels=user:carol&token={in_sse}"),
+        None,
+    )
+    .await;
+    drop(sse);
+    a.close_client().await;
+    b.close_client().await;
+    signal(p.pid(), "-TERM");
+    assert!(p.exit(Duration::from_secs(15)).success());
+    let log = p.stderr();
+    assert!(
+        log.contains("TRACE"),
+        "the log is at trace level, or this test proves nothing"
+    );
+    for (what, secret) in [
+        ("a JWT from the query", in_query.as_str()),
+        ("a JWT from a connect frame", in_frame.as_str()),
+        ("a JWT from an SSE URL", in_sse.as_str()),
+        ("the API key", API_KEY),
+        ("the admin key", ADMIN_KEY),
+        ("the JWT secret", SECRET),
+    ] {
+        // A token's signature alone is enough to be a leak.
+        let tail = &secret[secret.len().saturating_sub(20)..];
+        assert!(!log.contains(tail), "{what} is in the log");
+    }
+    // The limit each connection counts against is in the log, with its figure.
+    assert!(
+        log.lines()
+            .any(|l| l.to_lowercase().contains("open file limit") && l.contains("limit=")),
+        "no open file limit line"
+    );
+}

@@ -3,6 +3,12 @@
 //! runs the fixtures, and swaps the new set in atomically only if all of that passes; otherwise the last
 //! good set stays and the error (file:line:col) is kept for `GET /admin/rules`, logged, and counted.
 //! Publishing never waits on a reload and never sees a half-loaded set (arc-swap).
+//!
+//! Compiles run off the watcher, on blocking threads, so an edit made while a slow compile runs (a
+//! file of tens of thousands of functions takes seconds) starts its own compile at once; each reload
+//! has a generation, and the result of one that a newer reload has overtaken is dropped, so what is in
+//! force is always built from the newest files (or, if those fail, the last good set). At most
+//! [`MAX_COMPILES`] run at a time; edits beyond that wait, merged into one, for a compile to end.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +24,8 @@ use crate::channels::ChannelKinds;
 
 /// How long file events are debounced before a reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Reloads compiling at once: the one running and one that overtakes it.
+const MAX_COMPILES: usize = 2;
 
 /// Where rules come from and how they run.
 #[derive(Clone, Debug)]
@@ -52,6 +60,10 @@ pub struct RulesStatus {
     pub last_error: Option<String>,
     /// When that happened, unix ms.
     pub last_error_at: Option<i64>,
+    /// Whether a reload is compiling now (its result replaces this set, or becomes `last_error`).
+    pub compiling: bool,
+    /// When the newest compile running now started, unix ms.
+    pub compiling_since: Option<i64>,
 }
 
 /// The live rule set and its reloads.
@@ -60,6 +72,18 @@ pub struct Rules {
     config: RulesConfig,
     last_error: Mutex<Option<(String, i64)>>,
     versions: AtomicU64,
+    compiles: Mutex<Compiles>,
+}
+
+/// The reloads under way.
+#[derive(Default)]
+struct Compiles {
+    /// The generation the newest reload started got; a result of an older one is dropped.
+    started: u64,
+    /// Generations compiling now, with when each started (unix ms).
+    running: Vec<(u64, i64)>,
+    /// A change came while [`MAX_COMPILES`] were running: reload again when one ends.
+    pending: bool,
 }
 
 /// Builds and checks a complete rule set (compile + channels + fixtures).
@@ -99,6 +123,7 @@ impl Rules {
             config,
             last_error: Mutex::new(None),
             versions: AtomicU64::new(1),
+            compiles: Mutex::default(),
         }))
     }
 
@@ -109,6 +134,7 @@ impl Rules {
             current: ArcSwap::from_pointee(set),
             config,
             last_error: Mutex::new(None),
+            compiles: Mutex::default(),
         })
     }
 
@@ -117,11 +143,38 @@ impl Rules {
         self.current.load()
     }
 
-    /// Rebuilds from disk; swaps only if everything passes. Returns the new version.
+    /// Rebuilds from disk now, on this thread; swaps only if everything passes (and no newer reload
+    /// started meanwhile). Returns the new version.
     pub fn reload(&self) -> Result<u64, String> {
-        let version = self.versions.load(Ordering::Acquire) + 1;
-        match build(&self.config, version) {
-            Ok(set) => {
+        let generation = {
+            let mut c = crate::lock(&self.compiles);
+            c.started += 1;
+            let g = c.started;
+            c.running.push((g, crate::event::now_ms()));
+            g
+        };
+        self.compile(generation)
+    }
+
+    /// One reload of generation `generation` (registered as running).
+    fn compile(&self, generation: u64) -> Result<u64, String> {
+        let built = build(&self.config, 0);
+        let mut c = crate::lock(&self.compiles);
+        c.running.retain(|(g, _)| *g != generation);
+        if generation < c.started {
+            // A newer reload read newer files: this one's result, good or bad, is stale.
+            tracing::info!(
+                generation,
+                newer = c.started,
+                "Rules reload overtaken by a newer edit; its result is dropped."
+            );
+            return Err("overtaken by a newer reload".into());
+        }
+        // Under the lock: a newer reload's result is applied after this one, never before.
+        match built {
+            Ok(mut set) => {
+                let version = self.versions.load(Ordering::Acquire) + 1;
+                set.version = version;
                 let files = set.files();
                 self.current.store(Arc::new(set));
                 self.versions.store(version, Ordering::Release);
@@ -139,10 +192,40 @@ impl Rules {
         }
     }
 
+    /// Starts a reload on a blocking thread, unless [`MAX_COMPILES`] are running (then one more
+    /// runs when one of them ends). Never waits for a compile.
+    fn start_reload(self: &Arc<Self>) {
+        let generation = {
+            let mut c = crate::lock(&self.compiles);
+            if c.running.len() >= MAX_COMPILES {
+                c.pending = true;
+                return;
+            }
+            c.started += 1;
+            let g = c.started;
+            c.running.push((g, crate::event::now_ms()));
+            g
+        };
+        let rules = self.clone();
+        // Compiling and running fixtures is CPU work: keep it off the I/O threads.
+        tokio::task::spawn_blocking(move || {
+            let _ = rules.compile(generation);
+            let again = std::mem::take(&mut crate::lock(&rules.compiles).pending);
+            if again {
+                rules.start_reload();
+            }
+        });
+    }
+
     /// Status for operators.
     pub fn status(&self) -> RulesStatus {
         let cur = self.current();
         let err = crate::lock(&self.last_error).clone();
+        let since = crate::lock(&self.compiles)
+            .running
+            .iter()
+            .max_by_key(|(g, _)| *g)
+            .map(|(_, at)| *at);
         RulesStatus {
             version: cur.version,
             loaded_at: cur.loaded_at,
@@ -151,6 +234,8 @@ impl Rules {
             decision_cache: cur.caches_decisions(),
             last_error: err.as_ref().map(|(e, _)| e.clone()),
             last_error_at: err.map(|(_, t)| t),
+            compiling: since.is_some(),
+            compiling_since: since,
         }
     }
 
@@ -175,7 +260,8 @@ impl Rules {
                     })
                 });
                 if hit {
-                    // A full channel already holds a pending reload, which will see this change too.
+                    // A full channel already holds a pending reload, which will see this change too
+                    // (the watcher task takes each one at once: compiles do not hold it up).
                     let _ = tx.try_send(());
                 }
             },
@@ -205,9 +291,7 @@ impl Rules {
                         if got.is_none() {
                             return;
                         }
-                        let r = rules.clone();
-                        // Compiling and running fixtures is CPU work: keep it off the I/O threads.
-                        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                        rules.start_reload();
                     }
                 }
             }

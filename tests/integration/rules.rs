@@ -371,6 +371,61 @@ expect = { to = ["user:zed"] }
     s.stop().await;
 }
 
+/// A rules file slow to compile (thousands of functions: seconds) does not hold up an edit made
+/// meanwhile: the edit's reload runs beside it and is in force while the slow one still compiles,
+/// `GET /admin/rules` says a compile is running, and the slow one's result, older than the edit, is
+/// dropped when it ends.
+#[tokio::test]
+async fn an_edit_made_while_a_slow_compile_runs_does_not_wait_for_it() {
+    let dir = TempDir::new("rules-slow");
+    write(&dir.path, "10-route.rhai", &ping_to("x"));
+    let s = start(&dir).await;
+    let mut y = s.ws("y").await;
+    let v1 = version(&rules_status(&s).await);
+    let huge: String = (0..7000)
+        .map(|i| format!("fn helper_{i}(x) {{ if x > {i} {{ return x * {i} + 1; }} x }}\n"))
+        .collect();
+    replace(&dir.path, "20-huge.rhai", &huge);
+    // The huge file's compile: one that has run for a second (a small set compiles in
+    // milliseconds; a reload may also have caught the directory before the rename).
+    let st = rules_until(&s, "a slow compile running", |v| {
+        v["compiling"] == true
+            && v["compiling_since"]
+                .as_i64()
+                .is_some_and(|t| herald::event::now_ms() - t > 1000)
+    })
+    .await;
+    assert_eq!(version(&st), v1, "nothing applied yet: {st}");
+    // The good edit: the huge file goes, the route changes.
+    std::fs::remove_file(dir.join("20-huge.rhai")).unwrap();
+    replace(&dir.path, "10-route.rhai", &ping_to("y"));
+    let st = reloaded(&s, v1).await;
+    assert_eq!(st["files"], json!(["10-route.rhai"]), "{st}");
+    assert_eq!(
+        st["compiling"], true,
+        "the edit is in force while the slow compile still runs: {st}"
+    );
+    ping(&s, &mut y, "y", 1).await;
+    // The slow compile ends; its (older) result does not replace the edit's.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let v = rules_status(&s).await;
+        if v["compiling"] == false {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow compile never ended: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(st["files"], json!(["10-route.rhai"]), "{st}");
+    assert!(st["last_error"].is_null(), "{st}");
+    assert!(st["compiling_since"].is_null(), "{st}");
+    ping(&s, &mut y, "y", 2).await;
+    s.stop().await;
+}
+
 // ---- 3. the sandbox ----
 
 const RUNAWAY: &str = r##"// scripts that never finish on their own

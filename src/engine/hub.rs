@@ -88,6 +88,15 @@ pub enum CloseReason {
     Kicked,
     /// 1001: the node is shutting down.
     Shutdown,
+    /// 1013 (RFC 6455 "try again later"): the backend is unavailable, the node is fine.
+    Unavailable,
+    /// 1002: the client broke the WebSocket protocol (an unmasked frame, a reserved opcode or bit,
+    /// a continuation with nothing to continue).
+    ProtocolError,
+    /// 1007: a text message that is not UTF-8.
+    InvalidPayload,
+    /// 1009: a message over the size limit.
+    MessageTooBig,
 }
 
 impl CloseReason {
@@ -103,6 +112,10 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => 4011,
             CloseReason::Kicked => 4012,
             CloseReason::Shutdown => 1001,
+            CloseReason::Unavailable => 1013,
+            CloseReason::ProtocolError => 1002,
+            CloseReason::InvalidPayload => 1007,
+            CloseReason::MessageTooBig => 1009,
         }
     }
 
@@ -118,6 +131,10 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => "heartbeat timeout",
             CloseReason::Kicked => "disconnected by the server",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Unavailable => "backend unavailable; try again later",
+            CloseReason::ProtocolError => "websocket protocol error",
+            CloseReason::InvalidPayload => "text frame is not valid UTF-8",
+            CloseReason::MessageTooBig => "message too big",
         }
     }
 
@@ -129,6 +146,7 @@ impl CloseReason {
                 | CloseReason::HeartbeatTimeout
                 | CloseReason::Shutdown
                 | CloseReason::TokenExpired
+                | CloseReason::Unavailable
         )
     }
 
@@ -143,6 +161,10 @@ impl CloseReason {
             4011 => CloseReason::HeartbeatTimeout,
             4012 => CloseReason::Kicked,
             1001 => CloseReason::Shutdown,
+            1013 => CloseReason::Unavailable,
+            1002 => CloseReason::ProtocolError,
+            1007 => CloseReason::InvalidPayload,
+            1009 => CloseReason::MessageTooBig,
             _ => return None,
         })
     }

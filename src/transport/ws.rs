@@ -371,9 +371,18 @@ async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) 
             // Wait for the `connect` frame.
             let first =
                 tokio::time::timeout(engine.config.limits.connect_timeout, socket.next()).await;
-            let Ok(Some(Ok(Message::Text(t)))) = first else {
-                close_with(socket, CloseReason::Unauthorized).await;
-                return None;
+            let t = match first {
+                Ok(Some(Ok(Message::Text(t)))) => t,
+                Ok(Some(Err(e))) => {
+                    if let Some(reason) = violation(&e) {
+                        close_with(socket, reason).await;
+                    }
+                    return None;
+                }
+                _ => {
+                    close_with(socket, CloseReason::Unauthorized).await;
+                    return None;
+                }
             };
             let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
             connect_ref = v.get("ref").cloned();
@@ -422,7 +431,8 @@ async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) 
                     let _ = socket.send(reply).await;
                     CloseReason::BadFrameLimit
                 }
-                _ => CloseReason::Shutdown,
+                // The backend could not register the session: the node is fine, come back later.
+                _ => CloseReason::Unavailable,
             };
             close_with(socket, reason).await;
             return None;
@@ -436,7 +446,7 @@ async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) 
         }
         Err(e) => {
             tracing::warn!(user = %claims.sub, error = %e, "Connect sync failed.");
-            close_with(socket, CloseReason::Shutdown).await;
+            close_with(socket, CloseReason::Unavailable).await;
             return None;
         }
     }
@@ -472,7 +482,8 @@ async fn session_loop(
             msg = std::future::poll_fn(|cx| reader.poll_next(socket, cx)) => {
                 let msg = match msg {
                     Some(Ok(m)) => m,
-                    _ => return None,
+                    Some(Err(e)) => return violation(&e),
+                    None => return None,
                 };
                 handle.touch();
                 // Boxed, like every transient step here: the connection's task is as large as its
@@ -484,6 +495,18 @@ async fn session_loop(
                 }
             }
         }
+    }
+}
+
+/// The close a read error calls for: the RFC 6455 code when the client broke the protocol (it still
+/// gets a close frame saying why), `None` when the connection itself is gone.
+fn violation(e: &WsError) -> Option<CloseReason> {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Utf8(_) => Some(CloseReason::InvalidPayload),
+        Error::Protocol(_) => Some(CloseReason::ProtocolError),
+        Error::Capacity(_) => Some(CloseReason::MessageTooBig),
+        _ => None,
     }
 }
 

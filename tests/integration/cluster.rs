@@ -448,3 +448,33 @@ async fn presence_comes_back_when_redis_loses_its_data_under_connected_users() {
         .assert_none(Duration::from_millis(100), |v| v["type"] == "disconnect")
         .await;
 }
+
+/// A WebSocket opened while Redis is down is told to come back later (1013, reconnect), not that
+/// the node is shutting down; once Redis is back it connects.
+#[tokio::test]
+async fn a_websocket_opened_while_redis_is_down_gets_try_again_later() {
+    let mut redis = RedisServer::start();
+    let t = TestServer::start_redis(&redis.url, "node-a", |_| {}).await;
+    redis.stop();
+    let mut ws = Ws::connect(&t.ws_url(&format!("?token={}", t.token("alice")))).await;
+    let d = ws.wait_for(|v| v["type"] == "disconnect").await;
+    assert_eq!(d["code"], 1013, "{d}");
+    assert_eq!(d["reconnect"], true, "{d}");
+    let closed = ws.closed().await;
+    assert_eq!(closed.close, Some(1013), "{closed:?}");
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut ws = Ws::connect(&t.ws_url(&format!("?token={}", t.token("alice")))).await;
+        let first = ws.next().await;
+        if first["type"] == "connected" {
+            break;
+        }
+        assert_eq!(first["code"], 1013, "{first}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never connected again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

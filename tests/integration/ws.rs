@@ -747,3 +747,136 @@ async fn lagging_session_skips_best_effort_frames_instead_of_being_closed() {
     );
     assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
 }
+
+/// A WebSocket spoken by hand over TCP, to send what no well-behaved client library would.
+struct RawWs(tokio::net::TcpStream);
+
+impl RawWs {
+    /// Upgrades with a token in the query and reads up to the `connected` frame.
+    async fn open(t: &TestServer, user: &str) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(t.addr()).await.unwrap();
+        let req = format!(
+            "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            t.token(user)
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            tcp.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let mut ws = RawWs(tcp);
+        let (op, payload) = ws.frame().await.expect("connected frame");
+        assert_eq!(op, 1);
+        assert!(String::from_utf8_lossy(&payload).contains("\"connected\""));
+        ws
+    }
+
+    /// A frame as given: first byte (FIN, RSV, opcode), masked or not.
+    async fn send(&mut self, first: u8, payload: &[u8], masked: bool) {
+        use tokio::io::AsyncWriteExt;
+        let mut f = vec![first, (payload.len() as u8) | if masked { 0x80 } else { 0 }];
+        if masked {
+            let key = [0x12u8, 0x34, 0x56, 0x78];
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        self.0.write_all(&f).await.unwrap();
+    }
+
+    /// The next server frame: (opcode, payload); `None` at EOF.
+    async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let read = async {
+            let mut h = [0u8; 2];
+            self.0.read_exact(&mut h).await.ok()?;
+            let len = match h[1] & 0x7f {
+                126 => {
+                    let mut l = [0u8; 2];
+                    self.0.read_exact(&mut l).await.ok()?;
+                    u16::from_be_bytes(l) as usize
+                }
+                127 => {
+                    let mut l = [0u8; 8];
+                    self.0.read_exact(&mut l).await.ok()?;
+                    u64::from_be_bytes(l) as usize
+                }
+                n => n as usize,
+            };
+            let mut payload = vec![0u8; len];
+            self.0.read_exact(&mut payload).await.ok()?;
+            Some((h[0] & 0x0f, payload))
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("no frame within WAIT")
+    }
+
+    /// Reads to the close frame: its code, and the `disconnect` frame's code before it.
+    async fn close_code(&mut self) -> (Option<u64>, Option<u16>) {
+        let mut disconnect = None;
+        while let Some((op, payload)) = self.frame().await {
+            match op {
+                1 => {
+                    let v: Value = serde_json::from_slice(&payload).unwrap();
+                    if v["type"] == "disconnect" {
+                        disconnect = v["code"].as_u64();
+                    }
+                }
+                8 => {
+                    return (
+                        disconnect,
+                        payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])),
+                    );
+                }
+                _ => {}
+            }
+        }
+        (disconnect, None)
+    }
+}
+
+/// A client breaking RFC 6455 gets the close frame that says how (1007 for text that is not UTF-8,
+/// 1002 for protocol errors), not a dropped TCP connection.
+#[tokio::test]
+async fn protocol_violations_get_the_rfc_6455_close_code() {
+    let t = TestServer::start().await;
+    let cases: [(&str, u8, &[u8], bool, u16); 5] = [
+        (
+            "invalid UTF-8 in a text frame",
+            0x81,
+            &[0xff, 0xfe, 0x41],
+            true,
+            1007,
+        ),
+        ("an unmasked client frame", 0x81, b"{}", false, 1002),
+        ("a reserved opcode", 0x83, b"x", true, 1002),
+        ("a reserved bit (RSV1)", 0xC1, b"{}", true, 1002),
+        (
+            "a continuation with nothing to continue",
+            0x80,
+            b"x",
+            true,
+            1002,
+        ),
+    ];
+    for (what, first, payload, masked, code) in cases {
+        let mut ws = RawWs::open(&t, "alice").await;
+        ws.send(first, payload, masked).await;
+        let (disconnect, close) = ws.close_code().await;
+        assert_eq!(close, Some(code), "{what}");
+        assert_eq!(disconnect, Some(code as u64), "{what}");
+    }
+    // The server is fine, and so is a well-behaved client.
+    let mut ws = t.ws("alice").await;
+    assert_eq!(ws.request(json!({"op": "ping"})).await["type"], "pong");
+}

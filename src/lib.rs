@@ -109,11 +109,16 @@ pub async fn backends(config: &Config) -> anyhow::Result<backend::Backends> {
             )
             .await
             .map_err(|e| anyhow::anyhow!("cannot use Redis at {}: {e}", redact_url(url)))?;
-            if let Some(policy) = r.check_eviction_policy().await {
-                tracing::warn!(
+            match r.eviction_policy().await {
+                Ok(policy) if policy == "noeviction" => {}
+                Ok(policy) => tracing::warn!(
                     policy,
-                    "Redis maxmemory-policy is not noeviction: Redis may evict herald's state (history, presence, idempotency)."
-                );
+                    "Redis maxmemory-policy is not noeviction: Redis may evict herald's state (history, presence, idempotency, membership)."
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "Could not check Redis maxmemory-policy; it must be noeviction, or Redis may evict herald's state."
+                ),
             }
             Ok(backend::Backends::from_redis(r))
         }

@@ -335,32 +335,35 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     served
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// The next signal of `s`; never, when its handler could not be installed.
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        None => std::future::pending::<()>().await,
     }
-    // A second Ctrl-C during the drain ends the process at once.
-    tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            herald::logging::eprintln_quiet("herald: second interrupt; exiting now");
-            std::process::exit(130);
+}
+
+/// Resolves at the first SIGINT or SIGTERM. The handlers are installed now, not when the future is
+/// first polled: a signal that comes right after the banner must start a shutdown, not kill the
+/// process with the default action. (Must be called inside the runtime.)
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    async move {
+        tokio::select! {
+            _ = recv(&mut interrupt) => {}
+            _ = recv(&mut terminate) => {}
         }
-    });
+        // A second Ctrl-C during the drain ends the process at once.
+        if let Some(mut again) = interrupt {
+            tokio::spawn(async move {
+                again.recv().await;
+                herald::logging::eprintln_quiet("herald: second interrupt; exiting now");
+                std::process::exit(130);
+            });
+        }
+    }
 }

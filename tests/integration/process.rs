@@ -159,3 +159,61 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         "no open file limit line"
     );
 }
+
+/// herald needs Redis to keep its keys (`noeviction`): a Redis that may evict them gets a warning
+/// naming its policy, and one that will not say (its `CONFIG` renamed away, as managed services do)
+/// gets a warning that the check could not be made.
+#[tokio::test]
+async fn a_redis_that_may_evict_herald_keys_is_warned_about() {
+    let cases = [
+        (vec!["--maxmemory-policy", "allkeys-lru"], "allkeys-lru"),
+        (
+            vec!["--rename-command", "CONFIG", ""],
+            "Could not check Redis maxmemory-policy",
+        ),
+    ];
+    for (args, expected) in cases {
+        let redis = crate::redis_server::RedisServer::start_with(&args);
+        let dir = TempDir::new("eviction");
+        let channels = shipped_channels();
+        let serve = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--channels",
+            &channels,
+            "--redis",
+            &redis.url,
+        ];
+        let mut p = Proc::spawn(&dir.path, &serve, &env());
+        assert!(p.line().starts_with("herald listening on"));
+        signal(p.pid(), "-TERM");
+        assert!(p.exit(Duration::from_secs(15)).success());
+        let log = p.stderr();
+        let warning = log
+            .lines()
+            .find(|l| l.contains("maxmemory-policy"))
+            .unwrap_or_else(|| panic!("no maxmemory-policy warning for {args:?}:\n{log}"));
+        assert!(warning.contains("WARN"), "{warning}");
+        assert!(warning.contains(expected), "{warning}");
+    }
+    // A Redis as herald wants it: no warning.
+    let redis = crate::redis_server::RedisServer::start();
+    let dir = TempDir::new("noeviction");
+    let channels = shipped_channels();
+    let serve = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--channels",
+        &channels,
+        "--redis",
+        &redis.url,
+    ];
+    let mut p = Proc::spawn(&dir.path, &serve, &env());
+    assert!(p.line().starts_with("herald listening on"));
+    signal(p.pid(), "-TERM");
+    assert!(p.exit(Duration::from_secs(15)).success());
+    let log = p.stderr();
+    assert!(!log.contains("maxmemory-policy"), "{log}");
+}

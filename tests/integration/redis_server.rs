@@ -20,6 +20,12 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// A server started with `extra` arguments after the usual ones (a later `--maxmemory-policy`
+    /// wins over the default `noeviction`). A `restart` goes back to the usual ones.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = TempDir::new("redis");
         let url = format!("unix://{}", dir.join("redis.sock").display());
         let mut r = RedisServer {
@@ -28,7 +34,8 @@ impl RedisServer {
             url,
             tls: None,
         };
-        r.spawn();
+        r.spawn_with(extra);
+        r.wait_ready();
         r
     }
 
@@ -82,6 +89,10 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         self.spawn_with(&[]);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.ping() {
             assert!(Instant::now() < deadline, "redis-server did not start");

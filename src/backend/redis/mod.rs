@@ -217,17 +217,29 @@ impl RedisBackend {
         Ok(Arc::new(RedisBackend { cmd, keys, broker }))
     }
 
-    /// Warns when Redis may evict herald's keys (it must run with `maxmemory-policy noeviction`).
-    pub async fn check_eviction_policy(&self) -> Option<String> {
+    /// Redis's `maxmemory-policy` (herald's keys need `noeviction`). An error when Redis will not
+    /// say (a managed Redis that renamed or disabled `CONFIG`).
+    pub async fn eviction_policy(&self) -> Result<String, BackendError> {
         let mut con = self.cmd.clone();
-        let v: Vec<String> = redis::cmd("CONFIG")
+        let reply: Value = redis::cmd("CONFIG")
             .arg("GET")
             .arg("maxmemory-policy")
             .query_async(&mut con)
             .await
-            .ok()?;
-        let policy = v.get(1)?.clone();
-        (policy != "noeviction").then_some(policy)
+            .map_err(err)?;
+        // RESP3 answers a map, RESP2 a flat [name, value] array.
+        let value = match reply {
+            Value::Map(pairs) => pairs.into_iter().next().map(|(_, v)| v),
+            Value::Array(items) => items.into_iter().nth(1),
+            _ => None,
+        };
+        match value {
+            Some(v) => redis::from_redis_value::<String>(v)
+                .map_err(|e| BackendError::Internal(format!("maxmemory-policy: {e}"))),
+            None => Err(BackendError::Internal(
+                "CONFIG GET maxmemory-policy gave no value".into(),
+            )),
+        }
     }
 }
 

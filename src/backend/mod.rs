@@ -314,21 +314,41 @@ impl DevicePresence {
     }
 }
 
-/// A user's presence: the `presence.changed` object without `type`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A user's presence: the `presence.changed` object without `type`. `status` and `text` are the
+/// custom status the user last set, on the wire only while they are online (an offline user is
+/// not "online" or "busy"); they are kept meanwhile and come back with the user.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct UserPresence {
     /// User id.
     pub user: String,
     /// Any live session.
     pub online: bool,
     /// Custom status.
+    #[serde(default)]
     pub status: Status,
     /// Custom status text.
+    #[serde(default)]
     pub text: Option<String>,
     /// Live devices (one entry per device, even with several sessions).
     pub devices: Vec<DevicePresence>,
     /// Unix ms: when last seen (now-ish while online; when they went offline otherwise). `None` = never.
     pub last_seen: Option<i64>,
+}
+
+impl Serialize for UserPresence {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("UserPresence", if self.online { 6 } else { 4 })?;
+        m.serialize_field("user", &self.user)?;
+        m.serialize_field("online", &self.online)?;
+        if self.online {
+            m.serialize_field("status", &self.status)?;
+            m.serialize_field("text", &self.text)?;
+        }
+        m.serialize_field("devices", &self.devices)?;
+        m.serialize_field("last_seen", &self.last_seen)?;
+        m.end()
+    }
 }
 
 /// What one sweep found expired.

@@ -1,7 +1,6 @@
 //! Operator endpoints (admin key): `/admin` (a small status page), `/admin/rules` (rule-set status),
 //! `/admin/rules/dry-run` (an event in, the Decision and which rule file decided out).
 
-use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,7 +10,7 @@ use serde_json::json;
 
 use serde::Deserialize;
 
-use super::{AdminKey, ApiError, AppState, JsonBody};
+use super::{AdminKey, ApiError, AppState, Json, JsonBody};
 use crate::rules::fixtures::EventSpec;
 
 pub(super) fn routes() -> Router<AppState> {

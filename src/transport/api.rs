@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -14,7 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
-use super::{AdminKey, ApiError, ApiKey, ApiResult, AppState, Client, JsonBody};
+use super::{AdminKey, ApiError, ApiKey, ApiResult, AppState, Client, Json, JsonBody};
 use crate::backend::{Announcement, PushDevice};
 use crate::channels::{ChannelName, Kind, parse_duration, valid_id};
 use crate::engine::{EngineError, ErrorCode, PublishRequest};

@@ -14,11 +14,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -92,6 +92,36 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         (self.status, Json(body)).into_response()
+    }
+}
+
+/// A JSON response body, ending with a newline (so `curl` output ends its line, and line-oriented
+/// tools read whole replies). Every JSON reply and error goes through it.
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body,
+                )
+                    .into_response()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "A reply did not serialise.");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "{\"error\":{\"code\":\"internal\",\"message\":\"internal error\"}}\n",
+                )
+                    .into_response()
+            }
+        }
     }
 }
 

@@ -1207,3 +1207,76 @@ async fn announcement_seen_live_is_not_synced_to_a_second_device() {
         laptop.connected
     );
 }
+
+/// Every JSON reply, errors included, ends with a newline (a `curl` in a terminal ends its line).
+#[tokio::test]
+async fn json_replies_end_with_a_newline() {
+    let t = TestServer::start().await;
+    let calls: [(&str, &str, Option<&str>, Option<&str>); 6] = [
+        ("GET", "/healthz", None, None),
+        (
+            "POST",
+            "/api/v1/events",
+            Some(r#"{"event":"n","to":["u1"],"data":{}}"#),
+            Some(API_KEY),
+        ),
+        ("GET", "/api/v1/presence/u1", None, Some(API_KEY)),
+        ("GET", "/api/v1/presence/u1", None, Some("wrong-key")),
+        ("POST", "/api/v1/events", Some("{not json"), Some(API_KEY)),
+        ("GET", "/admin/rules", None, Some(ADMIN_KEY)),
+    ];
+    for (method, path, body, key) in calls {
+        let mut req = t
+            .http
+            .request(method.parse().unwrap(), t.url(path))
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+        let text = resp.text().await.unwrap();
+        assert!(ct.starts_with("application/json"), "{method} {path}: {ct}");
+        assert!(text.ends_with("}\n"), "{method} {path}: {text:?}");
+        serde_json::from_str::<Value>(&text).expect("still one JSON value");
+    }
+}
+
+/// An offline user's presence has no custom status (they are not "online" or "busy" while away);
+/// the status they set is kept and shows again when they come back.
+#[tokio::test]
+async fn an_offline_users_presence_carries_no_status() {
+    let t = TestServer::start().await;
+    let (_, p) = t.api("GET", "/api/v1/presence/dave", None).await;
+    assert_eq!(p["online"], false, "{p}");
+    assert!(p.get("status").is_none() && p.get("text").is_none(), "{p}");
+    let mut dave = t.ws("dave").await;
+    let r = dave
+        .request(json!({"op": "status", "status": "busy", "text": "in a meeting"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    dave.close_client().await;
+    let p = t
+        .api_until("/api/v1/presence/dave", |v| v["online"] == false)
+        .await;
+    assert!(p.get("status").is_none() && p.get("text").is_none(), "{p}");
+    let (_, q) = t
+        .api(
+            "POST",
+            "/api/v1/presence/query",
+            Some(json!({"users": ["dave"]})),
+        )
+        .await;
+    assert!(q["presence"]["dave"].get("status").is_none(), "{q}");
+    let _back = t.ws("dave").await;
+    let p = t
+        .api_until("/api/v1/presence/dave", |v| v["online"] == true)
+        .await;
+    assert_eq!(
+        (p["status"].clone(), p["text"].clone()),
+        (json!("busy"), json!("in a meeting"))
+    );
+}

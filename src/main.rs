@@ -12,11 +12,15 @@ use herald::{ChannelKinds, transport::auth};
 #[command(
     name = "herald",
     version,
-    about = "A real-time notification engine: WebSocket + SSE + HTTP API"
+    about = "A real-time notification engine: WebSocket + SSE + HTTP API",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// With no subcommand, `herald` serves: the same flags and environment as `herald serve`.
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -64,7 +68,7 @@ enum RulesCommand {
     },
 }
 
-#[derive(Args, Default)]
+#[derive(Args)]
 struct ServeArgs {
     /// Listen address.
     #[arg(long, env = "HERALD_LISTEN")]
@@ -128,7 +132,7 @@ macro_rules! out {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    let result = match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(a) => serve(a),
         Command::Token(t) => token(t),
         Command::Rules { command } => rules_command(command),

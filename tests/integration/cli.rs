@@ -236,3 +236,75 @@ async fn sigterm_disconnects_clients_with_1001_and_exits_zero() {
         p.stderr()
     );
 }
+
+/// A bare `herald` (no subcommand, as a container runs it) reads every `serve` setting from the
+/// environment, exactly as `herald serve` does.
+#[tokio::test]
+async fn a_bare_herald_reads_the_serve_environment() {
+    let redis = crate::redis_server::RedisServer::start();
+    let dir = TempDir::new("bare-env");
+    let rules = dir.join("myrules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(rules.join("50-mine.rhai"), "fn route(e) { }\n").unwrap();
+    std::fs::write(
+        dir.join("other.toml"),
+        "[limits]\nconnections_per_user = 1\n",
+    )
+    .unwrap();
+    let (rules, config, channels) = (
+        rules.display().to_string(),
+        dir.join("other.toml").display().to_string(),
+        shipped_channels(),
+    );
+    let env = [
+        ("HERALD_LISTEN", "127.0.0.1:0"),
+        ("HERALD_NODE_ID", "env-node"),
+        ("HERALD_REDIS", redis.url.as_str()),
+        ("HERALD_RULES", rules.as_str()),
+        ("HERALD_CONFIG", config.as_str()),
+        ("HERALD_CHANNELS", channels.as_str()),
+        ("HERALD_JWT_SECRET", SECRET),
+        ("HERALD_API_KEY", API_KEY),
+        ("HERALD_ADMIN_KEY", ADMIN_KEY),
+    ];
+    let p = Proc::spawn(&dir.path, &[], &env);
+    let first = p.line();
+    assert!(first.contains("node env-node"), "{first}");
+    assert!(first.contains("Redis backend"), "{first}");
+    let addr = first
+        .strip_prefix("herald listening on http://")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let http = reqwest::Client::new();
+    let st: Value = http
+        .get(format!("http://{addr}/admin/rules"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["files"], serde_json::json!(["50-mine.rhai"]), "{st}");
+    // HERALD_CONFIG's limit: a second connection of one user is refused.
+    let token = herald::transport::auth::mint_hs256(SECRET, "u", None, 600).unwrap();
+    let mut one = Ws::connect(&format!("ws://{addr}/ws?token={token}")).await;
+    assert_eq!(one.next().await["type"], "connected");
+    let mut two = Ws::connect(&format!("ws://{addr}/ws?token={token}")).await;
+    assert_eq!(two.closed().await.disconnect, Some(4009));
+    // And the presence timings: a heartbeat longer than the TTL is refused at start.
+    let mut bad = Proc::spawn(
+        &dir.path,
+        &[],
+        &[
+            ("HERALD_LISTEN", "127.0.0.1:0"),
+            ("HERALD_PRESENCE_TTL", "5"),
+            ("HERALD_HEARTBEAT", "10"),
+        ],
+    );
+    assert!(!bad.exit(WAIT).success());
+    assert!(bad.stderr().contains("heartbeat (10s)"));
+}

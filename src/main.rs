@@ -36,7 +36,9 @@ enum Command {
     },
     /// Print the Decision the rules take for an event, and which file decided.
     Simulate {
-        /// The event JSON file: {"type", "channel"|"room"|"to", "from", "data", "source", "attrs"}.
+        /// The event JSON file: a `POST /api/v1/events` body ({"event", "channel"|"room"|"to",
+        /// "from", "data"}) plus "source" (api|client) and the sender's "attrs"; see
+        /// examples/events/chat.json.
         #[arg(long)]
         event: PathBuf,
         /// Rules directory.
@@ -107,12 +109,30 @@ struct TokenArgs {
     /// Device id claim.
     #[arg(long)]
     device: Option<String>,
+    /// Platform claim: web, ios, android or desktop.
+    #[arg(long, value_parser = ["web", "ios", "android", "desktop"])]
+    platform: Option<String>,
+    /// An `attrs` claim, KEY=VALUE (repeatable): what rules and announcement audiences read.
+    /// VALUE is JSON when it parses as JSON (`beta=true`, `level=3`), else a string (`plan=pro`).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
+    attrs: Vec<(String, serde_json::Value)>,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl: u64,
     /// herald.toml path.
     #[arg(long, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
+}
+
+fn parse_attr(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: the KEY before `=` is empty"));
+    }
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+    Ok((k.to_string(), value))
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -254,10 +274,17 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
         .secret
         .as_deref()
         .context("herald token needs an HS256 secret (a public key cannot sign)")?;
-    out!(
-        "{}",
-        auth::mint_hs256(secret, &t.user, t.device.as_deref(), t.ttl)?
-    );
+    let claims = auth::Claims {
+        sub: t.user,
+        exp: auth::unix_now() + t.ttl,
+        nbf: None,
+        aud: config.jwt.audience.clone().map(serde_json::Value::String),
+        iss: config.jwt.issuer.clone(),
+        device: t.device,
+        platform: t.platform,
+        attrs: t.attrs.into_iter().collect(),
+    };
+    out!("{}", auth::sign_hs256(secret, &claims)?);
     Ok(())
 }
 

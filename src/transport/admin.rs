@@ -8,8 +8,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use serde::Deserialize;
-
 use super::{AdminKey, ApiError, AppState, Json, JsonBody};
 use crate::rules::fixtures::EventSpec;
 
@@ -56,42 +54,12 @@ async fn rules(State(s): State<AppState>, _: AdminKey) -> Json<serde_json::Value
 }
 
 /// `POST /admin/rules/dry-run`: the body of `POST /events` (plus optional `source` and the sender's
-/// `attrs`); nothing is stored or delivered.
-#[derive(Deserialize)]
-struct DryRun {
-    #[serde(alias = "type")]
-    event: String,
-    channel: Option<String>,
-    #[serde(alias = "roomId")]
-    room: Option<String>,
-    #[serde(default)]
-    to: Vec<String>,
-    from: Option<String>,
-    #[serde(default)]
-    data: serde_json::Value,
-    source: Option<String>,
-    #[serde(default)]
-    attrs: serde_json::Map<String, serde_json::Value>,
-    #[allow(dead_code)]
-    idempotency_key: Option<String>,
-}
-
+/// `attrs`: an [`EventSpec`]); nothing is stored or delivered.
 async fn dry_run(
     State(s): State<AppState>,
     _: AdminKey,
-    JsonBody(b): JsonBody<DryRun>,
+    JsonBody(spec): JsonBody<EventSpec>,
 ) -> Response {
-    let spec = EventSpec {
-        event: b.event,
-        channel: b.channel,
-        room: b.room,
-        to: b.to,
-        from: b.from,
-        data: b.data,
-        source: b.source,
-        attrs: b.attrs,
-        id: None,
-    };
     let rules = s.engine.rules.current();
     match spec.route(&rules) {
         Ok(routed) => Json(json!({

@@ -186,11 +186,16 @@ pub fn mint_hs256(
         platform: None,
         attrs: Map::new(),
     };
-    Ok(jsonwebtoken::encode(
+    Ok(sign_hs256(secret, &claims)?)
+}
+
+/// Signs `claims` with an HS256 `secret` (what `herald token` prints).
+pub fn sign_hs256(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+    jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(secret.as_bytes()),
-    )?)
+    )
 }
 
 /// Seconds since the Unix epoch.

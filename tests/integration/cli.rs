@@ -308,3 +308,55 @@ async fn a_bare_herald_reads_the_serve_environment() {
     assert!(!bad.exit(WAIT).success());
     assert!(bad.stderr().contains("heartbeat (10s)"));
 }
+
+/// `herald token --attr KEY=VALUE --platform P` puts them in the token, and a real client using it
+/// is what the rules and announcement audiences see: an announcement for `plan: pro` reaches the
+/// token minted with `--attr plan=pro` and not one without.
+#[tokio::test]
+async fn token_attrs_reach_the_rules_through_a_real_client() {
+    let t = TestServer::start().await;
+    let (s, v) = t
+        .api(
+            "POST",
+            "/api/v1/announcements",
+            Some(serde_json::json!({"title": "Pro feature", "body": "new", "audience": {"plan": "pro"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let dir = TempDir::new("cli-token-attrs");
+    let mint = |extra: &[&str]| {
+        let mut args = vec!["token", "--user"];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn(&dir.path, &args, &[("HERALD_JWT_SECRET", SECRET)]);
+        let token = p.line();
+        assert!(p.exit(WAIT).success(), "{}", p.stderr());
+        token.trim().to_string()
+    };
+    let pro = mint(&[
+        "ann",
+        "--attr",
+        "plan=pro",
+        "--attr",
+        "beta=true",
+        "--platform",
+        "ios",
+    ]);
+    let free = mint(&["bea", "--attr", "plan=free"]);
+    let ws = t.ws_token(&pro).await;
+    let got = &ws.connected["sync"]["announcements"];
+    assert_eq!(got.as_array().map(Vec::len), Some(1), "{got}");
+    assert_eq!(got[0]["data"]["title"], "Pro feature");
+    let ws = t.ws_token(&free).await;
+    assert_eq!(ws.connected["sync"]["announcements"], serde_json::json!([]));
+    // The platform claim reaches presence.
+    let (_, p) = t.api("GET", "/api/v1/presence/ann", None).await;
+    assert_eq!(p["devices"][0]["platform"], "ios", "{p}");
+    // A malformed attr is a clear error.
+    let mut p = Proc::spawn(
+        &dir.path,
+        &["token", "--user", "x", "--attr", "plan"],
+        &[("HERALD_JWT_SECRET", SECRET)],
+    );
+    assert!(!p.exit(WAIT).success());
+    assert!(p.stderr().contains("expected KEY=VALUE"));
+}

@@ -15,6 +15,9 @@
 //!
 //! The client keeps the room's last `{epoch, seq}`; when the connection drops it reconnects with
 //! backoff (0.5 s doubling to 10 s) and subscribes with `since`, so the server replays what it missed.
+//! It keeps one device id for the whole run (`--device`, else the token's `device` claim, else one
+//! made at start) and sends it on every connection: a reconnect is the same device coming back, so
+//! watchers do not see it go offline and a new one come online at each network blip.
 //!
 //! # Two people chat in a room
 //!
@@ -79,7 +82,8 @@ struct Args {
     /// The user id to mint a token for (with --secret).
     #[arg(long)]
     user: Option<String>,
-    /// Device id (default: the server picks a fresh one per connection).
+    /// Device id, the same on every reconnect (default: the token's `device` claim, else one made
+    /// at start for this run).
     #[arg(long)]
     device: Option<String>,
     /// The room (bare id, e.g. `r1`).
@@ -204,8 +208,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(secret), Some(user)) => TokenSource::Mint { secret, user },
         _ => anyhow::bail!("give --token TOKEN, or --secret SECRET --user ID to mint one"),
     };
+    let device = run_device(args.device, &tokens);
     // Fail early on a bad secret or user id rather than at the first connection.
-    tokens.token(args.device.as_deref())?;
+    tokens.token(Some(&device))?;
     let (url, http_base) = urls(&args.url);
     let room_channel = format!("room:{}", args.room);
     let active_channel = format!("active:{}", args.room);
@@ -236,7 +241,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        let end = match connect(&url, &tokens, args.device.as_deref()).await {
+        let end = match connect(&url, &tokens, Some(&device)).await {
             Ok(ws) => session(ws, &mut chat, &mut lines).await,
             Err(end) => end,
         };
@@ -254,6 +259,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The device id of this run: `--device`, else the `device` claim of a given token, else a new one.
+/// Every connection of the run sends it, so the server sees one device reconnecting.
+fn run_device(given: Option<String>, tokens: &TokenSource) -> String {
+    given
+        .or_else(|| match tokens {
+            TokenSource::Fixed(t) => token_device(t),
+            TokenSource::Mint { .. } => None,
+        })
+        .unwrap_or_else(|| format!("chat-{}", uuid::Uuid::now_v7().simple()))
+}
+
+/// The `device` claim of a JWT, read without checking it (the server checks the token).
+fn token_device(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims["device"].as_str().map(str::to_string)
 }
 
 /// Opens the WebSocket and sends the `connect` frame.
@@ -632,6 +659,72 @@ mod tests {
         p.received(8);
         assert_eq!(p.seq, 8);
         assert!(p.own.is_empty());
+    }
+
+    /// One device for the run: a reconnect is the same device (the server says so in `connected`),
+    /// whether the id came from `--device`, the token, or was made at start.
+    #[tokio::test]
+    async fn every_connection_of_a_run_is_the_same_device() {
+        let secret = "chat-test-secret-0123456789";
+        let mut config = herald::Config::defaults();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.jwt.secret = Some(secret.into());
+        config.rules_dir = "/nonexistent/chat-test-rules".into();
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let server = herald::start(
+            config,
+            herald::ChannelKinds::default(),
+            listener,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        let (url, _) = urls(&format!("ws://{}", server.addr));
+        let with_claim =
+            herald::transport::auth::mint_hs256(secret, "ann", Some("ann-phone"), 600).unwrap();
+        let cases = [
+            (
+                Some("laptop".to_string()),
+                TokenSource::Fixed(with_claim.clone()),
+                Some("laptop"),
+            ),
+            (None, TokenSource::Fixed(with_claim), Some("ann-phone")),
+            (
+                None,
+                TokenSource::Mint {
+                    secret: secret.into(),
+                    user: "ann".into(),
+                },
+                None,
+            ),
+        ];
+        for (given, tokens, want) in cases {
+            let device = run_device(given, &tokens);
+            if let Some(w) = want {
+                assert_eq!(device, w);
+            }
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let mut ws = connect(&url, &tokens, Some(&device)).await.ok().unwrap();
+                let connected = loop {
+                    let Some(Ok(Message::Text(t))) = ws.next().await else {
+                        panic!("no connected frame")
+                    };
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "connected" {
+                        break v;
+                    }
+                };
+                seen.push(connected["device"].as_str().unwrap().to_string());
+                let _ = ws.close(None).await;
+            }
+            assert_eq!(
+                seen,
+                vec![device.clone(), device],
+                "a reconnect is the same device"
+            );
+        }
+        server.stop().await.unwrap();
     }
 
     #[test]

@@ -354,7 +354,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         if let Some(t) = demo {
             out!("  demo token {t}");
-            out!("  try: websocat 'ws://{addr}/ws?token=<demo token>'");
+            out!("  try: websocat 'ws://{addr}/ws?token={t}'");
         }
         server.wait().await?;
         tracing::info!("Stopped.");

@@ -88,6 +88,13 @@ async fn serve_prints_endpoints_and_a_working_demo_token() {
     assert_eq!(b.value("admin "), format!("http://{addr}/admin"));
     let token = b.value("demo token");
     let api_key = b.value("API key");
+    // The hint after it is a command that can be copied as it is.
+    let hint = p.line();
+    assert_eq!(
+        hint.trim(),
+        format!("try: websocat 'ws://{addr}/ws?token={token}'"),
+        "{hint}"
+    );
 
     // The demo token works on /ws.
     let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={token}")).await;

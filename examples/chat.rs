@@ -102,9 +102,12 @@ impl TokenSource {
     fn token(&self, device: Option<&str>) -> anyhow::Result<String> {
         match self {
             TokenSource::Fixed(t) => Ok(t.clone()),
-            TokenSource::Mint { secret, user } => {
-                herald::transport::auth::mint_hs256(secret, user, device, 24 * 3600)
-            }
+            TokenSource::Mint { secret, user } => Ok(herald::transport::auth::mint_hs256(
+                secret,
+                user,
+                device,
+                24 * 3600,
+            )?),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod event;
 pub mod logging;
 pub mod metrics;
+pub(crate) mod primitives;
 pub mod rules;
 pub mod transport;
 
@@ -67,72 +68,21 @@ impl Server {
     }
 }
 
-/// Locks a mutex, recovering from poisoning: the state behind herald's locks is kept consistent by each
-/// critical section (no panics inside them), so a poisoned lock is still usable.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Makes room for one more item in `v`, exactly while it is short: a `Vec`'s first allocation holds
-/// four items, and the per-connection lists (a user's sessions, a session's subscriptions) mostly hold
-/// one or two, for every idle connection.
-pub(crate) fn reserve_tight<T>(v: &mut Vec<T>) {
-    if v.len() == v.capacity() {
-        if v.len() < 4 {
-            v.reserve_exact(1);
-        } else {
-            v.reserve(1);
-        }
-    }
-}
-
-/// Key prefix of herald's keys in a shared Redis.
-pub const REDIS_PREFIX: &str = "herald:";
-
-/// Builds the backends for `config`: memory, or Redis when `config.redis` is set (connects now, so a
-/// Redis that cannot be reached stops the start with a clear error).
-pub async fn backends(config: &Config) -> anyhow::Result<backend::Backends> {
-    match &config.redis {
-        None => Ok(backend::Backends::memory()),
-        Some(url) => {
-            let ca = match &config.redis_ca {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    anyhow::anyhow!("redis CA {}: cannot read: {e}", path.display())
-                })?),
-                None => None,
-            };
-            let r = backend::redis::RedisBackend::connect_with_ca(
-                url,
-                ca,
-                REDIS_PREFIX,
-                &config.node_id,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot use Redis at {}: {e}", redact_url(url)))?;
-            match r.eviction_policy().await {
-                Ok(policy) if policy == "noeviction" => {}
-                Ok(policy) => tracing::warn!(
-                    policy,
-                    "Redis maxmemory-policy is not noeviction: Redis may evict herald's state (history, presence, idempotency, membership)."
-                ),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "Could not check Redis maxmemory-policy; it must be noeviction, or Redis may evict herald's state."
-                ),
-            }
-            Ok(backend::Backends::from_redis(r))
-        }
-    }
-}
-
-/// A Redis URL without its password, for messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_string(),
-    }
+/// Why a server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listener's address could not be read.
+    #[error("listener: {0}")]
+    Listener(#[from] std::io::Error),
+    /// The backend could not be opened (Redis unreachable, a bad URL or CA).
+    #[error("{0}")]
+    Backend(#[from] backend::BackendError),
+    /// The JWT key cannot be used.
+    #[error("auth: {0}")]
+    Auth(#[from] transport::auth::KeyError),
+    /// The rules do not compile, or their fixtures fail.
+    #[error("{0}")]
+    Rules(String),
 }
 
 /// Starts a server on `listener` with `config` and `kinds`; stops when `shutdown` resolves or
@@ -142,14 +92,19 @@ pub async fn start(
     kinds: ChannelKinds,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<Server> {
+) -> Result<Server, StartError> {
     metrics::install();
     let addr = listener.local_addr()?;
-    let backends = backends(&config).await?;
+    let backends = backend::Backends::open(
+        config.redis.as_deref(),
+        config.redis_ca.as_deref(),
+        &config.node_id,
+    )
+    .await?;
     let auth = transport::auth::Auth::new(&config)?;
     let token = CancellationToken::new();
     let engine =
-        Engine::start(config, kinds, backends, token.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        Engine::start(config, kinds, backends, token.clone()).map_err(StartError::Rules)?;
     let state = transport::AppState {
         engine: engine.clone(),
         auth: auth.clone(),

@@ -337,7 +337,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let generated_secret = config.jwt.generated_secret.then(|| config.jwt.secret.clone()).flatten();
         let server = herald::start(config, kinds, listener, shutdown_signal()).await?;
         let backend = match &server.engine.config.redis {
-            Some(url) => format!("Redis backend at {}", herald::redact_url(url)),
+            Some(url) => format!("Redis backend at {}", herald::backend::redis::redact_url(url)),
             None => "memory backend".to_string(),
         };
         out!("herald listening on http://{addr}  (node {}, {backend})", server.engine.node);

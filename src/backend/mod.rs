@@ -577,14 +577,17 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// The in-memory backend (single node).
-    pub fn memory() -> Self {
-        let m = Arc::new(memory::Memory::new());
-        Backends {
-            broker: m.clone(),
-            history: m.clone(),
-            presence: m.clone(),
-            store: m,
+    /// The backends a node runs on: Redis at `redis` (connected now, so a Redis that cannot be reached
+    /// stops the start with a clear error; `ca` is a PEM file replacing the system roots for
+    /// `rediss://`), or the memory backend without one.
+    pub async fn open(
+        redis: Option<&str>,
+        ca: Option<&std::path::Path>,
+        node: &str,
+    ) -> Result<Backends, BackendError> {
+        match redis {
+            None => Ok(Backends::memory()),
+            Some(url) => redis::open(url, ca, node).await,
         }
     }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use crate::backend::{AppState, Delivery, DeliverySink, SessionInfo};
 use crate::channels::ChannelName;
-use crate::lock;
+use crate::primitives::{lock, read, reserve_tight, write};
 
 const SHARDS: usize = 64;
 
@@ -387,7 +387,7 @@ impl SessionHandle {
         let at = f.iter().position(|r| &**r == room);
         match (at, focused) {
             (None, true) => {
-                crate::reserve_tight(&mut f);
+                reserve_tight(&mut f);
                 f.push(room.into());
                 true
             }
@@ -454,7 +454,7 @@ impl Hub {
             }
             return false;
         }
-        crate::reserve_tight(list);
+        reserve_tight(list);
         list.push(s.id);
         drop(users);
         lock(&self.sessions).insert(s.id, s.clone());
@@ -491,7 +491,7 @@ impl Hub {
         if list.iter().any(|x| x.id == s.id) {
             return None;
         }
-        crate::reserve_tight(list);
+        reserve_tight(list);
         list.push(s.clone());
         Some(name)
     }
@@ -599,11 +599,4 @@ impl DeliverySink for Hub {
         }
         crate::metrics::delivered(n);
     }
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|e| e.into_inner())
-}
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|e| e.into_inner())
 }

@@ -96,7 +96,7 @@ impl Subs {
         match self.find(&ch) {
             Ok(at) => self.0[at].1 = sub,
             Err(at) => {
-                crate::reserve_tight(&mut self.0);
+                crate::primitives::reserve_tight(&mut self.0);
                 self.0.insert(at, (ch, sub));
             }
         }

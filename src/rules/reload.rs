@@ -10,6 +10,7 @@
 //! force is always built from the newest files (or, if those fail, the last good set). At most
 //! [`MAX_COMPILES`] run at a time; edits beyond that wait, merged into one, for a compile to end.
 
+use crate::primitives::lock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -147,7 +148,7 @@ impl Rules {
     /// started meanwhile). Returns the new version.
     pub fn reload(&self) -> Result<u64, String> {
         let generation = {
-            let mut c = crate::lock(&self.compiles);
+            let mut c = lock(&self.compiles);
             c.started += 1;
             let g = c.started;
             c.running.push((g, crate::event::now_ms()));
@@ -159,7 +160,7 @@ impl Rules {
     /// One reload of generation `generation` (registered as running).
     fn compile(&self, generation: u64) -> Result<u64, String> {
         let built = build(&self.config, 0);
-        let mut c = crate::lock(&self.compiles);
+        let mut c = lock(&self.compiles);
         c.running.retain(|(g, _)| *g != generation);
         if generation < c.started {
             // A newer reload read newer files: this one's result, good or bad, is stale.
@@ -178,13 +179,13 @@ impl Rules {
                 let files = set.files();
                 self.current.store(Arc::new(set));
                 self.versions.store(version, Ordering::Release);
-                *crate::lock(&self.last_error) = None;
+                *lock(&self.last_error) = None;
                 crate::metrics::rules_reload("ok");
                 tracing::info!(version, files = ?files, "Rules reloaded.");
                 Ok(version)
             }
             Err(e) => {
-                *crate::lock(&self.last_error) = Some((e.clone(), crate::event::now_ms()));
+                *lock(&self.last_error) = Some((e.clone(), crate::event::now_ms()));
                 crate::metrics::rules_reload("refused");
                 tracing::error!(error = %e, "Rules reload refused; the last good rules stay.");
                 Err(e)
@@ -196,7 +197,7 @@ impl Rules {
     /// runs when one of them ends). Never waits for a compile.
     fn start_reload(self: &Arc<Self>) {
         let generation = {
-            let mut c = crate::lock(&self.compiles);
+            let mut c = lock(&self.compiles);
             if c.running.len() >= MAX_COMPILES {
                 c.pending = true;
                 return;
@@ -210,7 +211,7 @@ impl Rules {
         // Compiling and running fixtures is CPU work: keep it off the I/O threads.
         tokio::task::spawn_blocking(move || {
             let _ = rules.compile(generation);
-            let again = std::mem::take(&mut crate::lock(&rules.compiles).pending);
+            let again = std::mem::take(&mut lock(&rules.compiles).pending);
             if again {
                 rules.start_reload();
             }
@@ -220,8 +221,8 @@ impl Rules {
     /// Status for operators.
     pub fn status(&self) -> RulesStatus {
         let cur = self.current();
-        let err = crate::lock(&self.last_error).clone();
-        let since = crate::lock(&self.compiles)
+        let err = lock(&self.last_error).clone();
+        let since = lock(&self.compiles)
             .running
             .iter()
             .max_by_key(|(g, _)| *g)

@@ -71,9 +71,23 @@ fn alg(a: JwtAlgorithm) -> Algorithm {
     }
 }
 
+/// A JWT key herald cannot use, or a token it cannot mint.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The configured algorithm has no key (a public key for RS256/ES256, a secret for HS256).
+    #[error("no key for the configured JWT algorithm")]
+    Missing,
+    /// The key does not parse, or signing failed.
+    #[error("JWT key: {0}")]
+    Jwt(#[from] jsonwebtoken::errors::Error),
+    /// Minting needs the HS256 secret; a public key only verifies.
+    #[error("herald can only mint HS256 tokens (no private key)")]
+    CannotMint,
+}
+
 impl Auth {
     /// Builds the verifier from the config.
-    pub fn new(config: &Config) -> anyhow::Result<Arc<Auth>> {
+    pub fn new(config: &Config) -> Result<Arc<Auth>, KeyError> {
         let j: &JwtConfig = &config.jwt;
         let algorithm = alg(j.algorithm);
         let (decoding, encoding) = match (j.algorithm, &j.public_key_pem, &j.secret) {
@@ -83,7 +97,7 @@ impl Auth {
             ),
             (JwtAlgorithm::RS256, Some(pem), _) => (DecodingKey::from_rsa_pem(pem)?, None),
             (JwtAlgorithm::ES256, Some(pem), _) => (DecodingKey::from_ec_pem(pem)?, None),
-            _ => anyhow::bail!("no key for the configured JWT algorithm"),
+            _ => return Err(KeyError::Missing),
         };
         let mut validation = Validation::new(algorithm);
         validation.algorithms = vec![algorithm];
@@ -150,11 +164,8 @@ impl Auth {
     }
 
     /// Mints a client token (HS256 only: with a public key herald cannot sign).
-    pub fn mint(&self, claims: &Claims) -> anyhow::Result<String> {
-        let (key, algorithm) = self
-            .encoding
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("herald can only mint HS256 tokens (no private key)"))?;
+    pub fn mint(&self, claims: &Claims) -> Result<String, KeyError> {
+        let (key, algorithm) = self.encoding.as_ref().ok_or(KeyError::CannotMint)?;
         Ok(jsonwebtoken::encode(&Header::new(*algorithm), claims, key)?)
     }
 
@@ -175,7 +186,7 @@ pub fn mint_hs256(
     user: &str,
     device: Option<&str>,
     ttl_secs: u64,
-) -> anyhow::Result<String> {
+) -> Result<String, jsonwebtoken::errors::Error> {
     let claims = Claims {
         sub: user.into(),
         exp: unix_now() + ttl_secs,
@@ -186,7 +197,7 @@ pub fn mint_hs256(
         platform: None,
         attrs: Map::new(),
     };
-    Ok(sign_hs256(secret, &claims)?)
+    sign_hs256(secret, &claims)
 }
 
 /// Signs `claims` with an HS256 `secret` (what `herald token` prints).

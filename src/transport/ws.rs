@@ -6,6 +6,7 @@
 //! The writer drains everything queued and flushes once (many frames per syscall). Buffers are small
 //! (NOTES.md: tungstenite's 128 KiB default read buffer would cost ~130 KiB per idle connection).
 
+use crate::primitives::lock;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -536,7 +537,7 @@ impl Wake for SocketWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let mut w = crate::lock(&self.0);
+        let mut w = lock(&self.0);
         w.socket = true;
         if let Some(t) = &w.task {
             t.wake_by_ref();
@@ -560,7 +561,7 @@ impl SocketReader {
         {
             // The task's waker is stored under the same lock that the flag is read: a wake after
             // this finds it.
-            let mut w = crate::lock(&self.0.0);
+            let mut w = lock(&self.0.0);
             if !w.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
                 w.task = Some(cx.waker().clone());
             }
@@ -572,7 +573,7 @@ impl SocketReader {
         let next = socket.poll_next_unpin(&mut Context::from_waker(&waker));
         if next.is_ready() {
             // More frames may wait in the stream's buffer, and no wake comes for those.
-            crate::lock(&self.0.0).socket = true;
+            lock(&self.0.0).socket = true;
         }
         next
     }

@@ -15,7 +15,7 @@ use crate::backend::{
 };
 use crate::channels::ChannelName;
 use crate::event::{Epoch, Position, Seq, StoredEvent, event_frame, now_ms};
-use crate::lock;
+use crate::primitives::lock;
 
 /// One channel's history.
 pub struct ChannelLog {

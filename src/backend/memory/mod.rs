@@ -12,7 +12,7 @@ mod store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::backend::DeliverySink;
+use crate::backend::{Backends, DeliverySink};
 use crate::channels::ChannelName;
 
 pub use broker::ChannelLog;
@@ -42,6 +42,19 @@ impl Memory {
             channels: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             presence: Mutex::new(Default::default()),
             store: Mutex::new(Default::default()),
+        }
+    }
+}
+
+impl Backends {
+    /// The in-memory backend (single node).
+    pub fn memory() -> Self {
+        let m = Arc::new(Memory::new());
+        Backends {
+            broker: m.clone(),
+            history: m.clone(),
+            presence: m.clone(),
+            store: m,
         }
     }
 }

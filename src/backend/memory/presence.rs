@@ -13,7 +13,7 @@ use crate::backend::{
     UserPresence,
 };
 use crate::event::now_ms;
-use crate::lock;
+use crate::primitives::lock;
 
 /// How long an offline user's last_seen and status are kept.
 const FORGET_AFTER_MS: i64 = 7 * 86_400 * 1000;
@@ -45,7 +45,7 @@ impl Sessions {
         match self.0.iter_mut().find(|(i, _)| i.session == info.session) {
             Some(s) => *s = (info, exp),
             None => {
-                crate::reserve_tight(&mut self.0);
+                crate::primitives::reserve_tight(&mut self.0);
                 self.0.push((info, exp));
             }
         }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::Memory;
 use crate::backend::{Announcement, BackendResult, Idempotency, PushDevice, Store, UnreadStep};
 use crate::event::{Position, Seq};
-use crate::lock;
+use crate::primitives::lock;
 
 #[derive(Default)]
 pub(super) struct StoreState {

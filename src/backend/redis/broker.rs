@@ -33,7 +33,7 @@ use crate::backend::{
 };
 use crate::channels::ChannelName;
 use crate::event::{Epoch, Position, Seq, StoredEvent, event_frame_head, now_ms};
-use crate::lock;
+use crate::primitives::lock;
 
 /// Idle expiry of channel metadata created by a read (publishes set their kind's own).
 const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(30 * 86_400);

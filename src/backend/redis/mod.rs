@@ -243,6 +243,57 @@ impl RedisBackend {
     }
 }
 
+/// Key prefix of herald's keys in a shared Redis.
+pub const PREFIX: &str = "herald:";
+
+/// A Redis URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A node's backends on the Redis at `url` (keys under [`PREFIX`]), warning when Redis may evict
+/// them. Errors name the URL without its password.
+pub(super) async fn open(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    node: &str,
+) -> Result<Backends, BackendError> {
+    let ca = match ca {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            BackendError::Internal(format!("redis CA {}: cannot read: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let named = |e: BackendError| {
+        let why = match e {
+            BackendError::Unavailable(m)
+            | BackendError::OutcomeUnknown(m)
+            | BackendError::Internal(m) => m,
+        };
+        BackendError::Unavailable(format!("cannot use Redis at {}: {why}", redact_url(url)))
+    };
+    let r = RedisBackend::connect_with_ca(url, ca, PREFIX, node)
+        .await
+        .map_err(named)?;
+    match r.eviction_policy().await {
+        Ok(policy) if policy == "noeviction" => {}
+        Ok(policy) => tracing::warn!(
+            policy,
+            "Redis maxmemory-policy is not noeviction: Redis may evict herald's state (history, presence, idempotency, membership)."
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "Could not check Redis maxmemory-policy; it must be noeviction, or Redis may evict herald's state."
+        ),
+    }
+    Ok(Backends::from_redis(r))
+}
+
 impl Backends {
     /// The Redis backend for `url`, keys under `prefix`.
     pub async fn redis(url: &str, prefix: &str, node: &str) -> Result<Self, BackendError> {

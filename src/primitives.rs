@@ -1,0 +1,33 @@
+//! What every layer builds on and nothing in herald defines better elsewhere: poison-tolerant locks,
+//! and tight growth for the short lists an idle connection keeps. Imports nothing of herald.
+
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Locks a mutex, recovering from poisoning: the state behind herald's locks is kept consistent by
+/// each critical section (no panics inside them), so a poisoned lock is still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`lock`] for reading an `RwLock`.
+pub(crate) fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`lock`] for writing an `RwLock`.
+pub(crate) fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes room for one more item in `v`, exactly while it is short: a `Vec`'s first allocation holds
+/// four items, and the per-connection lists (a user's sessions, a session's subscriptions) mostly
+/// hold one or two, for every idle connection.
+pub(crate) fn reserve_tight<T>(v: &mut Vec<T>) {
+    if v.len() == v.capacity() {
+        if v.len() < 4 {
+            v.reserve_exact(1);
+        } else {
+            v.reserve(1);
+        }
+    }
+}

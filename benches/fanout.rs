@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use herald::backend::{
-    AppState, Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Outgoing,
-    OutgoingPayload, SessionInfo,
+    Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Outgoing, OutgoingPayload,
 };
 use herald::channels::{ChannelKinds, ChannelName};
 use herald::config::Config;
+use herald::device::DeviceState;
 use herald::engine::{Hub, Next, SessionHandle};
 use herald::event::{Epoch, EventBody, Position, event_frame};
+use herald::presence::SessionInfo;
 use serde_json::value::RawValue;
 
 struct Local {
@@ -50,7 +51,7 @@ fn local(n: usize, channel: &ChannelName) -> Local {
             user: format!("u{i}").into(),
             device: format!("d-{i}").into(),
             platform: None,
-            state: AppState::Foreground,
+            state: DeviceState::Foreground,
             node: "bench-node".into(),
         };
         let handle = SessionHandle::new(

@@ -18,13 +18,16 @@
 //! Arrows point one way: `transport -> engine -> {backend, rules}`; `channels` and `event` are shared
 //! vocabulary.
 
+pub mod announcement;
 pub mod backend;
 pub mod channels;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod event;
 pub mod logging;
 pub mod metrics;
+pub mod presence;
 pub(crate) mod primitives;
 pub mod rules;
 pub mod transport;

@@ -9,16 +9,17 @@
 pub mod memory;
 pub mod redis;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
+use crate::announcement::Announcement;
 use crate::channels::{ChannelName, Kind};
+use crate::device::{DeviceState, PushDevice};
 use crate::event::{Position, Seq, StoredEvent};
+use crate::presence::{SessionInfo, Status, UserPresence};
 
 /// A backend failure. Every operation either completes or fails with nothing half-done; what a caller
 /// cannot know is whether it completed, when the backend went away after the request was sent.
@@ -239,118 +240,6 @@ pub trait History: Send + Sync + 'static {
     ) -> BackendResult<HistoryPage>;
 }
 
-/// A device's app state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AppState {
-    /// On screen.
-    #[default]
-    Foreground,
-    /// Backgrounded (push policies may still notify it).
-    Background,
-}
-
-/// A user's custom status.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Available.
-    #[default]
-    Online,
-    /// Away.
-    Away,
-    /// Busy.
-    Busy,
-    /// Do not disturb.
-    Dnd,
-}
-
-/// One live session as presence records it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SessionInfo {
-    /// Globally unique session id.
-    pub session: Arc<str>,
-    /// User id.
-    pub user: Arc<str>,
-    /// Device id.
-    pub device: Arc<str>,
-    /// `web|ios|android|desktop`, when known.
-    pub platform: Option<Arc<str>>,
-    /// App state.
-    pub state: AppState,
-    /// Node the session is on.
-    pub node: Arc<str>,
-}
-
-/// A device as shown in `presence.changed`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DevicePresence {
-    /// Device id.
-    pub device: String,
-    /// Platform, when known.
-    pub platform: Option<String>,
-    /// App state.
-    pub state: AppState,
-}
-
-impl DevicePresence {
-    /// A user's devices from their live sessions, one entry per device in device order: a device is
-    /// in the foreground when any of its sessions is. Both backends build [`UserPresence::devices`] so.
-    pub fn of_sessions<'a>(sessions: impl IntoIterator<Item = &'a SessionInfo>) -> Vec<Self> {
-        let mut devices: BTreeMap<&str, DevicePresence> = BTreeMap::new();
-        for info in sessions {
-            let d = devices
-                .entry(&info.device)
-                .or_insert_with(|| DevicePresence {
-                    device: info.device.to_string(),
-                    platform: info.platform.as_deref().map(str::to_string),
-                    state: info.state,
-                });
-            if info.state == AppState::Foreground {
-                d.state = AppState::Foreground;
-            }
-        }
-        devices.into_values().collect()
-    }
-}
-
-/// A user's presence: the `presence.changed` object without `type`. `status` and `text` are the
-/// custom status the user last set, on the wire only while they are online (an offline user is
-/// not "online" or "busy"); they are kept meanwhile and come back with the user.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct UserPresence {
-    /// User id.
-    pub user: String,
-    /// Any live session.
-    pub online: bool,
-    /// Custom status.
-    #[serde(default)]
-    pub status: Status,
-    /// Custom status text.
-    #[serde(default)]
-    pub text: Option<String>,
-    /// Live devices (one entry per device, even with several sessions).
-    pub devices: Vec<DevicePresence>,
-    /// Unix ms: when last seen (now-ish while online; when they went offline otherwise). `None` = never.
-    pub last_seen: Option<i64>,
-}
-
-impl Serialize for UserPresence {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut m = s.serialize_struct("UserPresence", if self.online { 6 } else { 4 })?;
-        m.serialize_field("user", &self.user)?;
-        m.serialize_field("online", &self.online)?;
-        if self.online {
-            m.serialize_field("status", &self.status)?;
-            m.serialize_field("text", &self.text)?;
-        }
-        m.serialize_field("devices", &self.devices)?;
-        m.serialize_field("last_seen", &self.last_seen)?;
-        m.end()
-    }
-}
-
 /// What one sweep found expired.
 #[derive(Clone, Debug, Default)]
 pub struct SweepResult {
@@ -383,7 +272,7 @@ pub trait Presence: Send + Sync + 'static {
         ttl: Duration,
     ) -> BackendResult<Vec<usize>>;
     /// Sets a session's app state.
-    async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()>;
+    async fn set_state(&self, user: &str, session: &str, state: DeviceState) -> BackendResult<()>;
     /// Sets a user's custom status.
     async fn set_status(
         &self,
@@ -431,46 +320,6 @@ pub enum Idempotency {
     Pending,
     /// Done before: the stored first reply.
     Done(Bytes),
-}
-
-/// A registered push device (stored now, used by the push issue).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PushDevice {
-    /// Device id.
-    pub device: String,
-    /// `fcm|apns|webpush|webhook`.
-    pub provider: String,
-    /// Provider token (fcm, apns).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    /// Web Push subscription object.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub subscription: Option<serde_json::Value>,
-    /// Platform, when given.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub platform: Option<String>,
-}
-
-/// An announcement (seed 004's global notice).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Announcement {
-    /// Id (time-ordered).
-    pub id: String,
-    /// Title.
-    pub title: String,
-    /// Body text.
-    pub body: String,
-    /// Landing URL.
-    pub url: Option<String>,
-    /// Image URL.
-    pub image: Option<String>,
-    /// Unix ms after which it is no longer shown; `None` = never expires.
-    pub expires: Option<i64>,
-    /// Attribute filter: every key must equal the user's JWT `attrs` value.
-    #[serde(default)]
-    pub audience: serde_json::Map<String, serde_json::Value>,
-    /// Creation time, unix ms.
-    pub ts: i64,
 }
 
 /// Everything else shared: membership, contacts, idempotency, unread, focus, devices, announcements.

@@ -10,12 +10,12 @@ use serde_json::{Map, Value, json};
 use super::hub::CloseReason;
 use super::pipeline::{PublishReply, PublishRequest};
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
-use crate::backend::{
-    Announcement, DeliveryFilter, HistoryLimits, Outgoing, OutgoingPayload, PushDevice,
-    SessionInfo, audience_admits,
-};
+use crate::announcement::Announcement;
+use crate::backend::{DeliveryFilter, HistoryLimits, Outgoing, OutgoingPayload, audience_admits};
 use crate::channels::{ChannelName, Kind, valid_id};
+use crate::device::PushDevice;
 use crate::event::{EventBody, Seq, new_event_id, now_ms};
+use crate::presence::SessionInfo;
 use crate::rules::Source;
 
 /// The internal event name of the cross-node "close this user's sessions" frame.
@@ -326,7 +326,7 @@ impl Engine {
                 {
                     continue;
                 }
-                announcements.push(announcement_event(a));
+                announcements.push(a.event());
             }
         }
         Ok(json!({ "unread": unread["unread"], "announcements": announcements }))
@@ -344,7 +344,7 @@ impl Engine {
         let kind = kinds.of(&ch);
         // The live event carries the announcement's id, as the login sync does.
         let id = a.id.as_str();
-        let data = raw(announcement_data(&a));
+        let data = raw(a.data());
         let body = EventBody {
             id,
             event: "announcement",
@@ -396,7 +396,7 @@ impl Engine {
     ) -> bool {
         let rules = self.rules.current();
         rules
-            .announce(&announcement_data(a), user, attrs)
+            .announce(&a.data(), user, attrs)
             .unwrap_or_else(|| audience_admits(&a.audience, attrs))
     }
 
@@ -530,20 +530,4 @@ impl Engine {
         }
         Ok(None)
     }
-}
-
-/// The data of an `announcement` event (with its `audience`, which `announce` rules read).
-fn announcement_data(a: &Announcement) -> Value {
-    json!({
-        "id": a.id, "title": a.title, "body": a.body, "url": a.url, "image": a.image, "expires": a.expires,
-        "audience": a.audience,
-    })
-}
-
-/// An announcement as an `event` object for `connected.sync`.
-fn announcement_event(a: &Announcement) -> Value {
-    json!({
-        "type": "event", "channel": "global", "id": a.id, "event": "announcement",
-        "data": announcement_data(a), "ts": a.ts,
-    })
 }

@@ -13,8 +13,10 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::backend::{AppState, Delivery, DeliverySink, SessionInfo};
+use crate::backend::{Delivery, DeliverySink};
 use crate::channels::ChannelName;
+use crate::device::DeviceState;
+use crate::presence::SessionInfo;
 use crate::primitives::{lock, read, reserve_tight, write};
 
 const SHARDS: usize = 64;
@@ -226,7 +228,7 @@ impl SessionHandle {
             user: info.user.clone(),
             device: info.device.clone(),
             platform: info.platform.clone(),
-            background: AtomicBool::new(info.state == AppState::Background),
+            background: AtomicBool::new(info.state == DeviceState::Background),
             focus: Mutex::default(),
             attrs,
             queue: Mutex::default(),
@@ -362,18 +364,18 @@ impl SessionHandle {
     }
 
     /// The device's app state.
-    pub fn state(&self) -> AppState {
+    pub fn state(&self) -> DeviceState {
         if self.background.load(Ordering::Relaxed) {
-            AppState::Background
+            DeviceState::Background
         } else {
-            AppState::Foreground
+            DeviceState::Foreground
         }
     }
 
     /// Records the device's app state.
-    pub fn set_state(&self, state: AppState) {
+    pub fn set_state(&self, state: DeviceState) {
         self.background
-            .store(state == AppState::Background, Ordering::Relaxed);
+            .store(state == DeviceState::Background, Ordering::Relaxed);
     }
 
     /// Rooms focused on this session.

@@ -13,9 +13,12 @@ use serde_json::{Map, Value, json};
 use super::hub::{Next, Outbound, SessionHandle};
 use super::pipeline::PublishRequest;
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
-use crate::backend::{AppState, Delivery, SessionInfo, Status};
+use crate::backend::Delivery;
 use crate::channels::{ChannelName, Kind, PublishPolicy, SubscribePolicy, valid_id};
+use crate::device::DeviceState;
 use crate::event::{Epoch, Position, Seq, StoredEvent, replay_frame};
+use crate::presence::SessionInfo;
+use crate::presence::Status;
 use crate::rules::Source;
 
 /// Which transport a session uses.
@@ -46,7 +49,7 @@ pub struct SessionOpen {
     /// Platform.
     pub platform: Option<String>,
     /// App state.
-    pub state: AppState,
+    pub state: DeviceState,
     /// JWT attrs.
     pub attrs: Map<String, Value>,
     /// Transport.
@@ -781,7 +784,7 @@ impl Session {
     }
 
     /// `state`: foreground or background.
-    pub async fn state(&mut self, state: AppState) -> EngineResult<Value> {
+    pub async fn state(&mut self, state: DeviceState) -> EngineResult<Value> {
         let e = self.engine.clone();
         self.handle.set_state(state);
         backend(

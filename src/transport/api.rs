@@ -14,8 +14,9 @@ use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
 use super::{AdminKey, ApiError, ApiKey, ApiResult, AppState, Client, Json, JsonBody};
-use crate::backend::{Announcement, PushDevice};
-use crate::channels::{ChannelName, Kind, parse_duration, valid_id};
+use crate::announcement::{Announcement, AnnouncementDraft};
+use crate::channels::{ChannelName, Kind, valid_id};
+use crate::device::PushDevice;
 use crate::engine::{EngineError, ErrorCode, PublishRequest};
 use crate::event::{new_event_id, now_ms};
 use crate::rules::Source;
@@ -410,35 +411,8 @@ async fn put_device(
     Path((user, device)): Path<(String, String)>,
     JsonBody(b): JsonBody<DeviceBody>,
 ) -> ApiResult {
-    match b.provider.as_str() {
-        "fcm" | "apns" | "webhook"
-            if b.token
-                .as_deref()
-                .is_some_and(|t| !t.is_empty() && t.len() <= 4096) => {}
-        "webhook" if b.token.is_none() => {}
-        "webpush"
-            if b.subscription
-                .as_ref()
-                .is_some_and(|v| v.get("endpoint").is_some_and(Value::is_string)) => {}
-        "fcm" | "apns" => {
-            return Err(ApiError::bad(
-                "token: required for fcm and apns (at most 4096 characters)",
-            ));
-        }
-        "webpush" => {
-            return Err(ApiError::bad(
-                "subscription: a Web Push subscription object with an endpoint",
-            ));
-        }
-        _ => return Err(ApiError::bad("provider: fcm, apns, webpush or webhook")),
-    }
-    let d = PushDevice {
-        device,
-        provider: b.provider,
-        token: b.token,
-        subscription: b.subscription,
-        platform: b.platform,
-    };
+    let d = PushDevice::register(device, b.provider, b.token, b.subscription, b.platform)
+        .map_err(ApiError::bad)?;
     Ok(Json(s.engine.put_device(&user, d).await?))
 }
 
@@ -454,52 +428,13 @@ async fn devices(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>)
     Ok(Json(s.engine.devices_json(&user).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AnnouncementBody {
-    title: String,
-    body: String,
-    url: Option<String>,
-    image: Option<String>,
-    /// Unix ms, or a duration from now ("7d").
-    expires: Option<Value>,
-    #[serde(default)]
-    audience: Map<String, Value>,
-}
-
 async fn create_announcement(
     State(s): State<AppState>,
     _: ApiKey,
-    JsonBody(b): JsonBody<AnnouncementBody>,
+    JsonBody(draft): JsonBody<AnnouncementDraft>,
 ) -> ApiResult {
-    if b.title.is_empty() || b.title.chars().count() > 256 {
-        return Err(ApiError::bad("title: 1-256 characters"));
-    }
-    let now = now_ms();
-    let expires = match b.expires {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(
-            n.as_i64()
-                .ok_or_else(|| ApiError::bad("expires: unix ms"))?,
-        ),
-        Some(Value::String(d)) => {
-            Some(now + parse_duration(&d).map_err(ApiError::bad)?.as_millis() as i64)
-        }
-        Some(_) => return Err(ApiError::bad("expires: unix ms or a duration like \"7d\"")),
-    };
-    if expires.is_some_and(|e| e <= now) {
-        return Err(ApiError::bad("expires: already in the past"));
-    }
-    let a = Announcement {
-        id: new_event_id().to_string(),
-        title: b.title,
-        body: b.body,
-        url: b.url,
-        image: b.image,
-        expires,
-        audience: b.audience,
-        ts: now,
-    };
+    let a =
+        Announcement::create(draft, new_event_id().to_string(), now_ms()).map_err(ApiError::bad)?;
     let (announcement, reply) = s.engine.create_announcement(a).await?;
     Ok(Json(
         json!({ "announcement": announcement, "id": reply.id, "deliveries": reply.deliveries }),

@@ -154,7 +154,7 @@ impl Auth {
             ));
         }
         if let Some(p) = &c.platform
-            && !matches!(p.as_str(), "web" | "ios" | "android" | "desktop")
+            && !crate::device::valid_platform(p)
         {
             return Err(AuthError::Invalid(
                 "platform must be web, ios, android or desktop".into(),

@@ -31,12 +31,13 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::auth::{AuthError, Claims};
 use super::{ApiError, AppState};
-use crate::backend::{AppState as DeviceState, Status};
 use crate::config::Limits;
+use crate::device::DeviceState;
 use crate::engine::{
     CloseReason, EngineError, ErrorCode, Next, Outbound, Session, SessionOpen, Transport,
 };
 use crate::event::Position;
+use crate::presence::Status;
 
 /// Read buffer per connection. tungstenite zero-fills all of it on the first read, so every byte is
 /// resident for the connection's life: at 10k idle connections 4 KiB cost ~3.5 KiB more per

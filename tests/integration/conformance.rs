@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald::backend::{
-    AppState, Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Idempotency,
-    Outgoing, OutgoingPayload, PushDevice, SessionInfo, Status, UnreadStep,
+    Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Idempotency, Outgoing,
+    OutgoingPayload, UnreadStep,
 };
 use herald::channels::ChannelName;
+use herald::device::DeviceState;
+use herald::device::PushDevice;
 use herald::event::{EventBody, now_ms};
+use herald::presence::SessionInfo;
+use herald::presence::Status;
 use serde_json::value::RawValue;
 
 /// Records what the broker hands to this node.
@@ -87,7 +91,7 @@ fn info(user: &str, session: &str) -> SessionInfo {
         user: user.into(),
         device: format!("dev-{session}").into(),
         platform: Some("web".into()),
-        state: AppState::Foreground,
+        state: DeviceState::Foreground,
         node: "n1".into(),
     }
 }
@@ -304,13 +308,13 @@ async fn presence_queries(b: Backends) {
         .await
         .unwrap();
     b.presence
-        .set_state("qa", "qa-1", AppState::Background)
+        .set_state("qa", "qa-1", DeviceState::Background)
         .await
         .unwrap();
     let p = &b.presence.get(&["qa".into()]).await.unwrap()[0];
     assert_eq!(p.status, Status::Dnd);
     assert_eq!(p.text.as_deref(), Some("focus"));
-    assert_eq!(p.devices[0].state, AppState::Background);
+    assert_eq!(p.devices[0].state, DeviceState::Background);
     assert!(b.presence.online_count().await.unwrap() >= 3);
     let mut seen = vec![];
     let mut cursor: Option<String> = None;
@@ -707,7 +711,7 @@ async fn store_focus_devices_announcements(b: Backends) {
     assert!(!s.delete_device("ann", "phone").await.unwrap());
 
     let now = now_ms();
-    let mk = |id: &str, expires: Option<i64>| herald::backend::Announcement {
+    let mk = |id: &str, expires: Option<i64>| herald::announcement::Announcement {
         id: id.into(),
         title: "t".into(),
         body: "b".into(),
@@ -722,8 +726,9 @@ async fn store_focus_devices_announcements(b: Backends) {
     s.add_announcement(&mk("a3", Some(now + 60_000)))
         .await
         .unwrap();
-    let ids =
-        |v: Vec<herald::backend::Announcement>| v.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    let ids = |v: Vec<herald::announcement::Announcement>| {
+        v.into_iter().map(|a| a.id).collect::<Vec<_>>()
+    };
     assert_eq!(
         ids(s.announcements(now).await.unwrap()),
         vec!["a1", "a2", "a3"]
@@ -1072,7 +1077,7 @@ async fn redis_presence_leaves_no_keys_behind() {
     p.set_status("la", Status::Away, Some("brb".into()))
         .await
         .unwrap();
-    p.set_state("la", "la-1", AppState::Background)
+    p.set_state("la", "la-1", DeviceState::Background)
         .await
         .unwrap();
     p.heartbeat(&[("la".into(), "la-1".into())], ttl)

@@ -8,11 +8,13 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::Memory;
-use crate::backend::{
-    AppState, BackendResult, DevicePresence, Presence, SessionInfo, Status, SweepResult,
-    UserPresence,
-};
+use crate::backend::{BackendResult, Presence, SweepResult};
+use crate::device::DeviceState;
 use crate::event::now_ms;
+use crate::presence::DevicePresence;
+use crate::presence::SessionInfo;
+use crate::presence::Status;
+use crate::presence::UserPresence;
 use crate::primitives::lock;
 
 /// How long an offline user's last_seen and status are kept.
@@ -191,7 +193,7 @@ impl Presence for Memory {
         Ok(missing)
     }
 
-    async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()> {
+    async fn set_state(&self, user: &str, session: &str, state: DeviceState) -> BackendResult<()> {
         let mut p = lock(&self.presence);
         if let Some(e) = p.users.get_mut(user)
             && let Some(s) = e.sessions.get_mut(session)

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::Memory;
-use crate::backend::{Announcement, BackendResult, Idempotency, PushDevice, Store, UnreadStep};
+use crate::announcement::Announcement;
+use crate::backend::{BackendResult, Idempotency, Store, UnreadStep};
+use crate::device::PushDevice;
 use crate::event::{Position, Seq};
 use crate::primitives::lock;
 

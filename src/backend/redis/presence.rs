@@ -41,10 +41,12 @@ use async_trait::async_trait;
 use redis::{FromRedisValue, Script, Value};
 
 use super::{MARK, RedisBackend, err, eval_pipeline, pieces};
-use crate::backend::{
-    AppState, BackendError, BackendResult, DevicePresence, Presence, SessionInfo, Status,
-    SweepResult, UserPresence,
-};
+use crate::backend::{BackendError, BackendResult, Presence, SweepResult};
+use crate::device::DeviceState;
+use crate::presence::DevicePresence;
+use crate::presence::SessionInfo;
+use crate::presence::Status;
+use crate::presence::UserPresence;
 
 /// How long an offline user's status and last_seen are kept (as memory does).
 const FORGET_AFTER_MS: i64 = 7 * 86_400 * 1000;
@@ -120,10 +122,10 @@ fn parse_status(s: &str) -> Status {
     }
 }
 
-fn state_str(s: AppState) -> &'static str {
+fn state_str(s: DeviceState) -> &'static str {
     match s {
-        AppState::Foreground => "foreground",
-        AppState::Background => "background",
+        DeviceState::Foreground => "foreground",
+        DeviceState::Background => "background",
     }
 }
 
@@ -263,7 +265,7 @@ impl Presence for RedisBackend {
         Ok(missing)
     }
 
-    async fn set_state(&self, user: &str, session: &str, state: AppState) -> BackendResult<()> {
+    async fn set_state(&self, user: &str, session: &str, state: DeviceState) -> BackendResult<()> {
         let mut con = self.cmd.clone();
         SCRIPTS
             .set_state

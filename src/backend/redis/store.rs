@@ -34,7 +34,9 @@ use bytes::Bytes;
 use redis::{FromRedisValue, Script, Value};
 
 use super::{RedisBackend, err, eval_pipeline};
-use crate::backend::{Announcement, BackendError, BackendResult, Idempotency, PushDevice, Store};
+use crate::announcement::Announcement;
+use crate::backend::{BackendError, BackendResult, Idempotency, Store};
+use crate::device::PushDevice;
 use crate::event::Seq;
 
 /// Idle expiry of a room's countable seqs, refreshed on every write (here and in the publish step).

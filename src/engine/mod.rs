@@ -1,17 +1,30 @@
 //! The heart of herald: owns the hub, the backends, the rule set; runs the publish pipeline, sessions
 //! and presence. Knows nothing of HTTP, WebSocket framing or Redis: transports call it, backends serve it.
 //!
-//! Layout:
+//! Layout, by concern (each file names what it owns; operations return typed results that
+//! transports serialise):
 //! - [`hub`]: local registry and fan-out;
-//! - [`pipeline`]: publish path (dedupe -> route -> append+publish -> unread -> reply);
+//! - [`pipeline`]: the publish path (dedupe -> route -> append+publish -> unread -> reply);
 //! - [`session`]: one connected device and its ops;
-//! - [`presence`]: heartbeats, expiry sweeps, `presence.changed` / `presence.update`;
-//! - [`api`]: the operations the backend HTTP API exposes.
+//! - [`access`]: who may subscribe, publish, act as a member, watch;
+//! - [`limits`]: id and list checks, one error code each;
+//! - [`rooms`]: membership, the atomic leave, read pointers and unread;
+//! - [`history`]: reading a channel by seq range;
+//! - [`announcements`]: announcements and the login sync;
+//! - [`devices`]: push device registrations;
+//! - [`presence`]: heartbeats, sweeps, presence frames and queries, contacts;
+//! - [`control`]: what the engine sends past the rules (`emit`), and the cross-node kick.
 
-pub mod api;
+pub mod access;
+pub mod announcements;
+pub mod control;
+pub mod devices;
+pub mod history;
 pub mod hub;
+pub mod limits;
 pub mod pipeline;
 pub mod presence;
+pub mod rooms;
 pub mod session;
 
 use std::future::Future;

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::limits::MAX_TARGETS;
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend, within_deadline};
 use crate::backend::{
     BackendError, DeliveryFilter, HistoryLimits, Idempotency, Outgoing, OutgoingPayload, UnreadStep,
@@ -23,9 +24,6 @@ use crate::backend::{
 use crate::channels::{ChannelName, Kind};
 use crate::event::{EventBody, EventId, Position, new_event_id, now_ms};
 use crate::rules::{RouteInput, Source};
-
-/// Most target channels one publish may name.
-pub const MAX_TARGETS: usize = 100;
 
 /// Pause between the attempts of an append whose outcome was unknown (the backend's connection is
 /// re-established meanwhile).

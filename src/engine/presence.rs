@@ -1,18 +1,76 @@
-//! Presence upkeep: one batched heartbeat per node per interval for every live local session, a sweep
-//! that turns expired users offline (safe to run on every node), transport pings, closing sessions that
-//! stopped heartbeating, and the `presence.changed` / `presence.update` frames.
+//! Presence: the upkeep (one batched heartbeat per node per interval for every live local session, a
+//! sweep that turns expired users offline, safe to run on every node; transport pings; closing
+//! sessions that stopped heartbeating; restoring what the backend lost), the `presence.changed` /
+//! `presence.update` frames, the queries (users, rooms, who is online), contacts (whose presence a
+//! user may watch), and the HTTP heartbeat of clients without a socket.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use serde::Serialize;
 use serde_json::json;
 
 use super::hub::{CloseReason, Outbound};
-use super::{Engine, backend};
-use crate::backend::{DeliveryFilter, Outgoing, OutgoingPayload};
+use super::limits::{MAX_CONTACTS, MAX_USERS_PER_OP, check_id, check_users};
+use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
+use crate::backend::{DeliveryFilter, OutgoingPayload};
 use crate::channels::{ChannelName, Kind};
 use crate::event::now_ms;
+use crate::presence::{SessionInfo, UserPresence};
+
+/// Presence of some users, by user.
+#[derive(Debug, Serialize)]
+pub struct PresenceOf {
+    /// Each user asked for.
+    pub presence: BTreeMap<String, UserPresence>,
+}
+
+/// Who is present in a room.
+#[derive(Debug, Serialize)]
+pub struct RoomPresence {
+    /// The room.
+    pub room: String,
+    /// The users with a live session subscribed to it.
+    pub users: Vec<String>,
+}
+
+/// A user's contacts.
+#[derive(Debug, Serialize)]
+pub struct Contacts {
+    /// The user.
+    pub user: String,
+    /// Whose presence they may watch, sorted.
+    pub contacts: Vec<String>,
+}
+
+/// The reply to an HTTP heartbeat.
+#[derive(Debug, Serialize)]
+pub struct Heartbeat {
+    /// The user.
+    pub user: String,
+    /// Always true: they are online for `ttl` seconds.
+    pub online: bool,
+    /// Seconds until they go offline without another heartbeat.
+    pub ttl: u64,
+}
+
+/// A page of online users.
+#[derive(Debug, Serialize)]
+pub struct OnlineUsers {
+    /// Users in id order.
+    pub users: Vec<String>,
+    /// Where the next page starts; none at the end.
+    pub cursor: Option<String>,
+}
+
+/// How many users are online.
+#[derive(Debug, Serialize)]
+pub struct OnlineCount {
+    /// Users with a live session.
+    pub count: u64,
+}
 
 /// The background loop; ends at shutdown.
 pub(crate) async fn run(engine: Engine) {
@@ -156,17 +214,107 @@ impl Engine {
         frame: serde_json::Value,
         filter: DeliveryFilter,
     ) {
-        let out = Outgoing {
-            channel,
-            event: Arc::from(event),
-            payload: OutgoingPayload::Frame(Bytes::from(frame.to_string())),
-            persist: None,
-            filter,
-            unread: None,
-            dedupe: None,
-        };
-        if let Err(e) = backend(self.backends.broker.publish(out)).await {
+        let payload = OutgoingPayload::Frame(Bytes::from(frame.to_string()));
+        if let Err(e) = self.emit(channel, event, payload, filter).await {
             tracing::warn!(error = %e, "Presence frame publish failed.");
         }
+    }
+
+    /// The presence of `users` (at most [`MAX_USERS_PER_OP`]).
+    pub async fn presence_of(&self, users: &[String]) -> EngineResult<PresenceOf> {
+        check_users(users, MAX_USERS_PER_OP)?;
+        let list = backend(self.backends.presence.get(users)).await?;
+        Ok(PresenceOf {
+            presence: list.into_iter().map(|p| (p.user.clone(), p)).collect(),
+        })
+    }
+
+    /// Who is present in `room`.
+    pub async fn room_presence(&self, room: &str) -> EngineResult<RoomPresence> {
+        check_id("room", room)?;
+        let users = backend(self.backends.presence.room_users(room)).await?;
+        Ok(RoomPresence {
+            room: room.into(),
+            users,
+        })
+    }
+
+    /// Seed 002 / 003 heartbeat for clients without a socket: keeps `user` online (and present in
+    /// `room`, when given) for one presence TTL.
+    pub async fn http_heartbeat(&self, user: &str, room: Option<&str>) -> EngineResult<Heartbeat> {
+        check_id("user", user)?;
+        let session: Arc<str> = format!("http:{user}").into();
+        let info = SessionInfo {
+            session: session.clone(),
+            user: user.into(),
+            device: "http".into(),
+            platform: None,
+            state: Default::default(),
+            node: self.node.clone(),
+        };
+        let ttl = self.config.presence_ttl;
+        if backend(self.backends.presence.connect(&info, ttl)).await? {
+            self.publish_presence(user).await;
+        }
+        if let Some(room) = room {
+            check_id("room", room)?;
+            self.require_member(room, user).await?;
+            if backend(self.backends.presence.room_join(room, user, &session, ttl)).await? {
+                self.publish_room_presence(room, user, "online").await;
+            }
+        }
+        Ok(Heartbeat {
+            user: user.into(),
+            online: true,
+            ttl: ttl.as_secs(),
+        })
+    }
+
+    /// Replaces `user`'s contacts (at most [`MAX_CONTACTS`]).
+    pub async fn set_contacts(&self, user: &str, contacts: &[String]) -> EngineResult<Contacts> {
+        check_id("user", user)?;
+        if contacts.len() > MAX_CONTACTS {
+            return Err(EngineError::new(
+                ErrorCode::TooLarge,
+                format!("at most {MAX_CONTACTS} contacts"),
+            ));
+        }
+        contacts.iter().try_for_each(|c| check_id("user", c))?;
+        backend(self.backends.store.set_contacts(user, contacts)).await?;
+        Ok(Contacts {
+            user: user.into(),
+            contacts: contacts.to_vec(),
+        })
+    }
+
+    /// `user`'s contacts.
+    pub async fn contacts(&self, user: &str) -> EngineResult<Contacts> {
+        check_id("user", user)?;
+        let contacts = backend(self.backends.store.contacts(user)).await?;
+        Ok(Contacts {
+            user: user.into(),
+            contacts,
+        })
+    }
+
+    /// How many users are online.
+    pub async fn online_count(&self) -> EngineResult<OnlineCount> {
+        let count = backend(self.backends.presence.online_count()).await?;
+        Ok(OnlineCount { count })
+    }
+
+    /// A page of online users after `cursor`, at most `limit` (1-1000).
+    pub async fn online_page(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> EngineResult<OnlineUsers> {
+        let (users, cursor) = backend(
+            self.backends
+                .presence
+                .online_page(cursor, limit.clamp(1, 1000)),
+        )
+        .await?;
+        Ok(OnlineUsers { users, cursor })
     }
 }

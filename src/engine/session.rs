@@ -11,10 +11,11 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::hub::{Next, Outbound, SessionHandle};
+use super::limits::{MAX_USERS_PER_OP, check_users};
 use super::pipeline::PublishRequest;
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::backend::Delivery;
-use crate::channels::{ChannelName, Kind, PublishPolicy, SubscribePolicy, valid_id};
+use crate::channels::{ChannelName, Kind, valid_id};
 use crate::device::DeviceState;
 use crate::event::{Epoch, Position, Seq, StoredEvent, replay_frame};
 use crate::presence::SessionInfo;
@@ -147,9 +148,6 @@ pub struct Session {
     seen_announcement: Option<Box<str>>,
 }
 
-/// Most users in one `presence`/`watch` op.
-pub const MAX_USERS_PER_OP: usize = 1000;
-
 impl Engine {
     /// Opens a session: registers it in the hub (per-user limit) and in presence (first device of a
     /// user -> `presence.changed` online).
@@ -222,113 +220,6 @@ impl Engine {
             seen_announcement: None,
         })
     }
-
-    /// Checks that `user` may subscribe to (or read the history of) `channel`.
-    /// A rule's `can_subscribe` decides first; without one, the channel kind's policy.
-    pub async fn can_subscribe(
-        &self,
-        user: &str,
-        attrs: &Map<String, Value>,
-        channel: &ChannelName,
-    ) -> EngineResult<()> {
-        if let Some(allowed) = self.rules.current().can_subscribe(user, attrs, channel) {
-            return if allowed {
-                Ok(())
-            } else {
-                Err(EngineError::new(
-                    ErrorCode::Forbidden,
-                    format!("{channel}: denied by a rule"),
-                ))
-            };
-        }
-        match self.kinds().of(channel).subscribe {
-            SubscribePolicy::Any => Ok(()),
-            SubscribePolicy::Owner if channel.id() == user => Ok(()),
-            SubscribePolicy::Member => self.require_member(channel.id(), user).await,
-            SubscribePolicy::Watcher => {
-                if channel.id() == user || self.may_watch(user, channel.id()).await? {
-                    Ok(())
-                } else {
-                    Err(EngineError::new(
-                        ErrorCode::Forbidden,
-                        format!("{channel}: only contacts and room mates may watch this user"),
-                    ))
-                }
-            }
-            SubscribePolicy::Owner | SubscribePolicy::Nobody => Err(EngineError::new(
-                ErrorCode::Forbidden,
-                format!("{channel}: not allowed to subscribe"),
-            )),
-        }
-    }
-
-    /// Checks that `user` may publish to `channel` from a client.
-    /// A rule's `can_publish` decides first; without one, the channel kind's policy.
-    pub async fn can_publish(
-        &self,
-        user: &str,
-        attrs: &Map<String, Value>,
-        channel: &ChannelName,
-        event: &str,
-    ) -> EngineResult<()> {
-        if let Some(allowed) = self
-            .rules
-            .current()
-            .can_publish(user, attrs, channel, event)
-        {
-            return if allowed {
-                Ok(())
-            } else {
-                Err(EngineError::new(
-                    ErrorCode::Forbidden,
-                    format!("{channel}: publishing {event:?} denied by a rule"),
-                ))
-            };
-        }
-        match self.kinds().of(channel).publish {
-            PublishPolicy::Any => Ok(()),
-            PublishPolicy::Owner if channel.id() == user => Ok(()),
-            PublishPolicy::Member => self.require_member(channel.id(), user).await,
-            PublishPolicy::Owner | PublishPolicy::Backend => Err(EngineError::new(
-                ErrorCode::Forbidden,
-                format!("{channel}: clients may not publish here"),
-            )),
-        }
-    }
-
-    /// `not_member` unless `user` is a member of `room`.
-    pub async fn require_member(&self, room: &str, user: &str) -> EngineResult<()> {
-        if backend(self.backends.store.is_member(room, user)).await? {
-            Ok(())
-        } else {
-            Err(EngineError::new(
-                ErrorCode::NotMember,
-                format!("not a member of room {room}"),
-            ))
-        }
-    }
-
-    /// Whether `watcher` may see `target`'s presence: a contact, or they share a room.
-    pub async fn may_watch(&self, watcher: &str, target: &str) -> EngineResult<bool> {
-        let store = &self.backends.store;
-        if backend(store.contacts(watcher))
-            .await?
-            .iter()
-            .any(|c| c == target)
-        {
-            return Ok(true);
-        }
-        let mine = backend(store.rooms_of(watcher)).await?;
-        if mine.is_empty() {
-            return Ok(false);
-        }
-        let theirs = backend(store.rooms_of(target)).await?;
-        Ok(mine.iter().any(|r| theirs.binary_search(r).is_ok()))
-    }
-}
-
-fn bad(msg: impl Into<String>) -> EngineError {
-    EngineError::new(ErrorCode::BadFrame, msg)
 }
 
 fn room_channel(kind: Kind, room: &str) -> EngineResult<ChannelName> {
@@ -369,7 +260,7 @@ impl Session {
     /// Decides what to do with a delivery: drop duplicates of what was replayed, send `reset` when the
     /// epoch changed under the subscription.
     pub fn check(&mut self, d: &Delivery) -> Verdict {
-        if d.channel.kind() == Kind::User && &*d.event == super::api::KICK_EVENT {
+        if d.channel.kind() == Kind::User && &*d.event == super::control::KICK_EVENT {
             // POST /users/{user}/disconnect, possibly through another node.
             self.handle.close(super::hub::CloseReason::Kicked);
             return Verdict::Skip;
@@ -708,7 +599,8 @@ impl Session {
     /// `read`: everything up to `seq` in `room` is read.
     pub async fn read(&mut self, room: &str, seq: Seq) -> EngineResult<Value> {
         let e = self.engine.clone();
-        e.mark_read(&self.handle.user, room, seq).await
+        let mark = e.mark_read(&self.handle.user, room, seq).await?;
+        Ok(serde_json::to_value(mark).expect("read mark serialises"))
     }
 
     /// `focus`: the room is open on this device.
@@ -810,43 +702,39 @@ impl Session {
         e.can_subscribe(&self.handle.user, &self.handle.attrs, &ch)
             .await?;
         let after = from.unwrap_or(1).saturating_sub(1);
-        e.history_json(&ch, after, to, limit).await
+        let page = e.history(&ch, after, to, limit).await?;
+        Ok(serde_json::to_value(page).expect("history serialises"))
     }
 
     /// `leave`: the atomic leave (membership removed, `member.left` to the room, `room.left` to me).
     pub async fn leave(&mut self, room: &str) -> EngineResult<Value> {
         let e = self.engine.clone();
-        e.leave_room(room, &self.handle.user).await
+        let left = e.leave_room(room, &self.handle.user).await?;
+        Ok(serde_json::to_value(left).expect("leave serialises"))
     }
 
     /// `presence`: current presence of users.
     pub async fn presence(&mut self, users: &[String]) -> EngineResult<Value> {
-        self.engine.presence_json(users).await
+        let p = self.engine.presence_of(users).await?;
+        Ok(serde_json::to_value(p).expect("presence serialises"))
     }
 
     /// `watch`: receive these users' `presence.changed`.
     pub async fn watch(&mut self, users: &[String]) -> EngineResult<Value> {
-        check_users(users)?;
+        check_users(users, MAX_USERS_PER_OP)?;
         let e = self.engine.clone();
-        for u in users {
-            if u.as_str() != &*self.handle.user && !e.may_watch(&self.handle.user, u).await? {
-                return Err(EngineError::new(
-                    ErrorCode::Forbidden,
-                    format!("may not watch {u}: only contacts and room mates"),
-                ));
-            }
-        }
+        e.require_watch(&self.handle.user, users).await?;
         for u in users {
             let ch = ChannelName::of(Kind::Presence, u);
             self.subscribe_checked(ch, None).await?;
         }
-        let presence = e.presence_json(users).await?;
-        Ok(json!({ "users": users, "presence": presence["presence"] }))
+        let presence = e.presence_of(users).await?.presence;
+        Ok(json!({ "users": users, "presence": presence }))
     }
 
     /// `unwatch`.
     pub async fn unwatch(&mut self, users: &[String]) -> EngineResult<Value> {
-        check_users(users)?;
+        check_users(users, MAX_USERS_PER_OP)?;
         for u in users {
             self.drop_sub(&ChannelName::of(Kind::Presence, u)).await;
         }
@@ -868,6 +756,7 @@ impl Session {
             );
         }
         let sync = e.login_sync(&self.handle.user, &self.handle.attrs).await?;
+        let sync = serde_json::to_value(sync).expect("login sync serialises");
         let mut frame = json!({
             "type": "connected",
             "conn": &*self.handle.session,
@@ -882,22 +771,6 @@ impl Session {
         }
         Ok(frame)
     }
-}
-
-fn check_users(users: &[String]) -> EngineResult<()> {
-    if users.len() > MAX_USERS_PER_OP {
-        return Err(EngineError::new(
-            ErrorCode::TooLarge,
-            format!("at most {MAX_USERS_PER_OP} users"),
-        ));
-    }
-    if let Some(u) = users.iter().find(|u| !valid_id(u)) {
-        return Err(bad(format!(
-            "bad user id {:?}",
-            u.chars().take(140).collect::<String>()
-        )));
-    }
-    Ok(())
 }
 
 /// Leaves a channel in the hub and the broker, and room presence.

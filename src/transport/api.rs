@@ -8,16 +8,20 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
 use super::{AdminKey, ApiError, ApiKey, ApiResult, AppState, Client, Json, JsonBody};
+use crate::presence::UserPresence;
+
+/// A handler's reply: a typed result, serialised as JSON.
+type Reply<T> = ApiResult<Json<T>>;
 use crate::announcement::{Announcement, AnnouncementDraft};
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::device::PushDevice;
-use crate::engine::{EngineError, ErrorCode, PublishRequest};
+use crate::engine::{EngineError, PublishRequest};
 use crate::event::{new_event_id, now_ms};
 use crate::rules::Source;
 
@@ -131,7 +135,7 @@ async fn publish(
     _: ApiKey,
     headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<PublishBody>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let mut targets = Vec::new();
     if let Some(c) = &b.channel {
         targets.push(ChannelName::parse(c).map_err(EngineError::from)?);
@@ -171,7 +175,7 @@ async fn publish(
             attrs: None,
         })
         .await?;
-    Ok(Json(serde_json::to_value(reply).expect("serialises")))
+    Ok(Json(reply))
 }
 
 fn num(q: &HashMap<String, String>, k: &str) -> Result<Option<u64>, ApiError> {
@@ -189,11 +193,11 @@ async fn history(
     _: ApiKey,
     Path(channel): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let ch = ChannelName::parse(&channel).map_err(EngineError::from)?;
     let since = num(&q, "since")?.unwrap_or(0);
     let limit = num(&q, "limit")?.map(|l| l as usize);
-    Ok(Json(s.engine.history_json(&ch, since, None, limit).await?))
+    Ok(Json(s.engine.history(&ch, since, None, limit).await?))
 }
 
 async fn room_events(
@@ -201,18 +205,18 @@ async fn room_events(
     _: ApiKey,
     Path(room): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let ch = ChannelName::try_of(Kind::Room, &room).map_err(EngineError::from)?;
     let since = num(&q, "since")?.unwrap_or(0);
     let limit = num(&q, "limit")?.map(|l| l as usize);
-    Ok(Json(s.engine.history_json(&ch, since, None, limit).await?))
+    Ok(Json(s.engine.history(&ch, since, None, limit).await?))
 }
 
 async fn add_member(
     State(s): State<AppState>,
     _: ApiKey,
     Path((room, user)): Path<(String, String)>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     Ok(Json(s.engine.add_member(&room, &user).await?))
 }
 
@@ -220,19 +224,23 @@ async fn remove_member(
     State(s): State<AppState>,
     _: ApiKey,
     Path((room, user)): Path<(String, String)>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     Ok(Json(s.engine.remove_member(&room, &user).await?))
 }
 
-async fn members(State(s): State<AppState>, _: ApiKey, Path(room): Path<String>) -> ApiResult {
-    Ok(Json(s.engine.members_json(&room).await?))
+async fn members(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(room): Path<String>,
+) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.members(&room).await?))
 }
 
 async fn leave(
     State(s): State<AppState>,
     _: ApiKey,
     Path((room, user)): Path<(String, String)>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     Ok(Json(s.engine.leave_room(&room, &user).await?))
 }
 
@@ -240,8 +248,8 @@ async fn room_presence(
     State(s): State<AppState>,
     _: ApiKey,
     Path(room): Path<String>,
-) -> ApiResult {
-    Ok(Json(s.engine.room_presence_json(&room).await?))
+) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.room_presence(&room).await?))
 }
 
 #[derive(Deserialize)]
@@ -263,7 +271,7 @@ async fn room_heartbeat(
     _: ApiKey,
     Path(room): Path<String>,
     JsonBody(b): JsonBody<UserBody>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let user = id_of(&b.user)?;
     Ok(Json(s.engine.http_heartbeat(&user, Some(&room)).await?))
 }
@@ -278,24 +286,25 @@ async fn set_contacts(
     _: ApiKey,
     Path(user): Path<String>,
     JsonBody(b): JsonBody<ContactsBody>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     Ok(Json(s.engine.set_contacts(&user, &b.contacts).await?))
 }
 
-async fn get_contacts(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
-    if !valid_id(&user) {
-        return Err(ApiError::from(EngineError::new(
-            ErrorCode::BadChannel,
-            "bad user id",
-        )));
-    }
-    let contacts = s.engine.contacts(&user).await?;
-    Ok(Json(json!({ "user": user, "contacts": contacts })))
+async fn get_contacts(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(user): Path<String>,
+) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.contacts(&user).await?))
 }
 
-async fn presence_one(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
-    let mut v = s.engine.presence_json(std::slice::from_ref(&user)).await?;
-    Ok(Json(v["presence"][&user].take()))
+async fn presence_one(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(user): Path<String>,
+) -> Reply<impl Serialize> {
+    let mut p = s.engine.presence_of(std::slice::from_ref(&user)).await?;
+    Ok(Json(p.presence.remove(&user)))
 }
 
 #[derive(Deserialize)]
@@ -312,51 +321,47 @@ async fn presence_query(
     State(s): State<AppState>,
     _: ApiKey,
     JsonBody(b): JsonBody<UsersBody>,
-) -> ApiResult {
-    Ok(Json(s.engine.presence_json(&ids(&b.users)?).await?))
+) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.presence_of(&ids(&b.users)?).await?))
 }
 
-async fn online_count(State(s): State<AppState>, _: ApiKey) -> ApiResult {
-    Ok(Json(json!({ "count": s.engine.online_count().await? })))
+async fn online_count(State(s): State<AppState>, _: ApiKey) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.online_count().await?))
 }
 
 async fn online_list(
     State(s): State<AppState>,
     _: ApiKey,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let limit = num(&q, "limit")?.unwrap_or(100) as usize;
-    let (users, cursor) = s
-        .engine
-        .online_page(
-            q.get("cursor")
-                .map(String::as_str)
-                .filter(|c| !c.is_empty()),
-            limit,
-        )
-        .await?;
-    Ok(Json(json!({ "users": users, "cursor": cursor })))
+    let cursor = q
+        .get("cursor")
+        .map(String::as_str)
+        .filter(|c| !c.is_empty());
+    Ok(Json(s.engine.online_page(cursor, limit).await?))
 }
 
-async fn unread(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
-    Ok(Json(s.engine.unread_json(&user).await?))
+async fn unread(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(user): Path<String>,
+) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.unread(&user).await?))
 }
 
 async fn unread_alias(
     State(s): State<AppState>,
     _: ApiKey,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let user = q
         .get("userId")
         .or_else(|| q.get("user"))
         .ok_or_else(|| ApiError::bad("userId: required"))?;
-    let mut v = s.engine.unread_json(user).await?;
-    let total: u64 = v["unread"]
-        .as_object()
-        .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-    v["total"] = json!(total);
-    Ok(Json(v))
+    let unread = s.engine.unread(user).await?.unread;
+    let total: u64 = unread.values().sum();
+    Ok(Json(json!({ "unread": unread, "total": total })))
 }
 
 #[derive(Deserialize)]
@@ -370,7 +375,7 @@ async fn mark_read(
     _: ApiKey,
     Path(user): Path<String>,
     JsonBody(b): JsonBody<ReadBody>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     Ok(Json(s.engine.mark_read(&user, &b.room, b.seq).await?))
 }
 
@@ -380,7 +385,7 @@ async fn read_by_event_id(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     JsonBody(body): JsonBody<Map<String, Value>>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let from_body = body.get("userId").or_else(|| body.get("user")).cloned();
     let user = match (q.get("userId").or_else(|| q.get("user")), from_body) {
         (Some(u), _) => u.clone(),
@@ -410,7 +415,7 @@ async fn put_device(
     _: ApiKey,
     Path((user, device)): Path<(String, String)>,
     JsonBody(b): JsonBody<DeviceBody>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let d = PushDevice::register(device, b.provider, b.token, b.subscription, b.platform)
         .map_err(ApiError::bad)?;
     Ok(Json(s.engine.put_device(&user, d).await?))
@@ -420,54 +425,68 @@ async fn delete_device(
     State(s): State<AppState>,
     _: ApiKey,
     Path((user, device)): Path<(String, String)>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     Ok(Json(s.engine.delete_device(&user, &device).await?))
 }
 
-async fn devices(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
-    Ok(Json(s.engine.devices_json(&user).await?))
+async fn devices(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(user): Path<String>,
+) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.devices(&user).await?))
 }
 
 async fn create_announcement(
     State(s): State<AppState>,
     _: ApiKey,
     JsonBody(draft): JsonBody<AnnouncementDraft>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let a =
         Announcement::create(draft, new_event_id().to_string(), now_ms()).map_err(ApiError::bad)?;
-    let (announcement, reply) = s.engine.create_announcement(a).await?;
-    Ok(Json(
-        json!({ "announcement": announcement, "id": reply.id, "deliveries": reply.deliveries }),
-    ))
+    Ok(Json(s.engine.create_announcement(a).await?))
 }
 
-async fn list_announcements(State(s): State<AppState>, _: ApiKey) -> ApiResult {
-    Ok(Json(s.engine.announcements_json().await?))
+async fn list_announcements(State(s): State<AppState>, _: ApiKey) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.announcements().await?))
 }
 
-async fn disconnect(State(s): State<AppState>, _: ApiKey, Path(user): Path<String>) -> ApiResult {
+async fn disconnect(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Path(user): Path<String>,
+) -> Reply<impl Serialize> {
     Ok(Json(s.engine.disconnect_user(&user).await?))
 }
 
 // ---- seed 002: /api/online-status/* with a client JWT ----
 
-fn seed_status(p: &Value) -> Value {
-    let online = p["online"].as_bool().unwrap_or(false);
-    let mut v = json!({ "is_online": online, "status": p["status"], "text": p["text"] });
-    if online {
-        v["last_activity"] = p["last_seen"].clone();
+/// Seed 002's view of one user's presence.
+fn seed_status(p: Option<&UserPresence>) -> Value {
+    let Some(p) = p else {
+        return json!({ "is_online": false, "status": null, "text": null, "last_seen": null });
+    };
+    let (status, text) = if p.online {
+        (json!(p.status), json!(p.text))
     } else {
-        v["last_seen"] = p["last_seen"].clone();
-    }
+        (Value::Null, Value::Null)
+    };
+    let mut v = json!({ "is_online": p.online, "status": status, "text": text });
+    let key = if p.online {
+        "last_activity"
+    } else {
+        "last_seen"
+    };
+    v[key] = json!(p.last_seen);
     v
 }
 
-async fn seed_map(s: &AppState, users: &[String]) -> ApiResult {
-    let v = s.engine.presence_json(users).await?;
-    let mut out = Map::new();
-    for u in users {
-        out.insert(u.clone(), seed_status(&v["presence"][u]));
-    }
+async fn seed_map(s: &AppState, users: &[String]) -> Reply<Value> {
+    let p = s.engine.presence_of(users).await?;
+    let out: Map<String, Value> = users
+        .iter()
+        .map(|u| (u.clone(), seed_status(p.presence.get(u))))
+        .collect();
     Ok(Json(Value::Object(out)))
 }
 
@@ -475,7 +494,7 @@ async fn os_users(
     State(s): State<AppState>,
     Client(_): Client,
     JsonBody(b): JsonBody<UsersBody>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     seed_map(&s, &ids(&b.users)?).await
 }
 
@@ -483,40 +502,35 @@ async fn os_user(
     State(s): State<AppState>,
     Client(_): Client,
     Path(id): Path<String>,
-) -> ApiResult {
-    let v = s.engine.presence_json(std::slice::from_ref(&id)).await?;
-    let mut out = seed_status(&v["presence"][&id]);
+) -> Reply<impl Serialize> {
+    let p = s.engine.presence_of(std::slice::from_ref(&id)).await?;
+    let mut out = seed_status(p.presence.get(&id));
     out["user_id"] = json!(id);
     Ok(Json(out))
 }
 
-async fn os_friends(State(s): State<AppState>, Client(c): Client) -> ApiResult {
-    let contacts = s.engine.contacts(&c.sub).await?;
+async fn os_friends(State(s): State<AppState>, Client(c): Client) -> Reply<impl Serialize> {
+    let contacts = s.engine.contacts(&c.sub).await?.contacts;
     seed_map(&s, &contacts).await
 }
 
-async fn os_heartbeat(State(s): State<AppState>, Client(c): Client) -> ApiResult {
+async fn os_heartbeat(State(s): State<AppState>, Client(c): Client) -> Reply<impl Serialize> {
     Ok(Json(s.engine.http_heartbeat(&c.sub, None).await?))
 }
 
-async fn os_count(State(s): State<AppState>, Client(_): Client) -> ApiResult {
-    Ok(Json(json!({ "count": s.engine.online_count().await? })))
+async fn os_count(State(s): State<AppState>, Client(_): Client) -> Reply<impl Serialize> {
+    Ok(Json(s.engine.online_count().await?))
 }
 
 async fn os_online(
     State(s): State<AppState>,
     Client(_): Client,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Reply<impl Serialize> {
     let limit = num(&q, "limit")?.unwrap_or(100) as usize;
-    let (users, cursor) = s
-        .engine
-        .online_page(
-            q.get("cursor")
-                .map(String::as_str)
-                .filter(|c| !c.is_empty()),
-            limit,
-        )
-        .await?;
-    Ok(Json(json!({ "users": users, "cursor": cursor })))
+    let cursor = q
+        .get("cursor")
+        .map(String::as_str)
+        .filter(|c| !c.is_empty());
+    Ok(Json(s.engine.online_page(cursor, limit).await?))
 }

@@ -207,7 +207,7 @@ async fn open_stream(
         write_event(&mut out, Some(&cursor_id), &name, &ev.frame);
     }
     if kind == StreamKind::Presence {
-        let contacts = engine.contacts(&claims.sub).await?;
+        let contacts = engine.contacts(&claims.sub).await?.contacts;
         for c in &contacts {
             session
                 .subscribe_checked(ChannelName::of(Kind::Presence, c), None)
@@ -220,13 +220,9 @@ async fn open_stream(
             "connected",
             connected.to_string().as_bytes(),
         );
-        let initial = engine.presence_json(&contacts).await?;
-        write_event(
-            &mut out,
-            None,
-            "initial",
-            initial["presence"].to_string().as_bytes(),
-        );
+        let initial = engine.presence_of(&contacts).await?.presence;
+        let initial = serde_json::to_vec(&initial).expect("presence serialises");
+        write_event(&mut out, None, "initial", &initial);
     }
     let st = StreamState {
         session,

@@ -133,6 +133,28 @@ pub fn event_frame_head(channel: &ChannelName) -> String {
     format!("{{\"type\":\"event\",\"channel\":\"{}\",", channel.as_str())
 }
 
+/// The `reset` frame: `channel`'s epoch changed (or a resume from an old position could not be
+/// served), and its position is now `epoch`/`seq`. Every transport sends this one.
+pub fn reset_frame(channel: &ChannelName, epoch: &Epoch, seq: Seq) -> Bytes {
+    #[derive(Serialize)]
+    struct Reset<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        channel: &'a ChannelName,
+        epoch: &'a Epoch,
+        seq: Seq,
+        recovered: bool,
+    }
+    let frame = Reset {
+        kind: "reset",
+        channel,
+        epoch,
+        seq,
+        recovered: false,
+    };
+    Bytes::from(serde_json::to_vec(&frame).expect("reset frame serialises"))
+}
+
 /// The same frame marked `"replay":true` (sent from history rather than live).
 pub fn replay_frame(frame: &[u8]) -> Bytes {
     const HEAD: &[u8] = b"{\"type\":\"event\",";

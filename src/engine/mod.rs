@@ -6,6 +6,8 @@
 //! - [`hub`]: local registry and fan-out;
 //! - [`pipeline`]: the publish path (dedupe -> route -> append+publish -> unread -> reply);
 //! - [`session`]: one connected device and its ops;
+//! - [`protocol`]: client frames parsed into ops, replies as frames, and a session's life over a
+//!   two-way transport;
 //! - [`access`]: who may subscribe, publish, act as a member, watch;
 //! - [`limits`]: id and list checks, one error code each;
 //! - [`rooms`]: membership, the atomic leave, read pointers and unread;
@@ -24,6 +26,7 @@ pub mod hub;
 pub mod limits;
 pub mod pipeline;
 pub mod presence;
+pub mod protocol;
 pub mod rooms;
 pub mod session;
 

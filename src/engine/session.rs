@@ -5,21 +5,27 @@
 //! history, so every event after the read is already queued; the queue is then filtered by seq, so an
 //! event both replayed and queued is sent once.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
+use super::announcements::LoginSync;
+use super::history::History;
 use super::hub::{Next, Outbound, SessionHandle};
 use super::limits::{MAX_USERS_PER_OP, check_users};
+use super::pipeline::PublishReply;
 use super::pipeline::PublishRequest;
+use super::presence::PresenceOf;
+use super::rooms::{Left, ReadMark};
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::backend::Delivery;
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::device::DeviceState;
-use crate::event::{Epoch, Position, Seq, StoredEvent, replay_frame};
-use crate::presence::SessionInfo;
-use crate::presence::Status;
+use crate::event::{Epoch, Position, Seq, StoredEvent, replay_frame, reset_frame};
+use crate::presence::{SessionInfo, Status, UserPresence};
 use crate::rules::Source;
 
 /// Which transport a session uses.
@@ -133,6 +139,119 @@ pub enum Verdict {
     Deliver,
     /// Send this `reset` frame, then the delivery.
     Reset(Bytes),
+}
+
+/// The reply to `subscribe`: the channel's position (stored channels) and whether `since` could be
+/// served.
+#[derive(Debug, Serialize)]
+pub struct Subscribed {
+    /// The channel.
+    pub channel: ChannelName,
+    /// Its epoch, for a stored channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Epoch>,
+    /// Its last seq, for a stored channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<Seq>,
+    /// False when the `since` position could not be served: refetch from your backend.
+    pub recovered: bool,
+}
+
+/// The reply to `unsubscribe`.
+#[derive(Debug, Serialize)]
+pub struct Unsubscribed {
+    /// The channel.
+    pub channel: ChannelName,
+    /// Always false.
+    pub subscribed: bool,
+    /// Whether it was subscribed before.
+    pub was_subscribed: bool,
+}
+
+/// The reply to `ack`.
+#[derive(Debug, Serialize)]
+pub struct Acked {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The seq acknowledged.
+    pub seq: Seq,
+}
+
+/// The reply to `focus` and `blur`.
+#[derive(Debug, Serialize)]
+pub struct Focused {
+    /// The room.
+    pub room: String,
+    /// Whether it is open on this device now.
+    pub focused: bool,
+}
+
+/// The reply to `typing`.
+#[derive(Debug, Serialize)]
+pub struct Typing {
+    /// The room.
+    pub room: String,
+}
+
+/// The data of the `typing` event.
+#[derive(Serialize)]
+struct TypingData<'a> {
+    room: &'a str,
+    user: &'a str,
+}
+
+/// The reply to `status`.
+#[derive(Debug, Serialize)]
+pub struct StatusSet {
+    /// The custom status now.
+    pub status: Status,
+    /// Its text.
+    pub text: Option<String>,
+}
+
+/// The reply to `state`.
+#[derive(Debug, Serialize)]
+pub struct StateSet {
+    /// The device's app state now.
+    pub state: DeviceState,
+}
+
+/// The reply to `watch`.
+#[derive(Debug, Serialize)]
+pub struct Watching {
+    /// The users watched.
+    pub users: Vec<String>,
+    /// Their presence now.
+    pub presence: BTreeMap<String, UserPresence>,
+}
+
+/// The reply to `unwatch`.
+#[derive(Debug, Serialize)]
+pub struct Unwatched {
+    /// The users no longer watched.
+    pub users: Vec<String>,
+}
+
+/// A channel's position in the `connected` frame.
+#[derive(Serialize)]
+struct ChannelAt {
+    epoch: Option<Epoch>,
+    seq: Option<Seq>,
+}
+
+/// The `connected` frame.
+#[derive(Serialize)]
+struct Connected<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    conn: &'a str,
+    user: &'a str,
+    device: &'a str,
+    node: &'a str,
+    channels: BTreeMap<String, ChannelAt>,
+    sync: LoginSync,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a Value>,
 }
 
 /// One connected device.
@@ -277,11 +396,7 @@ impl Session {
                     }
                 }
                 _ => {
-                    let reset = json!({
-                        "type": "reset", "channel": d.channel, "epoch": p.epoch,
-                        "seq": p.seq, "recovered": false,
-                    });
-                    verdict = Verdict::Reset(Bytes::from(reset.to_string()));
+                    verdict = Verdict::Reset(reset_frame(&d.channel, &p.epoch, p.seq));
                     sub.epoch = Some(p.epoch.clone());
                 }
             }
@@ -410,7 +525,7 @@ impl Session {
         &mut self,
         channel: &str,
         since: Option<Position>,
-    ) -> EngineResult<(Value, Vec<StoredEvent>)> {
+    ) -> EngineResult<(Subscribed, Vec<StoredEvent>)> {
         let ch = ChannelName::parse(channel)?;
         self.engine
             .can_subscribe(&self.handle.user, &self.handle.attrs, &ch)
@@ -423,7 +538,7 @@ impl Session {
         &mut self,
         ch: ChannelName,
         since: Option<Position>,
-    ) -> EngineResult<(Value, Vec<StoredEvent>)> {
+    ) -> EngineResult<(Subscribed, Vec<StoredEvent>)> {
         let e = self.engine.clone();
         let kind = e.kinds().of(&ch).clone();
         let new = !self.subs.contains_key(&ch);
@@ -458,7 +573,12 @@ impl Session {
             );
         }
         let mut replay = Vec::new();
-        let mut reply = json!({ "channel": ch });
+        let mut reply = Subscribed {
+            channel: ch.clone(),
+            epoch: None,
+            seq: None,
+            recovered: true,
+        };
         if kind.persist {
             let page = match &since {
                 Some(s) => {
@@ -517,11 +637,9 @@ impl Session {
                     .collect();
                 sub.lo = sub.lo.min(s.seq);
             }
-            reply["epoch"] = json!(page.position.epoch);
-            reply["seq"] = json!(page.position.seq);
-            reply["recovered"] = json!(recovered);
-        } else {
-            reply["recovered"] = json!(true);
+            reply.epoch = Some(page.position.epoch);
+            reply.seq = Some(page.position.seq);
+            reply.recovered = recovered;
         }
         if kind.presence && ch.kind() == Kind::Room {
             let sub = self.subs.get_mut(&ch).expect("inserted above");
@@ -550,10 +668,14 @@ impl Session {
     }
 
     /// `unsubscribe`.
-    pub async fn unsubscribe(&mut self, channel: &str) -> EngineResult<Value> {
+    pub async fn unsubscribe(&mut self, channel: &str) -> EngineResult<Unsubscribed> {
         let ch = ChannelName::parse(channel)?;
-        let was = self.drop_sub(&ch).await.is_some();
-        Ok(json!({ "channel": ch, "subscribed": false, "was_subscribed": was }))
+        let was_subscribed = self.drop_sub(&ch).await.is_some();
+        Ok(Unsubscribed {
+            channel: ch,
+            subscribed: false,
+            was_subscribed,
+        })
     }
 
     /// `publish` from the client.
@@ -563,13 +685,12 @@ impl Session {
         event: String,
         data: Box<serde_json::value::RawValue>,
         idempotency_key: Option<String>,
-    ) -> EngineResult<Value> {
+    ) -> EngineResult<PublishReply> {
         let ch = ChannelName::parse(channel)?;
         self.engine
             .can_publish(&self.handle.user, &self.handle.attrs, &ch, &event)
             .await?;
-        let reply = self
-            .engine
+        self.engine
             .publish(PublishRequest {
                 event,
                 targets: vec![ch],
@@ -579,13 +700,12 @@ impl Session {
                 source: Source::Client,
                 attrs: Some(self.handle.attrs.clone()),
             })
-            .await?;
-        Ok(serde_json::to_value(reply).expect("reply serialises"))
+            .await
     }
 
     /// `ack`: this device has the event. (Cancels `unacked` push fallbacks once push lands; validated
     /// and acknowledged now.)
-    pub async fn ack(&mut self, channel: &str, seq: Seq) -> EngineResult<Value> {
+    pub async fn ack(&mut self, channel: &str, seq: Seq) -> EngineResult<Acked> {
         let ch = ChannelName::parse(channel)?;
         if !self.subs.contains_key(&ch) {
             return Err(EngineError::new(
@@ -593,18 +713,17 @@ impl Session {
                 format!("{ch}: not subscribed"),
             ));
         }
-        Ok(json!({ "channel": ch, "seq": seq }))
+        Ok(Acked { channel: ch, seq })
     }
 
     /// `read`: everything up to `seq` in `room` is read.
-    pub async fn read(&mut self, room: &str, seq: Seq) -> EngineResult<Value> {
+    pub async fn read(&mut self, room: &str, seq: Seq) -> EngineResult<ReadMark> {
         let e = self.engine.clone();
-        let mark = e.mark_read(&self.handle.user, room, seq).await?;
-        Ok(serde_json::to_value(mark).expect("read mark serialises"))
+        e.mark_read(&self.handle.user, room, seq).await
     }
 
     /// `focus`: the room is open on this device.
-    pub async fn focus(&mut self, room: &str) -> EngineResult<Value> {
+    pub async fn focus(&mut self, room: &str) -> EngineResult<Focused> {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
         e.require_member(room, &self.handle.user).await?;
@@ -617,11 +736,14 @@ impl Session {
         ))
         .await?;
         self.handle.set_focus(room, true);
-        Ok(json!({ "room": room, "focused": true }))
+        Ok(Focused {
+            room: room.into(),
+            focused: true,
+        })
     }
 
     /// `blur`: the room is no longer open.
-    pub async fn blur(&mut self, room: &str) -> EngineResult<Value> {
+    pub async fn blur(&mut self, room: &str) -> EngineResult<Focused> {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
         self.drop_sub(&active).await;
@@ -632,17 +754,22 @@ impl Session {
                 .clear_focus(room, &self.handle.user, &self.handle.session),
         )
         .await?;
-        Ok(json!({ "room": room, "focused": false }))
+        Ok(Focused {
+            room: room.into(),
+            focused: false,
+        })
     }
 
     /// `typing`: an ephemeral event to `active:{room}`.
-    pub async fn typing(&mut self, room: &str) -> EngineResult<Value> {
+    pub async fn typing(&mut self, room: &str) -> EngineResult<Typing> {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
         e.require_member(room, &self.handle.user).await?;
-        let data =
-            serde_json::value::to_raw_value(&json!({ "room": room, "user": &*self.handle.user }))
-                .expect("serialises");
+        let data = serde_json::value::to_raw_value(&TypingData {
+            room,
+            user: &self.handle.user,
+        })
+        .expect("serialises");
         e.publish(PublishRequest {
             event: "typing".into(),
             targets: vec![active],
@@ -653,11 +780,15 @@ impl Session {
             attrs: Some(self.handle.attrs.clone()),
         })
         .await?;
-        Ok(json!({ "room": room }))
+        Ok(Typing { room: room.into() })
     }
 
     /// `status`: custom status, broadcast as `presence.changed`.
-    pub async fn status(&mut self, status: Status, text: Option<String>) -> EngineResult<Value> {
+    pub async fn status(
+        &mut self,
+        status: Status,
+        text: Option<String>,
+    ) -> EngineResult<StatusSet> {
         if text.as_ref().is_some_and(|t| t.chars().count() > 256) {
             return Err(EngineError::new(
                 ErrorCode::TooLarge,
@@ -672,11 +803,11 @@ impl Session {
         )
         .await?;
         e.publish_presence(&self.handle.user).await;
-        Ok(json!({ "status": status, "text": text }))
+        Ok(StatusSet { status, text })
     }
 
     /// `state`: foreground or background.
-    pub async fn state(&mut self, state: DeviceState) -> EngineResult<Value> {
+    pub async fn state(&mut self, state: DeviceState) -> EngineResult<StateSet> {
         let e = self.engine.clone();
         self.handle.set_state(state);
         backend(
@@ -686,7 +817,7 @@ impl Session {
         )
         .await?;
         e.publish_presence(&self.handle.user).await;
-        Ok(json!({ "state": state }))
+        Ok(StateSet { state })
     }
 
     /// `history`: events by seq range, inclusive.
@@ -696,31 +827,28 @@ impl Session {
         from: Option<Seq>,
         to: Option<Seq>,
         limit: Option<usize>,
-    ) -> EngineResult<Value> {
+    ) -> EngineResult<History> {
         let ch = ChannelName::parse(channel)?;
         let e = self.engine.clone();
         e.can_subscribe(&self.handle.user, &self.handle.attrs, &ch)
             .await?;
         let after = from.unwrap_or(1).saturating_sub(1);
-        let page = e.history(&ch, after, to, limit).await?;
-        Ok(serde_json::to_value(page).expect("history serialises"))
+        e.history(&ch, after, to, limit).await
     }
 
     /// `leave`: the atomic leave (membership removed, `member.left` to the room, `room.left` to me).
-    pub async fn leave(&mut self, room: &str) -> EngineResult<Value> {
+    pub async fn leave(&mut self, room: &str) -> EngineResult<Left> {
         let e = self.engine.clone();
-        let left = e.leave_room(room, &self.handle.user).await?;
-        Ok(serde_json::to_value(left).expect("leave serialises"))
+        e.leave_room(room, &self.handle.user).await
     }
 
     /// `presence`: current presence of users.
-    pub async fn presence(&mut self, users: &[String]) -> EngineResult<Value> {
-        let p = self.engine.presence_of(users).await?;
-        Ok(serde_json::to_value(p).expect("presence serialises"))
+    pub async fn presence(&mut self, users: &[String]) -> EngineResult<PresenceOf> {
+        self.engine.presence_of(users).await
     }
 
     /// `watch`: receive these users' `presence.changed`.
-    pub async fn watch(&mut self, users: &[String]) -> EngineResult<Value> {
+    pub async fn watch(&mut self, users: &[String]) -> EngineResult<Watching> {
         check_users(users, MAX_USERS_PER_OP)?;
         let e = self.engine.clone();
         e.require_watch(&self.handle.user, users).await?;
@@ -729,22 +857,28 @@ impl Session {
             self.subscribe_checked(ch, None).await?;
         }
         let presence = e.presence_of(users).await?.presence;
-        Ok(json!({ "users": users, "presence": presence }))
+        Ok(Watching {
+            users: users.to_vec(),
+            presence,
+        })
     }
 
     /// `unwatch`.
-    pub async fn unwatch(&mut self, users: &[String]) -> EngineResult<Value> {
+    pub async fn unwatch(&mut self, users: &[String]) -> EngineResult<Unwatched> {
         check_users(users, MAX_USERS_PER_OP)?;
         for u in users {
             self.drop_sub(&ChannelName::of(Kind::Presence, u)).await;
         }
-        Ok(json!({ "users": users }))
+        Ok(Unwatched {
+            users: users.to_vec(),
+        })
     }
 
-    /// The `connected` frame: own channels' positions and the login sync.
-    pub async fn connected_frame(&mut self, reference: Option<&Value>) -> EngineResult<Value> {
+    /// The `connected` frame, ready to write (`reference`: the `connect` frame's `ref`): own
+    /// channels' positions and the login sync.
+    pub async fn connected_frame(&mut self, reference: Option<&Value>) -> EngineResult<Bytes> {
         let e = self.engine.clone();
-        let mut channels = Map::new();
+        let mut channels = BTreeMap::new();
         for ch in [
             ChannelName::of(Kind::User, &self.handle.user),
             ChannelName::global(),
@@ -752,24 +886,26 @@ impl Session {
             let (reply, _) = self.subscribe_checked(ch.clone(), None).await?;
             channels.insert(
                 ch.to_string(),
-                json!({ "epoch": reply["epoch"], "seq": reply["seq"] }),
+                ChannelAt {
+                    epoch: reply.epoch,
+                    seq: reply.seq,
+                },
             );
         }
         let sync = e.login_sync(&self.handle.user, &self.handle.attrs).await?;
-        let sync = serde_json::to_value(sync).expect("login sync serialises");
-        let mut frame = json!({
-            "type": "connected",
-            "conn": &*self.handle.session,
-            "user": &*self.handle.user,
-            "device": &*self.handle.device,
-            "node": &*e.node,
-            "channels": channels,
-            "sync": sync,
-        });
-        if let Some(r) = reference {
-            frame["ref"] = r.clone();
-        }
-        Ok(frame)
+        let frame = Connected {
+            kind: "connected",
+            conn: &self.handle.session,
+            user: &self.handle.user,
+            device: &self.handle.device,
+            node: &e.node,
+            channels,
+            sync,
+            reference,
+        };
+        Ok(Bytes::from(
+            serde_json::to_vec(&frame).expect("connected frame serialises"),
+        ))
     }
 }
 

@@ -26,7 +26,7 @@ use super::{ApiError, ApiResult, AppState, Client};
 use crate::channels::{ChannelName, Kind};
 use crate::engine::session::Verdict;
 use crate::engine::{EngineError, ErrorCode, Next, Outbound, Session, SessionOpen, Transport};
-use crate::event::{Cursor, Position, StoredEvent};
+use crate::event::{Cursor, Position, StoredEvent, reset_frame};
 
 const KEEPALIVE: Duration = Duration::from_secs(15);
 const PRESENCE_HEARTBEAT: Duration = Duration::from_secs(30);
@@ -176,24 +176,16 @@ async fn open_stream(
             .as_ref()
             .and_then(|c| c.positions.get(ch.as_str()).cloned());
         let (reply, events) = session.subscribe_checked(ch.clone(), since.clone()).await?;
-        if let (Some(epoch), Some(seq)) = (reply["epoch"].as_str(), reply["seq"].as_u64()) {
-            let recovered = reply["recovered"].as_bool().unwrap_or(false);
+        if let (Some(epoch), Some(seq)) = (reply.epoch, reply.seq) {
             let start = match &since {
-                Some(s) if recovered => s.seq,
+                Some(s) if reply.recovered => s.seq,
                 _ => seq,
             };
-            positions.insert(
-                ch.to_string(),
-                Position {
-                    epoch: crate::event::Epoch::new(epoch),
-                    seq: start,
-                },
-            );
-            if since.is_some() && !recovered {
+            if since.is_some() && !reply.recovered {
                 // Tell the client its position could not be served (it must refetch).
-                let reset = json!({ "type": "reset", "channel": ch, "epoch": epoch, "seq": seq, "recovered": false });
-                write_event(&mut out, None, "reset", reset.to_string().as_bytes());
+                write_event(&mut out, None, "reset", &reset_frame(&ch, &epoch, seq));
             }
+            positions.insert(ch.to_string(), Position { epoch, seq: start });
         }
         replay.extend(events.into_iter().map(|e| (ch.clone(), e)));
     }

@@ -315,3 +315,94 @@ async fn focus_outlives_the_presence_ttl_while_the_session_lives() {
     let (_, v) = t.api("GET", "/api/v1/users/carol/unread", None).await;
     assert_eq!(v["unread"]["r1"], 1, "carol does not: {v}");
 }
+/// Asserts that a presence object of an offline user carries no `status` or `text`.
+fn no_status(what: &str, p: &Value) {
+    assert_eq!(p["online"], false, "{what}: {p}");
+    assert!(
+        p.get("status").is_none(),
+        "{what}: status while offline: {p}"
+    );
+    assert!(p.get("text").is_none(), "{what}: text while offline: {p}");
+    assert!(p.get("last_seen").is_some(), "{what}: {p}");
+}
+
+/// Offline, every presence object (API, WS replies, `presence.changed`, the presence SSE stream)
+/// leaves `status` and `text` out, and seed 002 has no status either (`null`); the custom status is
+/// kept and shows again once the user is back.
+#[tokio::test]
+async fn offline_presence_has_no_status_and_the_status_returns_with_the_user() {
+    let t = TestServer::start().await;
+    set_contacts(&t, "alice", &["bob", "nobody"]).await;
+    let mut bob = t.ws("bob").await;
+    let r = bob
+        .request(json!({"op": "status", "status": "away", "text": "lunch"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let mut alice = t.ws("alice").await;
+    let r = alice
+        .request(json!({"op": "watch", "users": ["bob", "nobody"]}))
+        .await;
+    assert_eq!(r["presence"]["bob"]["status"], "away", "{r}");
+    no_status("watch reply, never seen", &r["presence"]["nobody"]);
+    let mut sse = RawSse::open(
+        &t.url(&format!("/api/presence/stream?token={}", t.token("alice"))),
+        None,
+    )
+    .await;
+    let initial = sse.next_named("initial").await.data();
+    assert_eq!(initial["bob"]["text"], "lunch", "{initial}");
+
+    bob.close_client().await;
+    let p = alice.wait_for(changed("bob")).await;
+    no_status("presence.changed", &p);
+    no_status(
+        "SSE status_change",
+        &sse.next_named("status_change").await.data(),
+    );
+    let (_, p) = t.api("GET", "/api/v1/presence/bob", None).await;
+    no_status("GET /presence/{user}", &p);
+    let (_, v) = t
+        .api(
+            "POST",
+            "/api/v1/presence/query",
+            Some(json!({"users": ["bob"]})),
+        )
+        .await;
+    no_status("POST /presence/query", &v["presence"]["bob"]);
+    let r = alice
+        .request(json!({"op": "presence", "users": ["bob"]}))
+        .await;
+    no_status("presence op", &r["presence"]["bob"]);
+    let r = alice
+        .request(json!({"op": "watch", "users": ["bob"]}))
+        .await;
+    no_status("watch reply", &r["presence"]["bob"]);
+    let mut sse = RawSse::open(
+        &t.url(&format!("/api/presence/stream?token={}", t.token("alice"))),
+        None,
+    )
+    .await;
+    no_status(
+        "SSE initial",
+        &sse.next_named("initial").await.data()["bob"],
+    );
+    let (_, v) = t
+        .call(
+            "GET",
+            "/api/online-status/user/bob",
+            None,
+            Some(&t.token("alice")),
+        )
+        .await;
+    assert_eq!(v["is_online"], false, "{v}");
+    assert!(v["last_seen"].is_i64(), "{v}");
+    assert!(v["status"].is_null() && v["text"].is_null(), "{v}");
+
+    let _bob = t.ws("bob").await;
+    let p = alice.wait_for(changed("bob")).await;
+    assert_eq!(
+        (p["online"].clone(), p["status"].clone(), p["text"].clone()),
+        (json!(true), json!("away"), json!("lunch")),
+        "the custom status comes back with the user: {p}"
+    );
+}

@@ -92,6 +92,8 @@ pub enum CloseReason {
     Shutdown,
     /// 1013 (RFC 6455 "try again later"): the backend is unavailable, the node is fine.
     Unavailable,
+    /// 1011: the server failed (a bug, or a backend answer it cannot read).
+    Internal,
     /// 1002: the client broke the WebSocket protocol (an unmasked frame, a reserved opcode or bit,
     /// a continuation with nothing to continue).
     ProtocolError,
@@ -115,6 +117,7 @@ impl CloseReason {
             CloseReason::Kicked => 4012,
             CloseReason::Shutdown => 1001,
             CloseReason::Unavailable => 1013,
+            CloseReason::Internal => 1011,
             CloseReason::ProtocolError => 1002,
             CloseReason::InvalidPayload => 1007,
             CloseReason::MessageTooBig => 1009,
@@ -134,6 +137,7 @@ impl CloseReason {
             CloseReason::Kicked => "disconnected by the server",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Unavailable => "backend unavailable; try again later",
+            CloseReason::Internal => "internal error",
             CloseReason::ProtocolError => "websocket protocol error",
             CloseReason::InvalidPayload => "text frame is not valid UTF-8",
             CloseReason::MessageTooBig => "message too big",
@@ -149,6 +153,7 @@ impl CloseReason {
                 | CloseReason::Shutdown
                 | CloseReason::TokenExpired
                 | CloseReason::Unavailable
+                | CloseReason::Internal
         )
     }
 
@@ -164,6 +169,7 @@ impl CloseReason {
             4012 => CloseReason::Kicked,
             1001 => CloseReason::Shutdown,
             1013 => CloseReason::Unavailable,
+            1011 => CloseReason::Internal,
             1002 => CloseReason::ProtocolError,
             1007 => CloseReason::InvalidPayload,
             1009 => CloseReason::MessageTooBig,

@@ -335,6 +335,7 @@ async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) 
                     let _ = socket.send(text(reply)).await;
                     CloseReason::BadFrameLimit
                 }
+                ErrorCode::Internal => CloseReason::Internal,
                 // The backend could not register the session: the node is fine, come back later.
                 _ => CloseReason::Unavailable,
             };

@@ -1,6 +1,8 @@
-//! Shared state, one trait per concern: [`Broker`] (fan-out to every node, with the history append in the
-//! same atomic step), [`History`] (replay by seq), [`Presence`] (sessions, devices, status, room
-//! presence), [`Store`] (membership, contacts, idempotency, unread, focus, devices, announcements).
+//! Shared state, one trait per concern, each stating its guarantees: [`Broker`] (fan-out to every
+//! node, with the history append in the same atomic step), [`History`] (replay by seq), [`Presence`]
+//! (sessions, devices, status, room presence), [`Membership`], [`Contacts`], [`Idempotency`],
+//! [`Unread`] (read pointers, countable events, focus), [`Devices`] (push registrations),
+//! [`Announcements`].
 //!
 //! No routing logic lives here, and nothing here imports `engine`, `transport` or `rules`. Every trait is
 //! async and batch-friendly, designed for Redis first; `memory` is the in-process implementation (the
@@ -138,7 +140,7 @@ pub struct Outgoing {
     /// Unread bookkeeping to do in the same atomic step as the append (see [`UnreadStep`]). Applies to
     /// stored events on `room:` channels only ([`Outgoing::unread_room`]); `None` costs nothing.
     pub unread: Option<UnreadStep>,
-    /// For a stored event published under an idempotency key claimed with [`Store::idem_begin`]: the
+    /// For a stored event published under an idempotency key claimed with [`Idempotency::idem_begin`]: the
     /// key. The append and the record "stored on this channel at this position" under the key are one
     /// atomic step, and a publish to a channel the key's record already has returns that position
     /// without storing again: so a publish whose outcome was unknown can be sent again safely.
@@ -147,11 +149,11 @@ pub struct Outgoing {
 
 /// The unread bookkeeping of a countable room event, folded into [`Broker::publish`] so that the
 /// append and the bookkeeping are one backend step (on Redis: one round trip, one Lua script), done
-/// with the seq the append assigns. Its effect is exactly that of these [`Store`] calls, in order:
+/// with the seq the append assigns. Its effect is exactly that of these [`Unread`] calls, in order:
 ///
-/// 1. [`Store::mark_countable`]`(room, seq, keep)`;
-/// 2. [`Store::set_read`]`(from, room, seq)` when there is a sender (own events never count);
-/// 3. [`Store::set_read`]`(user, room, seq)` for every user [`Store::focused`] on the room now (those
+/// 1. [`Unread::mark_countable`]`(room, seq, keep)`;
+/// 2. [`Unread::set_read`]`(from, room, seq)` when there is a sender (own events never count);
+/// 3. [`Unread::set_read`]`(user, room, seq)` for every user [`Unread::focused`] on the room now (those
 ///    whose focus has expired are dropped, as `focused` does), except the sender.
 ///
 /// The room is the channel's id (`room:{room}`). Nothing else is paid by publishes without one.
@@ -308,7 +310,7 @@ pub trait Presence: Send + Sync + 'static {
 
 /// The state of an idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Idempotency {
+pub enum KeyState {
     /// This caller holds the key's lease: publish under the event id `id` (the key's first claim's:
     /// a caller that takes over from a publish that stopped uses the same id) with [`Outgoing::dedupe`],
     /// then `idem_complete` or `idem_release`.
@@ -322,21 +324,12 @@ pub enum Idempotency {
     Done(Bytes),
 }
 
-/// Everything else shared: membership, contacts, idempotency, unread, focus, devices, announcements.
+/// Room membership, with its reverse index (the rooms of a user).
 ///
-/// Guarantees: each call is atomic; membership has a reverse index (rooms of a user); read pointers
-/// only move forward; countable seqs are kept per room up to a bound (the history size); idempotency
-/// keys and focus expire.
-///
-/// Idempotency: a key's record holds the event id of its first claim, a lease (who is publishing now,
-/// until when: backend clock), the channels stored under it with their positions
-/// ([`Outgoing::dedupe`]), and once done, the first reply. A lease that lapses (its publisher crashed,
-/// or lost the backend) is taken over by the next claim, which publishes the same event id; the
-/// dedupe records make the takeover store nothing twice, so a key always ends in one stored event per
-/// target however its publishers failed. The record lives for the key's `ttl` from its first claim
-/// (and again from completion).
+/// Guarantees: each call is atomic, the two directions included (a member is in the room's set and
+/// the room in theirs, or neither); removing a member also drops their read pointer for the room.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Membership: Send + Sync + 'static {
     /// Adds a member; true when new.
     async fn add_member(&self, room: &str, user: &str) -> BackendResult<bool>;
     /// Removes a member; true when they were one.
@@ -347,11 +340,30 @@ pub trait Store: Send + Sync + 'static {
     async fn is_member(&self, room: &str, user: &str) -> BackendResult<bool>;
     /// Rooms of a user, sorted.
     async fn rooms_of(&self, user: &str) -> BackendResult<Vec<String>>;
+}
+
+/// Contacts: whose presence a user may watch.
+///
+/// Guarantees: a replacement is atomic (a reader sees the old list or the new one).
+#[async_trait]
+pub trait Contacts: Send + Sync + 'static {
     /// Replaces a user's contacts.
     async fn set_contacts(&self, user: &str, contacts: &[String]) -> BackendResult<()>;
     /// A user's contacts, sorted.
     async fn contacts(&self, user: &str) -> BackendResult<Vec<String>>;
+}
 
+/// Idempotency keys of publishes.
+///
+/// Guarantees: a key's record holds the event id of its first claim, a lease (who is publishing
+/// now, until when: backend clock), the channels stored under it with their positions
+/// ([`Outgoing::dedupe`]), and once done, the first reply. Each call is atomic. A lease that lapses
+/// (its publisher crashed, or lost the backend) is taken over by the next claim, which publishes the
+/// same event id; the dedupe records make the takeover store nothing twice, so a key always ends in
+/// one stored event per target however its publishers failed. The record expires `ttl` after its
+/// first claim (and again after completion).
+#[async_trait]
+pub trait Idempotency: Send + Sync + 'static {
     /// Claims an idempotency key with a `lease`: a new key records `id` as its event id and lives for
     /// `ttl`; a key whose lease lapsed is taken over (its first id returned); a live lease is
     /// `Pending`; a completed key returns its reply.
@@ -361,21 +373,28 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         lease: Duration,
         ttl: Duration,
-    ) -> BackendResult<Idempotency>;
+    ) -> BackendResult<KeyState>;
     /// Stores the first reply for a claimed key (kept for `ttl` from now).
     async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()>;
     /// Ends a claimed key's lease after a failed publish: the next claim takes it over at once (what
     /// was stored under the key stays, so the retry does not store it twice).
     async fn idem_release(&self, key: &str) -> BackendResult<()>;
+}
 
-    /// Records `seq` of `room` as countable for unread, keeping at most `keep` of them. (The publish
-    /// path does this, and the pointer moves below, inside [`Broker::publish`]: [`UnreadStep`].)
+/// Unread counts and focus (who has a room open, whose read pointer a countable event moves).
+///
+/// Guarantees: each call is atomic; read pointers only move forward; countable seqs are kept per
+/// room up to a bound (the history size); focus entries expire with their `ttl` (so a node that
+/// crashed never leaves anyone focused). The publish path's own bookkeeping rides in
+/// [`Broker::publish`] ([`UnreadStep`]), with the same effect as these calls.
+#[async_trait]
+pub trait Unread: Send + Sync + 'static {
+    /// Records `seq` of `room` as countable for unread, keeping at most `keep` of them.
     async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()>;
     /// Moves a user's read pointer in a room forward to `seq` (never back); returns the pointer after.
     async fn set_read(&self, user: &str, room: &str, seq: Seq) -> BackendResult<Seq>;
     /// Unread counts for `rooms` of a user (countable seqs after the read pointer), in the given order.
     async fn unread(&self, user: &str, rooms: &[String]) -> BackendResult<Vec<u64>>;
-
     /// Marks a user as focused on a room (one entry per session) until `ttl`.
     async fn set_focus(
         &self,
@@ -385,7 +404,7 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> BackendResult<()>;
     /// Refreshes many focus entries `(room, user, session)` until `ttl` (one call per node per
-    /// heartbeat): [`Store::set_focus`] for each, so an entry the backend lost comes back.
+    /// heartbeat): [`Unread::set_focus`] for each, so an entry the backend lost comes back.
     async fn refresh_focus(
         &self,
         entries: &[(Box<str>, Arc<str>, Arc<str>)],
@@ -395,14 +414,27 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_focus(&self, room: &str, user: &str, session: &str) -> BackendResult<()>;
     /// Users focused on a room now.
     async fn focused(&self, room: &str) -> BackendResult<Vec<String>>;
+}
 
+/// Push device registrations.
+///
+/// Guarantees: each call is atomic; one registration per (user, device id), replaced by a newer one.
+#[async_trait]
+pub trait Devices: Send + Sync + 'static {
     /// Registers or replaces a push device.
     async fn put_device(&self, user: &str, device: PushDevice) -> BackendResult<()>;
     /// Removes a push device; true when it existed.
     async fn delete_device(&self, user: &str, device: &str) -> BackendResult<bool>;
-    /// A user's push devices.
+    /// A user's push devices, by device id.
     async fn devices(&self, user: &str) -> BackendResult<Vec<PushDevice>>;
+}
 
+/// Announcements and each user's cursor through them.
+///
+/// Guarantees: each call is atomic; expired announcements are never returned, and the number kept
+/// is bounded (the oldest go first); a cursor only moves to greater ids.
+#[async_trait]
+pub trait Announcements: Send + Sync + 'static {
     /// Stores an announcement.
     async fn add_announcement(&self, a: &Announcement) -> BackendResult<()>;
     /// Unexpired announcements at `now` (unix ms), oldest first.
@@ -412,7 +444,7 @@ pub trait Store: Send + Sync + 'static {
     -> BackendResult<Option<String>>;
 }
 
-/// The four backends of one engine.
+/// The backends of one engine, one per concern (one implementation usually serves them all).
 #[derive(Clone)]
 pub struct Backends {
     /// Fan-out + history append.
@@ -421,8 +453,46 @@ pub struct Backends {
     pub history: Arc<dyn History>,
     /// Presence.
     pub presence: Arc<dyn Presence>,
-    /// Everything else.
-    pub store: Arc<dyn Store>,
+    /// Room membership.
+    pub membership: Arc<dyn Membership>,
+    /// Contacts.
+    pub contacts: Arc<dyn Contacts>,
+    /// Idempotency keys.
+    pub idempotency: Arc<dyn Idempotency>,
+    /// Unread and focus.
+    pub unread: Arc<dyn Unread>,
+    /// Push devices.
+    pub devices: Arc<dyn Devices>,
+    /// Announcements.
+    pub announcements: Arc<dyn Announcements>,
+}
+
+impl Backends {
+    /// Every concern served by one implementation.
+    pub fn of<B>(b: Arc<B>) -> Backends
+    where
+        B: Broker
+            + History
+            + Presence
+            + Membership
+            + Contacts
+            + Idempotency
+            + Unread
+            + Devices
+            + Announcements,
+    {
+        Backends {
+            broker: b.clone(),
+            history: b.clone(),
+            presence: b.clone(),
+            membership: b.clone(),
+            contacts: b.clone(),
+            idempotency: b.clone(),
+            unread: b.clone(),
+            devices: b.clone(),
+            announcements: b,
+        }
+    }
 }
 
 impl Backends {

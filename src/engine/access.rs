@@ -81,7 +81,7 @@ impl Engine {
 
     /// `not_member` unless `user` is a member of `room`.
     pub async fn require_member(&self, room: &str, user: &str) -> EngineResult<()> {
-        if backend(self.backends.store.is_member(room, user)).await? {
+        if backend(self.backends.membership.is_member(room, user)).await? {
             Ok(())
         } else {
             Err(EngineError::new(
@@ -93,19 +93,19 @@ impl Engine {
 
     /// Whether `watcher` may see `target`'s presence: a contact, or they share a room.
     pub async fn may_watch(&self, watcher: &str, target: &str) -> EngineResult<bool> {
-        let store = &self.backends.store;
-        if backend(store.contacts(watcher))
+        if backend(self.backends.contacts.contacts(watcher))
             .await?
             .iter()
             .any(|c| c == target)
         {
             return Ok(true);
         }
-        let mine = backend(store.rooms_of(watcher)).await?;
+        let membership = &self.backends.membership;
+        let mine = backend(membership.rooms_of(watcher)).await?;
         if mine.is_empty() {
             return Ok(false);
         }
-        let theirs = backend(store.rooms_of(target)).await?;
+        let theirs = backend(membership.rooms_of(target)).await?;
         Ok(mine.iter().any(|r| theirs.binary_search(r).is_ok()))
     }
 

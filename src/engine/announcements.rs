@@ -51,12 +51,12 @@ impl Engine {
         attrs: &Map<String, Value>,
     ) -> EngineResult<LoginSync> {
         let unread = self.unread(user).await?.unread;
-        let all = backend(self.backends.store.announcements(now_ms())).await?;
+        let all = backend(self.backends.announcements.announcements(now_ms())).await?;
         let mut announcements = Vec::new();
         if let Some(newest) = all.last() {
             let cursor = backend(
                 self.backends
-                    .store
+                    .announcements
                     .swap_announcement_cursor(user, &newest.id),
             )
             .await?;
@@ -78,7 +78,7 @@ impl Engine {
     /// Creates an announcement: stored for login sync and published live on `global` to those its
     /// audience admits.
     pub async fn create_announcement(&self, a: Announcement) -> EngineResult<AnnouncementCreated> {
-        backend(self.backends.store.add_announcement(&a)).await?;
+        backend(self.backends.announcements.add_announcement(&a)).await?;
         let ch = ChannelName::global();
         let kinds = self.kinds();
         let kind = kinds.of(&ch);
@@ -141,7 +141,7 @@ impl Engine {
 
     /// The unexpired announcements.
     pub async fn announcements(&self) -> EngineResult<Announcements> {
-        let announcements = backend(self.backends.store.announcements(now_ms())).await?;
+        let announcements = backend(self.backends.announcements.announcements(now_ms())).await?;
         Ok(Announcements { announcements })
     }
 }

@@ -40,7 +40,7 @@ impl Engine {
     pub async fn put_device(&self, user: &str, device: PushDevice) -> EngineResult<DeviceSaved> {
         check_id("user", user)?;
         check_id("device", &device.device)?;
-        backend(self.backends.store.put_device(user, device.clone())).await?;
+        backend(self.backends.devices.put_device(user, device.clone())).await?;
         Ok(DeviceSaved {
             user: user.into(),
             device,
@@ -51,7 +51,7 @@ impl Engine {
     pub async fn delete_device(&self, user: &str, device: &str) -> EngineResult<DeviceRemoved> {
         check_id("user", user)?;
         check_id("device", device)?;
-        if !backend(self.backends.store.delete_device(user, device)).await? {
+        if !backend(self.backends.devices.delete_device(user, device)).await? {
             return Err(EngineError::new(ErrorCode::NotFound, "no such device"));
         }
         Ok(DeviceRemoved {
@@ -64,7 +64,7 @@ impl Engine {
     /// A user's push devices.
     pub async fn devices(&self, user: &str) -> EngineResult<Devices> {
         check_id("user", user)?;
-        let devices = backend(self.backends.store.devices(user)).await?;
+        let devices = backend(self.backends.devices.devices(user)).await?;
         Ok(Devices {
             user: user.into(),
             devices,

@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use super::limits::MAX_TARGETS;
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend, within_deadline};
 use crate::backend::{
-    BackendError, DeliveryFilter, HistoryLimits, Idempotency, Outgoing, OutgoingPayload, UnreadStep,
+    BackendError, DeliveryFilter, HistoryLimits, KeyState, Outgoing, OutgoingPayload, UnreadStep,
 };
 use crate::channels::{ChannelName, Kind};
 use crate::event::{EventBody, EventId, Position, new_event_id, now_ms};
@@ -208,12 +208,12 @@ impl Engine {
         };
         let key: Arc<str> = key.into();
         let result = self.publish_claimed(&req, id, Some(&key)).await;
-        let store = &self.backends.store;
+        let keys = &self.backends.idempotency;
         match &result {
             Ok(reply) => {
                 let bytes = Bytes::from(serde_json::to_vec(reply).expect("reply serialises"));
                 let ttl = self.config.idempotency_ttl;
-                if let Err(e) = within_deadline(store.idem_complete(&key, bytes, ttl)).await {
+                if let Err(e) = within_deadline(keys.idem_complete(&key, bytes, ttl)).await {
                     // Every target is recorded under the key: a retry takes over once the lease
                     // lapses and gets this reply's positions without storing again.
                     tracing::warn!(error = %e, "Could not store an idempotent publish result.");
@@ -222,7 +222,7 @@ impl Engine {
             Err(_) => {
                 // What was stored stays recorded under the key; ending the lease lets the
                 // publisher's retry take over at once (else when the lease lapses).
-                let _ = within_deadline(store.idem_release(&key)).await;
+                let _ = within_deadline(keys.idem_release(&key)).await;
             }
         }
         result
@@ -234,15 +234,15 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + super::BACKEND_DEADLINE;
         let fresh = new_event_id();
         loop {
-            let begin = self.backends.store.idem_begin(
+            let begin = self.backends.idempotency.idem_begin(
                 key,
                 &fresh,
                 self.config.idempotency_lease,
                 self.config.idempotency_ttl,
             );
             match backend(begin).await? {
-                Idempotency::Claimed { id } => return Ok(Claim::Owned(id.into())),
-                Idempotency::Done(bytes) => {
+                KeyState::Claimed { id } => return Ok(Claim::Owned(id.into())),
+                KeyState::Done(bytes) => {
                     let reply = serde_json::from_slice(&bytes).map_err(|_| {
                         EngineError::new(
                             ErrorCode::Internal,
@@ -251,7 +251,7 @@ impl Engine {
                     })?;
                     return Ok(Claim::Done(reply));
                 }
-                Idempotency::Pending => {
+                KeyState::Pending => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(EngineError::new(
                             ErrorCode::Unavailable,

@@ -138,7 +138,7 @@ impl Engine {
                 tracing::warn!(error = %e, sessions = alive.len(), "Presence heartbeat failed.")
             }
         }
-        if let Err(e) = backend(self.backends.store.refresh_focus(&focus, ttl)).await {
+        if let Err(e) = backend(self.backends.unread.refresh_focus(&focus, ttl)).await {
             tracing::warn!(error = %e, entries = focus.len(), "Focus refresh failed.");
         }
     }
@@ -280,7 +280,7 @@ impl Engine {
             ));
         }
         contacts.iter().try_for_each(|c| check_id("user", c))?;
-        backend(self.backends.store.set_contacts(user, contacts)).await?;
+        backend(self.backends.contacts.set_contacts(user, contacts)).await?;
         Ok(Contacts {
             user: user.into(),
             contacts: contacts.to_vec(),
@@ -290,7 +290,7 @@ impl Engine {
     /// `user`'s contacts.
     pub async fn contacts(&self, user: &str) -> EngineResult<Contacts> {
         check_id("user", user)?;
-        let contacts = backend(self.backends.store.contacts(user)).await?;
+        let contacts = backend(self.backends.contacts.contacts(user)).await?;
         Ok(Contacts {
             user: user.into(),
             contacts,

@@ -109,7 +109,7 @@ impl Engine {
     pub async fn add_member(&self, room: &str, user: &str) -> EngineResult<MemberAdded> {
         check_id("room", room)?;
         check_id("user", user)?;
-        let added = backend(self.backends.store.add_member(room, user)).await?;
+        let added = backend(self.backends.membership.add_member(room, user)).await?;
         if added {
             let pos = backend(
                 self.backends
@@ -117,7 +117,7 @@ impl Engine {
                     .position(&ChannelName::of(Kind::Room, room)),
             )
             .await?;
-            backend(self.backends.store.set_read(user, room, pos.seq)).await?;
+            backend(self.backends.unread.set_read(user, room, pos.seq)).await?;
         }
         Ok(MemberAdded {
             room: room.into(),
@@ -130,7 +130,7 @@ impl Engine {
     pub async fn remove_member(&self, room: &str, user: &str) -> EngineResult<MemberRemoved> {
         check_id("room", room)?;
         check_id("user", user)?;
-        let removed = backend(self.backends.store.remove_member(room, user)).await?;
+        let removed = backend(self.backends.membership.remove_member(room, user)).await?;
         if removed {
             // The user's sessions on every node must stop receiving the room: they drop it on
             // this `room.left`.
@@ -152,7 +152,7 @@ impl Engine {
     /// A room's members.
     pub async fn members(&self, room: &str) -> EngineResult<Members> {
         check_id("room", room)?;
-        let members = backend(self.backends.store.members(room)).await?;
+        let members = backend(self.backends.membership.members(room)).await?;
         Ok(Members {
             room: room.into(),
             members,
@@ -164,7 +164,7 @@ impl Engine {
     pub async fn leave_room(&self, room: &str, user: &str) -> EngineResult<Left> {
         check_id("room", room)?;
         check_id("user", user)?;
-        if !backend(self.backends.store.remove_member(room, user)).await? {
+        if !backend(self.backends.membership.remove_member(room, user)).await? {
             return Err(EngineError::new(
                 ErrorCode::NotMember,
                 format!("not a member of room {room}"),
@@ -206,9 +206,9 @@ impl Engine {
         let room_ch = ChannelName::of(Kind::Room, room);
         let last = backend(self.backends.history.position(&room_ch)).await?.seq;
         let seq = seq.min(last);
-        let store = &self.backends.store;
-        let pointer = backend(store.set_read(user, room, seq)).await?;
-        let unread = backend(store.unread(user, &[room.to_string()])).await?[0];
+        let counts = &self.backends.unread;
+        let pointer = backend(counts.set_read(user, room, seq)).await?;
+        let unread = backend(counts.unread(user, &[room.to_string()])).await?[0];
         let from: Arc<str> = user.into();
         let receipt = ReadReceipt {
             room,
@@ -238,8 +238,8 @@ impl Engine {
     /// A user's unread counts, for every room of theirs with something unread.
     pub async fn unread(&self, user: &str) -> EngineResult<Unread> {
         check_id("user", user)?;
-        let rooms = backend(self.backends.store.rooms_of(user)).await?;
-        let counts = backend(self.backends.store.unread(user, &rooms)).await?;
+        let rooms = backend(self.backends.membership.rooms_of(user)).await?;
+        let counts = backend(self.backends.unread.unread(user, &rooms)).await?;
         Ok(Unread {
             unread: rooms
                 .into_iter()
@@ -262,7 +262,7 @@ impl Engine {
             return Err(EngineError::new(ErrorCode::BadFrame, "bad event id"));
         }
         let needle = format!("\"id\":\"{id}\"");
-        for room in backend(self.backends.store.rooms_of(user)).await? {
+        for room in backend(self.backends.membership.rooms_of(user)).await? {
             let ch = ChannelName::of(Kind::Room, &room);
             let kinds = self.kinds();
             let kind = kinds.of(&ch);

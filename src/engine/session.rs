@@ -440,8 +440,9 @@ impl Session {
             self.restore().await;
         }
         if let Some(id) = self.seen_announcement.take() {
-            let store = &self.engine.backends.store;
-            if let Err(e) = backend(store.swap_announcement_cursor(&self.handle.user, &id)).await {
+            let cursors = &self.engine.backends.announcements;
+            if let Err(e) = backend(cursors.swap_announcement_cursor(&self.handle.user, &id)).await
+            {
                 tracing::warn!(user = %self.handle.user, error = %e, "Announcement cursor update failed.");
             }
         }
@@ -728,7 +729,7 @@ impl Session {
         let active = room_channel(Kind::Active, room)?;
         e.require_member(room, &self.handle.user).await?;
         self.subscribe_checked(active, None).await?;
-        backend(e.backends.store.set_focus(
+        backend(e.backends.unread.set_focus(
             room,
             &self.handle.user,
             &self.handle.session,
@@ -750,7 +751,7 @@ impl Session {
         self.handle.set_focus(room, false);
         backend(
             e.backends
-                .store
+                .unread
                 .clear_focus(room, &self.handle.user, &self.handle.session),
         )
         .await?;
@@ -957,7 +958,7 @@ impl Drop for Session {
                 release(&engine, &handle, ch, *rp).await;
             }
             for room in &focus {
-                let _ = backend(engine.backends.store.clear_focus(room, &handle.user, &handle.session)).await;
+                let _ = backend(engine.backends.unread.clear_focus(room, &handle.user, &handle.session)).await;
             }
             engine.hub.unregister(&handle);
             crate::metrics::session_closed(transport.as_str());

@@ -1,13 +1,15 @@
 //! The backend contract: the same test functions run against every implementation of the backend
-//! traits (memory now; Redis joins with the Redis issue by adding a factory). Each function states the
-//! guarantee of the trait doc it checks.
+//! traits, grouped by trait (`conformance::GROUP::memory` and `…::redis`, one [`Factory`] per
+//! backend). Each function states the guarantee of the trait doc it checks; the Redis-only tests
+//! after them check what only a shared Redis can get wrong (races between nodes, round trips, keys
+//! left behind).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use herald::backend::{
-    Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, Idempotency, Outgoing,
+    Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, KeyState, Outgoing,
     OutgoingPayload, UnreadStep,
 };
 use herald::channels::ChannelName;
@@ -355,9 +357,9 @@ async fn presence_queries(b: Backends) {
     assert!(b.presence.room_users("qroom").await.unwrap().is_empty());
 }
 
-/// Store: membership with its reverse index, contacts.
-async fn store_membership(b: Backends) {
-    let s = &b.store;
+/// Membership: members with their reverse index, both directions at once.
+async fn membership(b: Backends) {
+    let s = &b.membership;
     assert!(s.add_member("m1", "bob").await.unwrap());
     assert!(s.add_member("m1", "amy").await.unwrap());
     assert!(!s.add_member("m1", "amy").await.unwrap());
@@ -369,6 +371,11 @@ async fn store_membership(b: Backends) {
     assert!(!s.remove_member("m1", "bob").await.unwrap());
     assert!(!s.is_member("m1", "bob").await.unwrap());
     assert!(s.rooms_of("bob").await.unwrap().is_empty());
+}
+
+/// Contacts: replaced whole, sorted, without duplicates.
+async fn contacts(b: Backends) {
+    let s = &b.contacts;
     s.set_contacts("amy", &["zed".into(), "bob".into(), "bob".into()])
         .await
         .unwrap();
@@ -377,15 +384,15 @@ async fn store_membership(b: Backends) {
     assert!(s.contacts("amy").await.unwrap().is_empty());
 }
 
-fn claimed(id: &str) -> Idempotency {
-    Idempotency::Claimed { id: id.into() }
+fn claimed(id: &str) -> KeyState {
+    KeyState::Claimed { id: id.into() }
 }
 
-/// Store: an idempotency key is claimed once, with the event id of its first claim; duplicates see
-/// the lease held, then the first reply; a released or lapsed lease is taken over with the first id;
+/// Idempotency: a key is claimed once, with the event id of its first claim; duplicates see the
+/// lease held, then the first reply; a released or lapsed lease is taken over with the first id;
 /// records expire.
-async fn store_idempotency(b: Backends) {
-    let s = &b.store;
+async fn idempotency(b: Backends) {
+    let s = &b.idempotency;
     let ttl = Duration::from_secs(60);
     let lease = Duration::from_secs(60);
     assert_eq!(
@@ -394,12 +401,12 @@ async fn store_idempotency(b: Backends) {
     );
     assert_eq!(
         s.idem_begin("k1", "id-2", lease, ttl).await.unwrap(),
-        Idempotency::Pending
+        KeyState::Pending
     );
     s.idem_complete("k1", Bytes::from_static(b"first"), ttl)
         .await
         .unwrap();
-    let done = Idempotency::Done(Bytes::from_static(b"first"));
+    let done = KeyState::Done(Bytes::from_static(b"first"));
     assert_eq!(s.idem_begin("k1", "id-3", lease, ttl).await.unwrap(), done);
     s.idem_release("k1").await.unwrap();
     assert_eq!(
@@ -419,7 +426,7 @@ async fn store_idempotency(b: Backends) {
     );
     assert_eq!(
         s.idem_begin("k2", "id-c", lease, ttl).await.unwrap(),
-        Idempotency::Pending,
+        KeyState::Pending,
         "the takeover holds the lease"
     );
     // A publisher that died: its lease lapses within seconds, not with the key's ttl.
@@ -430,7 +437,7 @@ async fn store_idempotency(b: Backends) {
     );
     assert_eq!(
         s.idem_begin("k3", "id-y", short, ttl).await.unwrap(),
-        Idempotency::Pending
+        KeyState::Pending
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -466,7 +473,10 @@ async fn broker_dedupes_under_an_idempotency_key(b: Backends) {
     b.broker.subscribe(&c).await.unwrap();
     let ttl = Duration::from_secs(60);
     assert_eq!(
-        b.store.idem_begin("dk", "id-1", ttl, ttl).await.unwrap(),
+        b.idempotency
+            .idem_begin("dk", "id-1", ttl, ttl)
+            .await
+            .unwrap(),
         claimed("id-1")
     );
     let send = |ch: &ChannelName, key: Option<&str>, n: u64| Outgoing {
@@ -547,10 +557,10 @@ async fn broker_dedupes_under_an_idempotency_key(b: Backends) {
     );
 }
 
-/// Store: unread = countable seqs after the read pointer; pointers only move forward; countable seqs
-/// are bounded.
-async fn store_unread(b: Backends) {
-    let s = &b.store;
+/// Unread: countable seqs after the read pointer; pointers only move forward; countable seqs are
+/// bounded.
+async fn unread(b: Backends) {
+    let s = &b.unread;
     for seq in [1, 2, 4, 5] {
         s.mark_countable("u1", seq, 3).await.unwrap();
     }
@@ -571,22 +581,22 @@ async fn store_unread(b: Backends) {
 async fn pointers(b: &Backends, room: &str, users: &[&str]) -> Vec<(String, u64, u64)> {
     let mut out = Vec::new();
     for user in users {
-        let pointer = b.store.set_read(user, room, 0).await.unwrap();
-        let unread = b.store.unread(user, &[room.to_string()]).await.unwrap()[0];
+        let pointer = b.unread.set_read(user, room, 0).await.unwrap();
+        let unread = b.unread.unread(user, &[room.to_string()]).await.unwrap()[0];
         out.push((user.to_string(), pointer, unread));
     }
     out
 }
 
-/// Broker + Store: a countable room event's unread step happens in its append (`UnreadStep`): the
+/// Broker + Unread: a countable room event's unread step happens in its append (`UnreadStep`): the
 /// seq is recorded as countable (the newest `keep` kept), the sender's read pointer moves to it, and
 /// so do the pointers of the users focused on the room now (an expired focus does not count; several
 /// sessions of a user are one user); pointers never move back. The result is exactly that of the
-/// Store calls the step stands for, made one by one.
+/// Unread calls the step stands for, made one by one.
 async fn unread_step_with_the_append(b: Backends) {
-    let s = &b.store;
+    let s = &b.unread;
     let ttl = Duration::from_secs(60);
-    // conf-u1 gets the folded step, conf-u2 the separate Store calls; same focus and pointers.
+    // conf-u1 gets the folded step, conf-u2 the separate Unread calls; same focus and pointers.
     for room in ["conf-u1", "conf-u2"] {
         s.set_focus(room, "bo", "b1", ttl).await.unwrap();
         s.set_focus(room, "cy", "c1", ttl).await.unwrap();
@@ -684,9 +694,9 @@ async fn unread_step_with_the_append(b: Backends) {
     );
 }
 
-/// Store: focus expires; devices; announcements filtered by expiry; the cursor only moves forward.
-async fn store_focus_devices_announcements(b: Backends) {
-    let s = &b.store;
+/// Unread: focus expires.
+async fn focus(b: Backends) {
+    let s = &b.unread;
     s.set_focus("f1", "ann", "s1", Duration::from_secs(60))
         .await
         .unwrap();
@@ -697,7 +707,11 @@ async fn store_focus_devices_announcements(b: Backends) {
     assert_eq!(s.focused("f1").await.unwrap(), vec!["ann"]);
     s.clear_focus("f1", "ann", "s1").await.unwrap();
     assert!(s.focused("f1").await.unwrap().is_empty());
+}
 
+/// Devices: put, list, delete.
+async fn devices(b: Backends) {
+    let s = &b.devices;
     let d = PushDevice {
         device: "phone".into(),
         provider: "fcm".into(),
@@ -709,7 +723,11 @@ async fn store_focus_devices_announcements(b: Backends) {
     assert_eq!(s.devices("ann").await.unwrap(), vec![d]);
     assert!(s.delete_device("ann", "phone").await.unwrap());
     assert!(!s.delete_device("ann", "phone").await.unwrap());
+}
 
+/// Announcements: filtered by expiry; the cursor only moves forward.
+async fn announcements(b: Backends) {
+    let s = &b.announcements;
     let now = now_ms();
     let mk = |id: &str, expires: Option<i64>| herald::announcement::Announcement {
         id: id.into(),
@@ -749,78 +767,113 @@ async fn store_focus_devices_announcements(b: Backends) {
     );
 }
 
-/// Runs the whole contract against backends made by `make` (each call: fresh, empty state).
-async fn contract<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Backends>,
-{
-    history_seq_and_trim(make().await).await;
-    history_age_limit(make().await).await;
-    let b = make().await;
-    let rec = Arc::new(Recorder::default());
-    b.broker.attach(rec.clone());
-    broker_delivers_in_order(b, rec).await;
-    presence_transitions(make().await).await;
-    presence_expiry(make().await).await;
-    presence_queries(make().await).await;
-    store_membership(make().await).await;
-    store_idempotency(make().await).await;
-    broker_dedupes_under_an_idempotency_key(make().await).await;
-    store_unread(make().await).await;
-    store_focus_devices_announcements(make().await).await;
-    unread_step_with_the_append(make().await).await;
+/// Fresh backends for each contract check: the memory backend, or a new key prefix on one
+/// redis-server (fresh, empty state on the same server).
+enum Factory {
+    Memory,
+    Redis {
+        server: crate::redis_server::RedisServer,
+        next: std::sync::atomic::AtomicU64,
+    },
 }
 
-#[tokio::test]
-async fn memory_backend_meets_the_contract() {
-    contract(|| async { Backends::memory() }).await;
-}
+impl Factory {
+    fn memory() -> Factory {
+        Factory::Memory
+    }
 
-#[tokio::test]
-async fn redis_backend_meets_the_contract() {
-    let server = crate::redis_server::RedisServer::start();
-    let n = std::sync::atomic::AtomicU64::new(0);
-    contract(|| {
-        // A fresh key prefix per instance: fresh, empty state on one server.
-        let prefix = format!(
-            "conf{}:",
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let url = server.url.clone();
-        async move {
-            Backends::redis(&url, &prefix, "conformance")
-                .await
-                .expect("connect to the test redis-server")
+    fn redis() -> Factory {
+        Factory::Redis {
+            server: crate::redis_server::RedisServer::start(),
+            next: Default::default(),
         }
-    })
-    .await;
+    }
+
+    async fn make(&self) -> Backends {
+        match self {
+            Factory::Memory => Backends::memory(),
+            Factory::Redis { server, next } => {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Backends::redis(&server.url, &format!("conf{n}:"), "conformance")
+                    .await
+                    .expect("connect to the test redis-server")
+            }
+        }
+    }
 }
 
-/// The store checks alone against Redis (they do not wait on the Redis presence).
-#[tokio::test]
-async fn redis_store_contract() {
-    let server = crate::redis_server::RedisServer::start();
-    let n = std::sync::atomic::AtomicU64::new(0);
-    let make = || {
-        // A fresh key prefix per instance: fresh, empty state on one server.
-        let prefix = format!(
-            "store{}:",
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let url = server.url.clone();
-        async move {
-            Backends::redis(&url, &prefix, "conformance")
-                .await
-                .expect("connect to the test redis-server")
-        }
-    };
-    store_membership(make().await).await;
-    store_idempotency(make().await).await;
-    store_unread(make().await).await;
-    store_focus_devices_announcements(make().await).await;
-    unread_step_with_the_append(make().await).await;
+/// The contract, one group per backend trait (the order of the traits in `backend/mod.rs`).
+mod contract {
+    use std::sync::Arc;
+
+    use super::*;
+
+    pub(super) async fn history(f: Factory) {
+        history_seq_and_trim(f.make().await).await;
+        history_age_limit(f.make().await).await;
+    }
+
+    pub(super) async fn broker(f: Factory) {
+        let b = f.make().await;
+        let rec = Arc::new(Recorder::default());
+        b.broker.attach(rec.clone());
+        broker_delivers_in_order(b, rec).await;
+        broker_dedupes_under_an_idempotency_key(f.make().await).await;
+        unread_step_with_the_append(f.make().await).await;
+    }
+
+    pub(super) async fn presence(f: Factory) {
+        presence_transitions(f.make().await).await;
+        presence_expiry(f.make().await).await;
+        presence_queries(f.make().await).await;
+    }
+
+    pub(super) async fn membership(f: Factory) {
+        super::membership(f.make().await).await;
+        super::contacts(f.make().await).await;
+    }
+
+    pub(super) async fn idempotency(f: Factory) {
+        super::idempotency(f.make().await).await;
+    }
+
+    pub(super) async fn unread(f: Factory) {
+        super::unread(f.make().await).await;
+        super::focus(f.make().await).await;
+    }
+
+    pub(super) async fn devices(f: Factory) {
+        super::devices(f.make().await).await;
+        super::announcements(f.make().await).await;
+    }
 }
+
+/// Each group of the contract, on memory and on Redis (`conformance::GROUP::memory|redis`).
+macro_rules! contract_tests {
+    ($($group:ident),+) => {$(
+        mod $group {
+            #[tokio::test]
+            async fn memory() {
+                super::contract::$group(super::Factory::memory()).await;
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                super::contract::$group(super::Factory::redis()).await;
+            }
+        }
+    )+};
+}
+
+contract_tests!(
+    history,
+    broker,
+    presence,
+    membership,
+    idempotency,
+    unread,
+    devices
+);
 
 /// Redis: the same idempotency key raced from two nodes (two connections, one prefix) is claimed by
 /// exactly one; the other sees it pending.
@@ -837,22 +890,19 @@ async fn redis_idempotency_race_between_nodes() {
     for i in 0..50 {
         let key = format!("race-{i}");
         let (ra, rb) = tokio::join!(
-            a.store.idem_begin(&key, "id-a", ttl, ttl),
-            b.store.idem_begin(&key, "id-b", ttl, ttl)
+            a.idempotency.idem_begin(&key, "id-a", ttl, ttl),
+            b.idempotency.idem_begin(&key, "id-b", ttl, ttl)
         );
         let results = [ra.unwrap(), rb.unwrap()];
         assert_eq!(
             results
                 .iter()
-                .filter(|r| matches!(r, Idempotency::Claimed { .. }))
+                .filter(|r| matches!(r, KeyState::Claimed { .. }))
                 .count(),
             1,
             "{key}: {results:?}"
         );
-        assert!(
-            results.contains(&Idempotency::Pending),
-            "{key}: {results:?}"
-        );
+        assert!(results.contains(&KeyState::Pending), "{key}: {results:?}");
     }
 }
 
@@ -868,29 +918,6 @@ async fn redis_nodes(
         .await
         .expect("connect node b");
     (a, b)
-}
-
-/// The presence checks alone against Redis (they do not wait on the Redis store).
-#[tokio::test]
-async fn redis_presence_contract() {
-    let server = crate::redis_server::RedisServer::start();
-    let n = std::sync::atomic::AtomicU64::new(0);
-    let make = || {
-        // A fresh key prefix per instance: fresh, empty state on one server.
-        let prefix = format!(
-            "pres{}:",
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let url = server.url.clone();
-        async move {
-            Backends::redis(&url, &prefix, "conformance")
-                .await
-                .expect("connect to the test redis-server")
-        }
-    };
-    presence_transitions(make().await).await;
-    presence_expiry(make().await).await;
-    presence_queries(make().await).await;
 }
 
 /// Redis: the first sessions of a user connecting at once on two nodes produce exactly one "online";
@@ -1164,7 +1191,7 @@ async fn redis_counted_publish_is_one_round_trip() {
     let b = Backends::redis(&server.url, "rt:", "rt")
         .await
         .expect("connect to the test redis-server");
-    let s = &b.store;
+    let s = &b.unread;
     let ttl = Duration::from_secs(60);
     for (user, session) in [("bo", "b1"), ("cy", "c1"), ("cy", "c2"), ("ann", "a1")] {
         s.set_focus("rt1", user, session, ttl).await.unwrap();

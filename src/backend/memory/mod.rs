@@ -49,12 +49,6 @@ impl Memory {
 impl Backends {
     /// The in-memory backend (single node).
     pub fn memory() -> Self {
-        let m = Arc::new(Memory::new());
-        Backends {
-            broker: m.clone(),
-            history: m.clone(),
-            presence: m.clone(),
-            store: m,
-        }
+        Backends::of(Arc::new(Memory::new()))
     }
 }

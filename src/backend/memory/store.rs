@@ -1,6 +1,6 @@
-//! Memory store: membership (+ reverse index), contacts, idempotency, unread, focus, devices,
-//! announcements. The unread step of a publish ([`UnreadStep`]) runs here too, called by the broker
-//! inside its append.
+//! The memory backend's [`Membership`], [`Contacts`], [`Idempotency`], [`Unread`] (with focus),
+//! [`Devices`] and [`Announcements`], under one lock. The unread step of a publish ([`UnreadStep`])
+//! and its idempotency record run here too, called by the broker inside its append.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -12,7 +12,10 @@ use tokio::time::Instant;
 
 use super::Memory;
 use crate::announcement::Announcement;
-use crate::backend::{BackendResult, Idempotency, Store, UnreadStep};
+use crate::backend::{
+    Announcements, BackendResult, Contacts, Devices, Idempotency, KeyState, Membership, Unread,
+    UnreadStep,
+};
 use crate::device::PushDevice;
 use crate::event::{Position, Seq};
 use crate::primitives::lock;
@@ -122,7 +125,7 @@ impl Memory {
 }
 
 #[async_trait]
-impl Store for Memory {
+impl Membership for Memory {
     async fn add_member(&self, room: &str, user: &str) -> BackendResult<bool> {
         let mut s = lock(&self.store);
         let new = s
@@ -173,7 +176,10 @@ impl Store for Memory {
             .map(|r| r.iter().cloned().collect())
             .unwrap_or_default())
     }
+}
 
+#[async_trait]
+impl Contacts for Memory {
     async fn set_contacts(&self, user: &str, contacts: &[String]) -> BackendResult<()> {
         let mut s = lock(&self.store);
         let mut c: Vec<String> = contacts.to_vec();
@@ -191,14 +197,17 @@ impl Store for Memory {
         let s = lock(&self.store);
         Ok(s.contacts.get(user).cloned().unwrap_or_default())
     }
+}
 
+#[async_trait]
+impl Idempotency for Memory {
     async fn idem_begin(
         &self,
         key: &str,
         id: &str,
         lease: Duration,
         ttl: Duration,
-    ) -> BackendResult<Idempotency> {
+    ) -> BackendResult<KeyState> {
         let mut s = lock(&self.store);
         let now = Instant::now();
         // Amortised pruning keeps the map bounded by the keys alive within their TTL.
@@ -208,13 +217,13 @@ impl Store for Memory {
         }
         if let Some(r) = s.idem_live(key, now) {
             if let Some(reply) = &r.reply {
-                return Ok(Idempotency::Done(reply.clone()));
+                return Ok(KeyState::Done(reply.clone()));
             }
             if r.lease_until > now {
-                return Ok(Idempotency::Pending);
+                return Ok(KeyState::Pending);
             }
             r.lease_until = now + lease;
-            return Ok(Idempotency::Claimed { id: r.id.clone() });
+            return Ok(KeyState::Claimed { id: r.id.clone() });
         }
         s.idem.insert(
             key.into(),
@@ -226,7 +235,7 @@ impl Store for Memory {
                 expires: now + ttl,
             },
         );
-        Ok(Idempotency::Claimed { id: id.into() })
+        Ok(KeyState::Claimed { id: id.into() })
     }
 
     async fn idem_complete(&self, key: &str, reply: Bytes, ttl: Duration) -> BackendResult<()> {
@@ -263,7 +272,10 @@ impl Store for Memory {
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl Unread for Memory {
     async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()> {
         lock(&self.store).mark_countable(room, seq, keep);
         Ok(())
@@ -335,7 +347,10 @@ impl Store for Memory {
     async fn focused(&self, room: &str) -> BackendResult<Vec<String>> {
         Ok(lock(&self.store).focused(room))
     }
+}
 
+#[async_trait]
+impl Devices for Memory {
     async fn put_device(&self, user: &str, device: PushDevice) -> BackendResult<()> {
         let mut s = lock(&self.store);
         s.devices
@@ -364,7 +379,10 @@ impl Store for Memory {
             .map(|d| d.values().cloned().collect())
             .unwrap_or_default())
     }
+}
 
+#[async_trait]
+impl Announcements for Memory {
     async fn add_announcement(&self, a: &Announcement) -> BackendResult<()> {
         let mut s = lock(&self.store);
         let now = crate::event::now_ms();

@@ -304,11 +304,6 @@ impl Backends {
 
     /// All four backends served by one Redis connection set.
     pub fn from_redis(r: Arc<RedisBackend>) -> Self {
-        Backends {
-            broker: r.clone(),
-            history: r.clone(),
-            presence: r.clone(),
-            store: r,
-        }
+        Backends::of(r)
     }
 }

@@ -1,5 +1,6 @@
-//! Redis [`Store`]: membership (with its reverse index), contacts, idempotency keys, unread counts,
-//! focus, push devices and announcements, as Redis keys named by [`super::Keys`].
+//! The Redis backend's [`Membership`] (with its reverse index), [`Contacts`], [`Idempotency`],
+//! [`Unread`] (with focus), [`Devices`] and [`Announcements`], as Redis keys named by
+//! [`super::Keys`].
 //!
 //! What it owns and how each call stays atomic:
 //! - **Membership**: a set of members per room and a set of rooms per user, written together in one
@@ -35,7 +36,10 @@ use redis::{FromRedisValue, Script, Value};
 
 use super::{RedisBackend, err, eval_pipeline};
 use crate::announcement::Announcement;
-use crate::backend::{BackendError, BackendResult, Idempotency, Store};
+use crate::backend::{
+    Announcements, BackendError, BackendResult, Contacts, Devices, Idempotency, KeyState,
+    Membership, Unread,
+};
 use crate::device::PushDevice;
 use crate::event::Seq;
 
@@ -141,7 +145,7 @@ impl RedisBackend {
 }
 
 #[async_trait]
-impl Store for RedisBackend {
+impl Membership for RedisBackend {
     async fn add_member(&self, room: &str, user: &str) -> BackendResult<bool> {
         let mut con = self.cmd.clone();
         let (new, _): (u64, u64) = redis::pipe()
@@ -196,7 +200,10 @@ impl Store for RedisBackend {
             .map_err(err)?;
         Ok(sorted(v))
     }
+}
 
+#[async_trait]
+impl Contacts for RedisBackend {
     async fn set_contacts(&self, user: &str, contacts: &[String]) -> BackendResult<()> {
         let mut con = self.cmd.clone();
         let key = self.keys.user_contacts(user);
@@ -217,14 +224,17 @@ impl Store for RedisBackend {
             .map_err(err)?;
         Ok(sorted(v))
     }
+}
 
+#[async_trait]
+impl Idempotency for RedisBackend {
     async fn idem_begin(
         &self,
         key: &str,
         id: &str,
         lease: Duration,
         ttl: Duration,
-    ) -> BackendResult<Idempotency> {
+    ) -> BackendResult<KeyState> {
         let mut con = self.cmd.clone();
         let reply: Vec<Value> = IDEM_BEGIN
             .key(self.keys.idempotency(key))
@@ -246,9 +256,9 @@ impl Store for RedisBackend {
             )
         };
         Ok(match state.as_str() {
-            "done" => Idempotency::Done(Bytes::from(value()?)),
-            "pending" => Idempotency::Pending,
-            "claimed" => Idempotency::Claimed {
+            "done" => KeyState::Done(Bytes::from(value()?)),
+            "pending" => KeyState::Pending,
+            "claimed" => KeyState::Claimed {
                 id: String::from_utf8(value()?).map_err(|_| {
                     BackendError::Internal("idempotency: event id is not UTF-8".into())
                 })?,
@@ -284,7 +294,10 @@ impl Store for RedisBackend {
             .map_err(err)?;
         Ok(())
     }
+}
 
+#[async_trait]
+impl Unread for RedisBackend {
     async fn mark_countable(&self, room: &str, seq: Seq, keep: usize) -> BackendResult<()> {
         let mut con = self.cmd.clone();
         let _: i64 = MARK_COUNTABLE
@@ -403,7 +416,10 @@ impl Store for RedisBackend {
             .collect::<BackendResult<Vec<String>>>()?;
         Ok(sorted(users))
     }
+}
 
+#[async_trait]
+impl Devices for RedisBackend {
     async fn put_device(&self, user: &str, device: PushDevice) -> BackendResult<()> {
         let mut con = self.cmd.clone();
         redis::cmd("HSET")
@@ -436,7 +452,10 @@ impl Store for RedisBackend {
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all.iter().map(|(_, v)| unjson(v, "push device")).collect()
     }
+}
 
+#[async_trait]
+impl Announcements for RedisBackend {
     async fn add_announcement(&self, a: &Announcement) -> BackendResult<()> {
         let mut con = self.cmd.clone();
         let _removed: u64 = ANNOUNCE_ADD

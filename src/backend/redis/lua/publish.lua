@@ -12,7 +12,7 @@
 -- expired is not recreated). Undeclared, like the read pointers below.
 --
 -- The unread step (`UnreadStep` in backend/mod.rs), only when KEYS[3] is given; the same effect as the
--- Store's mark_countable, set_read for the sender, focused, and set_read for each focused user but the
+-- Unread trait's mark_countable, set_read for the sender, focused, and set_read for each focused user but the
 -- sender, in one step:
 -- KEYS[3] the room's countable sorted set, KEYS[4] the room's focus sorted set, KEYS[5] the sender's
 -- read-pointer hash (absent: no sender)
@@ -53,7 +53,7 @@ if KEYS[3] then
   end
   local done = {}
   for _, entry in ipairs(live_focus(KEYS[4], now)) do
-    -- `user|session`; user ids never contain `|` (the Store's `focused` splits at the first one too).
+    -- `user|session`; user ids never contain `|` (Unread's `focused` splits at the first one too).
     local user = string.match(entry, '^([^|]*)|')
     if user and user ~= sender and not done[user] then
       done[user] = true

@@ -1,4 +1,4 @@
--- Claims an idempotency key (the Store's idempotency contract in backend/mod.rs). The key is a hash:
+-- Claims an idempotency key (the Idempotency trait's contract in backend/mod.rs). The key is a hash:
 -- `id` (the event id of its first claim), `lease` (until when the current publisher holds it, unix ms
 -- of the Redis clock), `reply` (the first reply, once done) and `c:<channel>` = `<seq> <epoch>` for each
 -- channel stored under it (written by publish.lua in the same step as the append).

@@ -1,4 +1,4 @@
--- Unread bookkeeping, shared by the Store's scripts (store_mark_countable.lua, store_set_read.lua,
+-- Unread bookkeeping, shared by the Unread scripts (store_mark_countable.lua, store_set_read.lua,
 -- store_focus_list.lua) and the folded step of publish.lua, so the two paths cannot drift apart. Each
 -- of those scripts is this file followed by its own text.
 

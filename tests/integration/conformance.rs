@@ -1323,3 +1323,75 @@ async fn redis_presence_pipelines_send_evalsha_only() {
         "heartbeats after the flush took effect"
     );
 }
+
+/// The wire format has one owner: the frame of an event is the bytes `event::event_frame` makes,
+/// whether the memory backend builds it in Rust or Redis builds it in `publish.lua`, and the Pub/Sub
+/// envelope Lua writes is the one `wire.rs` reads (position, event type, filter, frame). Same event,
+/// same seq, id and ts: the two frames differ only in the epoch each backend gave the channel.
+#[tokio::test]
+async fn redis_frames_are_the_bytes_the_memory_backend_makes() {
+    let server = crate::redis_server::RedisServer::start();
+    let redis = Backends::redis(&server.url, "wire:", "wire").await.unwrap();
+    let memory = Backends::memory();
+    let data = RawValue::from_string(r#"{"text":"héllo \"you\"","n":[1,2]}"#.into()).unwrap();
+    let body = EventBody {
+        id: "0190aaaa-bbbb-7ccc-8ddd-eeeeeeeeeeee",
+        event: "chat.message",
+        data: &data,
+        from: Some("ann"),
+        ts: 1_700_000_000_123,
+    }
+    .encode();
+    let ch = ChannelName::parse("room:wire-1").unwrap();
+    let mut frames = Vec::new();
+    for b in [&redis, &memory] {
+        let rec = Arc::new(Recorder::default());
+        b.broker.attach(rec.clone());
+        b.broker.subscribe(&ch).await.unwrap();
+        let send = |persist| Outgoing {
+            channel: ch.clone(),
+            event: "chat.message".into(),
+            payload: OutgoingPayload::EventBody(body.clone()),
+            persist,
+            filter: DeliveryFilter {
+                except: vec!["ann".into()],
+                audience: None,
+            },
+            unread: None,
+            dedupe: None,
+        };
+        let stored = b.broker.publish(send(limits(10))).await.unwrap().unwrap();
+        b.broker.publish(send(None)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rec.0.lock().unwrap().len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deliveries did not arrive"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let got = rec.0.lock().unwrap().clone();
+        let page = b
+            .history
+            .read(&ch, 0, None, 10, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let expected = herald::event::event_frame(&ch, Some((&stored.epoch, stored.seq)), &body);
+        assert_eq!(page.events[0].frame, expected, "stored frame");
+        assert_eq!(got[0].frame, expected, "delivered frame");
+        assert_eq!(got[0].position.as_ref(), Some(&stored));
+        assert_eq!(&*got[0].event, "chat.message");
+        assert_eq!(got[0].filter.except, vec![Arc::<str>::from("ann")]);
+        assert!(got[1].position.is_none());
+        assert_eq!(got[1].frame, herald::event::event_frame(&ch, None, &body));
+        assert_eq!(got[1].filter.except, vec![Arc::<str>::from("ann")]);
+        frames.push((stored.epoch, got[0].frame.clone(), got[1].frame.clone()));
+    }
+    let (redis_epoch, redis_stored, redis_unstored) = &frames[0];
+    let (memory_epoch, memory_stored, memory_unstored) = &frames[1];
+    let memory_as_redis = String::from_utf8(memory_stored.to_vec())
+        .unwrap()
+        .replace(memory_epoch.as_str(), redis_epoch.as_str());
+    assert_eq!(memory_as_redis.as_bytes(), &redis_stored[..]);
+    assert_eq!(memory_unstored, redis_unstored);
+}

@@ -2,11 +2,12 @@
 //! counters). Same contract as [`crate::backend::memory`], checked by the same conformance suite.
 //!
 //! - [`keys`]: every key name (hash-tagged per channel, user or room).
-//! - `broker.rs`: [`crate::backend::Broker`] + [`crate::backend::History`]: one Lua step per publish
-//!   target (seq, XADD `seq-0`, trim, PUBLISH with epoch and seq); a subscriber connection (RESP3 push,
-//!   automatic resubscription) whose reader heals gaps from history.
+//! - `broker.rs`: [`crate::backend::Broker`]: one Lua step per publish target, PUBLISH in the format
+//!   of `wire.rs` (the one Rust definition of the Pub/Sub envelope); `subscriptions.rs`: the
+//!   subscriber connection's channels; `healing.rs`: handing messages over in seq order, gaps
+//!   healed from history; `history.rs`: [`crate::backend::History`].
 //! - `presence.rs`: [`crate::backend::Presence`]: per-user sorted sets scored by expiry (Redis `TIME`).
-//! - `store.rs`: [`crate::backend::Store`].
+//! - `store.rs`: membership, contacts, idempotency, unread and focus, devices, announcements.
 //!
 //! Imports nothing of `engine`, `transport` or `rules`.
 
@@ -19,9 +20,13 @@ macro_rules! lua {
 }
 
 mod broker;
+mod healing;
+mod history;
 pub mod keys;
 mod presence;
 mod store;
+mod subscriptions;
+mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,151 @@
+//! The subscriber connection's channels: local subscribers reference-counted per channel, SUBSCRIBE
+//! and UNSUBSCRIBE batched by one manager task, and each new channel's baseline position (so the
+//! first gap after subscribing is caught too).
+
+use std::sync::Arc;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+
+use super::broker::Shared;
+use super::err;
+use crate::backend::BackendResult;
+use crate::channels::ChannelName;
+use crate::event::Position;
+use crate::primitives::lock;
+
+/// Per subscribed channel: local subscriber count and the last seq handed to the sink.
+pub(super) struct ChannelState {
+    pub(super) name: ChannelName,
+    pub(super) count: usize,
+    pub(super) last: Option<Position>,
+}
+
+pub(super) enum SubOp {
+    Subscribe(ChannelName, oneshot::Sender<BackendResult<()>>),
+    Unsubscribe(ChannelName),
+}
+
+/// The subscription manager: reference counts, batched SUBSCRIBE / UNSUBSCRIBE, and the baseline
+/// position of each newly subscribed channel (so the first gap is caught too).
+pub(super) async fn manage(
+    shared: Arc<Shared>,
+    mut sub: ConnectionManager,
+    mut ops: mpsc::UnboundedReceiver<SubOp>,
+    mut kick: mpsc::Receiver<()>,
+) {
+    loop {
+        let first = tokio::select! {
+            op = ops.recv() => match op {
+                Some(op) => op,
+                None => return,
+            },
+            k = kick.recv() => {
+                if k.is_none() {
+                    return;
+                }
+                // The subscription looks broken: a command on the connection makes the manager
+                // reconnect (and resubscribe) now rather than at the next subscribe.
+                let _: Result<Value, _> = redis::cmd("PING").query_async(&mut sub).await;
+                continue;
+            }
+        };
+        let mut batch = vec![first];
+        while let Ok(more) = ops.try_recv() {
+            batch.push(more);
+        }
+        let mut to_sub: Vec<ChannelName> = Vec::new();
+        let mut to_unsub: Vec<String> = Vec::new();
+        let mut waiters = Vec::new();
+        {
+            let mut chans = lock(&shared.channels);
+            for op in batch {
+                match op {
+                    SubOp::Subscribe(ch, ack) => {
+                        let st =
+                            chans
+                                .entry(ch.as_str().to_string())
+                                .or_insert_with(|| ChannelState {
+                                    name: ch.clone(),
+                                    count: 0,
+                                    last: None,
+                                });
+                        st.count += 1;
+                        if st.count == 1 {
+                            to_unsub.retain(|c| c != ch.as_str());
+                            to_sub.push(ch.clone());
+                        }
+                        waiters.push((ch, ack));
+                    }
+                    SubOp::Unsubscribe(ch) => {
+                        if let Some(st) = chans.get_mut(ch.as_str()) {
+                            st.count = st.count.saturating_sub(1);
+                            if st.count == 0 {
+                                chans.remove(ch.as_str());
+                                to_sub.retain(|c| c != &ch);
+                                to_unsub.push(ch.as_str().to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !to_unsub.is_empty() {
+            let names: Vec<String> = to_unsub.iter().map(|c| shared.keys.pubsub(c)).collect();
+            if let Err(e) = sub.unsubscribe(&names).await {
+                tracing::warn!(error = %e, channels = names.len(), "Redis UNSUBSCRIBE failed.");
+            }
+        }
+        let mut result = Ok(());
+        if !to_sub.is_empty() {
+            let names: Vec<String> = to_sub
+                .iter()
+                .map(|c| shared.keys.pubsub(c.as_str()))
+                .collect();
+            result = sub.subscribe(&names).await.map_err(err);
+            if result.is_ok() {
+                // Baselines: messages at or below a channel's position now are covered by the
+                // subscribers' own history reads.
+                for ch in &to_sub {
+                    match shared.position(ch).await {
+                        Ok(p) => {
+                            if let Some(st) = lock(&shared.channels).get_mut(ch.as_str())
+                                && st.last.is_none()
+                            {
+                                st.last = Some(p);
+                            }
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = &result {
+            // Undo the counts of this batch's new subscriptions: their callers get the error.
+            {
+                let mut chans = lock(&shared.channels);
+                for ch in &to_sub {
+                    chans.remove(ch.as_str());
+                }
+            }
+            let names: Vec<String> = to_sub
+                .iter()
+                .map(|c| shared.keys.pubsub(c.as_str()))
+                .collect();
+            let _ = sub.unsubscribe(&names).await;
+            tracing::warn!(error = %e, "Redis SUBSCRIBE failed.");
+        }
+        for (ch, ack) in waiters {
+            let r = if to_sub.contains(&ch) {
+                result.clone()
+            } else {
+                Ok(())
+            };
+            let _ = ack.send(r);
+        }
+    }
+}

@@ -7,7 +7,8 @@
 //! shutdown. At exit, [`flush`] gives the writer a bounded time to write what is queued.
 //!
 //! Secrets never reach a line: the WebSocket library logs frames' contents (a `connect` frame holds a
-//! JWT) at trace level, so its targets are held at `debug` whatever the filter asks.
+//! JWT) at trace level, so its trace lines are dropped whatever the filter asks (its other levels
+//! follow the filter like everything else).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +24,7 @@ use crate::config::LogFormat;
 /// Lines queued for stderr before new ones are dropped.
 const QUEUE_LINES: usize = 4096;
 
-/// Targets that log message contents (a `connect` frame's token) at trace level, held at `debug`
-/// whatever the filter says.
+/// Targets that log message contents (a `connect` frame's token) at trace level.
 const QUIET_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
 
 enum Item {
@@ -140,30 +140,42 @@ impl<'a> MakeWriter<'a> for Stderr {
     }
 }
 
-/// The filter: `HERALD_LOG`, else `RUST_LOG`, else `info`, with [`QUIET_TARGETS`] held at `debug`.
+/// The filter: `HERALD_LOG`, else `RUST_LOG`, else `info`.
 pub fn filter() -> EnvFilter {
-    let mut filter = EnvFilter::try_from_env("HERALD_LOG")
+    EnvFilter::try_from_env("HERALD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    for target in QUIET_TARGETS {
-        if let Ok(d) = format!("{target}=debug").parse() {
-            filter = filter.add_directive(d);
-        }
-    }
-    filter
+        .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Installs the subscriber: `format` lines on stderr through the sink.
+/// True for the trace lines of [`QUIET_TARGETS`], which no filter lets through.
+fn frame_contents(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::TRACE
+        && QUIET_TARGETS
+            .iter()
+            .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")))
+}
+
+/// Installs the subscriber: `format` lines on stderr through the sink, as [`filter`] allows, never
+/// the frame contents the WebSocket library traces.
 pub fn init(format: LogFormat) {
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter())
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let quiet = filter_fn(|meta| !frame_contents(meta));
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Never fails a write, so the formatter's fallback (a print to stderr, which panics when
         // stderr is a closed pipe) never runs.
         .with_writer(Stderr);
+    let registry = tracing_subscriber::registry();
     let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.try_init(),
+        LogFormat::Json => registry
+            .with(layer.json().with_filter(filter()).with_filter(quiet))
+            .try_init(),
+        LogFormat::Text => registry
+            .with(layer.with_filter(filter()).with_filter(quiet))
+            .try_init(),
     };
 }
 

@@ -217,3 +217,35 @@ async fn a_redis_that_may_evict_herald_keys_is_warned_about() {
     let log = p.stderr();
     assert!(!log.contains("maxmemory-policy"), "{log}");
 }
+
+/// The filter is the operator's: hiding the WebSocket library's frame traces must not switch its
+/// debug lines on at `HERALD_LOG=warn`.
+#[tokio::test]
+async fn a_quiet_log_level_stays_quiet() {
+    let dir = TempDir::new("quiet-log");
+    let channels = shipped_channels();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--channels", &channels];
+    let mut env: Vec<(&str, &str)> = env().to_vec();
+    env.push(("HERALD_LOG", "warn"));
+    let mut p = Proc::spawn(&dir.path, &args, &env);
+    let first = p.line();
+    let addr = first
+        .strip_prefix("herald listening on http://")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    for user in ["alice", "bob"] {
+        let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token(user))).await;
+        assert_eq!(ws.next().await["type"], "connected");
+        ws.close_client().await;
+    }
+    signal(p.pid(), "-TERM");
+    assert!(p.exit(Duration::from_secs(15)).success());
+    let log = p.stderr();
+    assert!(
+        !log.contains("DEBUG") && !log.contains("INFO") && !log.contains("tungstenite"),
+        "{log}"
+    );
+}

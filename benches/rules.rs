@@ -19,9 +19,8 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use herald::channels::{ChannelKinds, ChannelName};
-use herald::rules::{
-    Budget, Decision, EventFields, OnError, RouteInput, RuleSet, Source, event_map, event_template,
-};
+use herald::rules::convert::{event_map, event_template};
+use herald::rules::{Budget, Decision, EventFields, OnError, RouteInput, RuleSet, Source};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 

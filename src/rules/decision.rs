@@ -409,7 +409,7 @@ fn parse_push(v: Dynamic) -> Result<PushPolicy, String> {
             }
             "title_template" | "body_template" => {}
             "collapse" => p.collapse = opt_string("push.collapse", x)?,
-            "data" => p.data = (!x.is_unit()).then(|| super::dynamic_to_json(&x)),
+            "data" => p.data = (!x.is_unit()).then(|| super::convert::dynamic_to_json(&x)),
             _ => {
                 return Err(format!(
                     "unknown key `push.{k}` (allowed: {})",

@@ -162,7 +162,7 @@ mod tests {
     use super::*;
 
     fn fields(script: &str) -> Vec<&'static str> {
-        let engine = crate::rules::sandbox(crate::rules::Budget::default());
+        let engine = crate::rules::sandbox::sandbox(crate::rules::Budget::default());
         let ast = engine.compile(script).expect("compiles");
         let f = route_fields(&ast);
         if f == EventFields::ALL {
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn clock_calls_and_repeating_fields() {
-        let engine = crate::rules::sandbox(crate::rules::Budget::default());
+        let engine = crate::rules::sandbox::sandbox(crate::rules::Budget::default());
         let ast = |s: &str| engine.compile(s).expect("compiles");
         let clock = |s: &str| route_calls(&ast(s), "now_ms");
         assert!(clock(

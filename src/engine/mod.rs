@@ -260,6 +260,11 @@ impl Engine {
         }
     }
 
+    /// The rules in force and their reloads (`GET /admin/rules`).
+    pub fn rules_status(&self) -> crate::rules::reload::RulesStatus {
+        self.rules.status()
+    }
+
     /// Whether the backend answers (`/readyz`).
     pub async fn ready(&self) -> bool {
         backend(self.backends.broker.ping()).await.is_ok()

@@ -22,7 +22,7 @@ use crate::backend::{
     BackendError, DeliveryFilter, HistoryLimits, KeyState, Outgoing, OutgoingPayload, UnreadStep,
 };
 use crate::channels::{ChannelName, Kind};
-use crate::event::{EventBody, EventId, Position, new_event_id, now_ms};
+use crate::event::{EventBody, EventId, EventSpec, Position, new_event_id, now_ms};
 use crate::rules::{RouteInput, Source};
 
 /// Pause between the attempts of an append whose outcome was unknown (the backend's connection is
@@ -108,6 +108,28 @@ pub struct PublishRequest {
     pub attrs: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
+/// What the rules decide for an event without publishing it (`POST /admin/rules/dry-run`).
+#[derive(Debug, Serialize)]
+pub struct DryRun {
+    /// The decision, per target channel.
+    pub decision: serde_json::Value,
+    /// How it was reached.
+    pub trace: Trace,
+}
+
+/// How a dry run's decision was reached.
+#[derive(Debug, Serialize)]
+pub struct Trace {
+    /// `file.rhai::route`, or `channel defaults`.
+    pub by: String,
+    /// The rule error that made `on_error` apply, if any.
+    pub error: Option<String>,
+    /// The rule set's version.
+    pub version: u64,
+    /// Its files.
+    pub files: Vec<String>,
+}
+
 /// Where one publish went.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Receipt {
@@ -147,6 +169,26 @@ fn valid_event_type(t: &str) -> bool {
 }
 
 impl Engine {
+    /// Routes `spec` with the rules in force, storing and delivering nothing.
+    pub fn dry_run(&self, spec: &EventSpec) -> EngineResult<DryRun> {
+        let rules = self.rules.current();
+        let routed = spec
+            .route(&rules)
+            .map_err(|e| EngineError::new(ErrorCode::BadFrame, e))?;
+        Ok(DryRun {
+            decision: routed.decision.to_json(rules.kinds(), spec.from.as_deref()),
+            trace: Trace {
+                by: routed
+                    .by
+                    .map(|f| format!("{f}::route"))
+                    .unwrap_or_else(|| "channel defaults".into()),
+                error: routed.error,
+                version: rules.version,
+                files: rules.files(),
+            },
+        })
+    }
+
     /// Publishes an event (see the module doc). An error says what is known: `unavailable` that the
     /// failing target was not stored (earlier targets were, and the message names them),
     /// `outcome_unknown` that it may have been. Under an idempotency key, a retry completes the

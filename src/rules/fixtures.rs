@@ -15,47 +15,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 use super::{RouteInput, Routed, RuleError, RuleSet, Source};
 use crate::channels::{ChannelName, Kind, parse_duration};
-
-/// An event as the rules see it, in the shape of a `POST /api/v1/events` body (`event`, `channel`,
-/// `room`, `to`, `from`, `data`; `idempotency_key` is accepted and has no effect here) plus what only a
-/// simulation needs: `source`, the sender's JWT `attrs`, and the event `id`. Fixtures (TOML),
-/// `herald simulate` (JSON) and `POST /admin/rules/dry-run` all read this one shape. `type` is
-/// accepted for `event`, as the publish API accepts it.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventSpec {
-    /// Event type.
-    #[serde(alias = "type")]
-    pub event: String,
-    /// Target channel.
-    pub channel: Option<String>,
-    /// Target room (bare id).
-    #[serde(alias = "roomId")]
-    pub room: Option<String>,
-    /// Target users.
-    #[serde(default)]
-    pub to: Vec<String>,
-    /// Sender.
-    pub from: Option<String>,
-    /// Payload.
-    #[serde(default)]
-    pub data: Value,
-    /// `api` (default) or `client`.
-    pub source: Option<String>,
-    /// The sender's JWT attrs.
-    #[serde(default)]
-    pub attrs: Map<String, Value>,
-    /// Event id (default: a fixed test id).
-    pub id: Option<String>,
-    /// As in a publish; a simulation stores nothing, so it changes nothing.
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
-}
+pub use crate::event::EventSpec;
 
 impl EventSpec {
     /// The target channels.

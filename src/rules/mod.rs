@@ -33,6 +33,8 @@ pub use decision::{Decision, DevicePolicy, PushPolicy, PushWhen};
 pub use fields::EventFields;
 pub use sandbox::Budget;
 
+pub use crate::event::Source;
+
 use std::fmt;
 use std::sync::Arc;
 
@@ -46,25 +48,6 @@ use load::{Hooks, RuleFile, route_fields};
 use sandbox::{call_hook, sandbox};
 
 use crate::channels::{ChannelKinds, ChannelName};
-
-/// Where an event came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// A backend through the HTTP API.
-    Api,
-    /// A client connection.
-    Client,
-}
-
-impl Source {
-    /// As scripts see it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Api => "api",
-            Source::Client => "client",
-        }
-    }
-}
 
 /// What routing sees of an event.
 #[derive(Debug)]

@@ -3,13 +3,12 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
 use super::{AdminKey, ApiError, AppState, Json, JsonBody};
-use crate::rules::fixtures::EventSpec;
+use crate::event::EventSpec;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -50,7 +49,7 @@ fn html_escape(s: &str) -> String {
 }
 
 async fn rules(State(s): State<AppState>, _: AdminKey) -> Json<serde_json::Value> {
-    Json(serde_json::to_value(s.engine.rules.status()).expect("status serialises"))
+    Json(serde_json::to_value(s.engine.rules_status()).expect("status serialises"))
 }
 
 /// `POST /admin/rules/dry-run`: the body of `POST /events` (plus optional `source` and the sender's
@@ -60,18 +59,8 @@ async fn dry_run(
     _: AdminKey,
     JsonBody(spec): JsonBody<EventSpec>,
 ) -> Response {
-    let rules = s.engine.rules.current();
-    match spec.route(&rules) {
-        Ok(routed) => Json(json!({
-            "decision": routed.decision.to_json(rules.kinds(), spec.from.as_deref()),
-            "trace": {
-                "by": routed.by.map(|f| format!("{f}::route")).unwrap_or_else(|| "channel defaults".into()),
-                "error": routed.error,
-                "version": rules.version,
-                "files": rules.files(),
-            },
-        }))
-        .into_response(),
-        Err(e) => ApiError::new(StatusCode::BAD_REQUEST, "bad_frame", e).into_response(),
+    match s.engine.dry_run(&spec) {
+        Ok(d) => Json(d).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }

@@ -22,8 +22,8 @@ use crate::announcement::{Announcement, AnnouncementDraft};
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::device::PushDevice;
 use crate::engine::{EngineError, PublishRequest};
+use crate::event::Source;
 use crate::event::{new_event_id, now_ms};
-use crate::rules::Source;
 
 pub(super) fn routes() -> Router<AppState> {
     let v1 = Router::new()

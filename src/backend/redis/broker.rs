@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
+use redis::PushInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, Script};
 use tokio::sync::{mpsc, oneshot};
 
 use super::healing::{read_pushes, run_probe};
+use super::shared::{Scripts, Shared};
 use super::store::{COUNTABLE_TTL, countable_keep};
-use super::subscriptions::{ChannelState, SubOp, manage};
+use super::subscriptions::{SubOp, manage};
 use super::wire::{encode_filter, unstored_payload};
 use super::{MARK, RedisBackend, err, pieces};
 use crate::backend::{
@@ -24,23 +25,6 @@ use crate::backend::{
 };
 use crate::channels::ChannelName;
 use crate::event::{Epoch, Position, event_frame_head, now_ms};
-
-pub(super) struct Scripts {
-    pub(super) publish: Script,
-    pub(super) position: Script,
-    pub(super) read: Script,
-}
-
-pub(super) struct Shared {
-    pub(super) keys: super::Keys,
-    pub(super) cmd: ConnectionManager,
-    pub(super) scripts: Scripts,
-    pub(super) sink: OnceLock<Arc<dyn DeliverySink>>,
-    pub(super) channels: Mutex<HashMap<String, ChannelState>>,
-    /// Last time the probe came back (unix ms, local clock).
-    pub(super) probe_seen: AtomicI64,
-    pub(super) healthy: AtomicBool,
-}
 
 /// The broker half of [`RedisBackend`].
 pub(super) struct RedisBroker {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use super::broker::Shared;
+use super::shared::Shared;
 use super::wire::{Message, parse_payload};
 use crate::backend::{Delivery, DeliverySink};
 use crate::channels::ChannelName;

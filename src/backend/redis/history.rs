@@ -9,8 +9,8 @@ use bytes::Bytes;
 use redis::Value;
 
 use super::RedisBackend;
-use super::broker::Shared;
 use super::err;
+use super::shared::Shared;
 use super::wire::decode_filter;
 use crate::backend::{BackendError, BackendResult, DeliveryFilter, History, HistoryPage};
 use crate::channels::ChannelName;

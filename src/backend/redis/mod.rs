@@ -24,6 +24,7 @@ mod healing;
 mod history;
 pub mod keys;
 mod presence;
+mod shared;
 mod store;
 mod subscriptions;
 mod wire;

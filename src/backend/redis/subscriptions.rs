@@ -8,19 +8,11 @@ use redis::Value;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-use super::broker::Shared;
 use super::err;
+use super::shared::{ChannelState, Shared};
 use crate::backend::BackendResult;
 use crate::channels::ChannelName;
-use crate::event::Position;
 use crate::primitives::lock;
-
-/// Per subscribed channel: local subscriber count and the last seq handed to the sink.
-pub(super) struct ChannelState {
-    pub(super) name: ChannelName,
-    pub(super) count: usize,
-    pub(super) last: Option<Position>,
-}
 
 pub(super) enum SubOp {
     Subscribe(ChannelName, oneshot::Sender<BackendResult<()>>),

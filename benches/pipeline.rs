@@ -1,5 +1,5 @@
 //! The publish pipeline on the memory backend, with the channel defaults and with the shipped rules
-//! (`rules/`): the cost of rules per publish, and the ratio the rules issue sets (≥ 90 %).
+//! (`rules/`): the cost of rules per publish, and its ratio to the defaults (the aim: ≥ 90 %).
 //!
 //! `cargo bench --bench pipeline`
 

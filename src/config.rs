@@ -77,7 +77,7 @@ impl Default for Limits {
     }
 }
 
-/// Push provider settings (`[push.*]`). Parsed and validated now; delivery arrives with the push issue.
+/// Push provider settings (`[push.*]`), parsed and validated (push delivery is not built yet).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushConfig {

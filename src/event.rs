@@ -118,7 +118,7 @@ pub fn event_frame(channel: &ChannelName, position: Option<(&Epoch, Seq)>, body:
     buf.put_slice(event_frame_head(channel).as_bytes());
     if let Some((epoch, seq)) = position {
         buf.put_slice(b"\"seq\":");
-        buf.put_slice(itoa_u64(seq).as_bytes());
+        let _ = std::fmt::Write::write_fmt(&mut buf, format_args!("{seq}"));
         buf.put_slice(b",\"epoch\":\"");
         buf.put_slice(epoch.as_str().as_bytes());
         buf.put_slice(b"\",");
@@ -180,10 +180,6 @@ pub fn frame_event_type(frame: &[u8]) -> Option<String> {
     serde_json::from_slice::<Head>(frame)
         .ok()
         .and_then(|h| h.event)
-}
-
-fn itoa_u64(n: u64) -> String {
-    n.to_string()
 }
 
 /// One stored event as history returns it.

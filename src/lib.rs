@@ -3,20 +3,29 @@
 //! Clients hold a WebSocket or SSE connection; backends publish events over an HTTP API; for every
 //! event herald decides who receives it (a user's channel, a room's members, those who have the room
 //! open, everyone), delivers it to every device on any node, keeps a replayable, seq-numbered history,
-//! tracks presence, counts unread messages, and (with the push issue) notifies those not there to see it.
+//! tracks presence and counts unread messages. (Push to those not there to see it is not built yet.)
+//!
+//! This file is the public face: [`start`] a [`Server`] on a listener with a [`Config`].
 //!
 //! # Layout
-//! - [`config`]: `herald.toml` + env + flags -> [`Config`].
-//! - [`channels`]: channel names and the kinds of `channels.toml`.
-//! - [`event`]: events, `Seq`, `Epoch`, the encoded frame, the SSE cursor.
-//! - [`engine`]: the hub, the publish pipeline, sessions, presence. Knows nothing of HTTP or Redis.
-//! - [`backend`]: the shared-state traits and the in-memory implementation.
-//! - [`rules`]: the routing `Decision` (channel defaults today; Rhai scripts with the rules issue).
-//! - [`transport`]: axum router: WebSocket, SSE, HTTP API, admin.
-//! - [`metrics`]: Prometheus metric names.
+//! - Vocabulary, which every layer may use: [`channels`] (names, kinds, `channels.toml`), [`event`]
+//!   (events, `Seq`, `Epoch`, the event frame, the SSE cursor, the event as a publisher describes
+//!   it), [`device`] (app state, push registrations), [`presence`] (status, sessions, a user's
+//!   presence), [`announcement`].
+//! - [`config`]: `herald.toml` + environment + flags -> [`Config`].
+//! - [`engine`]: the heart, one file per concern (the hub, the publish pipeline, sessions and the
+//!   client protocol, rooms, history, presence, announcements, devices, access, limits, control).
+//!   Knows nothing of HTTP, WebSocket framing or Redis.
+//! - [`backend`]: shared state, one trait per concern, and its two implementations (memory, the
+//!   single-node product; Redis, for many nodes).
+//! - [`rules`]: the Rhai routing rules: sandbox, loading, the typed Decision, hot reload, fixtures.
+//! - [`transport`]: the edges: connections (cap, timeouts), the WebSocket upgrade, SSE, the HTTP
+//!   API, admin; they move bytes and call the engine.
+//! - [`logging`]: the log sink; [`metrics`]: Prometheus metric names; `primitives`: locks and tight
+//!   growth.
 //!
-//! Arrows point one way: `transport -> engine -> {backend, rules}`; `channels` and `event` are shared
-//! vocabulary.
+//! Arrows point one way: `transport -> engine -> {backend, rules}`; `backend` and `rules` never import
+//! `engine` or each other; the vocabulary modules import none of them.
 
 pub mod announcement;
 pub mod backend;

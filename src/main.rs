@@ -1,5 +1,4 @@
-//! The `herald` binary: `serve` (the default), `token`, and (with the rules issue) `rules check`,
-//! `rules test`, `simulate`.
+//! The `herald` binary: `serve` (the default), `token`, `rules check`, `rules test`, `simulate`.
 
 use std::path::PathBuf;
 

@@ -104,8 +104,8 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Best effort: a session that is falling behind skips it rather than queueing it (PROTOCOL.md,
-    /// frames). Room presence (`presence.update`), `presence.changed`, and what `active:` channels
+    /// Best effort: a session that is falling behind skips it rather than queueing it (README, "best
+    /// effort frames"). Room presence (`presence.update`), `presence.changed`, and what `active:` channels
     /// carry unstored (typing, read receipts): momentary signals that a later one supersedes, with no
     /// seq to leave a gap in. Stored events and anything on `user:` channels (kicks, sync) never are.
     pub fn best_effort(&self) -> bool {

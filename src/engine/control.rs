@@ -1,5 +1,5 @@
 //! What the engine itself sends, past the rules and unstored: the one way to hand a frame to every
-//! node's subscribers of a channel ([`Engine::emit`]: presence frames, read syncs, `room.left`, kicks),
+//! node's subscribers of a channel (`Engine::emit`: presence frames, read syncs, `room.left`, kicks),
 //! and the cross-node kick that closes a user's sessions everywhere.
 
 use std::sync::Arc;

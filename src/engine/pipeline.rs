@@ -146,7 +146,7 @@ pub struct Receipt {
 /// What push the publish planned.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PushSummary {
-    /// Push jobs planned (push delivery arrives with the push issue: 0 for now).
+    /// Push jobs planned (push delivery is not built yet: always 0).
     pub planned: u32,
 }
 

@@ -26,7 +26,7 @@ pub enum DevicePolicy {
     Web,
 }
 
-/// When a push notification is sent (executed by the push issue; stored in the decision now).
+/// When a push notification is sent (kept in the decision; push delivery is not built yet).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushWhen {
     /// Never.

@@ -10,7 +10,7 @@
 //! or runs out of budget follows `on_error` (channel defaults by default) and counts an error: an event is
 //! never lost to a bad script.
 //!
-//! Layout: [`sandbox`] (the engine scripts run in, the per-call budget), `load.rs` (files compiled
+//! Layout: [`mod@sandbox`] (the engine scripts run in, the per-call budget), `load.rs` (files compiled
 //! into a [`RuleSet`]), [`convert`] (JSON and the event map into Rhai values and back), `cache.rs`
 //! (decisions reused for events that look the same to the rules), [`decision`] (the typed
 //! Decision), [`fields`] (what a route reads), [`template`] (push text filled in from the event),
@@ -139,7 +139,7 @@ pub struct RuleSet {
     on_error: OnError,
     /// The event map `route` gets, with `()` values: only the fields some `route` can observe.
     template: rhai::Map,
-    /// Decisions by what the routes read, when that is little enough to repeat (see [`RouteCache`]).
+    /// Decisions by what the routes read, when that is little enough to repeat (see `cache.rs`).
     cache: Option<Arc<RouteCache>>,
     /// Increases with every successful load.
     pub version: u64,
@@ -179,7 +179,7 @@ impl RuleSet {
         route_fields(&self.files)
     }
 
-    /// Whether `route` decisions are kept and reused ([`RouteCache`]).
+    /// Whether `route` decisions are kept and reused (the decision cache, `cache.rs`).
     pub fn caches_decisions(&self) -> bool {
         self.cache.is_some()
     }
@@ -195,7 +195,7 @@ impl RuleSet {
     }
 
     /// Evaluates `route` for one publish (or takes the decision it made for an event that looked the
-    /// same to it, see [`RouteCache`]).
+    /// same to it: the decision cache, `cache.rs`).
     pub fn route(&self, input: &RouteInput<'_>) -> Routed {
         if !self.files.iter().any(|f| f.hooks.route) {
             return self.by_default(input, None);

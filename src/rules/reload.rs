@@ -8,7 +8,7 @@
 //! file of tens of thousands of functions takes seconds) starts its own compile at once; each reload
 //! has a generation, and the result of one that a newer reload has overtaken is dropped, so what is in
 //! force is always built from the newest files (or, if those fail, the last good set). At most
-//! [`MAX_COMPILES`] run at a time; edits beyond that wait, merged into one, for a compile to end.
+//! two run at a time; edits beyond that wait, merged into one, for a compile to end.
 
 use crate::primitives::lock;
 use std::path::{Path, PathBuf};
@@ -116,18 +116,6 @@ pub fn build_with(
 }
 
 impl Rules {
-    /// Loads the initial set; an error stops the start.
-    pub fn load(config: RulesConfig) -> Result<Arc<Self>, String> {
-        let set = build(&config, 1)?;
-        Ok(Arc::new(Rules {
-            current: ArcSwap::from_pointee(set),
-            config,
-            last_error: Mutex::new(None),
-            versions: AtomicU64::new(1),
-            compiles: Mutex::default(),
-        }))
-    }
-
     /// A fixed set (no directory behind it; reloads keep it).
     pub fn fixed(set: RuleSet, config: RulesConfig) -> Arc<Self> {
         Arc::new(Rules {

@@ -375,10 +375,9 @@ fn violation(e: &WsError) -> Option<CloseReason> {
 
 /// Polls the socket only when the socket woke the connection's task. The task is woken far more
 /// often by its queue (each delivery) than by its client, and polling the WebSocket stream for
-/// nothing (tungstenite's waker proxy, tokio's readiness, hyper's rewind buffer) was most of the
-/// 13–15 % of the engine's instructions that this and two smaller changes saved (README,
-/// "Performance"). One pointer in the task: the task is as large as its largest await state for its
-/// whole life, idle or not. (The task's waker kept here and this waker kept by the socket make a
+/// nothing (tungstenite's waker proxy, tokio's readiness, hyper's rewind buffer) would cost every
+/// delivery that work. One pointer in the task: the task is as large as its largest await state for
+/// its whole life, idle or not. (The task's waker kept here and this waker kept by the socket make a
 /// cycle only while the task's future lives: both go when it ends.)
 struct SocketReader(Arc<SocketWake>);
 

@@ -1,5 +1,5 @@
 //! The backend HTTP API (`/api/v1`, API key), seed 002's `/api/online-status/*` (client JWT), the root
-//! probes, and the error shape — every row of PROTOCOL.md "HTTP API for backends" except push delivery.
+//! probes, and the error shape: every endpoint of the backend HTTP API except push delivery.
 
 use std::time::Duration;
 

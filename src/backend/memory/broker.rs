@@ -18,7 +18,7 @@ use crate::event::{Epoch, Position, Seq, StoredEvent, event_frame, now_ms};
 use crate::primitives::lock;
 
 /// One channel's history.
-pub struct ChannelLog {
+pub(super) struct ChannelLog {
     epoch: Epoch,
     last: Seq,
     events: VecDeque<StoredEvent>,

@@ -14,13 +14,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::backend::{Backends, DeliverySink};
 use crate::channels::ChannelName;
-
-pub use broker::ChannelLog;
+use broker::ChannelLog;
 
 const SHARDS: usize = 64;
 
 /// In-process implementation of [`crate::backend::Broker`], [`crate::backend::History`],
-/// [`crate::backend::Presence`] and [`crate::backend::Store`].
+/// [`crate::backend::Presence`] and the other traits of [`crate::backend`].
 pub struct Memory {
     sink: OnceLock<Arc<dyn DeliverySink>>,
     channels: Vec<Mutex<HashMap<ChannelName, Arc<Mutex<ChannelLog>>>>>,

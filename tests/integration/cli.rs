@@ -18,13 +18,7 @@ struct Banner {
 impl Banner {
     fn read(p: &Proc) -> Banner {
         let first = p.line();
-        let addr = first
-            .strip_prefix("herald listening on http://")
-            .unwrap_or_else(|| panic!("first line: {first:?}"))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
+        let addr = listening_addr(&first);
         let mut lines = vec![first];
         while !lines.last().unwrap().trim_start().starts_with("demo token") {
             assert!(lines.len() < 30, "no demo token line in {lines:#?}");
@@ -278,13 +272,7 @@ async fn a_bare_herald_reads_the_serve_environment() {
     let first = p.line();
     assert!(first.contains("node env-node"), "{first}");
     assert!(first.contains("Redis backend"), "{first}");
-    let addr = first
-        .strip_prefix("herald listening on http://")
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = listening_addr(&first);
     let http = reqwest::Client::new();
     let st: Value = http
         .get(format!("http://{addr}/admin/rules"))

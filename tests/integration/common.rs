@@ -148,9 +148,14 @@ impl TestServer {
 
     /// Publishes through the API; the reply.
     pub async fn publish(&self, body: Value) -> Value {
-        let (s, v) = self.api("POST", "/api/v1/events", Some(body)).await;
+        let (s, v) = self.try_publish(body).await;
         assert_eq!(s, 200, "publish failed: {v}");
         v
+    }
+
+    /// Publishes through the API: (status, reply or error), whatever the status.
+    pub async fn try_publish(&self, body: Value) -> (u16, Value) {
+        self.api("POST", "/api/v1/events", Some(body)).await
     }
 
     /// A connected WebSocket client for `user` (token in the query), past its `connected` frame.
@@ -848,6 +853,22 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The address of a `serve` from its banner's first line (`herald listening on http://ADDR …`).
+    pub fn listening(&self) -> String {
+        listening_addr(&self.line())
+    }
+}
+
+/// The address in a `serve` banner's first line.
+pub fn listening_addr(first: &str) -> String {
+    first
+        .strip_prefix("herald listening on http://")
+        .unwrap_or_else(|| panic!("first line: {first:?}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 impl Drop for Proc {
@@ -887,14 +908,7 @@ impl HeraldProcess {
             ("HERALD_ADMIN_KEY", ADMIN_KEY),
         ];
         let proc = Proc::spawn(&dir.path, &args, &env);
-        let first = proc.line();
-        let addr = first
-            .strip_prefix("herald listening on http://")
-            .unwrap_or_else(|| panic!("first line: {first:?}"))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
+        let addr = proc.listening();
         HeraldProcess {
             proc,
             addr,

@@ -166,11 +166,7 @@ async fn a_publish_whose_answer_was_lost_is_reported_as_unknown_not_unstored() {
     let (t, proxy) = engine_behind_proxy(&redis, |_| {}).await;
     proxy.cut_after("fault.unkeyed");
     let (status, v) = t
-        .api(
-            "POST",
-            "/api/v1/events",
-            Some(json!({"event":"fault.unkeyed","to":["u1"],"data":{}})),
-        )
+        .try_publish(json!({"event":"fault.unkeyed","to":["u1"],"data":{}}))
         .await;
     assert_eq!(
         proxy.cuts(),
@@ -199,7 +195,7 @@ async fn a_keyed_publish_whose_answer_was_lost_is_resolved_by_the_engine_and_sto
     bob.subscribed("room:r1").await;
     proxy.cut_after("fault.keyed");
     let body = json!({"event":"fault.keyed","room":"r1","data":{"n":1},"idempotency_key":"lost-1"});
-    let (status, reply) = t.api("POST", "/api/v1/events", Some(body.clone())).await;
+    let (status, reply) = t.try_publish(body.clone()).await;
     assert_eq!(proxy.cuts(), 1, "the publish went through the cut");
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["deliveries"][0]["seq"], 1);
@@ -212,7 +208,7 @@ async fn a_keyed_publish_whose_answer_was_lost_is_resolved_by_the_engine_and_sto
     bob.assert_none(Duration::from_millis(300), |v| v["type"] == "event")
         .await;
     // The backend's own retry gets the same reply.
-    let (status, again) = t.api("POST", "/api/v1/events", Some(body)).await;
+    let (status, again) = t.try_publish(body).await;
     assert_eq!((status, &again), (200, &reply));
 }
 
@@ -228,13 +224,13 @@ async fn a_key_claimed_just_before_redis_was_lost_is_free_again_within_its_lease
     .await;
     proxy.cut_after("claim-lost-1");
     let body = json!({"event":"n","to":["u1"],"data":{},"idempotency_key":"claim-lost-1"});
-    let (status, first) = t.api("POST", "/api/v1/events", Some(body.clone())).await;
+    let (status, first) = t.try_publish(body.clone()).await;
     assert_eq!(proxy.cuts(), 1, "the claim went through the cut");
     assert_error(&(status, first), 503, "unavailable");
     // A backend following the contract: retry the 503 with the same key.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
     let reply = loop {
-        let (status, v) = t.api("POST", "/api/v1/events", Some(body.clone())).await;
+        let (status, v) = t.try_publish(body.clone()).await;
         if status == 200 {
             break v;
         }
@@ -282,11 +278,7 @@ async fn publishes_while_redis_loads_its_data_get_unavailable() {
     let mut refused = false;
     for _ in 0..20 {
         let (status, v) = t
-            .api(
-                "POST",
-                "/api/v1/events",
-                Some(json!({"event":"n","to":["u1"],"data":{}})),
-            )
+            .try_publish(json!({"event":"n","to":["u1"],"data":{}}))
             .await;
         assert_eq!(status, 503, "{v}");
         if v["error"]["code"] == "unavailable" {
@@ -307,11 +299,7 @@ async fn publishes_while_redis_loads_its_data_get_unavailable() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (status, v) = t
-            .api(
-                "POST",
-                "/api/v1/events",
-                Some(json!({"event":"n","to":["u1"],"data":{}})),
-            )
+            .try_publish(json!({"event":"n","to":["u1"],"data":{}}))
             .await;
         if status == 200 {
             assert_eq!(v["deliveries"][0]["seq"], 2, "{v}");

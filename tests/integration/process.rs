@@ -54,13 +54,7 @@ async fn ctrl_c_shuts_down_when_stdout_and_stderr_are_closed_pipes() {
         // The reader of stdout goes here, with the banner half read.
     };
     drop(child.stderr.take());
-    let addr = first
-        .strip_prefix("herald listening on http://")
-        .unwrap_or_else(|| panic!("first line: {first:?}"))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = listening_addr(&first);
     let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token("alice"))).await;
     assert_eq!(ws.next().await["type"], "connected");
     // Something to log on both closed pipes before the signal.
@@ -94,14 +88,7 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     env.push(("HERALD_LOG", "trace"));
     let mut p = Proc::spawn(&dir.path, &args, &env);
     // Proc sets HERALD_LOG=info itself; the one given here comes later and wins.
-    let first = p.line();
-    let addr = first
-        .strip_prefix("herald listening on http://")
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = p.listening();
     let (in_query, in_frame, in_sse) = (token("alice"), token("bob"), token("carol"));
     let mut a = Ws::connect(&format!("ws://{addr}/ws?token={in_query}")).await;
     assert_eq!(a.next().await["type"], "connected");
@@ -174,22 +161,7 @@ async fn a_redis_that_may_evict_herald_keys_is_warned_about() {
     ];
     for (args, expected) in cases {
         let redis = crate::redis_server::RedisServer::start_with(&args);
-        let dir = TempDir::new("eviction");
-        let channels = shipped_channels();
-        let serve = [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--channels",
-            &channels,
-            "--redis",
-            &redis.url,
-        ];
-        let mut p = Proc::spawn(&dir.path, &serve, &env());
-        assert!(p.line().starts_with("herald listening on"));
-        signal(p.pid(), "-TERM");
-        assert!(p.exit(Duration::from_secs(15)).success());
-        let log = p.stderr();
+        let log = start_and_stop_on(&redis);
         let warning = log
             .lines()
             .find(|l| l.contains("maxmemory-policy"))
@@ -198,8 +170,13 @@ async fn a_redis_that_may_evict_herald_keys_is_warned_about() {
         assert!(warning.contains(expected), "{warning}");
     }
     // A Redis as herald wants it: no warning.
-    let redis = crate::redis_server::RedisServer::start();
-    let dir = TempDir::new("noeviction");
+    let log = start_and_stop_on(&crate::redis_server::RedisServer::start());
+    assert!(!log.contains("maxmemory-policy"), "{log}");
+}
+
+/// Starts `herald serve` on `redis`, stops it with SIGTERM; what it logged.
+fn start_and_stop_on(redis: &crate::redis_server::RedisServer) -> String {
+    let dir = TempDir::new("eviction");
     let channels = shipped_channels();
     let serve = [
         "serve",
@@ -214,8 +191,7 @@ async fn a_redis_that_may_evict_herald_keys_is_warned_about() {
     assert!(p.line().starts_with("herald listening on"));
     signal(p.pid(), "-TERM");
     assert!(p.exit(Duration::from_secs(15)).success());
-    let log = p.stderr();
-    assert!(!log.contains("maxmemory-policy"), "{log}");
+    p.stderr()
 }
 
 /// The filter is the operator's: hiding the WebSocket library's frame traces must not switch its
@@ -228,14 +204,7 @@ async fn a_quiet_log_level_stays_quiet() {
     let mut env: Vec<(&str, &str)> = env().to_vec();
     env.push(("HERALD_LOG", "warn"));
     let mut p = Proc::spawn(&dir.path, &args, &env);
-    let first = p.line();
-    let addr = first
-        .strip_prefix("herald listening on http://")
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = p.listening();
     for user in ["alice", "bob"] {
         let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token(user))).await;
         assert_eq!(ws.next().await["type"], "connected");

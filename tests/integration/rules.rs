@@ -933,20 +933,22 @@ fn simulate_prints_the_decision_and_the_deciding_file() {
 #[test]
 fn simulate_takes_a_publish_body_like_the_example_event() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let example = format!("{root}/examples/events/chat.json");
     let rules = format!("{root}/rules");
     let channels = shipped_channels();
     let dir = TempDir::new("simulate-example");
-    let args = [
-        "simulate",
-        "--event",
-        &example,
-        "--rules",
-        &rules,
-        "--channels",
-        &channels,
-    ];
-    let (ok, out, err) = herald_cli(&dir.path, &args);
+    let simulate = |event: &str| {
+        let args = [
+            "simulate",
+            "--event",
+            event,
+            "--rules",
+            &rules,
+            "--channels",
+            &channels,
+        ];
+        herald_cli(&dir.path, &args)
+    };
+    let (ok, out, err) = simulate(&format!("{root}/examples/events/chat.json"));
     assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(v["by"], "10-seeds.rhai::route", "{v}");
@@ -956,31 +958,11 @@ fn simulate_takes_a_publish_body_like_the_example_event() {
     let body =
         json!({"event": "ping.me", "channel": "room:lobby", "data": 1, "idempotency_key": "k"});
     write(&dir.path, "publish.json", &body.to_string());
-    let publish = path_str(&dir.join("publish.json"));
-    let args = [
-        "simulate",
-        "--event",
-        &publish,
-        "--rules",
-        &rules,
-        "--channels",
-        &channels,
-    ];
-    let (ok, out, err) = herald_cli(&dir.path, &args);
+    let (ok, out, err) = simulate(&path_str(&dir.join("publish.json")));
     assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
     // A misspelt field is an error that names it.
     write(&dir.path, "typo.json", r#"{"event": "n", "rooom": "r1"}"#);
-    let typo = path_str(&dir.join("typo.json"));
-    let args = [
-        "simulate",
-        "--event",
-        &typo,
-        "--rules",
-        &rules,
-        "--channels",
-        &channels,
-    ];
-    let (ok, _, err) = herald_cli(&dir.path, &args);
+    let (ok, _, err) = simulate(&path_str(&dir.join("typo.json")));
     assert!(!ok && err.contains("rooom"), "{err}");
 }
 

@@ -176,22 +176,10 @@ async fn a_redis_that_may_evict_herald_keys_is_warned_about() {
 
 /// Starts `herald serve` on `redis`, stops it with SIGTERM; what it logged.
 fn start_and_stop_on(redis: &crate::redis_server::RedisServer) -> String {
-    let dir = TempDir::new("eviction");
-    let channels = shipped_channels();
-    let serve = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--channels",
-        &channels,
-        "--redis",
-        &redis.url,
-    ];
-    let mut p = Proc::spawn(&dir.path, &serve, &env());
-    assert!(p.line().starts_with("herald listening on"));
-    signal(p.pid(), "-TERM");
-    assert!(p.exit(Duration::from_secs(15)).success());
-    p.stderr()
+    let mut h = HeraldProcess::spawn(&redis.url, &[]);
+    signal(h.proc.pid(), "-TERM");
+    assert!(h.proc.exit(Duration::from_secs(15)).success());
+    h.proc.stderr()
 }
 
 /// The filter is the operator's: hiding the WebSocket library's frame traces must not switch its

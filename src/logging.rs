@@ -150,19 +150,36 @@ pub fn filter() -> EnvFilter {
 /// True for the trace lines of [`QUIET_TARGETS`], which no filter lets through.
 fn frame_contents(meta: &tracing::Metadata<'_>) -> bool {
     *meta.level() == tracing::Level::TRACE
-        && QUIET_TARGETS
-            .iter()
-            .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")))
+        && QUIET_TARGETS.iter().any(|t| {
+            meta.target()
+                .strip_prefix(t)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+}
+
+/// The filters every layer sits behind: `env` outermost, so that its maximum level is the
+/// subscriber's. That maximum is what the `log` bridge enables: with the frame filter outermost
+/// (it has no maximum) the WebSocket library formatted a trace line for every frame, at any
+/// `HERALD_LOG`, only for the frame filter to drop it.
+fn filtered<L>(
+    layer: L,
+    env: EnvFilter,
+) -> impl tracing_subscriber::Layer<tracing_subscriber::Registry>
+where
+    L: tracing_subscriber::Layer<tracing_subscriber::Registry>,
+{
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::filter_fn;
+    layer
+        .with_filter(filter_fn(|meta| !frame_contents(meta)))
+        .with_filter(env)
 }
 
 /// Installs the subscriber: `format` lines on stderr through the sink, as [`filter`] allows, never
 /// the frame contents the WebSocket library traces.
 pub fn init(format: LogFormat) {
-    use tracing_subscriber::Layer;
-    use tracing_subscriber::filter::filter_fn;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let quiet = filter_fn(|meta| !frame_contents(meta));
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Never fails a write, so the formatter's fallback (a print to stderr, which panics when
@@ -170,12 +187,8 @@ pub fn init(format: LogFormat) {
         .with_writer(Stderr);
     let registry = tracing_subscriber::registry();
     let _ = match format {
-        LogFormat::Json => registry
-            .with(layer.json().with_filter(filter()).with_filter(quiet))
-            .try_init(),
-        LogFormat::Text => registry
-            .with(layer.with_filter(filter()).with_filter(quiet))
-            .try_init(),
+        LogFormat::Json => registry.with(filtered(layer.json(), filter())).try_init(),
+        LogFormat::Text => registry.with(filtered(layer, filter())).try_init(),
     };
 }
 
@@ -187,5 +200,56 @@ pub fn flush(within: Duration) {
     let (done, wait) = std::sync::mpsc::sync_channel(1);
     if s.tx.try_send(Item::Flush(done)).is_ok() {
         let _ = wait.recv_timeout(within);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn the_subscribers_maximum_level_is_the_operators() {
+        for (directives, max) in [
+            ("warn", LevelFilter::WARN),
+            ("info,herald=debug", LevelFilter::DEBUG),
+            ("trace", LevelFilter::TRACE),
+        ] {
+            let layer = filtered(tracing_subscriber::fmt::layer(), EnvFilter::new(directives));
+            assert_eq!(layer.max_level_hint(), Some(max), "{directives}");
+        }
+    }
+
+    #[test]
+    fn only_the_websocket_librarys_trace_lines_are_frame_contents() {
+        use tracing::Level;
+        use tracing::callsite::Identifier;
+        use tracing::metadata::Kind;
+        struct Site;
+        impl tracing::Callsite for Site {
+            fn set_interest(&self, _: tracing::subscriber::Interest) {}
+            fn metadata(&self) -> &tracing::Metadata<'_> {
+                unreachable!()
+            }
+        }
+        static SITE: Site = Site;
+        let meta = |target: &'static str, level| {
+            tracing::Metadata::new(
+                "e",
+                target,
+                level,
+                None,
+                None,
+                None,
+                tracing::field::FieldSet::new(&[], Identifier(&SITE)),
+                Kind::EVENT,
+            )
+        };
+        assert!(frame_contents(&meta("tungstenite::protocol", Level::TRACE)));
+        assert!(frame_contents(&meta("tokio_tungstenite", Level::TRACE)));
+        assert!(!frame_contents(&meta("tungstenite", Level::DEBUG)));
+        assert!(!frame_contents(&meta("tungstenite_other", Level::TRACE)));
+        assert!(!frame_contents(&meta("herald::transport", Level::TRACE)));
     }
 }

@@ -149,8 +149,26 @@ macro_rules! out {
     };
 }
 
+/// The command line. The top-level copy of the serve arguments reads its environment only when no
+/// subcommand is given: clap validates every env value of the arguments it parses, so a serve variable
+/// that does not parse (`HERALD_HEARTBEAT=20s`) would otherwise stop `herald token` or `herald rules
+/// test` with an error about a flag they do not have.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let without_env = Cli::command().mut_args(|a| a.env(None));
+    if let Ok(m) = without_env.try_get_matches()
+        && let Ok(cli) = Cli::from_arg_matches(&m)
+        && cli.command.is_some()
+    {
+        return cli;
+    }
+    // No subcommand (serve: with the environment), or help, version or an error, which this parse
+    // reports as usual.
+    Cli::parse()
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let result = match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(a) => serve(a),
         Command::Token(t) => token(t),

@@ -355,3 +355,44 @@ async fn token_attrs_reach_the_rules_through_a_real_client() {
     assert!(!p.exit(WAIT).success());
     assert!(p.stderr().contains("expected KEY=VALUE"));
 }
+
+/// The serve variables are read for a bare `herald` only: one that does not parse stops the server
+/// with an error, and leaves the other subcommands alone.
+#[test]
+fn a_bad_serve_variable_does_not_stop_the_other_subcommands() {
+    let dir = TempDir::new("cli-bad-serve-env");
+    let bad = [
+        ("HERALD_HEARTBEAT", "20s"),
+        ("HERALD_PRESENCE_TTL", "1m"),
+        ("HERALD_JWT_SECRET", SECRET),
+    ];
+    let mut p = Proc::spawn(&dir.path, &["token", "--user", "u1"], &bad);
+    let token = p.line();
+    assert!(p.exit(WAIT).success(), "{}", p.stderr());
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let rules = format!("{}/rules", env!("CARGO_MANIFEST_DIR"));
+    let channels = shipped_channels();
+    let mut p = Proc::spawn(
+        &dir.path,
+        &["rules", "test", &rules, "--channels", &channels],
+        &bad,
+    );
+    assert!(p.exit(WAIT).success(), "{}", p.stderr());
+
+    // herald and herald serve still refuse them, naming the flag each stands for.
+    for args in [&[][..], &["serve"]] {
+        let mut p = Proc::spawn(&dir.path, args, &bad);
+        assert!(!p.exit(WAIT).success(), "{args:?}");
+        let err = p.stderr();
+        assert!(
+            err.contains("'20s'") && err.contains("--heartbeat")
+                || err.contains("'1m'") && err.contains("--presence-ttl"),
+            "{args:?}: {err}"
+        );
+    }
+    // Help still shows the environment names.
+    let mut p = Proc::spawn(&dir.path, &["--help"], &[]);
+    assert!(p.exit(WAIT).success());
+    let help = p.rest_of_stdout();
+    assert!(help.contains("HERALD_REDIS"), "{help}");
+}

@@ -286,11 +286,35 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
             "no JWT secret configured: set HERALD_JWT_SECRET (or auth.jwt_secret in herald.toml)"
         );
     }
+    if config.jwt.algorithm != herald::config::JwtAlgorithm::HS256 {
+        anyhow::bail!(
+            "the engine accepts only {:?} tokens (a public key is configured); herald token can only sign HS256",
+            config.jwt.algorithm
+        );
+    }
     let secret = config
         .jwt
         .secret
         .as_deref()
         .context("herald token needs an HS256 secret (a public key cannot sign)")?;
+    // What the engine would refuse is an error here, not a token that fails at connect.
+    if !herald::channels::valid_id(&t.user) {
+        anyhow::bail!(
+            "--user {:?}: a user id is 1-128 characters of [A-Za-z0-9_.@-]",
+            t.user
+        );
+    }
+    if let Some(d) = &t.device
+        && !herald::channels::valid_id(d)
+    {
+        anyhow::bail!("--device {d:?}: a device id is 1-128 characters of [A-Za-z0-9_.@-]");
+    }
+    let mut attrs = serde_json::Map::new();
+    for (key, value) in t.attrs {
+        if attrs.insert(key.clone(), value).is_some() {
+            anyhow::bail!("--attr {key} is given more than once");
+        }
+    }
     let claims = auth::Claims {
         sub: t.user,
         exp: auth::unix_now() + t.ttl,
@@ -299,7 +323,7 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
         iss: config.jwt.issuer.clone(),
         device: t.device,
         platform: t.platform,
-        attrs: t.attrs.into_iter().collect(),
+        attrs,
     };
     out!("{}", auth::sign_hs256(secret, &claims)?);
     Ok(())

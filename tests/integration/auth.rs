@@ -277,9 +277,9 @@ async fn missing_exp_or_sub_is_refused() {
 
 // ---- RS256 / ES256 with a public key ----
 
-struct KeyPair {
-    private_pem: Vec<u8>,
-    public_pem: Vec<u8>,
+pub struct KeyPair {
+    pub private_pem: Vec<u8>,
+    pub public_pem: Vec<u8>,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -324,7 +324,7 @@ fn rsa_keys() -> &'static KeyPair {
 }
 
 /// One P-256 key pair per test process.
-fn ec_keys() -> &'static KeyPair {
+pub fn ec_keys() -> &'static KeyPair {
     static K: OnceLock<KeyPair> = OnceLock::new();
     K.get_or_init(|| {
         let d = TempDir::new("ec");

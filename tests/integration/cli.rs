@@ -396,3 +396,41 @@ fn a_bad_serve_variable_does_not_stop_the_other_subcommands() {
     let help = p.rest_of_stdout();
     assert!(help.contains("HERALD_REDIS"), "{help}");
 }
+
+/// `herald token` refuses to mint what the engine would refuse at connect, and says why.
+#[test]
+fn token_refuses_what_the_engine_would_refuse() {
+    let dir = TempDir::new("cli-token-refuses");
+    let pem = dir.join("jwt.pem");
+    std::fs::write(&pem, &crate::auth::ec_keys().public_pem).unwrap();
+    let pem = pem.display().to_string();
+    let secret = [("HERALD_JWT_SECRET", SECRET)];
+    let public_key = [
+        ("HERALD_JWT_SECRET", SECRET),
+        ("HERALD_JWT_PUBLIC_KEY", pem.as_str()),
+    ];
+    for (args, env, says) in [
+        (&["--user", "has space"][..], &secret[..], "user id"),
+        (
+            &["--user", "u1", "--device", "my phone"],
+            &secret,
+            "device id",
+        ),
+        (
+            &["--user", "u1", "--attr", "plan=pro", "--attr", "plan=free"],
+            &secret,
+            "--attr plan is given more than once",
+        ),
+        // A leftover secret beside a public key: the engine accepts only ES256 tokens.
+        (&["--user", "u1"], &public_key, "ES256"),
+    ] {
+        let mut all = vec!["token"];
+        all.extend_from_slice(args);
+        let mut p = Proc::spawn(&dir.path, &all, env);
+        let status = p.exit(WAIT);
+        let (out, err) = (p.rest_of_stdout(), p.stderr());
+        assert!(!status.success(), "{args:?} minted {out}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

@@ -35,6 +35,9 @@ impl EventSpec {
         for u in &self.to {
             t.push(ChannelName::try_of(Kind::User, u).map_err(|e| e.to_string())?);
         }
+        // As the publish API does, so a simulation decides what the publish would: `channel:
+        // "room:r1"` with `room: "r1"` is one target.
+        t.dedup();
         if t.is_empty() {
             return Err("the event names no target (channel, room or to)".into());
         }
@@ -44,6 +47,12 @@ impl EventSpec {
     /// Routes this event with `rules`.
     pub fn route(&self, rules: &RuleSet) -> Result<Routed, String> {
         let targets = self.targets()?;
+        // A sender the publish API would refuse.
+        if let Some(f) = &self.from
+            && !crate::channels::valid_id(f)
+        {
+            return Err("from: a user id (1-128 characters of [A-Za-z0-9_.@-])".into());
+        }
         let data = RawValue::from_string(self.data.to_string()).map_err(|e| e.to_string())?;
         let source = match self.source.as_deref() {
             None | Some("api") => Source::Api,

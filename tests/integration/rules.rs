@@ -966,6 +966,71 @@ fn simulate_takes_a_publish_body_like_the_example_event() {
     assert!(!ok && err.contains("rooom"), "{err}");
 }
 
+/// The dry run and `herald simulate` decide what the publish would: a room named twice is one
+/// target, and a sender the publish API refuses is refused by them too.
+#[tokio::test]
+async fn dry_run_and_simulate_take_the_targets_and_senders_the_publish_takes() {
+    let t = TestServer::start().await;
+    let twice = json!({"event": "note", "channel": "room:r1", "room": "r1", "data": {}});
+    let (s, v) = t
+        .call(
+            "POST",
+            "/admin/rules/dry-run",
+            Some(twice.clone()),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["decision"]["to"], json!(["room:r1"]), "{v}");
+    let published = t.publish(twice).await;
+    assert_eq!(
+        published["deliveries"].as_array().map(Vec::len),
+        Some(1),
+        "{published}"
+    );
+
+    let bad_sender = json!({"event": "note", "room": "r1", "from": "has space"});
+    let (s, v) = t
+        .api("POST", "/api/v1/events", Some(bad_sender.clone()))
+        .await;
+    assert_error(&(s, v), 400, "bad_frame");
+    let got = t
+        .call(
+            "POST",
+            "/admin/rules/dry-run",
+            Some(bad_sender.clone()),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_error(&got, 400, "bad_frame");
+    assert!(
+        got.1["error"]["message"].as_str().unwrap().contains("from"),
+        "{}",
+        got.1
+    );
+
+    let dir = TempDir::new("rules-simulate-sender");
+    write(&dir.path, "bad.json", &bad_sender.to_string());
+    let (event, channels) = (path_str(&dir.join("bad.json")), shipped_channels());
+    let (ok, out, err) = herald_cli(
+        &dir.path,
+        &[
+            "simulate",
+            "--event",
+            &event,
+            "--rules",
+            "/nonexistent/herald-rules",
+            "--channels",
+            &channels,
+        ],
+    );
+    assert!(
+        !ok && err.contains("from"),
+        "stdout:\n{out}\nstderr:\n{err}"
+    );
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn dry_run_decides_without_storing_or_delivering() {
     let dir = TempDir::new("rules-dry-run");

@@ -178,7 +178,18 @@ struct Chat {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    // tokio's stdin needs a feature this crate does not enable; a plain thread reading lines into a
+    // small channel does the same (it blocks on a full channel, which is the backpressure we want).
+    let (line_tx, lines) = mpsc::channel::<String>(64);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if line_tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    match run(args, lines).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chat: {e:#}");
@@ -205,7 +216,8 @@ fn urls(base: &str) -> (String, String) {
     (format!("{ws}/ws"), http)
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the client on the typed `lines` until the user is done or reconnecting cannot help.
+async fn run(args: Args, mut lines: mpsc::Receiver<String>) -> anyhow::Result<()> {
     let tokens = match (args.token, args.secret, args.user) {
         (Some(t), _, _) => TokenSource::Fixed(t),
         (None, Some(secret), Some(user)) => TokenSource::Mint { secret, user },
@@ -228,18 +240,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         next_ref: 1,
         pending: HashMap::new(),
     };
-
-    // tokio's stdin needs a feature this crate does not enable; a plain thread reading lines into a
-    // small channel does the same (it blocks on a full channel, which is the backpressure we want).
-    let (line_tx, mut lines) = mpsc::channel::<String>(64);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if line_tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
 
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -727,6 +727,116 @@ mod tests {
                 "a reconnect is the same device"
             );
         }
+        server.stop().await.unwrap();
+    }
+
+    const SECRET: &str = "chat-test-secret-0123456789";
+    const API_KEY: &str = "chat-test-api-key";
+
+    /// A TCP relay to `upstream` that can cut its first connection (a network blip) and holds later
+    /// ones until told to go on, so the test sees the old session end before the new one opens.
+    async fn blip_proxy(
+        upstream: std::net::SocketAddr,
+    ) -> (String, tokio::sync::watch::Sender<u8>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        // 0: the first connection is relayed; 1: it is cut; 2: later connections are relayed.
+        let (phase_tx, phase) = tokio::sync::watch::channel(0u8);
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut phase = phase.clone();
+                let is_first = std::mem::replace(&mut first, false);
+                tokio::spawn(async move {
+                    if !is_first && phase.wait_for(|p| *p >= 2).await.is_err() {
+                        return;
+                    }
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = phase.wait_for(|p| is_first && *p >= 1) => {}
+                    }
+                });
+            }
+        });
+        (url, phase_tx)
+    }
+
+    /// `GET /api/v1/presence/{user}`, polled until `pred` holds (bounded); that body.
+    async fn presence_until(base: &str, user: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v: Value = http
+                .get(format!("{base}/api/v1/presence/{user}"))
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "presence never matched: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_comes_back_as_the_same_device() {
+        let mut c = herald::config::Config::defaults();
+        c.listen = "127.0.0.1:0".parse().unwrap();
+        c.jwt.secret = Some(SECRET.into());
+        c.jwt.generated_secret = false;
+        c.api_key = API_KEY.into();
+        c.generated_keys = false;
+        c.rules_dir = "/nonexistent/herald-chat-test-rules".into();
+        let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
+        let server = herald::start(
+            c,
+            herald::ChannelKinds::default(),
+            listener,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        let base = format!("http://{}", server.addr);
+        let put = reqwest::Client::new()
+            .put(format!("{base}/api/v1/rooms/r1/members/alice"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status().as_u16(), 200);
+
+        let (url, phase) = blip_proxy(server.addr).await;
+        let args = Args::parse_from([
+            "chat", "--url", &url, "--secret", SECRET, "--user", "alice", "--room", "r1",
+        ]);
+        let (_typing, lines) = mpsc::channel(1);
+        let client = tokio::spawn(run(args, lines));
+        let online = |v: &Value| {
+            v["online"] == true && v["devices"].as_array().is_some_and(|d| d.len() == 1)
+        };
+        let before = presence_until(&base, "alice", online).await;
+
+        phase.send(1).unwrap();
+        presence_until(&base, "alice", |v| v["online"] == false).await;
+        phase.send(2).unwrap();
+        let after = presence_until(&base, "alice", online).await;
+        let device = |v: &Value| v["devices"][0]["device"].as_str().unwrap().to_string();
+        assert_eq!(
+            device(&after),
+            device(&before),
+            "before {before}, after {after}"
+        );
+        assert!(device(&before).starts_with("chat-"), "{before}");
+
+        client.abort();
         server.stop().await.unwrap();
     }
 

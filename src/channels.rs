@@ -66,6 +66,19 @@ pub struct ChannelName {
 }
 
 impl ChannelName {
+    /// Keeps the first of each name, in order: a publish naming one channel twice (`channel:
+    /// "user:a"` with `to: ["a"]`, or `to: ["a", "b", "a"]`) stores and delivers it once.
+    pub fn dedupe(names: &mut Vec<ChannelName>) {
+        let mut i = 0;
+        while i < names.len() {
+            if names[..i].contains(&names[i]) {
+                names.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// Parses and validates `"kind:id"` or `"global"`.
     pub fn parse(s: &str) -> Result<Self, ChannelError> {
         if s == "global" {

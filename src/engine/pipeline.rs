@@ -203,7 +203,7 @@ impl Engine {
         r
     }
 
-    async fn publish_inner(&self, req: PublishRequest) -> EngineResult<PublishReply> {
+    async fn publish_inner(&self, mut req: PublishRequest) -> EngineResult<PublishReply> {
         if !valid_event_type(&req.event) {
             return Err(EngineError::new(
                 ErrorCode::BadFrame,
@@ -222,6 +222,7 @@ impl Engine {
                 format!("at most {MAX_TARGETS} targets per publish"),
             ));
         }
+        ChannelName::dedupe(&mut req.targets);
         if req.data.get().len() > self.config.limits.frame_bytes {
             return Err(EngineError::new(
                 ErrorCode::TooLarge,

@@ -35,9 +35,8 @@ impl EventSpec {
         for u in &self.to {
             t.push(ChannelName::try_of(Kind::User, u).map_err(|e| e.to_string())?);
         }
-        // As the publish API does, so a simulation decides what the publish would: `channel:
-        // "room:r1"` with `room: "r1"` is one target.
-        t.dedup();
+        // As the publish does, so a simulation decides what the publish would.
+        ChannelName::dedupe(&mut t);
         if t.is_empty() {
             return Err("the event names no target (channel, room or to)".into());
         }

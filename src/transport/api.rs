@@ -146,7 +146,6 @@ async fn publish(
     for u in b.to.iter().flatten() {
         targets.push(ChannelName::try_of(Kind::User, u).map_err(EngineError::from)?);
     }
-    targets.dedup();
     if let Some(f) = &b.from
         && !valid_id(f)
     {

@@ -113,6 +113,36 @@ async fn publish_to_channel_room_and_users() {
 }
 
 #[tokio::test]
+async fn a_channel_named_twice_in_one_publish_gets_the_event_once() {
+    let t = TestServer::start().await;
+    let mut bob = t.ws("bob").await;
+    for body in [
+        json!({"event":"notice","to":["bob","carol","bob"],"data":{"n":1}}),
+        json!({"event":"notice","channel":"user:bob","to":["carol","bob"],"data":{"n":2}}),
+    ] {
+        let r = t.publish(body).await;
+        let chans: Vec<&str> = r["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["channel"].as_str().unwrap())
+            .collect();
+        assert_eq!(chans, ["user:bob", "user:carol"], "{r}");
+    }
+    // Each stored once, and bob's session gets each once: the next frame after n=1 is n=2.
+    assert_eq!(seqs_of(&t.history("user:bob", 0).await), [1, 2]);
+    assert_eq!(seqs_of(&t.history("user:carol", 0).await), [1, 2]);
+    for (n, seq) in [(1, 1), (2, 2)] {
+        let ev = bob.event_on("user:bob").await;
+        assert_eq!(
+            (ev["data"]["n"].as_i64(), ev["seq"].as_i64()),
+            (Some(n), Some(seq)),
+            "{ev}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn idempotency_key_in_body_or_header_returns_first_reply_and_stores_once() {
     let t = TestServer::start().await;
     let body = json!({"event":"order.paid","to":["u1"],"data":{"order":7},"idempotency_key":"k-1"});

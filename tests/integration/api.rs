@@ -27,6 +27,16 @@ fn seqs_of(h: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// The channels of a publish reply's `deliveries`, in order.
+fn channels_of(r: &Value) -> Vec<&str> {
+    r["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["channel"].as_str().unwrap())
+        .collect()
+}
+
 /// A JSON array of strings, sorted.
 fn sorted(v: &Value) -> Vec<String> {
     let mut out: Vec<String> = v
@@ -90,13 +100,7 @@ async fn publish_to_channel_room_and_users() {
     let r = t
         .publish(json!({"event":"notice","to":["bob","carol"],"data":{"n":3}}))
         .await;
-    let chans: Vec<&str> = r["deliveries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["channel"].as_str().unwrap())
-        .collect();
-    assert_eq!(chans, ["user:bob", "user:carol"], "{r}");
+    assert_eq!(channels_of(&r), ["user:bob", "user:carol"], "{r}");
     assert_eq!(r["deliveries"][0]["seq"], 1);
     assert_eq!(r["deliveries"][1]["seq"], 1);
     let ev = bob.event_on("user:bob").await;
@@ -121,13 +125,7 @@ async fn a_channel_named_twice_in_one_publish_gets_the_event_once() {
         json!({"event":"notice","channel":"user:bob","to":["carol","bob"],"data":{"n":2}}),
     ] {
         let r = t.publish(body).await;
-        let chans: Vec<&str> = r["deliveries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["channel"].as_str().unwrap())
-            .collect();
-        assert_eq!(chans, ["user:bob", "user:carol"], "{r}");
+        assert_eq!(channels_of(&r), ["user:bob", "user:carol"], "{r}");
     }
     // Each stored once, and bob's session gets each once: the next frame after n=1 is n=2.
     assert_eq!(seqs_of(&t.history("user:bob", 0).await), [1, 2]);

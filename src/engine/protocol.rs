@@ -72,7 +72,7 @@ impl<T> Peer for T where
 {
 }
 
-/// A client op, parsed.
+/// A client op, parsed: its name chose the variant, the frame's fields fill it.
 #[derive(Debug)]
 pub enum Op {
     /// `ping`.
@@ -80,152 +80,125 @@ pub enum Op {
     /// `connect` on an open session.
     Connect,
     /// `subscribe`.
-    Subscribe {
-        /// The channel.
-        channel: String,
-        /// Replay from here.
-        since: Option<Position>,
-    },
+    Subscribe(SubscribeOp),
     /// `unsubscribe`.
-    Unsubscribe {
-        /// The channel.
-        channel: String,
-    },
+    Unsubscribe(ChannelOp),
     /// `publish`.
-    Publish {
-        /// The channel.
-        channel: String,
-        /// The event type.
-        event: String,
-        /// The payload.
-        data: Box<RawValue>,
-        /// The idempotency key.
-        idempotency_key: Option<String>,
-    },
+    Publish(PublishOp),
     /// `ack`.
-    Ack {
-        /// The channel.
-        channel: String,
-        /// The seq.
-        seq: Seq,
-    },
+    Ack(AckOp),
     /// `read`.
-    Read {
-        /// The room.
-        room: String,
-        /// Everything up to here is read.
-        seq: Seq,
-    },
+    Read(ReadOp),
     /// `focus`.
-    Focus {
-        /// The room.
-        room: String,
-    },
+    Focus(RoomOp),
     /// `blur`.
-    Blur {
-        /// The room.
-        room: String,
-    },
+    Blur(RoomOp),
     /// `typing`.
-    Typing {
-        /// The room.
-        room: String,
-    },
+    Typing(RoomOp),
     /// `status`.
-    Status {
-        /// The custom status.
-        status: Status,
-        /// Its text.
-        text: Option<String>,
-    },
+    Status(StatusOp),
     /// `state`.
-    State {
-        /// The device's app state.
-        state: DeviceState,
-    },
+    State(StateOp),
     /// `history`.
-    History {
-        /// The channel.
-        channel: String,
-        /// The first seq (inclusive; default 1).
-        from: Option<Seq>,
-        /// The last seq (inclusive; default the channel's last).
-        to: Option<Seq>,
-        /// At most this many.
-        limit: Option<usize>,
-    },
+    History(HistoryOp),
     /// `leave`.
-    Leave {
-        /// The room.
-        room: String,
-    },
+    Leave(RoomOp),
     /// `presence`.
-    Presence {
-        /// The users.
-        users: Vec<String>,
-    },
+    Presence(UsersOp),
     /// `watch`.
-    Watch {
-        /// The users.
-        users: Vec<String>,
-    },
+    Watch(UsersOp),
     /// `unwatch`.
-    Unwatch {
-        /// The users.
-        users: Vec<String>,
-    },
+    Unwatch(UsersOp),
 }
 
-/// The fields of each op, as sent.
-#[derive(Deserialize)]
-struct ChannelOp {
-    channel: String,
+/// The fields of `unsubscribe`.
+#[derive(Debug, Deserialize)]
+pub struct ChannelOp {
+    /// The channel.
+    pub channel: String,
 }
-#[derive(Deserialize)]
-struct SubscribeOp {
-    channel: String,
-    since: Option<Position>,
+
+/// The fields of `subscribe`.
+#[derive(Debug, Deserialize)]
+pub struct SubscribeOp {
+    /// The channel.
+    pub channel: String,
+    /// Replay from here.
+    pub since: Option<Position>,
 }
-#[derive(Deserialize)]
-struct PublishOp {
-    channel: String,
-    event: String,
-    data: Option<Box<RawValue>>,
-    idempotency_key: Option<String>,
+
+/// The fields of `publish`.
+#[derive(Debug, Deserialize)]
+pub struct PublishOp {
+    /// The channel.
+    pub channel: String,
+    /// The event type.
+    pub event: String,
+    /// The payload (`null` when not given).
+    pub data: Option<Box<RawValue>>,
+    /// The idempotency key.
+    pub idempotency_key: Option<String>,
 }
-#[derive(Deserialize)]
-struct SeqOp {
-    channel: String,
-    seq: u64,
+
+/// The fields of `ack`.
+#[derive(Debug, Deserialize)]
+pub struct AckOp {
+    /// The channel.
+    pub channel: String,
+    /// The seq.
+    pub seq: Seq,
 }
-#[derive(Deserialize)]
-struct ReadOp {
-    room: String,
-    seq: u64,
+
+/// The fields of `read`.
+#[derive(Debug, Deserialize)]
+pub struct ReadOp {
+    /// The room.
+    pub room: String,
+    /// Everything up to here is read.
+    pub seq: Seq,
 }
-#[derive(Deserialize)]
-struct RoomOp {
-    room: String,
+
+/// The fields of `focus`, `blur`, `typing` and `leave`.
+#[derive(Debug, Deserialize)]
+pub struct RoomOp {
+    /// The room.
+    pub room: String,
 }
-#[derive(Deserialize)]
-struct StatusOp {
-    status: Status,
-    text: Option<String>,
+
+/// The fields of `status`.
+#[derive(Debug, Deserialize)]
+pub struct StatusOp {
+    /// The custom status.
+    pub status: Status,
+    /// Its text.
+    pub text: Option<String>,
 }
-#[derive(Deserialize)]
-struct StateOp {
-    state: DeviceState,
+
+/// The fields of `state`.
+#[derive(Debug, Deserialize)]
+pub struct StateOp {
+    /// The device's app state.
+    pub state: DeviceState,
 }
-#[derive(Deserialize)]
-struct HistoryOp {
-    channel: String,
-    from: Option<u64>,
-    to: Option<u64>,
-    limit: Option<usize>,
+
+/// The fields of `history`.
+#[derive(Debug, Deserialize)]
+pub struct HistoryOp {
+    /// The channel.
+    pub channel: String,
+    /// The first seq (inclusive; default 1).
+    pub from: Option<Seq>,
+    /// The last seq (inclusive; default the channel's last).
+    pub to: Option<Seq>,
+    /// At most this many.
+    pub limit: Option<usize>,
 }
-#[derive(Deserialize)]
-struct UsersOp {
-    users: Vec<String>,
+
+/// The fields of `presence`, `watch` and `unwatch`.
+#[derive(Debug, Deserialize)]
+pub struct UsersOp {
+    /// The users.
+    pub users: Vec<String>,
 }
 
 /// The `connect` frame that opens a session when the upgrade brought no token.
@@ -246,6 +219,14 @@ fn read_ref(v: &Value) -> Value {
     v.get("ref")
         .filter(|r| r.is_string() || r.is_number())
         .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The `ref` of a frame that is not carried out (too large, over the rate limit): null when the
+/// frame cannot be read.
+fn ref_of_text(text: &str) -> Value {
+    serde_json::from_str::<Value>(text)
+        .map(|v| read_ref(&v))
         .unwrap_or(Value::Null)
 }
 
@@ -273,9 +254,7 @@ fn bad_frame(message: impl Into<String>) -> EngineError {
 /// op, or the error to reply with.
 pub fn parse(text: &str, max: usize) -> (Value, Result<Op, EngineError>) {
     if text.len() > max {
-        let reference = serde_json::from_str::<Value>(text)
-            .map(|v| read_ref(&v))
-            .unwrap_or(Value::Null);
+        let reference = ref_of_text(text);
         let e = EngineError::new(
             ErrorCode::TooLarge,
             format!("frame is larger than {max} bytes"),
@@ -305,81 +284,21 @@ fn op_of(name: &str, v: Value) -> Result<Op, EngineError> {
     Ok(match name {
         "ping" => Op::Ping,
         "connect" => Op::Connect,
-        "subscribe" => {
-            let o: SubscribeOp = fields(name, v)?;
-            Op::Subscribe {
-                channel: o.channel,
-                since: o.since,
-            }
-        }
-        "unsubscribe" => Op::Unsubscribe {
-            channel: fields::<ChannelOp>(name, v)?.channel,
-        },
-        "publish" => {
-            let o: PublishOp = fields(name, v)?;
-            Op::Publish {
-                channel: o.channel,
-                event: o.event,
-                data: o
-                    .data
-                    .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON")),
-                idempotency_key: o.idempotency_key,
-            }
-        }
-        "ack" => {
-            let o: SeqOp = fields(name, v)?;
-            Op::Ack {
-                channel: o.channel,
-                seq: o.seq,
-            }
-        }
-        "read" => {
-            let o: ReadOp = fields(name, v)?;
-            Op::Read {
-                room: o.room,
-                seq: o.seq,
-            }
-        }
-        "focus" => Op::Focus {
-            room: fields::<RoomOp>(name, v)?.room,
-        },
-        "blur" => Op::Blur {
-            room: fields::<RoomOp>(name, v)?.room,
-        },
-        "typing" => Op::Typing {
-            room: fields::<RoomOp>(name, v)?.room,
-        },
-        "status" => {
-            let o: StatusOp = fields(name, v)?;
-            Op::Status {
-                status: o.status,
-                text: o.text,
-            }
-        }
-        "state" => Op::State {
-            state: fields::<StateOp>(name, v)?.state,
-        },
-        "history" => {
-            let o: HistoryOp = fields(name, v)?;
-            Op::History {
-                channel: o.channel,
-                from: o.from,
-                to: o.to,
-                limit: o.limit,
-            }
-        }
-        "leave" => Op::Leave {
-            room: fields::<RoomOp>(name, v)?.room,
-        },
-        "presence" => Op::Presence {
-            users: fields::<UsersOp>(name, v)?.users,
-        },
-        "watch" => Op::Watch {
-            users: fields::<UsersOp>(name, v)?.users,
-        },
-        "unwatch" => Op::Unwatch {
-            users: fields::<UsersOp>(name, v)?.users,
-        },
+        "subscribe" => Op::Subscribe(fields(name, v)?),
+        "unsubscribe" => Op::Unsubscribe(fields(name, v)?),
+        "publish" => Op::Publish(fields(name, v)?),
+        "ack" => Op::Ack(fields(name, v)?),
+        "read" => Op::Read(fields(name, v)?),
+        "focus" => Op::Focus(fields(name, v)?),
+        "blur" => Op::Blur(fields(name, v)?),
+        "typing" => Op::Typing(fields(name, v)?),
+        "status" => Op::Status(fields(name, v)?),
+        "state" => Op::State(fields(name, v)?),
+        "history" => Op::History(fields(name, v)?),
+        "leave" => Op::Leave(fields(name, v)?),
+        "presence" => Op::Presence(fields(name, v)?),
+        "watch" => Op::Watch(fields(name, v)?),
+        "unwatch" => Op::Unwatch(fields(name, v)?),
         other => {
             return Err(bad_frame(format!(
                 "unknown op {:?}",
@@ -484,7 +403,7 @@ impl Session {
                 };
             }
         };
-        let is_publish = matches!(op, Op::Publish { .. });
+        let is_publish = matches!(op, Op::Publish(_));
         match self.carry_out(op, &reference).await {
             Ok(frames) => Handled {
                 frames,
@@ -510,40 +429,38 @@ impl Session {
                     already: "connected",
                 },
             )),
-            Op::Subscribe { channel, since } => {
-                let (reply, replay) = self.subscribe(&channel, since).await?;
+            Op::Subscribe(o) => {
+                let (reply, replay) = self.subscribe(&o.channel, o.since).await?;
                 let mut frames = Vec::with_capacity(1 + replay.len());
                 frames.push(ok_frame(r, reply));
                 frames.extend(replay.into_iter().map(|e| e.frame));
                 Ok(frames)
             }
-            Op::Unsubscribe { channel } => one(ok_frame(r, self.unsubscribe(&channel).await?)),
-            Op::Publish {
-                channel,
-                event,
-                data,
-                idempotency_key,
-            } => {
-                let reply = self.publish(&channel, event, data, idempotency_key).await?;
+            Op::Unsubscribe(o) => one(ok_frame(r, self.unsubscribe(&o.channel).await?)),
+            Op::Publish(o) => {
+                let data = o
+                    .data
+                    .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
+                let reply = self
+                    .publish(&o.channel, o.event, data, o.idempotency_key)
+                    .await?;
                 one(ok_frame(r, reply))
             }
-            Op::Ack { channel, seq } => one(ok_frame(r, self.ack(&channel, seq).await?)),
-            Op::Read { room, seq } => one(ok_frame(r, self.read(&room, seq).await?)),
-            Op::Focus { room } => one(ok_frame(r, self.focus(&room).await?)),
-            Op::Blur { room } => one(ok_frame(r, self.blur(&room).await?)),
-            Op::Typing { room } => one(ok_frame(r, self.typing(&room).await?)),
-            Op::Status { status, text } => one(ok_frame(r, self.status(status, text).await?)),
-            Op::State { state } => one(ok_frame(r, self.state(state).await?)),
-            Op::History {
-                channel,
-                from,
-                to,
-                limit,
-            } => one(ok_frame(r, self.history(&channel, from, to, limit).await?)),
-            Op::Leave { room } => one(ok_frame(r, self.leave(&room).await?)),
-            Op::Presence { users } => one(ok_frame(r, self.presence(&users).await?)),
-            Op::Watch { users } => one(ok_frame(r, self.watch(&users).await?)),
-            Op::Unwatch { users } => one(ok_frame(r, self.unwatch(&users).await?)),
+            Op::Ack(o) => one(ok_frame(r, self.ack(&o.channel, o.seq).await?)),
+            Op::Read(o) => one(ok_frame(r, self.read(&o.room, o.seq).await?)),
+            Op::Focus(o) => one(ok_frame(r, self.focus(&o.room).await?)),
+            Op::Blur(o) => one(ok_frame(r, self.blur(&o.room).await?)),
+            Op::Typing(o) => one(ok_frame(r, self.typing(&o.room).await?)),
+            Op::Status(o) => one(ok_frame(r, self.status(o.status, o.text).await?)),
+            Op::State(o) => one(ok_frame(r, self.state(o.state).await?)),
+            Op::History(o) => one(ok_frame(
+                r,
+                self.history(&o.channel, o.from, o.to, o.limit).await?,
+            )),
+            Op::Leave(o) => one(ok_frame(r, self.leave(&o.room).await?)),
+            Op::Presence(o) => one(ok_frame(r, self.presence(&o.users).await?)),
+            Op::Watch(o) => one(ok_frame(r, self.watch(&o.users).await?)),
+            Op::Unwatch(o) => one(ok_frame(r, self.unwatch(&o.users).await?)),
         }
     }
 }
@@ -661,9 +578,7 @@ async fn on_message<P: Peer>(
             if limiter.allow(limits) {
                 session.handle_text(text, limits.frame_bytes).await
             } else {
-                let reference = serde_json::from_str::<Value>(text)
-                    .map(|v| read_ref(&v))
-                    .unwrap_or(Value::Null);
+                let reference = ref_of_text(text);
                 let e = EngineError::new(ErrorCode::RateLimited, "too many frames; slow down");
                 Handled {
                     frames: vec![error_frame(&reference, &e, false)],

@@ -269,7 +269,7 @@ fn simulate(event: &std::path::Path, rules: PathBuf, channels: PathBuf) -> anyho
         .map_err(|e| anyhow::anyhow!("{}: {e}", event.display()))?;
     let out = serde_json::json!({
         "decision": routed.decision.to_json(&kinds, spec.from.as_deref()),
-        "by": routed.by.map(|f| format!("{f}::route")).unwrap_or_else(|| "channel defaults".into()),
+        "by": routed.decided_by(),
         "error": routed.error,
     });
     out!("{}", serde_json::to_string_pretty(&out)?);

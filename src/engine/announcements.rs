@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::control::event_data;
 use super::pipeline::Receipt;
 use super::{Engine, EngineResult, backend};
 use crate::announcement::Announcement;
@@ -82,8 +83,7 @@ impl Engine {
         let ch = ChannelName::global();
         let kinds = self.kinds();
         let kind = kinds.of(&ch);
-        let data =
-            serde_json::value::to_raw_value(&a.data()).expect("announcement data serialises");
+        let data = event_data(&a.data());
         // The live event carries the announcement's id, as the login sync does.
         let body = EventBody {
             id: &a.id,
@@ -116,11 +116,7 @@ impl Engine {
         .await?;
         Ok(AnnouncementCreated {
             id: a.id.clone(),
-            deliveries: vec![Receipt {
-                channel: ch.to_string(),
-                seq: pos.as_ref().map(|p| p.seq),
-                epoch: pos.map(|p| p.epoch.to_string()),
-            }],
+            deliveries: vec![Receipt::new(&ch, pos)],
             announcement: a,
         })
     }

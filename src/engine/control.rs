@@ -27,6 +27,12 @@ pub struct Disconnected {
     pub closed: usize,
 }
 
+/// The `data` of an event the engine makes (typing, read receipts, room and announcement events),
+/// as the raw JSON a publish carries.
+pub(crate) fn event_data(data: &impl Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(data).expect("engine event data serialises")
+}
+
 impl Engine {
     /// Hands `payload` (a whole frame, or an event body framed per channel) to every node's
     /// subscribers of `channel`: not stored, not routed by the rules, filtered by `filter`.
@@ -59,8 +65,7 @@ impl Engine {
         from: Option<Arc<str>>,
     ) -> EngineResult<()> {
         let id = new_event_id();
-        let data: Box<RawValue> =
-            serde_json::value::to_raw_value(data).expect("engine event data serialises");
+        let data = event_data(data);
         let body = EventBody {
             id: &id,
             event,

@@ -26,12 +26,12 @@ pub(crate) fn check_id(what: &str, id: &str) -> EngineResult<()> {
     }
 }
 
-/// A list of user ids of at most `max`, each valid.
-pub(crate) fn check_users(users: &[String], max: usize) -> EngineResult<()> {
+/// A list of user ids (`what`: `users`, `contacts`) of at most `max`, each valid.
+pub(crate) fn check_users(what: &str, users: &[String], max: usize) -> EngineResult<()> {
     if users.len() > max {
         return Err(EngineError::new(
             ErrorCode::TooLarge,
-            format!("at most {max} users"),
+            format!("at most {max} {what}"),
         ));
     }
     users.iter().try_for_each(|u| check_id("user", u))

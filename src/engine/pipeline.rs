@@ -143,6 +143,17 @@ pub struct Receipt {
     pub epoch: Option<String>,
 }
 
+impl Receipt {
+    /// `channel`, at `position` when stored there.
+    pub fn new(channel: &ChannelName, position: Option<Position>) -> Self {
+        Receipt {
+            channel: channel.to_string(),
+            seq: position.as_ref().map(|p| p.seq),
+            epoch: position.map(|p| p.epoch.to_string()),
+        }
+    }
+}
+
 /// What push the publish planned.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PushSummary {
@@ -178,10 +189,7 @@ impl Engine {
         Ok(DryRun {
             decision: routed.decision.to_json(rules.kinds(), spec.from.as_deref()),
             trace: Trace {
-                by: routed
-                    .by
-                    .map(|f| format!("{f}::route"))
-                    .unwrap_or_else(|| "channel defaults".into()),
+                by: routed.decided_by(),
                 error: routed.error,
                 version: rules.version,
                 files: rules.files(),
@@ -406,11 +414,7 @@ impl Engine {
                 Ok(p) => p,
                 Err(e) => return Err(append_failed(e, channel, &deliveries, dedupe.is_some())),
             };
-            deliveries.push(Receipt {
-                channel: channel.to_string(),
-                seq: position.as_ref().map(|p| p.seq),
-                epoch: position.map(|p| p.epoch.to_string()),
-            });
+            deliveries.push(Receipt::new(channel, position));
         }
         Ok(PublishReply {
             id: id.to_string(),

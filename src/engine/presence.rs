@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::hub::{CloseReason, Outbound};
 use super::limits::{MAX_CONTACTS, MAX_USERS_PER_OP, check_id, check_users};
-use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
+use super::{Engine, EngineResult, backend};
 use crate::backend::{DeliveryFilter, OutgoingPayload};
 use crate::channels::{ChannelName, Kind};
 use crate::event::now_ms;
@@ -222,7 +222,7 @@ impl Engine {
 
     /// The presence of `users` (at most [`MAX_USERS_PER_OP`]).
     pub async fn presence_of(&self, users: &[String]) -> EngineResult<PresenceOf> {
-        check_users(users, MAX_USERS_PER_OP)?;
+        check_users("users", users, MAX_USERS_PER_OP)?;
         let list = backend(self.backends.presence.get(users)).await?;
         Ok(PresenceOf {
             presence: list.into_iter().map(|p| (p.user.clone(), p)).collect(),
@@ -273,13 +273,7 @@ impl Engine {
     /// Replaces `user`'s contacts (at most [`MAX_CONTACTS`]).
     pub async fn set_contacts(&self, user: &str, contacts: &[String]) -> EngineResult<Contacts> {
         check_id("user", user)?;
-        if contacts.len() > MAX_CONTACTS {
-            return Err(EngineError::new(
-                ErrorCode::TooLarge,
-                format!("at most {MAX_CONTACTS} contacts"),
-            ));
-        }
-        contacts.iter().try_for_each(|c| check_id("user", c))?;
+        check_users("contacts", contacts, MAX_CONTACTS)?;
         backend(self.backends.contacts.set_contacts(user, contacts)).await?;
         Ok(Contacts {
             user: user.into(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::control::event_data;
 use super::limits::check_id;
 use super::pipeline::{PublishRequest, Receipt};
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
@@ -99,10 +100,6 @@ struct Removed<'a> {
     reason: &'a str,
 }
 
-fn raw(v: &impl Serialize) -> Box<serde_json::value::RawValue> {
-    serde_json::value::to_raw_value(v).expect("engine event data serialises")
-}
-
 impl Engine {
     /// Adds a member; their read pointer starts at the room's current seq (history before joining is
     /// not unread).
@@ -181,7 +178,7 @@ impl Engine {
                     event: event.into(),
                     targets: vec![target],
                     from: None,
-                    data: raw(&data),
+                    data: event_data(&data),
                     idempotency_key: None,
                     source: Source::Api,
                     attrs: None,
@@ -219,7 +216,7 @@ impl Engine {
             event: "read".into(),
             targets: vec![ChannelName::of(Kind::Active, room)],
             from: Some(from.clone()),
-            data: raw(&receipt),
+            data: event_data(&receipt),
             idempotency_key: None,
             source: Source::Api,
             attrs: None,

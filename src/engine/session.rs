@@ -13,11 +13,11 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::announcements::LoginSync;
+use super::control::event_data;
 use super::history::History;
 use super::hub::{Next, Outbound, SessionHandle};
 use super::limits::{MAX_USERS_PER_OP, check_users};
-use super::pipeline::PublishReply;
-use super::pipeline::PublishRequest;
+use super::pipeline::{PublishReply, PublishRequest};
 use super::presence::PresenceOf;
 use super::rooms::{Left, ReadMark};
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
@@ -766,11 +766,10 @@ impl Session {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
         e.require_member(room, &self.handle.user).await?;
-        let data = serde_json::value::to_raw_value(&TypingData {
+        let data = event_data(&TypingData {
             room,
             user: &self.handle.user,
-        })
-        .expect("serialises");
+        });
         e.publish(PublishRequest {
             event: "typing".into(),
             targets: vec![active],
@@ -850,7 +849,7 @@ impl Session {
 
     /// `watch`: receive these users' `presence.changed`.
     pub async fn watch(&mut self, users: &[String]) -> EngineResult<Watching> {
-        check_users(users, MAX_USERS_PER_OP)?;
+        check_users("users", users, MAX_USERS_PER_OP)?;
         let e = self.engine.clone();
         e.require_watch(&self.handle.user, users).await?;
         for u in users {
@@ -866,7 +865,7 @@ impl Session {
 
     /// `unwatch`.
     pub async fn unwatch(&mut self, users: &[String]) -> EngineResult<Unwatched> {
-        check_users(users, MAX_USERS_PER_OP)?;
+        check_users("users", users, MAX_USERS_PER_OP)?;
         for u in users {
             self.drop_sub(&ChannelName::of(Kind::Presence, u)).await;
         }

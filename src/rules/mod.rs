@@ -81,6 +81,17 @@ pub struct Routed {
     pub error: Option<String>,
 }
 
+impl Routed {
+    /// Who decided, as a dry run and `herald simulate` report it: `file.rhai::route`, or
+    /// `channel defaults`.
+    pub fn decided_by(&self) -> String {
+        match &self.by {
+            Some(file) => format!("{file}::route"),
+            None => "channel defaults".into(),
+        }
+    }
+}
+
 /// What happens when a script fails or runs out of budget at run time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

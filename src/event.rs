@@ -254,54 +254,6 @@ impl Cursor {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursor_round_trips() {
-        let mut c = Cursor::default();
-        c.positions.insert(
-            "room:r1".into(),
-            Position {
-                epoch: Epoch::new("abc"),
-                seq: 7,
-            },
-        );
-        c.positions.insert(
-            "global".into(),
-            Position {
-                epoch: Epoch::new("def"),
-                seq: 0,
-            },
-        );
-        assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        assert_eq!(Cursor::decode("not base64!"), None);
-    }
-
-    #[test]
-    fn frame_is_valid_json_and_replay_marks_it() {
-        let ch = ChannelName::parse("room:r1").unwrap();
-        let data = RawValue::from_string("{\"text\":\"hi\"}".into()).unwrap();
-        let body = EventBody {
-            id: "e1",
-            event: "chat.message",
-            data: &data,
-            from: Some("u1"),
-            ts: 5,
-        }
-        .encode();
-        let f = event_frame(&ch, Some((&Epoch::new("ep"), 3)), &body);
-        let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
-        assert_eq!(v["seq"], 3);
-        assert_eq!(v["epoch"], "ep");
-        assert_eq!(v["data"]["text"], "hi");
-        let r: serde_json::Value = serde_json::from_slice(&replay_frame(&f)).unwrap();
-        assert_eq!(r["replay"], true);
-        assert_eq!(r["id"], "e1");
-    }
-}
-
 /// Where an event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -355,4 +307,52 @@ pub struct EventSpec {
     /// As in a publish; a simulation stores nothing, so it changes nothing.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips() {
+        let mut c = Cursor::default();
+        c.positions.insert(
+            "room:r1".into(),
+            Position {
+                epoch: Epoch::new("abc"),
+                seq: 7,
+            },
+        );
+        c.positions.insert(
+            "global".into(),
+            Position {
+                epoch: Epoch::new("def"),
+                seq: 0,
+            },
+        );
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        assert_eq!(Cursor::decode("not base64!"), None);
+    }
+
+    #[test]
+    fn frame_is_valid_json_and_replay_marks_it() {
+        let ch = ChannelName::parse("room:r1").unwrap();
+        let data = RawValue::from_string("{\"text\":\"hi\"}".into()).unwrap();
+        let body = EventBody {
+            id: "e1",
+            event: "chat.message",
+            data: &data,
+            from: Some("u1"),
+            ts: 5,
+        }
+        .encode();
+        let f = event_frame(&ch, Some((&Epoch::new("ep"), 3)), &body);
+        let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["epoch"], "ep");
+        assert_eq!(v["data"]["text"], "hi");
+        let r: serde_json::Value = serde_json::from_slice(&replay_frame(&f)).unwrap();
+        assert_eq!(r["replay"], true);
+        assert_eq!(r["id"], "e1");
+    }
 }

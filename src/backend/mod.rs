@@ -493,9 +493,7 @@ impl Backends {
             announcements: b,
         }
     }
-}
 
-impl Backends {
     /// The backends a node runs on: Redis at `redis` (connected now, so a Redis that cannot be reached
     /// stops the start with a clear error; `ca` is a PEM file replacing the system roots for
     /// `rediss://`), or the memory backend without one.

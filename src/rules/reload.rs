@@ -10,7 +10,6 @@
 //! force is always built from the newest files (or, if those fail, the last good set). At most
 //! two run at a time; edits beyond that wait, merged into one, for a compile to end.
 
-use crate::primitives::lock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Budget, OnError, RuleError, RuleSet, fixtures};
 use crate::channels::ChannelKinds;
+use crate::primitives::lock;
 
 /// How long file events are debounced before a reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -87,6 +87,15 @@ struct Compiles {
     pending: bool,
 }
 
+impl Compiles {
+    /// Registers a new reload as running: its generation.
+    fn begin(&mut self) -> u64 {
+        self.started += 1;
+        self.running.push((self.started, crate::event::now_ms()));
+        self.started
+    }
+}
+
 /// Builds and checks a complete rule set (compile + channels + fixtures).
 pub fn build(config: &RulesConfig, version: u64) -> Result<RuleSet, String> {
     let kinds = ChannelKinds::load(&config.channels_file, config.channels_required)
@@ -135,13 +144,7 @@ impl Rules {
     /// Rebuilds from disk now, on this thread; swaps only if everything passes (and no newer reload
     /// started meanwhile). Returns the new version.
     pub fn reload(&self) -> Result<u64, String> {
-        let generation = {
-            let mut c = lock(&self.compiles);
-            c.started += 1;
-            let g = c.started;
-            c.running.push((g, crate::event::now_ms()));
-            g
-        };
+        let generation = lock(&self.compiles).begin();
         self.compile(generation)
     }
 
@@ -190,10 +193,7 @@ impl Rules {
                 c.pending = true;
                 return;
             }
-            c.started += 1;
-            let g = c.started;
-            c.running.push((g, crate::event::now_ms()));
-            g
+            c.begin()
         };
         let rules = self.clone();
         // Compiling and running fixtures is CPU work: keep it off the I/O threads.

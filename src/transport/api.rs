@@ -14,16 +14,17 @@ use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
 use super::{AdminKey, ApiError, ApiKey, ApiResult, AppState, Client, Json, JsonBody};
+use crate::announcement::{Announcement, AnnouncementDraft};
+use crate::channels::{ChannelName, Kind, valid_id};
+use crate::device::PushDevice;
+use crate::engine::history::History;
+use crate::engine::presence::OnlineUsers;
+use crate::engine::{EngineError, PublishRequest};
+use crate::event::{Source, new_event_id, now_ms};
 use crate::presence::UserPresence;
 
 /// A handler's reply: a typed result, serialised as JSON.
 type Reply<T> = ApiResult<Json<T>>;
-use crate::announcement::{Announcement, AnnouncementDraft};
-use crate::channels::{ChannelName, Kind, valid_id};
-use crate::device::PushDevice;
-use crate::engine::{EngineError, PublishRequest};
-use crate::event::Source;
-use crate::event::{new_event_id, now_ms};
 
 pub(super) fn routes() -> Router<AppState> {
     let v1 = Router::new()
@@ -187,6 +188,17 @@ fn num(q: &HashMap<String, String>, k: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// A history page of `ch` as `?since=` (exclusive) and `?limit=` ask.
+async fn history_page(
+    s: &AppState,
+    ch: &ChannelName,
+    q: &HashMap<String, String>,
+) -> Reply<History> {
+    let since = num(q, "since")?.unwrap_or(0);
+    let limit = num(q, "limit")?.map(|l| l as usize);
+    Ok(Json(s.engine.history(ch, since, None, limit).await?))
+}
+
 async fn history(
     State(s): State<AppState>,
     _: ApiKey,
@@ -194,9 +206,7 @@ async fn history(
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<impl Serialize> {
     let ch = ChannelName::parse(&channel).map_err(EngineError::from)?;
-    let since = num(&q, "since")?.unwrap_or(0);
-    let limit = num(&q, "limit")?.map(|l| l as usize);
-    Ok(Json(s.engine.history(&ch, since, None, limit).await?))
+    history_page(&s, &ch, &q).await
 }
 
 async fn room_events(
@@ -206,9 +216,7 @@ async fn room_events(
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<impl Serialize> {
     let ch = ChannelName::try_of(Kind::Room, &room).map_err(EngineError::from)?;
-    let since = num(&q, "since")?.unwrap_or(0);
-    let limit = num(&q, "limit")?.map(|l| l as usize);
-    Ok(Json(s.engine.history(&ch, since, None, limit).await?))
+    history_page(&s, &ch, &q).await
 }
 
 async fn add_member(
@@ -328,17 +336,22 @@ async fn online_count(State(s): State<AppState>, _: ApiKey) -> Reply<impl Serial
     Ok(Json(s.engine.online_count().await?))
 }
 
-async fn online_list(
-    State(s): State<AppState>,
-    _: ApiKey,
-    Query(q): Query<HashMap<String, String>>,
-) -> Reply<impl Serialize> {
-    let limit = num(&q, "limit")?.unwrap_or(100) as usize;
+/// A page of online users as `?cursor=` and `?limit=` (default 100) ask.
+async fn online_page(s: &AppState, q: &HashMap<String, String>) -> Reply<OnlineUsers> {
+    let limit = num(q, "limit")?.unwrap_or(100) as usize;
     let cursor = q
         .get("cursor")
         .map(String::as_str)
         .filter(|c| !c.is_empty());
     Ok(Json(s.engine.online_page(cursor, limit).await?))
+}
+
+async fn online_list(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<impl Serialize> {
+    online_page(&s, &q).await
 }
 
 async fn unread(
@@ -526,10 +539,5 @@ async fn os_online(
     Client(_): Client,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<impl Serialize> {
-    let limit = num(&q, "limit")?.unwrap_or(100) as usize;
-    let cursor = q
-        .get("cursor")
-        .map(String::as_str)
-        .filter(|c| !c.is_empty());
-    Ok(Json(s.engine.online_page(cursor, limit).await?))
+    online_page(&s, &q).await
 }

@@ -11,10 +11,7 @@ use super::Memory;
 use crate::backend::{BackendResult, Presence, SweepResult};
 use crate::device::DeviceState;
 use crate::event::now_ms;
-use crate::presence::DevicePresence;
-use crate::presence::SessionInfo;
-use crate::presence::Status;
-use crate::presence::UserPresence;
+use crate::presence::{DevicePresence, SessionInfo, Status, UserPresence};
 use crate::primitives::lock;
 
 /// How long an offline user's last_seen and status are kept.

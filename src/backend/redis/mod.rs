@@ -297,19 +297,12 @@ pub(super) async fn open(
             "Could not check Redis maxmemory-policy; it must be noeviction, or Redis may evict herald's state."
         ),
     }
-    Ok(Backends::from_redis(r))
+    Ok(Backends::of(r))
 }
 
 impl Backends {
     /// The Redis backend for `url`, keys under `prefix`.
     pub async fn redis(url: &str, prefix: &str, node: &str) -> Result<Self, BackendError> {
-        Ok(Self::from_redis(
-            RedisBackend::connect(url, prefix, node).await?,
-        ))
-    }
-
-    /// All four backends served by one Redis connection set.
-    pub fn from_redis(r: Arc<RedisBackend>) -> Self {
-        Backends::of(r)
+        Ok(Self::of(RedisBackend::connect(url, prefix, node).await?))
     }
 }

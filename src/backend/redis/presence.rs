@@ -43,10 +43,7 @@ use redis::{FromRedisValue, Script, Value};
 use super::{MARK, RedisBackend, err, eval_pipeline, pieces};
 use crate::backend::{BackendError, BackendResult, Presence, SweepResult};
 use crate::device::DeviceState;
-use crate::presence::DevicePresence;
-use crate::presence::SessionInfo;
-use crate::presence::Status;
-use crate::presence::UserPresence;
+use crate::presence::{DevicePresence, SessionInfo, Status, UserPresence};
 
 /// How long an offline user's status and last_seen are kept (as memory does).
 const FORGET_AFTER_MS: i64 = 7 * 86_400 * 1000;

@@ -243,6 +243,11 @@ impl Engine {
     /// `room`, when given) for one presence TTL.
     pub async fn http_heartbeat(&self, user: &str, room: Option<&str>) -> EngineResult<Heartbeat> {
         check_id("user", user)?;
+        // A refused heartbeat changes nothing: the room is checked before the user is online.
+        if let Some(room) = room {
+            check_id("room", room)?;
+            self.require_member(room, user).await?;
+        }
         let session: Arc<str> = format!("http:{user}").into();
         let info = SessionInfo {
             session: session.clone(),
@@ -257,8 +262,6 @@ impl Engine {
             self.publish_presence(user).await;
         }
         if let Some(room) = room {
-            check_id("room", room)?;
-            self.require_member(room, user).await?;
             if backend(self.backends.presence.room_join(room, user, &session, ttl)).await? {
                 self.publish_room_presence(room, user, "online").await;
             }

@@ -403,6 +403,25 @@ async fn room_presence_lists_ws_subscribers_and_http_heartbeats() {
         400,
         "bad_frame",
     );
+    assert_error(
+        &t.api(
+            "POST",
+            "/api/v1/rooms/bad!room/presence/heartbeat",
+            Some(json!({"user":"dave"})),
+        )
+        .await,
+        400,
+        "bad_channel",
+    );
+    // A refused heartbeat changes nothing: neither is online, nor present in the room.
+    for user in ["mallory", "dave"] {
+        let (_, p) = t
+            .api("GET", &format!("/api/v1/presence/{user}"), None)
+            .await;
+        assert_eq!(p["online"], false, "{user}: {p}");
+    }
+    let (_, v) = t.api("GET", "/api/v1/rooms/r1/presence", None).await;
+    assert_eq!(sorted(&v["users"]), ["alice", "carol"]);
 }
 
 #[tokio::test]

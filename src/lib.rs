@@ -38,6 +38,7 @@ pub mod logging;
 pub mod metrics;
 pub mod presence;
 pub(crate) mod primitives;
+pub mod push;
 pub mod rules;
 pub mod transport;
 

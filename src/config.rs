@@ -77,10 +77,22 @@ impl Default for Limits {
     }
 }
 
-/// Push provider settings (`[push.*]`), parsed and validated (push delivery is not built yet).
+/// Push settings: `[push]` (how jobs are sent) and the providers (`[push.*]`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushConfig {
+    /// After a push to a user for one collapse key (a room), later ones within this window are held
+    /// and sent as one summary when it closes (`"5s"`; `"0s"` turns merging off).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub burst_window: Option<Duration>,
+    /// A job a node claimed and did not finish within this is taken over by another node (`"30s"`).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub reclaim_after: Option<Duration>,
+    /// Sends tried before a job that keeps failing is dead-lettered (8).
+    pub max_attempts: Option<u32>,
+    /// The `after` of an `unacked` push whose rule gives none (`"30s"`).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub default_after: Option<Duration>,
     /// Firebase Cloud Messaging (HTTP v1).
     pub fcm: Option<FcmConfig>,
     /// Apple Push Notification service (HTTP/2, provider token).
@@ -138,6 +150,28 @@ pub struct WebhookConfig {
 }
 
 impl PushConfig {
+    /// [`PushConfig::burst_window`] with its default.
+    pub fn burst_window(&self) -> Duration {
+        self.burst_window.unwrap_or(Duration::from_secs(5))
+    }
+
+    /// [`PushConfig::reclaim_after`] with its default.
+    pub fn reclaim_after(&self) -> Duration {
+        self.reclaim_after
+            .unwrap_or(Duration::from_secs(30))
+            .max(Duration::from_millis(100))
+    }
+
+    /// [`PushConfig::max_attempts`] with its default.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts.unwrap_or(8).max(1)
+    }
+
+    /// [`PushConfig::default_after`] with its default.
+    pub fn default_after(&self) -> Duration {
+        self.default_after.unwrap_or(Duration::from_secs(30))
+    }
+
     /// True when any provider is configured.
     pub fn any(&self) -> bool {
         self.fcm.is_some()
@@ -587,7 +621,7 @@ impl Config {
 
         // Push (env overrides per key).
         c.push = file.push;
-        apply_push_env(&mut c.push);
+        apply_push_env(&mut c.push)?;
         Ok(c)
     }
 
@@ -676,7 +710,23 @@ fn split_list(v: &str) -> Vec<String> {
         .collect()
 }
 
-fn apply_push_env(p: &mut PushConfig) {
+fn apply_push_env(p: &mut PushConfig) -> Result<(), ConfigError> {
+    for (name, slot) in [
+        ("HERALD_PUSH_BURST_WINDOW", &mut p.burst_window),
+        ("HERALD_PUSH_RECLAIM_AFTER", &mut p.reclaim_after),
+        ("HERALD_PUSH_DEFAULT_AFTER", &mut p.default_after),
+    ] {
+        if let Some(v) = env(name) {
+            let d = crate::channels::parse_duration(&v)
+                .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+            *slot = Some(d);
+        }
+    }
+    if let Some(v) = env("HERALD_PUSH_MAX_ATTEMPTS") {
+        p.max_attempts = Some(v.parse().map_err(|_| {
+            ConfigError::Invalid("HERALD_PUSH_MAX_ATTEMPTS: a whole number".into())
+        })?);
+    }
     if env("HERALD_PUSH_FCM_ENDPOINT").is_some() || env("HERALD_PUSH_FCM_CREDENTIALS").is_some() {
         let f = p.fcm.get_or_insert_with(Default::default);
         if let Some(v) = env("HERALD_PUSH_FCM_ENDPOINT") {
@@ -728,6 +778,7 @@ fn apply_push_env(p: &mut PushConfig) {
             w.secret = Some(v);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,6 +25,61 @@ pub fn valid_platform(p: &str) -> bool {
     PLATFORMS.contains(&p)
 }
 
+/// Which of a recipient's devices get an event live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevicePolicy {
+    /// Every session.
+    #[default]
+    All,
+    /// Sessions in the foreground.
+    Foreground,
+    /// The most recently connected session of each user.
+    Latest,
+    /// iOS and Android sessions.
+    Mobile,
+    /// Web and desktop sessions.
+    Web,
+}
+
+impl DevicePolicy {
+    /// Parses `all|foreground|latest|mobile|web`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "all" => DevicePolicy::All,
+            "foreground" => DevicePolicy::Foreground,
+            "latest" => DevicePolicy::Latest,
+            "mobile" => DevicePolicy::Mobile,
+            "web" => DevicePolicy::Web,
+            _ => return None,
+        })
+    }
+
+    /// As written in rules.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DevicePolicy::All => "all",
+            DevicePolicy::Foreground => "foreground",
+            DevicePolicy::Latest => "latest",
+            DevicePolicy::Mobile => "mobile",
+            DevicePolicy::Web => "web",
+        }
+    }
+
+    /// Whether a session in `state` on `platform` gets an event live. `web` admits sessions that named
+    /// no platform (browsers rarely do); `latest` is decided where a user's sessions are known (the
+    /// hub), so it admits here.
+    pub fn admits(self, state: DeviceState, platform: Option<&str>) -> bool {
+        let mobile = matches!(platform, Some("ios" | "android"));
+        match self {
+            DevicePolicy::All | DevicePolicy::Latest => true,
+            DevicePolicy::Foreground => state == DeviceState::Foreground,
+            DevicePolicy::Mobile => mobile,
+            DevicePolicy::Web => !mobile,
+        }
+    }
+}
+
 /// Longest provider token accepted.
 const MAX_TOKEN: usize = 4096;
 

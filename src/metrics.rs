@@ -75,3 +75,40 @@ pub fn rules_reload(outcome: &'static str) {
 pub fn connection_refused() {
     metrics::counter!("herald_connections_refused_total").increment(1);
 }
+
+/// Push plans recorded by publishes, by the rule's `when`.
+pub fn push_planned(when: &'static str) {
+    metrics::counter!("herald_push_plans_total", "when" => when).increment(1);
+}
+
+/// Push jobs (one per device) queued from plans and summaries.
+pub fn push_jobs_planned(n: u64) {
+    if n > 0 {
+        metrics::counter!("herald_push_jobs_planned_total").increment(n);
+    }
+}
+
+/// Pushes the provider accepted.
+pub fn push_sent(provider: &'static str) {
+    metrics::counter!("herald_push_sent_total", "provider" => provider).increment(1);
+}
+
+/// Pushes that failed, by provider and what happened next (`retry`, `dead_letter`).
+pub fn push_failed(provider: &'static str, then: &'static str) {
+    metrics::counter!("herald_push_failed_total", "provider" => provider, "then" => then)
+        .increment(1);
+}
+
+/// Devices removed because their provider said the token is dead.
+pub fn push_dead_token(provider: &'static str) {
+    metrics::counter!("herald_push_dead_tokens_total", "provider" => provider).increment(1);
+}
+
+/// The outbox figures (refreshed every few seconds by each node's sending loop).
+pub fn push_outbox(queued: u64, pending: u64, timers: u64, dead: u64, oldest_ms: u64) {
+    metrics::gauge!("herald_push_outbox_queued").set(queued as f64);
+    metrics::gauge!("herald_push_outbox_pending").set(pending as f64);
+    metrics::gauge!("herald_push_timers").set(timers as f64);
+    metrics::gauge!("herald_push_dead_letters").set(dead as f64);
+    metrics::gauge!("herald_push_outbox_lag_seconds").set(oldest_ms as f64 / 1000.0);
+}

@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use crate::announcement::Announcement;
 use crate::channels::{ChannelName, Kind};
-use crate::device::{DeviceState, PushDevice};
+use crate::device::{DevicePolicy, DeviceState, PushDevice};
 use crate::event::{Position, Seq, StoredEvent};
 use crate::presence::{SessionInfo, Status, UserPresence};
 
@@ -61,6 +61,8 @@ pub struct DeliveryFilter {
     /// When set, only sessions whose JWT `attrs` hold every one of these values get the event live
     /// (targeted announcements on `global`).
     pub audience: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// Which of a recipient's sessions get it live (the rules' `devices`).
+    pub devices: DevicePolicy,
 }
 
 impl DeliveryFilter {
@@ -75,7 +77,7 @@ impl DeliveryFilter {
 
     /// True when the filter excludes no one.
     pub fn is_empty(&self) -> bool {
-        self.except.is_empty() && self.audience.is_none()
+        self.except.is_empty() && self.audience.is_none() && self.devices == DevicePolicy::All
     }
 }
 
@@ -145,6 +147,121 @@ pub struct Outgoing {
     /// atomic step, and a publish to a channel the key's record already has returns that position
     /// without storing again: so a publish whose outcome was unknown can be sent again safely.
     pub dedupe: Option<Arc<str>>,
+    /// A push plan recorded in the same backend step as the append (see [`PushStep`]); `None` costs
+    /// nothing.
+    pub push: Option<PushStep>,
+}
+
+/// A push plan to record with an append: queued in the outbox at once (`after` is `None`) or kept
+/// as a timer due `after` from now (backend clock). The outbox entry or timer carries the seq the
+/// append assigned ([`OutboxEntry::seq`]); the body is the engine's and opaque here. A timer with the
+/// same id as a pending one is not added twice.
+#[derive(Clone, Debug)]
+pub struct PushStep {
+    /// Timer id (unique per event and channel).
+    pub id: Arc<str>,
+    /// Delay; `None`: now.
+    pub after: Option<Duration>,
+    /// The plan.
+    pub body: Bytes,
+}
+
+/// One claimed outbox entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The entry id (to finish it with).
+    pub entry: String,
+    /// What was queued.
+    pub body: Bytes,
+    /// The seq of the event it was queued with, when stored.
+    pub seq: Option<Seq>,
+}
+
+/// The burst gate's answer for one push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// No window was open (one is now): send it.
+    Send,
+    /// A window is open: the push is held, merged with the others held, and a summary timer (id
+    /// `sum:{key}`) is due when the window closes.
+    Held,
+}
+
+/// Figures of the push outbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxStats {
+    /// Entries queued and not finished (claimed or not).
+    pub queued: u64,
+    /// Of those, claimed by a node and not finished.
+    pub pending: u64,
+    /// Timers not due yet.
+    pub timers: u64,
+    /// Dead letters kept.
+    pub dead: u64,
+    /// Age of the oldest queued entry, ms (0 when none).
+    pub oldest_ms: u64,
+}
+
+/// The push outbox: durable, shared by every node, at-least-once.
+///
+/// Guarantees: an entry is handed to one claimer at a time; one claimed and not finished within the
+/// claim's `idle` is handed again to the next claimer (a node that died loses nothing); a timer
+/// becomes an entry once, within a poll of its due time; finishing, retrying (finish + timer) and
+/// dead-lettering (finish + keep) are each one atomic step. Acks only move forward. The burst gate and
+/// its held pushes are atomic per key.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Queues bodies now.
+    async fn push_enqueue(&self, bodies: Vec<Bytes>) -> BackendResult<()>;
+    /// Keeps `body` as a timer due `after` from now (backend clock), unless one with `id` is pending.
+    async fn push_schedule(&self, id: &str, after: Duration, body: Bytes) -> BackendResult<()>;
+    /// Turns timers that are due into entries (at most `limit`); returns how many.
+    async fn push_due(&self, limit: usize) -> BackendResult<usize>;
+    /// Claims at most `count` entries for `consumer`: first those another claimer did not finish
+    /// within `idle`, then new ones.
+    async fn push_claim(
+        &self,
+        consumer: &str,
+        count: usize,
+        idle: Duration,
+    ) -> BackendResult<Vec<OutboxEntry>>;
+    /// Finishes an entry.
+    async fn push_done(&self, entry: &str) -> BackendResult<()>;
+    /// Finishes an entry and keeps `body` as timer `id` due `after` from now (a retry).
+    async fn push_retry(
+        &self,
+        entry: &str,
+        id: &str,
+        after: Duration,
+        body: Bytes,
+    ) -> BackendResult<()>;
+    /// Finishes an entry and keeps `body` in the dead letters (the newest `keep`).
+    async fn push_dead(&self, entry: &str, body: Bytes, keep: usize) -> BackendResult<()>;
+    /// Dead letters, newest first, at most `limit`.
+    async fn push_dead_letters(&self, limit: usize) -> BackendResult<Vec<Bytes>>;
+    /// Figures.
+    async fn push_stats(&self) -> BackendResult<OutboxStats>;
+    /// Records that `user` has `channel` up to `seq` (an ack from any of their devices).
+    async fn push_ack(&self, user: &str, channel: &str, seq: Seq) -> BackendResult<()>;
+    /// The ack positions of `users` on `channel` (0: none), in order.
+    async fn push_acked(&self, channel: &str, users: &[String]) -> BackendResult<Vec<Seq>>;
+    /// The burst gate for `key` (a user and collapse key): [`Gate::Send`] opens a window of
+    /// `window`; while it is open, pushes are held (`body` replaces the last held one, the count
+    /// grows) and a summary timer `sum:{key}` with body `summary` is due when it closes.
+    async fn push_gate(
+        &self,
+        key: &str,
+        window: Duration,
+        body: Bytes,
+        summary: Bytes,
+    ) -> BackendResult<Gate>;
+    /// Takes what `key` holds: how many pushes and the last one; a new window of `window` opens when
+    /// there were any (so a summary starts the next window).
+    async fn push_take_held(
+        &self,
+        key: &str,
+        window: Duration,
+    ) -> BackendResult<Option<(u32, Bytes)>>;
 }
 
 /// The unread bookkeeping of a countable room event, folded into [`Broker::publish`] so that the
@@ -465,6 +582,8 @@ pub struct Backends {
     pub devices: Arc<dyn Devices>,
     /// Announcements.
     pub announcements: Arc<dyn Announcements>,
+    /// The push outbox, timers, acks and burst gates.
+    pub outbox: Arc<dyn Outbox>,
 }
 
 impl Backends {
@@ -479,7 +598,8 @@ impl Backends {
             + Idempotency
             + Unread
             + Devices
-            + Announcements,
+            + Announcements
+            + Outbox,
     {
         Backends {
             broker: b.clone(),
@@ -490,7 +610,8 @@ impl Backends {
             idempotency: b.clone(),
             unread: b.clone(),
             devices: b.clone(),
-            announcements: b,
+            announcements: b.clone(),
+            outbox: b,
         }
     }
 

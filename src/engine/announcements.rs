@@ -108,9 +108,11 @@ impl Engine {
                     // filters by audience.
                     audience: (!a.audience.is_empty() && !self.rules.current().has_announce())
                         .then(|| Arc::new(a.audience.clone())),
+                    devices: Default::default(),
                 },
                 unread: None,
                 dedupe: None,
+                push: None,
             }),
         )
         .await?;

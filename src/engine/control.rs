@@ -51,6 +51,7 @@ impl Engine {
             filter,
             unread: None,
             dedupe: None,
+            push: None,
         }))
         .await?;
         Ok(())

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use crate::backend::{Delivery, DeliverySink};
 use crate::channels::ChannelName;
-use crate::device::DeviceState;
+use crate::device::{DevicePolicy, DeviceState};
 use crate::presence::SessionInfo;
 use crate::primitives::{lock, read, reserve_tight, write};
 
@@ -574,6 +574,18 @@ impl Hub {
             .collect()
     }
 
+    /// Whether the device policy `p` lets session `s` have an event live: by its app state and
+    /// platform, and for `latest` whether it is its user's most recently connected session here.
+    fn admits(&self, p: DevicePolicy, s: &SessionHandle) -> bool {
+        match p {
+            DevicePolicy::All => true,
+            DevicePolicy::Latest => {
+                lock(&self.users).get(&s.user).and_then(|l| l.last()) == Some(&s.id)
+            }
+            _ => p.admits(s.state(), s.platform.as_deref()),
+        }
+    }
+
     /// Number of local sessions.
     pub fn len(&self) -> usize {
         lock(&self.sessions).len()
@@ -598,7 +610,9 @@ impl DeliverySink for Hub {
         let filtered = !d.filter.is_empty();
         let mut n = 0u64;
         for s in list {
-            if filtered && d.filter.excludes(&s.user, &s.attrs) {
+            if filtered
+                && (d.filter.excludes(&s.user, &s.attrs) || !self.admits(d.filter.devices, s))
+            {
                 continue;
             }
             if s.send(Outbound::Deliver(d.clone())) {

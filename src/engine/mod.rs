@@ -15,7 +15,9 @@
 //! - [`announcements`]: announcements and the login sync;
 //! - [`devices`]: push device registrations;
 //! - [`presence`]: heartbeats, sweeps, presence frames and queries, contacts;
-//! - [`control`]: what the engine sends past the rules (`emit`), and the cross-node kick.
+//! - [`control`]: what the engine sends past the rules (`emit`), and the cross-node kick;
+//! - [`pushplan`]: who gets a push and who gets an event live (device policy), per recipient;
+//! - [`pushsend`]: the sending loop (outbox, timers, retries, dead letters, dead tokens).
 
 pub mod access;
 pub mod announcements;
@@ -27,6 +29,8 @@ pub mod limits;
 pub mod pipeline;
 pub mod presence;
 pub mod protocol;
+pub mod pushplan;
+pub mod pushsend;
 pub mod rooms;
 pub mod session;
 
@@ -190,6 +194,8 @@ pub struct Inner {
     pub node: Arc<str>,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// The configured push providers.
+    pub push: crate::push::Providers,
     next_session: AtomicU64,
 }
 
@@ -226,6 +232,10 @@ impl Engine {
         if watch {
             rules.watch(shutdown.clone())?;
         }
+        let push = crate::push::Providers::from_config(&config.push)?;
+        if push.kinds().is_empty() {
+            tracing::info!("No push provider configured: rules' push decisions are not planned.");
+        }
         let hub = Arc::new(Hub::new());
         backends.broker.attach(hub.clone());
         let engine = Engine {
@@ -236,11 +246,13 @@ impl Engine {
                 backends,
                 hub,
                 shutdown,
+                push,
                 next_session: AtomicU64::new(1),
             }),
         };
         tokio::spawn(presence::run(engine.clone()));
         tokio::spawn(expire_tokens(engine.clone()));
+        tokio::spawn(pushsend::run(engine.clone()));
         Ok(engine)
     }
 

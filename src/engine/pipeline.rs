@@ -115,6 +115,31 @@ pub struct DryRun {
     pub decision: serde_json::Value,
     /// How it was reached.
     pub trace: Trace,
+    /// What push it would plan, per target channel the rule's push applies to, and for each
+    /// recipient (the first [`DRY_RUN_RECIPIENTS`]) which devices get it live and which by push, and
+    /// why, from the shared state now (for `unacked`: at the due time, unless acked by then).
+    pub push: Vec<ChannelPush>,
+}
+
+/// Recipients a dry run plans at most, per channel.
+pub const DRY_RUN_RECIPIENTS: usize = 100;
+
+/// A dry run's push plan for one channel.
+#[derive(Debug, Serialize)]
+pub struct ChannelPush {
+    /// The channel.
+    pub channel: String,
+    /// The rule's `when`.
+    pub when: crate::rules::PushWhen,
+    /// For `unacked`: the fallback's delay, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<u64>,
+    /// False when no provider is configured (nothing would be planned).
+    pub enabled: bool,
+    /// Per recipient.
+    pub recipients: Vec<super::pushplan::RecipientPlan>,
+    /// Recipients beyond those listed.
+    pub more: usize,
 }
 
 /// How a dry run's decision was reached.
@@ -157,7 +182,9 @@ impl Receipt {
 /// What push the publish planned.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PushSummary {
-    /// Push jobs planned (push delivery is not built yet: always 0).
+    /// Push plans recorded: one per target channel (`user:`, `room:`) the rule's push applies to.
+    /// Each is carried out for the channel's recipients now, or at the fallback's due time for
+    /// `unacked` (see README "Push").
     pub planned: u32,
 }
 
@@ -180,13 +207,52 @@ fn valid_event_type(t: &str) -> bool {
 }
 
 impl Engine {
-    /// Routes `spec` with the rules in force, storing and delivering nothing.
-    pub fn dry_run(&self, spec: &EventSpec) -> EngineResult<DryRun> {
+    /// Routes `spec` with the rules in force, storing and delivering nothing; the push part reads
+    /// the shared state (presence, devices, focus, membership).
+    pub async fn dry_run(&self, spec: &EventSpec) -> EngineResult<DryRun> {
         let rules = self.rules.current();
         let routed = spec
             .route(&rules)
             .map_err(|e| EngineError::new(ErrorCode::BadFrame, e))?;
+        let kinds = rules.kinds().clone();
+        let mut push = Vec::new();
+        if let Some(p) = routed
+            .decision
+            .push
+            .as_ref()
+            .filter(|p| p.when != crate::rules::PushWhen::Never)
+        {
+            for ch in &routed.decision.to {
+                if !matches!(ch.kind(), Kind::User | Kind::Room) {
+                    continue;
+                }
+                let except: Vec<String> = routed
+                    .decision
+                    .except_for(&kinds, ch, spec.from.as_deref())
+                    .iter()
+                    .map(|u| u.to_string())
+                    .collect();
+                let mut recipients = self
+                    .plan_channel(ch, &except, p.when, routed.decision.devices, None)
+                    .await?;
+                let more = recipients.len().saturating_sub(DRY_RUN_RECIPIENTS);
+                recipients.truncate(DRY_RUN_RECIPIENTS);
+                push.push(ChannelPush {
+                    channel: ch.to_string(),
+                    when: p.when,
+                    after_ms: (p.when == crate::rules::PushWhen::Unacked).then(|| {
+                        p.after
+                            .unwrap_or_else(|| self.config.push.default_after())
+                            .as_millis() as u64
+                    }),
+                    enabled: self.push_enabled(),
+                    recipients,
+                    more,
+                });
+            }
+        }
         Ok(DryRun {
+            push,
             decision: routed.decision.to_json(rules.kinds(), spec.from.as_deref()),
             trace: Trace {
                 by: routed.decided_by(),
@@ -382,6 +448,7 @@ impl Engine {
         .encode();
         let event: Arc<str> = req.event.as_str().into();
         let mut deliveries = Vec::with_capacity(decision.to.len());
+        let mut planned = 0u32;
         for channel in &decision.to {
             let kind = kinds.of(channel);
             let persist = decision
@@ -390,9 +457,13 @@ impl Engine {
                     size: kind.history_size,
                     age: kind.history_age,
                 });
+            let except = decision.except_for(&kinds, channel, req.from.as_deref());
+            let push = self.push_step(&decision, &req.event, &id, channel, &except);
+            planned += u32::from(push.is_some());
             let filter = DeliveryFilter {
-                except: decision.except_for(&kinds, channel, req.from.as_deref()),
+                except,
                 audience: None,
+                devices: decision.devices,
             };
             // Unread bookkeeping (record the event as countable, move the sender's and the focused
             // members' read pointers) rides in the same backend step as the append.
@@ -409,6 +480,7 @@ impl Engine {
                 filter,
                 unread,
                 dedupe: persist.and(dedupe.cloned()),
+                push,
             };
             let position = match self.append(out).await {
                 Ok(p) => p,
@@ -419,7 +491,7 @@ impl Engine {
         Ok(PublishReply {
             id: id.to_string(),
             deliveries,
-            push: PushSummary::default(),
+            push: PushSummary { planned },
         })
     }
 }

@@ -202,6 +202,7 @@ impl Engine {
         let filter = DeliveryFilter {
             except: vec![user.into()],
             audience: None,
+            devices: Default::default(),
         };
         self.publish_frame(ch, "presence.update", frame, filter)
             .await;

@@ -205,6 +205,15 @@ impl Engine {
         let seq = seq.min(last);
         let counts = &self.backends.unread;
         let pointer = backend(counts.set_read(user, room, seq)).await?;
+        // Read is seen: an `unacked` push fallback for what was read is not sent.
+        if self.push_enabled() {
+            backend(
+                self.backends
+                    .outbox
+                    .push_ack(user, room_ch.as_str(), pointer),
+            )
+            .await?;
+        }
         let unread = backend(counts.unread(user, &[room.to_string()])).await?[0];
         let from: Arc<str> = user.into();
         let receipt = ReadReceipt {

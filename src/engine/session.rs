@@ -704,8 +704,9 @@ impl Session {
             .await
     }
 
-    /// `ack`: this device has the event. (Cancels `unacked` push fallbacks once push lands; validated
-    /// and acknowledged now.)
+    /// `ack`: this device has the event, and those before it on the channel: the user's `unacked`
+    /// push fallbacks up to `seq` on the channel are not sent, whichever node planned them and
+    /// whichever device of the user they were for (acks are a position per user and channel).
     pub async fn ack(&mut self, channel: &str, seq: Seq) -> EngineResult<Acked> {
         let ch = ChannelName::parse(channel)?;
         if !self.subs.contains_key(&ch) {
@@ -713,6 +714,15 @@ impl Session {
                 ErrorCode::Forbidden,
                 format!("{ch}: not subscribed"),
             ));
+        }
+        let e = &self.engine;
+        if e.push_enabled() && seq > 0 {
+            backend(
+                e.backends
+                    .outbox
+                    .push_ack(&self.handle.user, ch.as_str(), seq),
+            )
+            .await?;
         }
         Ok(Acked { channel: ch, seq })
     }

@@ -9,25 +9,11 @@ use rhai::Dynamic;
 
 use super::{RouteInput, template};
 use crate::channels::{ChannelKinds, ChannelName, parse_duration, valid_id};
+pub use crate::device::DevicePolicy;
 
-/// Which of a recipient's devices get an event live.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DevicePolicy {
-    /// Every session.
-    #[default]
-    All,
-    /// Sessions in the foreground.
-    Foreground,
-    /// The most recently connected session of each user.
-    Latest,
-    /// iOS and Android sessions.
-    Mobile,
-    /// Web and desktop sessions.
-    Web,
-}
-
-/// When a push notification is sent (kept in the decision; push delivery is not built yet).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// When a push notification is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PushWhen {
     /// Never.
     Never,
@@ -137,31 +123,6 @@ const PUSH_KEYS: [&str; 9] = [
     "collapse",
     "ttl",
 ];
-
-impl DevicePolicy {
-    /// Parses `all|foreground|latest|mobile|web`.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "all" => DevicePolicy::All,
-            "foreground" => DevicePolicy::Foreground,
-            "latest" => DevicePolicy::Latest,
-            "mobile" => DevicePolicy::Mobile,
-            "web" => DevicePolicy::Web,
-            _ => return None,
-        })
-    }
-
-    /// As written in rules.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DevicePolicy::All => "all",
-            DevicePolicy::Foreground => "foreground",
-            DevicePolicy::Latest => "latest",
-            DevicePolicy::Mobile => "mobile",
-            DevicePolicy::Web => "web",
-        }
-    }
-}
 
 impl PushWhen {
     /// Parses `never|offline|background|unacked|always`.

@@ -59,7 +59,7 @@ async fn dry_run(
     _: AdminKey,
     JsonBody(spec): JsonBody<EventSpec>,
 ) -> Response {
-    match s.engine.dry_run(&spec) {
+    match s.engine.dry_run(&spec).await {
         Ok(d) => Json(d).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }

@@ -61,7 +61,8 @@ pub(super) fn routes() -> Router<AppState> {
             "/announcements",
             post(create_announcement).get(list_announcements),
         )
-        .route("/users/{user}/disconnect", post(disconnect));
+        .route("/users/{user}/disconnect", post(disconnect))
+        .route("/push/dead", get(push_dead));
     let online = Router::new()
         .route("/users", post(os_users))
         .route("/user/{id}", get(os_user))
@@ -344,6 +345,16 @@ async fn online_page(s: &AppState, q: &HashMap<String, String>) -> Reply<OnlineU
         .map(String::as_str)
         .filter(|c| !c.is_empty());
     Ok(Json(s.engine.online_page(cursor, limit).await?))
+}
+
+/// `GET /push/dead?limit=` (default 100): dead letters, newest first, and the outbox figures.
+async fn push_dead(
+    State(s): State<AppState>,
+    _: ApiKey,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<impl Serialize> {
+    let limit = num(&q, "limit")?.unwrap_or(100) as usize;
+    Ok(Json(s.engine.push_dead_letters(limit).await?))
 }
 
 async fn online_list(

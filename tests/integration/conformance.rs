@@ -75,6 +75,7 @@ async fn publish_counted(
             filter: DeliveryFilter::default(),
             unread,
             dedupe: None,
+            push: None,
         })
         .await
         .unwrap()
@@ -487,6 +488,7 @@ async fn broker_dedupes_under_an_idempotency_key(b: Backends) {
         filter: DeliveryFilter::default(),
         unread: None,
         dedupe: key.map(Into::into),
+        push: None,
     };
     let first = b.broker.publish(send(&a, Some("dk"), 1)).await.unwrap();
     let again = b.broker.publish(send(&a, Some("dk"), 2)).await.unwrap();
@@ -846,6 +848,12 @@ mod contract {
         super::devices(f.make().await).await;
         super::announcements(f.make().await).await;
     }
+
+    pub(super) async fn outbox(f: Factory) {
+        super::outbox_entries(f.make().await).await;
+        super::outbox_timers_with_the_append(f.make().await).await;
+        super::outbox_acks_and_gate(f.make().await).await;
+    }
 }
 
 /// Each group of the contract, on memory and on Redis (`conformance::GROUP::memory|redis`).
@@ -872,8 +880,192 @@ contract_tests!(
     membership,
     idempotency,
     unread,
-    devices
+    devices,
+    outbox
 );
+
+/// Outbox: entries are claimed once, an unfinished one is handed again after `idle`, retry and dead
+/// letter finish them in one step, and the figures say so.
+async fn outbox_entries(b: Backends) {
+    let o = &b.outbox;
+    let idle = Duration::from_millis(300);
+    o.push_enqueue(vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")])
+        .await
+        .unwrap();
+    let first = o.push_claim("node-a", 10, idle).await.unwrap();
+    let bodies: Vec<&[u8]> = first.iter().map(|e| &e.body[..]).collect();
+    assert_eq!(bodies, [&b"one"[..], b"two"]);
+    assert!(first.iter().all(|e| e.seq.is_none()));
+    assert!(
+        o.push_claim("node-b", 10, idle).await.unwrap().is_empty(),
+        "a claimed entry is not handed to another claimer before idle"
+    );
+    let stats = o.push_stats().await.unwrap();
+    assert_eq!((stats.queued, stats.pending), (2, 2), "{stats:?}");
+    o.push_done(&first[0].entry).await.unwrap();
+    tokio::time::sleep(idle + Duration::from_millis(100)).await;
+    let again = o.push_claim("node-b", 10, idle).await.unwrap();
+    assert_eq!(
+        again.len(),
+        1,
+        "the unfinished entry is handed again: {again:?}"
+    );
+    assert_eq!(&again[0].body[..], b"two");
+    o.push_dead(&again[0].entry, Bytes::from_static(b"gone"), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        o.push_dead_letters(10).await.unwrap(),
+        vec![Bytes::from_static(b"gone")]
+    );
+    tokio::time::sleep(idle + Duration::from_millis(100)).await;
+    assert!(o.push_claim("node-a", 10, idle).await.unwrap().is_empty());
+    // A retry finishes the entry and comes back as a new one when due.
+    o.push_enqueue(vec![Bytes::from_static(b"three")])
+        .await
+        .unwrap();
+    let e = o.push_claim("node-a", 10, idle).await.unwrap();
+    o.push_retry(
+        &e[0].entry,
+        "retry:3",
+        Duration::from_millis(200),
+        Bytes::from_static(b"three'"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(o.push_due(10).await.unwrap(), 0, "not due yet");
+    assert_eq!(o.push_stats().await.unwrap().timers, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(o.push_due(10).await.unwrap(), 1);
+    let e = o.push_claim("node-a", 10, idle).await.unwrap();
+    assert_eq!(&e[0].body[..], b"three'");
+    o.push_done(&e[0].entry).await.unwrap();
+    // Dead letters keep the newest `keep`.
+    for n in 0..3u8 {
+        o.push_enqueue(vec![Bytes::from(vec![b'a' + n])])
+            .await
+            .unwrap();
+        let e = o.push_claim("node-a", 10, idle).await.unwrap();
+        o.push_dead(&e[0].entry, e[0].body.clone(), 2)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        o.push_dead_letters(10).await.unwrap(),
+        vec![Bytes::from_static(b"c"), Bytes::from_static(b"b")]
+    );
+    let stats = o.push_stats().await.unwrap();
+    assert_eq!(
+        (stats.queued, stats.timers, stats.dead),
+        (0, 0, 2),
+        "{stats:?}"
+    );
+}
+
+/// Outbox: a push step rides with the append: queued at once with the seq the append assigned, or
+/// kept as a timer (once per id) that becomes an entry when due; an idempotent re-publish adds none.
+async fn outbox_timers_with_the_append(b: Backends) {
+    let ch = ChannelName::parse("room:pushy").unwrap();
+    let send = |n: u64, after: Option<Duration>, key: Option<&str>| Outgoing {
+        channel: ch.clone(),
+        event: "n".into(),
+        payload: OutgoingPayload::EventBody(body(n)),
+        persist: limits(100),
+        filter: DeliveryFilter::default(),
+        unread: None,
+        dedupe: key.map(Into::into),
+        push: Some(herald::backend::PushStep {
+            id: format!("plan:{n}").into(),
+            after,
+            body: Bytes::from(format!("plan {n}")),
+        }),
+    };
+    let p1 = b
+        .broker
+        .publish(send(1, None, None))
+        .await
+        .unwrap()
+        .unwrap();
+    let e = b
+        .outbox
+        .push_claim("n", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(e.len(), 1);
+    assert_eq!((&e[0].body[..], e[0].seq), (&b"plan 1"[..], Some(p1.seq)));
+    b.outbox.push_done(&e[0].entry).await.unwrap();
+
+    let ttl = Duration::from_secs(60);
+    b.idempotency
+        .idem_begin("pk", "id-2", ttl, ttl)
+        .await
+        .unwrap();
+    let after = Some(Duration::from_millis(200));
+    let p2 = b
+        .broker
+        .publish(send(2, after, Some("pk")))
+        .await
+        .unwrap()
+        .unwrap();
+    // The same publish again under its key: stored once, planned once.
+    b.broker.publish(send(2, after, Some("pk"))).await.unwrap();
+    assert_eq!(b.outbox.push_stats().await.unwrap().timers, 1);
+    assert_eq!(b.outbox.push_due(10).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.outbox.push_due(10).await.unwrap(), 1);
+    let e = b
+        .outbox
+        .push_claim("n", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!((&e[0].body[..], e[0].seq), (&b"plan 2"[..], Some(p2.seq)));
+}
+
+/// Outbox: acks only move forward, per user and channel; the burst gate lets the first push through,
+/// holds the rest with a summary timer due when the window closes, and hands them over once.
+async fn outbox_acks_and_gate(b: Backends) {
+    let o = &b.outbox;
+    o.push_ack("ann", "room:a", 5).await.unwrap();
+    o.push_ack("ann", "room:a", 3).await.unwrap();
+    let users = ["ann".to_string(), "bob".to_string()];
+    assert_eq!(o.push_acked("room:a", &users).await.unwrap(), vec![5, 0]);
+    assert_eq!(o.push_acked("room:b", &users).await.unwrap(), vec![0, 0]);
+
+    let w = Duration::from_millis(300);
+    let sum = Bytes::from_static(b"summary");
+    let gate = |n: &'static str| {
+        o.push_gate(
+            "ann|room:a",
+            w,
+            Bytes::from_static(n.as_bytes()),
+            sum.clone(),
+        )
+    };
+    assert_eq!(gate("1").await.unwrap(), herald::backend::Gate::Send);
+    assert_eq!(gate("2").await.unwrap(), herald::backend::Gate::Held);
+    assert_eq!(gate("3").await.unwrap(), herald::backend::Gate::Held);
+    assert_eq!(
+        o.push_gate("bob|room:a", w, Bytes::from_static(b"b"), sum.clone())
+            .await
+            .unwrap(),
+        herald::backend::Gate::Send,
+        "another key has its own window"
+    );
+    assert_eq!(o.push_stats().await.unwrap().timers, 1, "one summary timer");
+    assert_eq!(o.push_due(10).await.unwrap(), 0);
+    tokio::time::sleep(w + Duration::from_millis(100)).await;
+    assert_eq!(o.push_due(10).await.unwrap(), 1);
+    let e = o
+        .push_claim("n", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(&e[0].body[..], b"summary");
+    let held = o.push_take_held("ann|room:a", w).await.unwrap();
+    assert_eq!(held, Some((2, Bytes::from_static(b"3"))));
+    assert_eq!(o.push_take_held("ann|room:a", w).await.unwrap(), None);
+    // The summary opened the next window: a push right after is held again.
+    assert_eq!(gate("4").await.unwrap(), herald::backend::Gate::Held);
+}
 
 /// Redis: the same idempotency key raced from two nodes (two connections, one prefix) is claimed by
 /// exactly one; the other sees it pending.
@@ -1356,9 +1548,11 @@ async fn redis_frames_are_the_bytes_the_memory_backend_makes() {
             filter: DeliveryFilter {
                 except: vec!["ann".into()],
                 audience: None,
+                devices: Default::default(),
             },
             unread: None,
             dedupe: None,
+            push: None,
         };
         let stored = b.broker.publish(send(limits(10))).await.unwrap().unwrap();
         b.broker.publish(send(None)).await.unwrap();

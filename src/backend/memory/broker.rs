@@ -81,6 +81,7 @@ impl Broker for Memory {
             filter,
             unread: _,
             dedupe,
+            push,
         } = msg;
         match (payload, persist) {
             (OutgoingPayload::EventBody(body), Some(limits)) => {
@@ -114,6 +115,9 @@ impl Broker for Memory {
                 if let Some(key) = &dedupe {
                     self.record_dedupe(key, channel.as_str(), &position);
                 }
+                if let Some(step) = &push {
+                    lock(&self.outbox).record(step, Some(seq));
+                }
                 // Handing over while the channel lock is held keeps deliveries in seq order; the sink
                 // only does non-blocking queue pushes.
                 if let Some(sink) = self.sink() {
@@ -140,6 +144,9 @@ impl Broker for Memory {
                         frame,
                         filter,
                     }));
+                }
+                if let Some(step) = &push {
+                    lock(&self.outbox).record(step, None);
                 }
                 Ok(None)
             }

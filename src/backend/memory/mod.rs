@@ -6,6 +6,7 @@
 //! "assign seq, store, hand to the sink" one atomic step, which is what keeps live delivery in seq order.
 
 mod broker;
+mod outbox;
 mod presence;
 mod store;
 
@@ -25,6 +26,7 @@ pub struct Memory {
     channels: Vec<Mutex<HashMap<ChannelName, Arc<Mutex<ChannelLog>>>>>,
     presence: Mutex<presence::PresenceState>,
     store: Mutex<store::StoreState>,
+    outbox: Mutex<outbox::OutboxState>,
 }
 
 impl Default for Memory {
@@ -41,6 +43,7 @@ impl Memory {
             channels: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             presence: Mutex::new(Default::default()),
             store: Mutex::new(Default::default()),
+            outbox: Mutex::new(Default::default()),
         }
     }
 }

@@ -58,7 +58,12 @@ impl RedisBroker {
             keys,
             cmd,
             scripts: Scripts {
-                publish: lua!("unread_lib.lua", "channel_lib.lua", "publish.lua"),
+                publish: lua!(
+                    "unread_lib.lua",
+                    "channel_lib.lua",
+                    "push_lib.lua",
+                    "publish.lua"
+                ),
                 position: lua!("channel_lib.lua", "position.lua"),
                 read: lua!("channel_lib.lua", "read.lua"),
             },
@@ -109,6 +114,26 @@ impl Broker for RedisBackend {
                             .as_deref()
                             .map_or(String::new(), |k| self.keys.idempotency(k)),
                     );
+                // The push step: fixed arguments, empty when there is none.
+                match &msg.push {
+                    None => inv.arg("").arg("").arg("").arg("").arg(0).arg(""),
+                    Some(step) => match step.after {
+                        None => inv
+                            .arg("now")
+                            .arg(self.keys.push_outbox())
+                            .arg("")
+                            .arg(&*step.id)
+                            .arg(0)
+                            .arg(&step.body[..]),
+                        Some(after) => inv
+                            .arg("after")
+                            .arg(self.keys.push_timers())
+                            .arg(self.keys.push_timer_bodies())
+                            .arg(&*step.id)
+                            .arg(after.as_millis() as u64)
+                            .arg(&step.body[..]),
+                    },
+                };
                 // The unread step rides in the same script (see lua/publish.lua); without one the
                 // call is exactly the plain append.
                 if let Some((room, step)) = msg.unread_room() {
@@ -145,6 +170,11 @@ impl Broker for RedisBackend {
                     .query_async(&mut con)
                     .await
                     .map_err(err)?;
+                // Not stored: no seq to carry, so the plan is queued on its own (after the frame
+                // went out, as a stored event's is in the same step).
+                if let Some(step) = &msg.push {
+                    super::outbox::record_unstored(&mut con, &self.keys, step).await?;
+                }
                 Ok(None)
             }
         }

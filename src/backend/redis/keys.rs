@@ -147,4 +147,42 @@ impl Keys {
     pub fn announcement_cursor(&self, user: &str) -> String {
         format!("{}{{u:{user}}}:ann-cursor", self.prefix)
     }
+
+    /// Stream: the push outbox (consumer group [`Keys::PUSH_GROUP`]); fields `b` body, `s` seq.
+    pub fn push_outbox(&self) -> String {
+        format!("{}{{push}}:outbox", self.prefix)
+    }
+
+    /// Sorted set: push timer id -> due time (unix ms, Redis clock).
+    pub fn push_timers(&self) -> String {
+        format!("{}{{push}}:timers", self.prefix)
+    }
+
+    /// Hash: push timer id -> `<seq or -> <body>`.
+    pub fn push_timer_bodies(&self) -> String {
+        format!("{}{{push}}:timer-bodies", self.prefix)
+    }
+
+    /// List: push dead letters, newest first.
+    pub fn push_dead(&self) -> String {
+        format!("{}{{push}}:dead", self.prefix)
+    }
+
+    /// Hash: user -> the highest seq they acked on `channel`.
+    pub fn push_acks(&self, channel: &str) -> String {
+        format!("{}{{c:{channel}}}:acks", self.prefix)
+    }
+
+    /// String with an expiry: a push burst window is open for `key`.
+    pub fn push_gate(&self, key: &str) -> String {
+        format!("{}{{push}}:gate:{key}", self.prefix)
+    }
+
+    /// Hash: pushes held while `key`'s window is open (`n` count, `b` the last).
+    pub fn push_held(&self, key: &str) -> String {
+        format!("{}{{push}}:held:{key}", self.prefix)
+    }
+
+    /// The outbox's consumer group.
+    pub const PUSH_GROUP: &'static str = "herald";
 }

@@ -23,6 +23,7 @@ mod broker;
 mod healing;
 mod history;
 pub mod keys;
+mod outbox;
 mod presence;
 mod shared;
 mod store;
@@ -297,6 +298,7 @@ pub(super) async fn open(
             "Could not check Redis maxmemory-policy; it must be noeviction, or Redis may evict herald's state."
         ),
     }
+    r.ensure_push_group().await.map_err(named)?;
     Ok(Backends::of(r))
 }
 

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::DeliveryFilter;
+use crate::device::DevicePolicy;
 use crate::event::{Epoch, Position};
 
 /// The live-delivery filter as it travels in a Pub/Sub payload and is kept beside a stored event.
@@ -20,6 +21,12 @@ struct WireFilter {
     except: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     audience: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "is_all")]
+    devices: DevicePolicy,
+}
+
+fn is_all(d: &DevicePolicy) -> bool {
+    *d == DevicePolicy::All
 }
 
 pub(super) fn encode_filter(f: &DeliveryFilter) -> String {
@@ -29,6 +36,7 @@ pub(super) fn encode_filter(f: &DeliveryFilter) -> String {
     serde_json::to_string(&WireFilter {
         except: f.except.iter().map(|u| u.to_string()).collect(),
         audience: f.audience.as_ref().map(|a| (**a).clone()),
+        devices: f.devices,
     })
     .expect("filter serialises")
 }
@@ -41,6 +49,7 @@ pub(super) fn decode_filter(s: &[u8]) -> DeliveryFilter {
         Ok(w) => DeliveryFilter {
             except: w.except.into_iter().map(Into::into).collect(),
             audience: w.audience.map(Arc::new),
+            devices: w.devices,
         },
         Err(_) => DeliveryFilter::default(),
     }

@@ -138,6 +138,7 @@ fn fanout(c: &mut Criterion) {
     let except_sender = DeliveryFilter {
         except: vec![Arc::from("u0")],
         audience: None,
+        devices: Default::default(),
     };
 
     let mut g = c.benchmark_group("fanout");
@@ -187,6 +188,7 @@ fn fanout(c: &mut Criterion) {
             filter: except_sender.clone(),
             unread: None,
             dedupe: None,
+            push: None,
         }))
         .expect("publish")
         .expect("stored");

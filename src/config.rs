@@ -137,6 +137,12 @@ pub struct WebPushConfig {
     pub vapid_key: Option<String>,
     /// VAPID subject (mailto: or https:).
     pub subject: Option<String>,
+    /// Push-service hosts a subscription's endpoint may name (a leading `*.` matches any subdomain);
+    /// `None` = the browsers' push services (see `push::webpush::DEFAULT_ALLOWED_HOSTS`).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Test-only: accept `http://127.0.0.1:PORT` endpoints (loopback, plain HTTP). Never in production.
+    #[serde(default)]
+    pub allow_loopback: bool,
 }
 
 /// `[push.webhook]`.
@@ -758,8 +764,10 @@ fn apply_push_env(p: &mut PushConfig) -> Result<(), ConfigError> {
             a.topic = Some(v);
         }
     }
-    if env("HERALD_PUSH_WEBPUSH_VAPID_KEY").is_some()
-        || env("HERALD_PUSH_WEBPUSH_SUBJECT").is_some()
+    let webpush_keys = ["VAPID_KEY", "SUBJECT", "ALLOWED_HOSTS", "ALLOW_LOOPBACK"];
+    if webpush_keys
+        .iter()
+        .any(|k| env(&format!("HERALD_PUSH_WEBPUSH_{k}")).is_some())
     {
         let w = p.webpush.get_or_insert_with(Default::default);
         if let Some(v) = env("HERALD_PUSH_WEBPUSH_VAPID_KEY") {
@@ -767,6 +775,20 @@ fn apply_push_env(p: &mut PushConfig) -> Result<(), ConfigError> {
         }
         if let Some(v) = env("HERALD_PUSH_WEBPUSH_SUBJECT") {
             w.subject = Some(v);
+        }
+        if let Some(v) = env("HERALD_PUSH_WEBPUSH_ALLOWED_HOSTS") {
+            w.allowed_hosts = Some(split_list(&v));
+        }
+        if let Some(v) = env("HERALD_PUSH_WEBPUSH_ALLOW_LOOPBACK") {
+            w.allow_loopback = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "HERALD_PUSH_WEBPUSH_ALLOW_LOOPBACK: true or false".into(),
+                    ));
+                }
+            };
         }
     }
     if env("HERALD_PUSH_WEBHOOK_URL").is_some() || env("HERALD_PUSH_WEBHOOK_SECRET").is_some() {

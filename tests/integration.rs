@@ -9,6 +9,9 @@ mod common;
 #[path = "integration/redis_server.rs"]
 mod redis_server;
 
+#[path = "integration/fakes/mod.rs"]
+mod fakes;
+
 #[path = "integration/conformance.rs"]
 mod conformance;
 #[path = "integration/eviction.rs"]

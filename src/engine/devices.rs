@@ -5,6 +5,7 @@ use serde::Serialize;
 use super::limits::check_id;
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::device::PushDevice;
+use crate::push::ProviderKind;
 
 /// The reply to registering a device.
 #[derive(Debug, Serialize)]
@@ -40,11 +41,30 @@ impl Engine {
     pub async fn put_device(&self, user: &str, device: PushDevice) -> EngineResult<DeviceSaved> {
         check_id("user", user)?;
         check_id("device", &device.device)?;
+        self.check_registration(&device)?;
         backend(self.backends.devices.put_device(user, device.clone())).await?;
         Ok(DeviceSaved {
             user: user.into(),
             device,
         })
+    }
+
+    /// The device's provider must be configured here and accept its token / subscription shape
+    /// (nothing could ever be sent to it otherwise).
+    fn check_registration(&self, d: &PushDevice) -> EngineResult<()> {
+        let bad = |m: String| EngineError::new(ErrorCode::BadFrame, m);
+        let kind = ProviderKind::parse(&d.provider)
+            .ok_or_else(|| bad("provider: fcm, apns, webpush or webhook".into()))?;
+        let provider = self.inner.push.get(kind).ok_or_else(|| {
+            bad(format!(
+                "provider: {} is not configured on this server ([push.{}])",
+                kind.as_str(),
+                kind.as_str()
+            ))
+        })?;
+        provider
+            .check_registration(d.token.as_deref(), d.subscription.as_ref())
+            .map_err(bad)
     }
 
     /// Removes a push device; `not_found` when there is none.

@@ -1,0 +1,401 @@
+//! Push carried out end to end: rules' `push` and `devices` decisions, devices registered through the
+//! API, live sessions on the wire, jobs arriving at a real local webhook receiver (and, in
+//! `push_providers`, at fakes of Google's, Apple's and the browsers' services).
+
+use std::time::Duration;
+
+use herald::config::Config;
+use serde_json::{Value, json};
+
+use herald::transport::auth::Claims;
+
+use crate::common::{ADMIN_KEY, TempDir, TestServer, assert_error, claims};
+use crate::fakes::Failure;
+use crate::fakes::webhook::FakeWebhook;
+
+/// Long enough for any push that should come (the loop ticks every 100 ms).
+const ARRIVE: Duration = Duration::from_secs(5);
+/// How long "no push" is watched for.
+const QUIET: Duration = Duration::from_millis(1500);
+
+/// Rules: one event type per `push.when` (and per device policy), all to `room:{room}`.
+const RULES: &str = r##"
+fn route(e) {
+    let room = e.room;
+    if room == () { return; }
+    switch e.type {
+        "p.offline" => #{ to: "room:" + room, push: #{ when: "offline", title: "T", body: "offline body" } },
+        "p.background" => #{ to: "room:" + room, push: #{ when: "background", title: "T" } },
+        "p.unacked" => #{ to: "room:" + room, push: #{ when: "unacked", after: "1s", title: "T" } },
+        "p.always" => #{ to: "room:" + room, push: #{ when: "always", title: "T" } },
+        "p.never" => #{ to: "room:" + room, push: #{ when: "never" } },
+        "p.fg" => #{ to: "room:" + room, devices: "foreground", push: #{ when: "background", title: "T" } },
+        "p.bad" => #{ to: "room:" + room, push: #{ when: "always", title: "T", data: #{ fail: true } } },
+        _ => ()
+    }
+}
+"##;
+
+/// An engine with the push rules, the webhook provider pointing at `hook`, and `f` applied.
+pub async fn start(hook: &FakeWebhook, dir: &TempDir, f: impl FnOnce(&mut Config)) -> TestServer {
+    std::fs::write(dir.join("push.rhai"), RULES).unwrap();
+    let path = dir.path.clone();
+    let hook = hook.config();
+    TestServer::start_with(move |c| {
+        c.rules_dir = path;
+        c.push.webhook = Some(hook);
+        c.push.reclaim_after = Some(Duration::from_millis(500));
+        f(c);
+    })
+    .await
+}
+
+/// Registers a webhook device `device` for `user`.
+pub async fn webhook_device(t: &TestServer, user: &str, device: &str, platform: Option<&str>) {
+    let mut body = json!({"provider": "webhook", "token": format!("tok-{device}")});
+    if let Some(p) = platform {
+        body["platform"] = p.into();
+    }
+    let (s, v) = t
+        .api(
+            "PUT",
+            &format!("/api/v1/users/{user}/devices/{device}"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(s, 200, "register {user}/{device}: {v}");
+}
+
+/// A room `r1` with `alice` (the sender) and `bob`, bob with push device `phone`.
+async fn room_with_bob(t: &TestServer) {
+    t.join("r1", "alice").await;
+    t.join("r1", "bob").await;
+    webhook_device(t, "bob", "phone", Some("ios")).await;
+}
+
+async fn send(t: &TestServer, event: &str) -> Value {
+    t.publish(json!({"event": event, "room": "r1", "from": "alice", "data": {"text": "hi"}}))
+        .await
+}
+
+/// A WebSocket for `user` as device `device` (platform `platform`), subscribed to `room:r1`.
+async fn device_ws(t: &TestServer, user: &str, device: &str, platform: &str) -> crate::common::Ws {
+    let c = Claims {
+        device: Some(device.into()),
+        platform: Some(platform.into()),
+        ..claims(user)
+    };
+    let mut ws = t.ws_token(&t.token_with(c)).await;
+    let r = ws
+        .request(json!({"op":"subscribe","channel":"room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "subscribe: {r}");
+    ws
+}
+
+/// Sets a session's app state.
+async fn set_state(ws: &mut crate::common::Ws, state: &str) {
+    let r = ws.request(json!({"op":"state","state":state})).await;
+    assert_eq!(r["ok"], true, "state {state}: {r}");
+}
+
+#[tokio::test]
+async fn push_offline_user_gets_exactly_one_push_with_room_and_seq() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-offline");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+
+    let reply = send(&t, "p.offline").await;
+    assert_eq!(reply["push"]["planned"], 1, "{reply}");
+    let seq = reply["deliveries"][0]["seq"].as_u64().unwrap();
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "one push: {got:?}");
+    let job = &got[0];
+    assert_eq!(job["user"], "bob");
+    assert_eq!(job["device"], "phone");
+    assert_eq!(job["room"], "r1");
+    assert_eq!(job["seq"], seq);
+    assert_eq!(job["reason"], "offline");
+    assert_eq!(job["title"], "T");
+    assert_eq!(job["body"], "offline body");
+    assert_eq!(job["collapse"], "room:r1");
+    assert_eq!(job["token"], "tok-phone");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(hook.received().len(), 1, "no second push");
+    assert_eq!(hook.rejected(), 0, "every request was signed");
+}
+
+#[tokio::test]
+async fn push_online_user_gets_no_offline_push_and_never_means_never() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-online");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut bob = device_ws(&t, "bob", "laptop", "web").await;
+
+    send(&t, "p.offline").await;
+    bob.event_on("room:r1").await;
+    let reply = send(&t, "p.never").await;
+    assert_eq!(reply["push"]["planned"], 0, "{reply}");
+    tokio::time::sleep(QUIET).await;
+    assert!(hook.received().is_empty(), "{:?}", hook.received());
+}
+
+#[tokio::test]
+async fn push_unacked_fires_after_the_delay_unless_any_device_acks() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-unacked");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+
+    // Not acked: pushed, but not before `after` (1 s).
+    let started = std::time::Instant::now();
+    let reply = send(&t, "p.unacked").await;
+    assert_eq!(reply["push"]["planned"], 1, "{reply}");
+    laptop.event_on("room:r1").await;
+    phone.event_on("room:r1").await;
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "pushed after {:?}, before `after`",
+        started.elapsed()
+    );
+    assert_eq!(got[0]["reason"], "unacked");
+
+    // Acked on the laptop: no push to any device.
+    let reply = send(&t, "p.unacked").await;
+    let seq = reply["deliveries"][0]["seq"].as_u64().unwrap();
+    let e = laptop.event_on("room:r1").await;
+    assert_eq!(e["seq"], seq);
+    let r = laptop
+        .request(json!({"op":"ack","channel":"room:r1","seq":seq}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(hook.received().len(), 1, "the ack cancelled the fallback");
+}
+
+#[tokio::test]
+async fn push_unacked_when_the_socket_drops_before_the_ack() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-drop");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+    send(&t, "p.unacked").await;
+    phone.event_on("room:r1").await;
+    drop(phone);
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["device"], "phone");
+}
+
+#[tokio::test]
+async fn push_background_devices_get_a_push_foreground_ones_do_not() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-bg");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+    set_state(&mut phone, "background").await;
+
+    // Only a background device: pushed.
+    send(&t, "p.background").await;
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["reason"], "background");
+
+    // A foreground laptop too: no push.
+    let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
+    set_state(&mut laptop, "foreground").await;
+    send(&t, "p.background").await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(hook.received().len(), 1, "{:?}", hook.received());
+}
+
+/// Seed 000: phone in background, laptop in foreground: a `foreground` event reaches the laptop live
+/// and the phone by push (and the phone has it in history).
+#[tokio::test]
+async fn push_foreground_policy_goes_live_to_the_laptop_and_by_push_to_the_phone() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-fg");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+    set_state(&mut phone, "background").await;
+    let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
+    set_state(&mut laptop, "foreground").await;
+
+    let reply = send(&t, "p.fg").await;
+    let seq = reply["deliveries"][0]["seq"].as_u64().unwrap();
+    assert_eq!(laptop.event_on("room:r1").await["seq"], seq);
+    phone
+        .assert_none(Duration::from_millis(500), |f| f["type"] == "event")
+        .await;
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["device"], "phone");
+    assert_eq!(got[0]["seq"], seq);
+    let h = t.history("room:r1", 0).await;
+    assert_eq!(h["events"].as_array().unwrap().len(), 1, "{h}");
+}
+
+#[tokio::test]
+async fn push_none_while_the_user_has_the_room_open() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-focus");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+    set_state(&mut phone, "background").await;
+    let r = phone.request(json!({"op":"focus","room":"r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    send(&t, "p.always").await;
+    tokio::time::sleep(QUIET).await;
+    assert!(hook.received().is_empty(), "{:?}", hook.received());
+}
+
+#[tokio::test]
+async fn push_a_burst_is_one_push_then_one_summary() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-burst");
+    let t = start(&hook, &dir, |c| {
+        c.push.burst_window = Some(Duration::from_secs(1));
+    })
+    .await;
+    room_with_bob(&t).await;
+    for _ in 0..10 {
+        send(&t, "p.offline").await;
+    }
+    let got = hook.wait_for(2, ARRIVE).await;
+    tokio::time::sleep(QUIET).await;
+    let got_all = hook.received();
+    assert_eq!(got_all.len(), 2, "first + summary: {got_all:?}");
+    assert_eq!(got[0]["count"], 1, "the first is not delayed");
+    assert_eq!(got[1]["count"], 9, "{:?}", got[1]);
+    assert!(
+        got[1]["body"].as_str().unwrap_or("").contains("9"),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(got[1]["room"], "r1");
+}
+
+#[tokio::test]
+async fn push_retry_after_is_honoured_and_a_gone_device_is_removed() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-retry");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+
+    hook.fail_next(Failure {
+        status: 503,
+        retry_after: Some(1),
+    });
+    let started = std::time::Instant::now();
+    send(&t, "p.offline").await;
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "retried after the 503: {got:?}");
+    assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After honoured");
+
+    hook.fail_next(Failure {
+        status: 410,
+        retry_after: None,
+    });
+    send(&t, "p.always").await;
+    let v = t
+        .api_until("/api/v1/users/bob/devices", |v| {
+            v["devices"].as_array().is_some_and(|d| d.is_empty())
+        })
+        .await;
+    assert_eq!(v["devices"], json!([]));
+}
+
+#[tokio::test]
+async fn push_a_permanent_failure_is_dead_lettered() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-dead");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    hook.fail_next(Failure {
+        status: 400,
+        retry_after: None,
+    });
+    send(&t, "p.offline").await;
+    let v = t
+        .api_until("/api/v1/push/dead", |v| {
+            v["dead"].as_array().is_some_and(|d| !d.is_empty())
+        })
+        .await;
+    let d = &v["dead"][0];
+    assert_eq!(d["job"]["user"], "bob", "{v}");
+    assert!(d["reason"].as_str().unwrap().contains("400"), "{v}");
+    assert!(d["job"].get("token").is_none(), "no token in dead letters: {v}");
+    tokio::time::sleep(QUIET).await;
+    assert!(hook.received().is_empty(), "not retried: {:?}", hook.received());
+}
+
+#[tokio::test]
+async fn push_dry_run_shows_live_and_push_per_recipient() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-dry");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
+    set_state(&mut laptop, "foreground").await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+    set_state(&mut phone, "background").await;
+    let (s, v) = t
+        .call(
+            "POST",
+            "/admin/rules/dry-run",
+            Some(json!({"event":"p.fg","room":"r1","from":"alice","data":{}})),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let push = &v["push"][0];
+    assert_eq!(push["channel"], "room:r1", "{v}");
+    let bob = push["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["user"] == "bob")
+        .unwrap_or_else(|| panic!("bob in {v}"));
+    let dev = |id: &str| {
+        bob["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} in {bob}"))
+    };
+    assert_eq!(dev("laptop")["live"], true, "{bob}");
+    assert_eq!(dev("phone")["live"], false, "{bob}");
+    assert_eq!(dev("phone")["push"], "background", "{bob}");
+    assert!(dev("phone")["why"].is_string(), "{bob}");
+    assert!(hook.received().is_empty(), "a dry run sends nothing");
+}
+
+#[tokio::test]
+async fn push_registration_is_validated() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-reg");
+    let t = start(&hook, &dir, |_| {}).await;
+    let put = |body: Value| {
+        let t = &t;
+        async move { t.api("PUT", "/api/v1/users/u1/devices/d1", Some(body)).await }
+    };
+    let got = put(json!({"provider":"fcm","token":"abc"})).await;
+    assert_error(&got, 400, "bad_frame");
+    let msg = got.1["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("provider: fcm"), "{msg}");
+    let got = put(json!({"provider":"pigeon","token":"abc"})).await;
+    assert_error(&got, 400, "bad_frame");
+    assert_eq!(put(json!({"provider":"webhook"})).await.0, 200);
+}

@@ -177,6 +177,8 @@ struct Chat {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // herald's reqwest has TLS without a crypto provider of its own: pick ring, as herald does.
+    herald::install_crypto_provider();
     let args = Args::parse();
     // tokio's stdin needs a feature this crate does not enable; a plain thread reading lines into a
     // small channel does the same (it blocks on a full channel, which is the backpressure we want).

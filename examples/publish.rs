@@ -66,6 +66,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // herald's reqwest has TLS without a crypto provider of its own: pick ring, as herald does.
+    herald::install_crypto_provider();
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -98,6 +98,13 @@ pub enum StartError {
     Rules(String),
 }
 
+/// Installs rustls' `ring` crypto provider as the process default (idempotent). The push providers'
+/// HTTP client and `rediss://` need one; a program that builds its own reqwest client next to herald
+/// (the examples, the tests) calls this first, since herald's reqwest carries no provider of its own.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Starts a server on `listener` with `config` and `kinds`; stops when `shutdown` resolves or
 /// [`Server::shutdown`] is called.
 pub async fn start(
@@ -106,6 +113,7 @@ pub async fn start(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Server, StartError> {
+    install_crypto_provider();
     metrics::install();
     let addr = listener.local_addr()?;
     let backends = backend::Backends::open(

@@ -195,6 +195,8 @@ const FD_MARGIN: u64 = 256;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // herald's reqwest has TLS without a crypto provider of its own: pick ring, as herald does.
+    herald::install_crypto_provider();
     let args = Args::parse();
     let ui = Ui::new(args.quiet);
     let result = run(args, &ui).await;

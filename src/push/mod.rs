@@ -239,7 +239,7 @@ impl Providers {
 /// second crypto stack). An `http://` base URL is spoken to as HTTP/2 with prior knowledge by
 /// providers that need HTTP/2 (FCM, APNs), so local test servers need no TLS.
 pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, String> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::install_crypto_provider();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(15))
@@ -253,7 +253,11 @@ pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, Strin
 
 /// A provider's `Retry-After` (seconds or an HTTP date), capped at an hour.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     let d = match v.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => httpdate::parse_http_date(v)

@@ -653,16 +653,18 @@ async fn unread_counts_per_room_and_read_moves_the_pointer() {
 
 #[tokio::test]
 async fn devices_are_stored_and_validated() {
-    let t = TestServer::start().await;
+    let hook = crate::fakes::webhook::FakeWebhook::start().await;
+    let hook_config = hook.config();
+    let t = TestServer::start_with(move |c| c.push.webhook = Some(hook_config)).await;
     let ok = [
         (
             "d1",
-            json!({"provider":"fcm","token":"fcm-token","platform":"android"}),
+            json!({"provider":"webhook","token":"hook-token","platform":"android"}),
         ),
-        ("d2", json!({"provider":"apns","token":"apns-token"})),
+        ("d2", json!({"provider":"webhook"})),
         (
             "d3",
-            json!({"provider":"webpush","subscription":{"endpoint":"https://push.example/x","keys":{}}}),
+            json!({"provider":"webhook","token":"t3","platform":"web"}),
         ),
     ];
     for (d, body) in &ok {
@@ -697,11 +699,13 @@ async fn devices_are_stored_and_validated() {
 
     let bad = [
         json!({"provider":"carrier-pigeon","token":"x"}),
+        json!({"provider":"webhook","token":""}),
+        // Providers this server has no configuration for: nothing could ever be sent.
+        json!({"provider":"fcm","token":"fcm-token"}),
+        json!({"provider":"apns","token":"ab".repeat(32)}),
+        json!({"provider":"webpush","subscription":{"endpoint":"https://fcm.googleapis.com/fcm/send/x","keys":{}}}),
         json!({"provider":"fcm"}),
-        json!({"provider":"fcm","token":""}),
-        json!({"provider":"apns"}),
         json!({"provider":"webpush"}),
-        json!({"provider":"webpush","subscription":{"keys":{}}}),
         json!({"token":"x"}),
     ];
     for body in bad {

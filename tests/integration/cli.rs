@@ -101,7 +101,7 @@ async fn serve_prints_endpoints_and_a_working_demo_token() {
     );
 
     // The printed API key works on the API (and sees the demo user online).
-    let resp = reqwest::Client::new()
+    let resp = crate::common::http_client()
         .get(format!("http://{addr}/api/v1/presence/online/count"))
         .bearer_auth(&api_key)
         .send()
@@ -273,7 +273,7 @@ async fn a_bare_herald_reads_the_serve_environment() {
     assert!(first.contains("node env-node"), "{first}");
     assert!(first.contains("Redis backend"), "{first}");
     let addr = listening_addr(&first);
-    let http = reqwest::Client::new();
+    let http = crate::common::http_client();
     let st: Value = http
         .get(format!("http://{addr}/admin/rules"))
         .bearer_auth(ADMIN_KEY)

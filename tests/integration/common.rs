@@ -41,6 +41,13 @@ pub fn on_redis() -> bool {
     std::env::var("HERALD_TEST_REDIS").is_ok_and(|v| v == "1")
 }
 
+/// A reqwest client for tests (herald's reqwest has TLS without a crypto provider: ring is installed
+/// first, as herald does).
+pub fn http_client() -> reqwest::Client {
+    herald::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 /// The config tests start from: fixed keys, port 0, short presence timings where asked.
 pub fn test_config() -> Config {
     let mut c = Config::defaults();
@@ -78,7 +85,7 @@ impl TestServer {
             .unwrap();
         TestServer {
             server,
-            http: reqwest::Client::new(),
+            http: crate::common::http_client(),
             redis,
         }
     }
@@ -398,7 +405,7 @@ pub struct SseEvent {
 
 /// `GET url` for an SSE stream, with an optional `Last-Event-ID` (bounded by `WAIT`).
 async fn sse_get(url: &str, last_event_id: Option<&str>) -> reqwest::Response {
-    let mut req = reqwest::Client::new().get(url);
+    let mut req = crate::common::http_client().get(url);
     if let Some(id) = last_event_id {
         req = req.header("Last-Event-ID", id);
     }
@@ -890,6 +897,15 @@ pub struct HeraldProcess {
 impl HeraldProcess {
     /// `herald serve --redis URL` plus `extra` flags.
     pub fn spawn(redis_url: &str, extra: &[&str]) -> HeraldProcess {
+        Self::spawn_with_env(redis_url, extra, &[])
+    }
+
+    /// [`HeraldProcess::spawn`] with more environment variables.
+    pub fn spawn_with_env(
+        redis_url: &str,
+        extra: &[&str],
+        more_env: &[(&str, &str)],
+    ) -> HeraldProcess {
         let dir = TempDir::new("node");
         let channels = shipped_channels();
         let mut args = vec![
@@ -902,11 +918,12 @@ impl HeraldProcess {
             redis_url,
         ];
         args.extend_from_slice(extra);
-        let env = [
+        let mut env = vec![
             ("HERALD_JWT_SECRET", SECRET),
             ("HERALD_API_KEY", API_KEY),
             ("HERALD_ADMIN_KEY", ADMIN_KEY),
         ];
+        env.extend_from_slice(more_env);
         let proc = Proc::spawn(&dir.path, &args, &env);
         let addr = proc.listening();
         HeraldProcess {

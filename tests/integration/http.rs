@@ -172,7 +172,7 @@ async fn a_response_sent_before_the_body_was_read_says_connection_close() {
         )
         .await;
     assert_eq!(s, 200);
-    let client = reqwest::Client::new();
+    let client = crate::common::http_client();
     for key in ["wrong", API_KEY, "wrong", API_KEY] {
         let resp = client
             .post(t.url("/api/v1/events"))

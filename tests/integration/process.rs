@@ -96,7 +96,7 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     b.send(json!({"op": "connect", "token": in_frame, "ref": 1}))
         .await;
     assert_eq!(b.next().await["type"], "connected");
-    let http = reqwest::Client::new();
+    let http = crate::common::http_client();
     let r = http
         .post(format!("http://{addr}/api/v1/events"))
         .bearer_auth(API_KEY)

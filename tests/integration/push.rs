@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 
 use herald::transport::auth::Claims;
 
-use crate::common::{ADMIN_KEY, TempDir, TestServer, assert_error, claims};
+use crate::common::{ADMIN_KEY, HeraldProcess, TempDir, TestServer, assert_error, claims};
 use crate::fakes::Failure;
 use crate::fakes::webhook::FakeWebhook;
+use crate::redis_server::RedisServer;
 
 /// Long enough for any push that should come (the loop ticks every 100 ms).
 const ARRIVE: Duration = Duration::from_secs(5);
@@ -300,7 +301,10 @@ async fn push_retry_after_is_honoured_and_a_gone_device_is_removed() {
     send(&t, "p.offline").await;
     let got = hook.wait_for(1, ARRIVE).await;
     assert_eq!(got.len(), 1, "retried after the 503: {got:?}");
-    assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After honoured");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After honoured"
+    );
 
     hook.fail_next(Failure {
         status: 410,
@@ -334,9 +338,16 @@ async fn push_a_permanent_failure_is_dead_lettered() {
     let d = &v["dead"][0];
     assert_eq!(d["job"]["user"], "bob", "{v}");
     assert!(d["reason"].as_str().unwrap().contains("400"), "{v}");
-    assert!(d["job"].get("token").is_none(), "no token in dead letters: {v}");
+    assert!(
+        d["job"].get("token").is_none(),
+        "no token in dead letters: {v}"
+    );
     tokio::time::sleep(QUIET).await;
-    assert!(hook.received().is_empty(), "not retried: {:?}", hook.received());
+    assert!(
+        hook.received().is_empty(),
+        "not retried: {:?}",
+        hook.received()
+    );
 }
 
 #[tokio::test]
@@ -389,7 +400,10 @@ async fn push_registration_is_validated() {
     let t = start(&hook, &dir, |_| {}).await;
     let put = |body: Value| {
         let t = &t;
-        async move { t.api("PUT", "/api/v1/users/u1/devices/d1", Some(body)).await }
+        async move {
+            t.api("PUT", "/api/v1/users/u1/devices/d1", Some(body))
+                .await
+        }
     };
     let got = put(json!({"provider":"fcm","token":"abc"})).await;
     assert_error(&got, 400, "bad_frame");
@@ -398,4 +412,159 @@ async fn push_registration_is_validated() {
     let got = put(json!({"provider":"pigeon","token":"abc"})).await;
     assert_error(&got, 400, "bad_frame");
     assert_eq!(put(json!({"provider":"webhook"})).await.0, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Across nodes (Redis): acks, focus and the outbox are shared; a node that dies loses nothing.
+// ---------------------------------------------------------------------------------------------
+
+/// Two nodes on one Redis, both sending to `hook`.
+async fn two_nodes(
+    hook: &FakeWebhook,
+    dir: &TempDir,
+    redis: &RedisServer,
+) -> (TestServer, TestServer) {
+    std::fs::write(dir.join("push.rhai"), RULES).unwrap();
+    let node = |name: &'static str| {
+        let path = dir.path.clone();
+        let hook = hook.config();
+        TestServer::start_redis(&redis.url, name, move |c| {
+            c.rules_dir = path;
+            c.push.webhook = Some(hook);
+            c.push.reclaim_after = Some(Duration::from_millis(500));
+        })
+    };
+    (node("push-a").await, node("push-b").await)
+}
+
+#[tokio::test]
+async fn push_an_ack_on_another_node_cancels_the_fallback() {
+    let redis = RedisServer::start();
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-x-ack");
+    let (a, b) = two_nodes(&hook, &dir, &redis).await;
+    room_with_bob(&a).await;
+    let mut phone = device_ws(&b, "bob", "phone", "ios").await;
+    let mut laptop = device_ws(&a, "bob", "laptop", "web").await;
+
+    let reply = send(&a, "p.unacked").await;
+    let seq = reply["deliveries"][0]["seq"].as_u64().unwrap();
+    phone.event_on("room:r1").await;
+    laptop.event_on("room:r1").await;
+    let r = phone
+        .request(json!({"op":"ack","channel":"room:r1","seq":seq}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(hook.received().is_empty(), "{:?}", hook.received());
+
+    // Not acked anywhere: one push to bob's one registered device (not one per node).
+    send(&a, "p.unacked").await;
+    let got = hook.wait_for(1, ARRIVE).await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(hook.received().len(), 1, "once: {got:?}");
+}
+
+#[tokio::test]
+async fn push_none_while_the_user_has_the_room_open_on_another_node() {
+    let redis = RedisServer::start();
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-x-focus");
+    let (a, b) = two_nodes(&hook, &dir, &redis).await;
+    room_with_bob(&a).await;
+    let mut phone = device_ws(&b, "bob", "phone", "ios").await;
+    let r = phone.request(json!({"op":"focus","room":"r1"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    send(&a, "p.always").await;
+    tokio::time::sleep(QUIET).await;
+    assert!(hook.received().is_empty(), "{:?}", hook.received());
+}
+
+/// A node killed after planning an `unacked` push, and a node killed while sending one: the push
+/// still goes out, once, from the node that is left.
+#[tokio::test]
+async fn push_survives_a_node_killed_mid_way() {
+    let redis = RedisServer::start();
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-x-kill");
+    std::fs::write(dir.join("push.rhai"), RULES).unwrap();
+    let rules = dir.path.to_str().unwrap().to_string();
+    let cfg = hook.config();
+    let (url, secret) = (cfg.url.unwrap(), cfg.secret.unwrap());
+    let env = [
+        ("HERALD_PUSH_WEBHOOK_URL", url.as_str()),
+        ("HERALD_PUSH_WEBHOOK_SECRET", secret.as_str()),
+        ("HERALD_PUSH_RECLAIM_AFTER", "500ms"),
+    ];
+    let spawn = || HeraldProcess::spawn_with_env(&redis.url, &["--rules", &rules], &env);
+    let api = |addr: &str, path: &str| format!("http://{addr}{path}");
+    let http = crate::common::http_client();
+    let post = |addr: String, path: &'static str, body: Value| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .request(
+                    if body.is_null() {
+                        reqwest::Method::PUT
+                    } else {
+                        reqwest::Method::POST
+                    },
+                    api(&addr, path),
+                )
+                .bearer_auth(crate::common::API_KEY);
+            let r = if body.is_null() { r } else { r.json(&body) };
+            let r = r.send().await.unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            r.json::<Value>().await.unwrap_or(Value::Null)
+        }
+    };
+
+    // 1. Planned (a timer due in 1 s), then the node dies before it is due.
+    let doomed = spawn();
+    for (path, body) in [
+        ("/api/v1/rooms/r1/members/alice", Value::Null),
+        ("/api/v1/rooms/r1/members/bob", Value::Null),
+        (
+            "/api/v1/users/bob/devices/phone",
+            json!({"provider":"webhook","token":"t"}),
+        ),
+    ] {
+        let r = http
+            .put(api(&doomed.addr, path))
+            .bearer_auth(crate::common::API_KEY);
+        let r = if body.is_null() { r } else { r.json(&body) };
+        assert!(r.send().await.unwrap().status().is_success(), "{path}");
+    }
+    let reply = post(
+        doomed.addr.clone(),
+        "/api/v1/events",
+        json!({"event":"p.unacked","room":"r1","from":"alice","data":{}}),
+    )
+    .await;
+    assert_eq!(reply["push"]["planned"], 1, "{reply}");
+    doomed.kill9();
+    let survivor = spawn();
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "the surviving node fired the timer: {got:?}");
+
+    // 2. Claimed and in flight (the receiver hangs), then the node dies: taken over and sent.
+    hook.stall_next();
+    let doomed = spawn();
+    survivor.kill9();
+    post(
+        doomed.addr.clone(),
+        "/api/v1/events",
+        json!({"event":"p.offline","room":"r1","from":"alice","data":{}}),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + ARRIVE;
+    while hook.stalled() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hook.stalled(), 1, "the job was in flight");
+    doomed.kill9();
+    let _survivor = spawn();
+    let got = hook.wait_for(2, ARRIVE).await;
+    assert_eq!(got.len(), 2, "taken over after the node died: {got:?}");
+    assert_eq!(got[1]["event"], "p.offline");
 }

@@ -191,8 +191,7 @@ impl RedisBackend {
         prefix: &str,
         node: &str,
     ) -> Result<Arc<Self>, BackendError> {
-        // rustls needs a process-wide crypto provider for `rediss://`; installing twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_crypto_provider(); // rustls needs one for `rediss://`
         let bad_url = |e: redis::RedisError| {
             BackendError::Internal(format!(
                 "bad Redis URL: {}",

@@ -20,6 +20,8 @@ struct Shared {
     received: Vec<Value>,
     failures: VecDeque<Failure>,
     rejected: usize,
+    stall: usize,
+    stalled: usize,
 }
 
 /// The receiver.
@@ -90,6 +92,16 @@ impl FakeWebhook {
         }
     }
 
+    /// The next request is held without an answer (as a receiver that hangs), for a minute.
+    pub fn stall_next(&self) {
+        self.shared.lock().unwrap().stall += 1;
+    }
+
+    /// Requests held by [`FakeWebhook::stall_next`] so far.
+    pub fn stalled(&self) -> usize {
+        self.shared.lock().unwrap().stalled
+    }
+
     /// The next request gets `f` instead of being accepted (queued: call twice for two).
     pub fn fail_next(&self, f: Failure) {
         self.shared.lock().unwrap().failures.push_back(f);
@@ -101,11 +113,24 @@ async fn receive(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Res
         .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mut s = app.shared.lock().unwrap();
     if sig != signature(&app.secret, &body) || !headers.contains_key(JOB_HEADER) {
-        s.rejected += 1;
+        app.shared.lock().unwrap().rejected += 1;
         return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
     }
+    let stall = {
+        let mut s = app.shared.lock().unwrap();
+        let stall = s.stall > 0;
+        if stall {
+            s.stall -= 1;
+            s.stalled += 1;
+        }
+        stall
+    };
+    if stall {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return (StatusCode::SERVICE_UNAVAILABLE, "stalled").into_response();
+    }
+    let mut s = app.shared.lock().unwrap();
     if let Some(f) = s.failures.pop_front() {
         let mut r = (StatusCode::from_u16(f.status).unwrap(), "failing").into_response();
         if let Some(secs) = f.retry_after {

@@ -40,6 +40,11 @@ enum Command {
         /// examples/events/chat.json.
         #[arg(long)]
         event: PathBuf,
+        /// A made-up world (JSON) to plan the push decision in, per recipient: `{"members": {room:
+        /// [users]}, "users": {user: {"live": [{device, platform, state}], "push": [{device,
+        /// provider}], "focused", "acked"}}}`; see examples/events/world.json.
+        #[arg(long)]
+        world: Option<PathBuf>,
         /// Rules directory.
         #[arg(long, env = "HERALD_RULES", default_value = "rules")]
         rules: PathBuf,
@@ -175,9 +180,10 @@ fn main() -> std::process::ExitCode {
         Command::Rules { command } => rules_command(command),
         Command::Simulate {
             event,
+            world,
             rules,
             channels,
-        } => simulate(&event, rules, channels),
+        } => simulate(&event, world.as_deref(), rules, channels),
     };
     herald::logging::flush(std::time::Duration::from_secs(1));
     match result {
@@ -256,24 +262,87 @@ fn rules_command(command: RulesCommand) -> anyhow::Result<()> {
     }
 }
 
-fn simulate(event: &std::path::Path, rules: PathBuf, channels: PathBuf) -> anyhow::Result<()> {
+fn simulate(
+    event: &std::path::Path,
+    world: Option<&std::path::Path>,
+    rules: PathBuf,
+    channels: PathBuf,
+) -> anyhow::Result<()> {
     use herald::rules::fixtures::EventSpec;
     let text = std::fs::read_to_string(event)
         .with_context(|| format!("cannot read {}", event.display()))?;
     let spec: EventSpec = serde_json::from_str(&text)
         .with_context(|| format!("{}: not an event", event.display()))?;
+    let world: Option<herald::engine::pushplan::World> = match world {
+        Some(w) => {
+            let text = std::fs::read_to_string(w)
+                .with_context(|| format!("cannot read {}", w.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a world", w.display()))?,
+            )
+        }
+        None => None,
+    };
     let kinds = load_kinds(&channels)?;
     let set = load_rules(&rules, kinds.clone())?;
     let routed = spec
         .route(&set)
         .map_err(|e| anyhow::anyhow!("{}: {e}", event.display()))?;
+    let push = simulate_push(
+        &routed.decision,
+        &kinds,
+        spec.from.as_deref(),
+        world.as_ref(),
+    );
     let out = serde_json::json!({
         "decision": routed.decision.to_json(&kinds, spec.from.as_deref()),
         "by": routed.decided_by(),
         "error": routed.error,
+        "push": push,
     });
     out!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// The push decision per `user:`/`room:` target: when, the `unacked` delay, and, in `world`, per
+/// recipient which devices get it live and which get a push.
+fn simulate_push(
+    decision: &herald::rules::Decision,
+    kinds: &herald::channels::ChannelKinds,
+    from: Option<&str>,
+    world: Option<&herald::engine::pushplan::World>,
+) -> Vec<serde_json::Value> {
+    use herald::channels::Kind;
+    use herald::rules::PushWhen;
+    let Some(p) = decision.push.as_ref().filter(|p| p.when != PushWhen::Never) else {
+        return Vec::new();
+    };
+    let after = p
+        .after
+        .unwrap_or_else(|| herald::config::PushConfig::default().default_after());
+    decision
+        .to
+        .iter()
+        .filter(|ch| matches!(ch.kind(), Kind::User | Kind::Room))
+        .map(|ch| {
+            let except: Vec<String> = decision
+                .except_for(kinds, ch, from)
+                .iter()
+                .map(|u| u.to_string())
+                .collect();
+            let mut v = serde_json::json!({"channel": ch.as_str(), "when": p.when});
+            if p.when == PushWhen::Unacked {
+                v["after_ms"] = (after.as_millis() as u64).into();
+            }
+            if let Some(w) = world {
+                v["recipients"] =
+                    serde_json::to_value(w.plan(ch, &except, p.when, decision.devices))
+                        .unwrap_or_default();
+            }
+            v
+        })
+        .collect()
 }
 
 fn token(t: TokenArgs) -> anyhow::Result<()> {

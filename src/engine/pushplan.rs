@@ -131,6 +131,132 @@ impl RecipientPlan {
     }
 }
 
+/// A made-up world for `herald simulate --world FILE`: who is connected where, who registered which
+/// push device, who has the room open, who acked. Recipients of a room are `members[room]`, or every
+/// user listed when the room has no entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct World {
+    /// Room id -> members.
+    #[serde(default)]
+    pub members: BTreeMap<String, Vec<String>>,
+    /// User id -> their state.
+    #[serde(default)]
+    pub users: BTreeMap<String, WorldUser>,
+}
+
+/// One user of a [`World`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldUser {
+    /// Connected devices.
+    #[serde(default)]
+    pub live: Vec<WorldDevice>,
+    /// Registered push devices.
+    #[serde(default)]
+    pub push: Vec<WorldPushDevice>,
+    /// Has the room open (`focus`).
+    #[serde(default)]
+    pub focused: bool,
+    /// Acked the event on some device.
+    #[serde(default)]
+    pub acked: bool,
+}
+
+/// A connected device of a [`WorldUser`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldDevice {
+    /// Device id.
+    pub device: String,
+    /// Platform (`web|ios|android|desktop`).
+    #[serde(default)]
+    pub platform: Option<String>,
+    /// App state (default foreground).
+    #[serde(default)]
+    pub state: DeviceState,
+}
+
+/// A registered push device of a [`WorldUser`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldPushDevice {
+    /// Device id.
+    pub device: String,
+    /// `fcm|apns|webpush|webhook`.
+    pub provider: String,
+    /// Platform.
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+impl World {
+    /// Plans `channel` (a `user:` or `room:` channel) in this world, as the sending loop would.
+    pub fn plan(
+        &self,
+        channel: &ChannelName,
+        except: &[String],
+        when: PushWhen,
+        policy: DevicePolicy,
+    ) -> Vec<RecipientPlan> {
+        let mut users: Vec<String> = match channel.kind() {
+            Kind::User => vec![channel.id().to_string()],
+            Kind::Room => self
+                .members
+                .get(channel.id())
+                .cloned()
+                .unwrap_or_else(|| self.users.keys().cloned().collect()),
+            _ => Vec::new(),
+        };
+        users.retain(|u| !except.contains(u));
+        let nobody = WorldUser::default();
+        users
+            .iter()
+            .map(|user| {
+                let u = self.users.get(user).unwrap_or(&nobody);
+                let presence = UserPresence {
+                    user: user.clone(),
+                    online: !u.live.is_empty(),
+                    status: Default::default(),
+                    text: None,
+                    devices: u
+                        .live
+                        .iter()
+                        .map(|d| crate::presence::DevicePresence {
+                            device: d.device.clone(),
+                            platform: d.platform.clone(),
+                            state: d.state,
+                        })
+                        .collect(),
+                    last_seen: None,
+                };
+                let registered: Vec<PushDevice> = u
+                    .push
+                    .iter()
+                    .map(|d| PushDevice {
+                        device: d.device.clone(),
+                        provider: d.provider.clone(),
+                        token: None,
+                        subscription: None,
+                        platform: d.platform.clone(),
+                    })
+                    .collect();
+                plan_recipient(
+                    when,
+                    policy,
+                    Recipient {
+                        user,
+                        presence: &presence,
+                        registered: &registered,
+                        focused: u.focused && channel.kind() == Kind::Room,
+                        acked: u.acked && when == PushWhen::Unacked,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 /// Decides, for one recipient, which devices get the event live and which get a push (see the module
 /// doc and README "Push"). `when` is the rule's; for `unacked` this is the decision at the due time.
 ///

@@ -966,6 +966,61 @@ fn simulate_takes_a_publish_body_like_the_example_event() {
     assert!(!ok && err.contains("rooom"), "{err}");
 }
 
+/// `herald simulate --world` plans the push per recipient in a made-up world (the repository's
+/// example): bob's background phone is pushed if nobody acks, his foreground laptop gets it live,
+/// carol (offline) is pushed on her registered phone, alice (the sender) is left out; a misspelt
+/// world key is an error naming it.
+#[test]
+fn simulate_plans_push_per_recipient_in_a_world() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let rules = format!("{root}/rules");
+    let channels = shipped_channels();
+    let dir = TempDir::new("simulate-world");
+    let simulate = |world: &str| {
+        let event = format!("{root}/examples/events/chat.json");
+        let args = [
+            "simulate",
+            "--event",
+            &event,
+            "--world",
+            world,
+            "--rules",
+            &rules,
+            "--channels",
+            &channels,
+        ];
+        herald_cli(&dir.path, &args)
+    };
+    let (ok, out, err) = simulate(&format!("{root}/examples/events/world.json"));
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let push = &v["push"][0];
+    assert_eq!(push["channel"], "room:r1", "{v}");
+    assert_eq!(push["when"], "unacked", "{v}");
+    assert_eq!(push["after_ms"], 30000, "{v}");
+    let users: Vec<&str> = push["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["bob", "carol"], "the sender is left out: {v}");
+    let bob = &push["recipients"][0]["devices"];
+    assert_eq!(bob[0]["device"], "laptop", "{v}");
+    assert_eq!(bob[0]["live"], true, "{v}");
+    assert!(bob[0].get("push").is_none(), "{v}");
+    assert_eq!(bob[1]["device"], "phone", "{v}");
+    assert_eq!(bob[1]["push"], "unacked", "{v}");
+    assert_eq!(
+        push["recipients"][1]["devices"][0]["provider"], "fcm",
+        "{v}"
+    );
+
+    write(&dir.path, "typo.json", r#"{"userz": {}}"#);
+    let (ok, _, err) = simulate(&path_str(&dir.join("typo.json")));
+    assert!(!ok && err.contains("userz"), "{err}");
+}
+
 /// The dry run and `herald simulate` decide what the publish would: a room named twice is one
 /// target, and a sender the publish API refuses is refused by them too.
 #[tokio::test]

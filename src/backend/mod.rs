@@ -544,6 +544,8 @@ pub trait Devices: Send + Sync + 'static {
     async fn delete_device(&self, user: &str, device: &str) -> BackendResult<bool>;
     /// A user's push devices, by device id.
     async fn devices(&self, user: &str) -> BackendResult<Vec<PushDevice>>;
+    /// Each user's push devices, in `users` order, in one round trip (a room's push plan).
+    async fn devices_of(&self, users: &[String]) -> BackendResult<Vec<Vec<PushDevice>>>;
 }
 
 /// Announcements and each user's cursor through them.

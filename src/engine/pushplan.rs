@@ -452,14 +452,28 @@ impl Engine {
             }
             _ => vec![false; users.len()],
         };
+        // Registrations are read only for those who may get a push, in one round trip.
+        let may_push: Vec<bool> = users
+            .iter()
+            .zip(&acked)
+            .map(|(u, acked)| when != PushWhen::Never && !focused.contains(u) && !acked)
+            .collect();
+        let asked: Vec<String> = users
+            .iter()
+            .zip(&may_push)
+            .filter(|(_, m)| **m)
+            .map(|(u, _)| u.clone())
+            .collect();
+        let mut registered = backend(self.backends.devices.devices_of(&asked))
+            .await?
+            .into_iter();
         let mut out = Vec::with_capacity(users.len());
-        for ((user, presence), acked) in users.iter().zip(&presence).zip(acked) {
-            let focused = focused.contains(user);
-            // Registrations are read only for those who may get a push.
-            let registered = if when == PushWhen::Never || focused || acked {
-                Vec::new()
+        for (((user, presence), acked), may) in users.iter().zip(&presence).zip(acked).zip(may_push)
+        {
+            let registered = if may {
+                registered.next().unwrap_or_default()
             } else {
-                backend(self.backends.devices.devices(user)).await?
+                Vec::new()
             };
             out.push(plan_recipient(
                 when,
@@ -468,7 +482,7 @@ impl Engine {
                     user,
                     presence,
                     registered: &registered,
-                    focused,
+                    focused: focused.contains(user),
                     acked,
                 },
             ));

@@ -711,7 +711,7 @@ async fn focus(b: Backends) {
     assert!(s.focused("f1").await.unwrap().is_empty());
 }
 
-/// Devices: put, list, delete.
+/// Devices: put, list (one user, many in one call), delete.
 async fn devices(b: Backends) {
     let s = &b.devices;
     let d = PushDevice {
@@ -722,7 +722,14 @@ async fn devices(b: Backends) {
         platform: Some("android".into()),
     };
     s.put_device("ann", d.clone()).await.unwrap();
-    assert_eq!(s.devices("ann").await.unwrap(), vec![d]);
+    assert_eq!(s.devices("ann").await.unwrap(), vec![d.clone()]);
+    let users = ["ann".to_string(), "nobody".into(), "ann".into()];
+    assert_eq!(
+        s.devices_of(&users).await.unwrap(),
+        vec![vec![d.clone()], vec![], vec![d]],
+        "in order, one list per user"
+    );
+    assert!(s.devices_of(&[]).await.unwrap().is_empty());
     assert!(s.delete_device("ann", "phone").await.unwrap());
     assert!(!s.delete_device("ann", "phone").await.unwrap());
 }

@@ -373,11 +373,20 @@ impl Devices for Memory {
     }
 
     async fn devices(&self, user: &str) -> BackendResult<Vec<PushDevice>> {
+        Ok(self.devices_of(&[user.to_string()]).await?.remove(0))
+    }
+
+    async fn devices_of(&self, users: &[String]) -> BackendResult<Vec<Vec<PushDevice>>> {
         let s = lock(&self.store);
-        Ok(s.devices
-            .get(user)
-            .map(|d| d.values().cloned().collect())
-            .unwrap_or_default())
+        Ok(users
+            .iter()
+            .map(|u| {
+                s.devices
+                    .get(u)
+                    .map(|d| d.values().cloned().collect())
+                    .unwrap_or_default()
+            })
+            .collect())
     }
 }
 

@@ -443,14 +443,26 @@ impl Devices for RedisBackend {
     }
 
     async fn devices(&self, user: &str) -> BackendResult<Vec<PushDevice>> {
+        Ok(self.devices_of(&[user.to_string()]).await?.remove(0))
+    }
+
+    async fn devices_of(&self, users: &[String]) -> BackendResult<Vec<Vec<PushDevice>>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.cmd("HGETALL").arg(self.keys.user_push_devices(user));
+        }
         let mut con = self.cmd.clone();
-        let mut all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.keys.user_push_devices(user))
-            .query_async(&mut con)
-            .await
-            .map_err(err)?;
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.iter().map(|(_, v)| unjson(v, "push device")).collect()
+        let replies: Vec<Vec<(String, String)>> = pipe.query_async(&mut con).await.map_err(err)?;
+        replies
+            .into_iter()
+            .map(|mut all| {
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                all.iter().map(|(_, v)| unjson(v, "push device")).collect()
+            })
+            .collect()
     }
 }
 

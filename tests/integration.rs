@@ -51,3 +51,6 @@ mod http;
 
 #[path = "integration/process.rs"]
 mod process;
+
+#[path = "integration/push_fcm_apns.rs"]
+mod push_fcm_apns;

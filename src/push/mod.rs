@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PushConfig;
 
+pub mod apns;
+pub mod fcm;
+mod http_util;
+
 /// Which provider a device is registered with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -196,8 +200,14 @@ impl std::fmt::Debug for Providers {
 impl Providers {
     /// Builds every provider `config` configures; an error names the provider and the key.
     pub fn from_config(config: &PushConfig) -> Result<Providers, String> {
-        let _ = config;
-        Ok(Providers::default())
+        let mut p = Providers::default();
+        if let Some(c) = &config.fcm {
+            p.insert(Arc::new(fcm::Fcm::from_config(c)?));
+        }
+        if let Some(c) = &config.apns {
+            p.insert(Arc::new(apns::Apns::from_config(c)?));
+        }
+        Ok(p)
     }
 
     /// Adds (or replaces) a provider.

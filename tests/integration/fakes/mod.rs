@@ -25,3 +25,4 @@ pub struct Failure {
     /// `Retry-After` header value (seconds), when set.
     pub retry_after: Option<u64>,
 }
+pub mod google;

@@ -5,13 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::config::FcmConfig;
+use herald::config::{ApnsConfig, FcmConfig};
+use herald::push::apns::{self, Apns};
 use herald::push::fcm::{self, Fcm};
 use herald::push::{Outcome, Provider, ProviderKind, PushJob, PushReason};
 use serde_json::json;
 
 use crate::common::TempDir;
 use crate::fakes::Failure;
+use crate::fakes::apple::FakeApns;
 use crate::fakes::google::FakeFcm;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -344,4 +346,323 @@ fn push_fcm_valid_token_accepts_and_rejects_shapes() {
         assert!(e.starts_with("token:"), "{bad}: {e}");
     }
     assert!(fcm::valid_token(&"A".repeat(4097)).is_err());
+}
+
+// ---- APNs ----
+
+const APNS_TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+async fn apns_setup() -> (FakeApns, Apns, TempDir) {
+    let fake = FakeApns::start().await;
+    let dir = TempDir::new("apns");
+    let p = Apns::from_config(&fake.config(&dir.path)).expect("apns from_config");
+    (fake, p, dir)
+}
+
+fn apns_job() -> PushJob {
+    job(ProviderKind::Apns, APNS_TOKEN)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn push_apns_happy_path_headers_and_payload() {
+    let (fake, p, _dir) = apns_setup().await;
+    assert_eq!(p.kind(), ProviderKind::Apns);
+    let before = unix_now();
+    assert_eq!(p.send(&apns_job()).await, Outcome::Sent);
+    let got = fake.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    let r = &got[0];
+    assert_eq!(r.token, APNS_TOKEN);
+    assert_eq!(r.topic, crate::fakes::apple::TOPIC);
+    assert_eq!(r.push_type, "alert");
+    assert_eq!(r.priority.as_deref(), Some("10"));
+    let exp: u64 = r.expiration.as_deref().unwrap().parse().unwrap();
+    assert!(exp >= before + 3600 && exp <= unix_now() + 3600, "{exp}");
+    assert_eq!(r.collapse_id.as_deref(), Some("room:lobby"));
+    assert!(uuid::Uuid::parse_str(&r.apns_id).is_ok(), "{}", r.apns_id);
+    let aps = &r.payload["aps"];
+    assert_eq!(aps["alert"]["title"], "Bob");
+    assert_eq!(aps["alert"]["body"], "lunch?");
+    assert_eq!(aps["sound"], "default");
+    assert_eq!(aps["thread-id"], "lobby");
+    let h = &r.payload["herald"];
+    assert_eq!(h["room"], "lobby");
+    assert_eq!(h["seq"], 42);
+    assert_eq!(h["event_id"], "ev-1");
+    assert_eq!(h["data"], json!({"kind": "dm", "n": 2}));
+}
+
+#[tokio::test]
+async fn push_apns_id_is_stable_per_job_and_ttl_zero_means_expiration_zero() {
+    let (fake, p, _dir) = apns_setup().await;
+    let mut j = apns_job();
+    j.ttl = 0;
+    assert_eq!(p.send(&j).await, Outcome::Sent);
+    assert_eq!(p.send(&j).await, Outcome::Sent);
+    j.id = "job-2".into();
+    assert_eq!(p.send(&j).await, Outcome::Sent);
+    let got = fake.wait_for(3, WAIT).await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        got[0].apns_id, got[1].apns_id,
+        "a retried job keeps its apns-id"
+    );
+    assert_ne!(got[0].apns_id, got[2].apns_id);
+    assert_eq!(got[0].expiration.as_deref(), Some("0"));
+}
+
+#[tokio::test]
+async fn push_apns_without_title_or_body_is_a_background_push() {
+    let (fake, p, _dir) = apns_setup().await;
+    let mut j = apns_job();
+    j.title = None;
+    j.body = None;
+    j.room = None;
+    assert_eq!(p.send(&j).await, Outcome::Sent);
+    let r = &fake.wait_for(1, WAIT).await[0];
+    assert_eq!(r.priority.as_deref(), Some("5"));
+    assert_eq!(r.push_type, "background");
+    assert_eq!(r.payload["aps"]["content-available"], 1);
+    assert!(r.payload["aps"].get("alert").is_none());
+    assert_eq!(
+        r.payload["aps"]["thread-id"], "room:lobby",
+        "channel when no room"
+    );
+}
+
+#[tokio::test]
+async fn push_apns_long_body_and_collapse_are_cut_to_apples_limits() {
+    let (fake, p, _dir) = apns_setup().await;
+    let mut j = apns_job();
+    j.body = Some("ü".repeat(5000));
+    j.collapse = format!("{}é", "c".repeat(63));
+    assert_eq!(p.send(&j).await, Outcome::Sent);
+    let r = &fake.wait_for(1, WAIT).await[0];
+    assert!(r.size <= 4096, "{}", r.size);
+    let body = r.payload["aps"]["alert"]["body"].as_str().unwrap();
+    assert!(
+        body.len() > 3000 && body.chars().all(|c| c == 'ü'),
+        "{}",
+        body.len()
+    );
+    assert_eq!(r.collapse_id.as_deref(), Some("c".repeat(63).as_str()));
+}
+
+#[tokio::test]
+async fn push_apns_provider_token_is_reused_across_sends() {
+    let (fake, p, _dir) = apns_setup().await;
+    for i in 0..5 {
+        let mut j = apns_job();
+        j.id = format!("job-{i}");
+        assert_eq!(p.send(&j).await, Outcome::Sent);
+    }
+    assert_eq!(fake.received().len(), 5);
+    assert_eq!(fake.provider_tokens_seen(), 1);
+}
+
+#[tokio::test]
+async fn push_apns_expired_provider_token_is_replaced_once() {
+    let (fake, p, _dir) = apns_setup().await;
+    assert_eq!(p.send(&apns_job()).await, Outcome::Sent);
+    fake.expire_provider_tokens();
+    // ES256 here is deterministic (RFC 6979): a token signed in the same second would be the
+    // same token. Apple's expiry is an hour, so a real refresh always has a later `iat`.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(p.send(&apns_job()).await, Outcome::Sent);
+    assert_eq!(fake.provider_tokens_seen(), 2);
+    assert_eq!(fake.requests(), 3, "one refused, one retried");
+    assert_eq!(p.send(&apns_job()).await, Outcome::Sent);
+    assert_eq!(fake.provider_tokens_seen(), 2, "the new token is reused");
+}
+
+#[tokio::test]
+async fn push_apns_unregistered_410_is_dead() {
+    let (fake, p, _dir) = apns_setup().await;
+    fake.unregister(APNS_TOKEN);
+    assert_eq!(
+        p.send(&apns_job()).await,
+        Outcome::DeadToken {
+            reason: "apns 410 Unregistered".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn push_apns_bad_device_token_is_dead() {
+    let (fake, p, _dir) = apns_setup().await;
+    fake.bad_device(APNS_TOKEN);
+    assert_eq!(
+        p.send(&apns_job()).await,
+        Outcome::DeadToken {
+            reason: "apns 400 BadDeviceToken".into()
+        }
+    );
+    // A token that is not even hex never leaves the process.
+    let o = p.send(&job(ProviderKind::Apns, &"zz".repeat(32))).await;
+    assert!(matches!(o, Outcome::DeadToken { .. }), "{o:?}");
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn push_apns_429_retries_after_retry_after() {
+    let (fake, p, _dir) = apns_setup().await;
+    fake.fail_next(Failure {
+        status: 429,
+        retry_after: Some(2),
+    });
+    assert_eq!(
+        p.send(&apns_job()).await,
+        Outcome::Retry {
+            after: Some(Duration::from_secs(2)),
+            reason: "apns 429 TooManyRequests".into()
+        }
+    );
+    assert_eq!(p.send(&apns_job()).await, Outcome::Sent);
+}
+
+#[tokio::test]
+async fn push_apns_503_and_500_retry() {
+    let (fake, p, _dir) = apns_setup().await;
+    for status in [503, 500] {
+        fake.fail_next(Failure {
+            status,
+            retry_after: None,
+        });
+        let o = p.send(&apns_job()).await;
+        assert!(
+            matches!(&o, Outcome::Retry { after: None, reason } if reason.starts_with(&format!("apns {status}"))),
+            "{status}: {o:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn push_apns_400_and_403_fail() {
+    let (fake, p, _dir) = apns_setup().await;
+    fake.fail_next(Failure {
+        status: 400,
+        retry_after: None,
+    });
+    assert_eq!(
+        p.send(&apns_job()).await,
+        Outcome::Failed {
+            reason: "apns 400 BadTopic".into()
+        }
+    );
+    fake.fail_next(Failure {
+        status: 403,
+        retry_after: None,
+    });
+    assert_eq!(
+        p.send(&apns_job()).await,
+        Outcome::Failed {
+            reason: "apns 403 Forbidden".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn push_apns_wrong_topic_or_team_fails() {
+    let fake = FakeApns::start().await;
+    let dir = TempDir::new("apns");
+    let mut c = fake.config(&dir.path);
+    c.topic = Some("com.other.app".into());
+    let p = Apns::from_config(&c).unwrap();
+    assert_eq!(
+        p.send(&apns_job()).await,
+        Outcome::Failed {
+            reason: "apns 400 BadTopic".into()
+        }
+    );
+    let mut c = fake.config(&dir.path);
+    c.team_id = Some("OTHERTEAM1".into());
+    let p = Apns::from_config(&c).unwrap();
+    assert_eq!(
+        p.send(&apns_job()).await,
+        Outcome::Failed {
+            reason: "apns 403 InvalidProviderToken".into()
+        }
+    );
+    assert!(fake.received().is_empty());
+}
+
+#[tokio::test]
+async fn push_apns_connection_refused_retries() {
+    let fake = FakeApns::start().await;
+    let dir = TempDir::new("apns");
+    let mut c = fake.config(&dir.path);
+    c.endpoint = Some(format!("http://127.0.0.1:{}", dead_port().await));
+    let p = Apns::from_config(&c).unwrap();
+    let o = p.send(&apns_job()).await;
+    assert!(
+        matches!(&o, Outcome::Retry { after: None, reason } if !reason.contains(APNS_TOKEN)),
+        "{o:?}"
+    );
+}
+
+#[tokio::test]
+async fn push_apns_from_config_errors_name_the_missing_key() {
+    let fake = FakeApns::start().await;
+    let dir = TempDir::new("apns");
+    let full = fake.config(&dir.path);
+    let err = |c: &ApnsConfig| Apns::from_config(c).map(|_| ()).unwrap_err();
+    let cases: [(&str, fn(&mut ApnsConfig)); 4] = [
+        ("push.apns.key_file", |c| c.key_file = None),
+        ("push.apns.key_id", |c| c.key_id = None),
+        ("push.apns.team_id", |c| c.team_id = None),
+        ("push.apns.topic", |c| c.topic = Some(" ".into())),
+    ];
+    for (key, f) in cases {
+        let mut c = full.clone();
+        f(&mut c);
+        let e = err(&c);
+        assert!(e.starts_with(key), "{key}: {e}");
+    }
+    let mut c = full.clone();
+    c.key_file = Some(dir.join("AuthKey_NOPE.p8"));
+    let e = err(&c);
+    assert!(
+        e.starts_with("push.apns.key_file") && e.contains("AuthKey_NOPE.p8"),
+        "{e}"
+    );
+    // An RSA key is not a .p8 key.
+    let rsa = dir.join("rsa.pem");
+    std::fs::write(&rsa, crate::fakes::google::PRIVATE_KEY).unwrap();
+    c.key_file = Some(rsa);
+    let e = err(&c);
+    assert!(
+        e.starts_with("push.apns.key_file") && !e.contains("BEGIN"),
+        "{e}"
+    );
+    let mut c = full.clone();
+    c.endpoint = Some("api.push.apple.com".into());
+    assert!(err(&c).starts_with("push.apns.endpoint"));
+    let mut push = herald::config::PushConfig::default();
+    push.apns = Some(full);
+    let ps = herald::push::Providers::from_config(&push).unwrap();
+    assert_eq!(ps.kinds(), vec![ProviderKind::Apns]);
+}
+
+#[test]
+fn push_apns_valid_token_accepts_and_rejects_shapes() {
+    assert!(apns::valid_token(APNS_TOKEN).is_ok());
+    assert!(apns::valid_token(&APNS_TOKEN.to_uppercase()).is_ok());
+    assert!(apns::valid_token(&"ab".repeat(100)).is_ok());
+    for bad in [
+        String::new(),
+        "ab".repeat(31),
+        "ab".repeat(101),
+        format!("{APNS_TOKEN}a"),
+        format!("{}zz", &APNS_TOKEN[2..]),
+    ] {
+        let e = apns::valid_token(&bad).unwrap_err();
+        assert!(e.starts_with("token:"), "{bad}: {e}");
+    }
 }

@@ -123,13 +123,21 @@ impl Fcm {
             "{endpoint}/v1/projects/{}/messages:send",
             account.project_id
         );
-        Ok(Fcm {
+        let fcm = Fcm {
             client: super::http_client(true)?,
             auth_client: super::http_client(false)?,
             send_url,
             account,
             token: Mutex::new(None),
-        })
+        };
+        // Reading the PEM does not parse the RSA key: sign once so a damaged key fails at start.
+        fcm.sign_assertion().map_err(|_| {
+            format!(
+                "push.fcm.credentials: {}: \"private_key\" cannot sign RS256",
+                path.display()
+            )
+        })?;
+        Ok(fcm)
     }
 
     /// A usable access token: the cached one, or a fresh one fetched under the lock.

@@ -63,3 +63,44 @@ pub(crate) fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn push_retry_after_reads_seconds_and_http_dates() {
+        assert_eq!(retry_after(&headers("2")), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+        assert_eq!(retry_after(&headers("soon")), None);
+        let at = SystemTime::now() + Duration::from_secs(120);
+        let d = retry_after(&headers(&httpdate::fmt_http_date(at))).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(60));
+        assert_eq!(retry_after(&headers(&past)), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn push_truncate_utf8_cuts_on_a_char_boundary() {
+        assert_eq!(truncate_utf8("abc", 64), "abc");
+        assert_eq!(truncate_utf8("aé", 2), "a");
+        assert_eq!(truncate_utf8("aé", 3), "aé");
+    }
+
+    #[test]
+    fn push_safe_code_keeps_only_a_short_identifier() {
+        assert_eq!(safe_code("UNREGISTERED"), "UNREGISTERED");
+        assert_eq!(safe_code("Bad token abc/def\n"), "Badtokenabcdefn");
+        assert_eq!(safe_code(&"A".repeat(100)).len(), 48);
+    }
+}

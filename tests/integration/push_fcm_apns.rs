@@ -138,6 +138,70 @@ async fn push_fcm_401_refreshes_the_token_once_and_sends() {
 }
 
 #[tokio::test]
+async fn push_fcm_401_twice_fails_after_one_refresh() {
+    let (fake, p, _dir) = fcm_setup().await;
+    for _ in 0..2 {
+        fake.fail_next(Failure {
+            status: 401,
+            retry_after: None,
+        });
+    }
+    assert_eq!(
+        p.send(&fcm_job()).await,
+        Outcome::Failed {
+            reason: "fcm 401 UNAUTHENTICATED".into()
+        }
+    );
+    assert_eq!(fake.token_requests(), 2);
+    assert_eq!(fake.sends(), 2);
+}
+
+#[tokio::test]
+async fn push_fcm_fake_refuses_http1_and_bad_data() {
+    let (fake, p, _dir) = fcm_setup().await;
+    assert_eq!(p.send(&fcm_job()).await, Outcome::Sent);
+    let url = format!("{}/v1/projects/herald-test/messages:send", fake.url());
+    let h1 = reqwest::Client::new();
+    let r = h1.post(&url).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 505);
+    let form = format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={}",
+        "not-a-jwt"
+    );
+    let r = h1
+        .post(fake.token_url())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400, "an unsigned assertion is refused");
+    // Over h2 with a good token, a non-string data value is refused as Google does.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .post(&url)
+        .bearer_auth("ya29.1")
+        .json(&json!({"message": {"token": "t", "data": {"seq": 42}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
+    let r = h2
+        .post(&url)
+        .bearer_auth("ya29.999")
+        .json(&json!({"message": {"token": "t"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401, "a token it never issued");
+}
+
+#[tokio::test]
 async fn push_fcm_unregistered_token_is_dead() {
     let (fake, p, _dir) = fcm_setup().await;
     fake.unregister(FCM_TOKEN);
@@ -327,8 +391,10 @@ async fn push_fcm_from_config_errors_name_the_key() {
 async fn push_fcm_from_config_via_providers() {
     let fake = FakeFcm::start().await;
     let dir = TempDir::new("fcm");
-    let mut push = herald::config::PushConfig::default();
-    push.fcm = Some(fake.config(&dir.path));
+    let mut push = herald::config::PushConfig {
+        fcm: Some(fake.config(&dir.path)),
+        ..Default::default()
+    };
     let ps = herald::push::Providers::from_config(&push).unwrap();
     assert_eq!(ps.kinds(), vec![ProviderKind::Fcm]);
     push.fcm = Some(FcmConfig::default());
@@ -594,6 +660,28 @@ async fn push_apns_wrong_topic_or_team_fails() {
 }
 
 #[tokio::test]
+async fn push_apns_fake_refuses_http1_and_missing_provider_token() {
+    let fake = FakeApns::start().await;
+    let url = format!("{}/3/device/{APNS_TOKEN}", fake.url());
+    let r = reqwest::Client::new().post(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 505);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .post(&url)
+        .header("apns-topic", crate::fakes::apple::TOPIC)
+        .body(r#"{"aps":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["reason"], "MissingProviderToken");
+}
+
+#[tokio::test]
 async fn push_apns_connection_refused_retries() {
     let fake = FakeApns::start().await;
     let dir = TempDir::new("apns");
@@ -613,7 +701,8 @@ async fn push_apns_from_config_errors_name_the_missing_key() {
     let dir = TempDir::new("apns");
     let full = fake.config(&dir.path);
     let err = |c: &ApnsConfig| Apns::from_config(c).map(|_| ()).unwrap_err();
-    let cases: [(&str, fn(&mut ApnsConfig)); 4] = [
+    type Edit = fn(&mut ApnsConfig);
+    let cases: [(&str, Edit); 4] = [
         ("push.apns.key_file", |c| c.key_file = None),
         ("push.apns.key_id", |c| c.key_id = None),
         ("push.apns.team_id", |c| c.team_id = None),
@@ -644,8 +733,10 @@ async fn push_apns_from_config_errors_name_the_missing_key() {
     let mut c = full.clone();
     c.endpoint = Some("api.push.apple.com".into());
     assert!(err(&c).starts_with("push.apns.endpoint"));
-    let mut push = herald::config::PushConfig::default();
-    push.apns = Some(full);
+    let push = herald::config::PushConfig {
+        apns: Some(full),
+        ..Default::default()
+    };
     let ps = herald::push::Providers::from_config(&push).unwrap();
     assert_eq!(ps.kinds(), vec![ProviderKind::Apns]);
 }

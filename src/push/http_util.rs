@@ -100,7 +100,7 @@ mod tests {
     #[test]
     fn push_safe_code_keeps_only_a_short_identifier() {
         assert_eq!(safe_code("UNREGISTERED"), "UNREGISTERED");
-        assert_eq!(safe_code("Bad token abc/def\n"), "Badtokenabcdefn");
+        assert_eq!(safe_code("Bad token abc/def\n"), "Badtokenabcdef");
         assert_eq!(safe_code(&"A".repeat(100)).len(), 48);
     }
 }

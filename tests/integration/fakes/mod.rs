@@ -28,5 +28,3 @@ pub struct Failure {
     /// `Retry-After` header value (seconds), when set.
     pub retry_after: Option<u64>,
 }
-pub mod apple;
-pub mod google;

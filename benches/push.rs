@@ -114,7 +114,11 @@ fn bench(c: &mut Criterion) {
     let except = vec!["u0".to_string()];
     for (name, when, policy) in [
         ("unacked_all", PushWhen::Unacked, DevicePolicy::All),
-        ("background_foreground", PushWhen::Background, DevicePolicy::Foreground),
+        (
+            "background_foreground",
+            PushWhen::Background,
+            DevicePolicy::Foreground,
+        ),
     ] {
         g.bench_function(format!("plan_recipients/{name}/{MEMBERS}"), |b| {
             b.iter(|| w.plan(&room, &except, when, policy))

@@ -54,3 +54,6 @@ mod process;
 
 #[path = "integration/push.rs"]
 mod push;
+
+#[path = "integration/push_fcm_apns.rs"]
+mod push_fcm_apns;

@@ -41,7 +41,7 @@ pub(crate) enum Work {
     },
     /// A burst window closed: send what it held as one summary.
     Summary {
-        /// The gate key (`user|collapse`).
+        /// The gate key (`user|device|collapse`).
         key: String,
     },
 }
@@ -542,9 +542,11 @@ impl Engine {
     }
 }
 
-/// The burst gate's key of a job: its user and collapse key.
+/// The burst gate's key of a job: its user, device and collapse key. Per device, so one event's
+/// pushes to a user's phone and tablet both go at once, and a burst shows as one push plus one
+/// summary on each of them.
 pub(crate) fn gate_key(job: &PushJob) -> String {
-    format!("{}|{}", job.user, job.collapse)
+    format!("{}|{}|{}", job.user, job.device, job.collapse)
 }
 
 /// The summary of `n` held pushes, the last of them being `last`.

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PushConfig;
 
+pub mod apns;
+pub mod fcm;
+mod http_util;
 pub mod webhook;
 
 /// Which provider a device is registered with.
@@ -209,6 +212,12 @@ impl Providers {
     /// Builds every provider `config` configures; an error names the provider and the key.
     pub fn from_config(config: &PushConfig) -> Result<Providers, String> {
         let mut p = Providers::default();
+        if let Some(c) = &config.fcm {
+            p.insert(Arc::new(fcm::Fcm::from_config(c)?));
+        }
+        if let Some(c) = &config.apns {
+            p.insert(Arc::new(apns::Apns::from_config(c)?));
+        }
         if let Some(c) = &config.webhook {
             p.insert(Arc::new(webhook::Webhook::from_config(c)?));
         }
@@ -249,34 +258,4 @@ pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, Strin
         b = b.http2_prior_knowledge();
     }
     b.build().map_err(|e| format!("push HTTP client: {e}"))
-}
-
-/// A provider's `Retry-After` (seconds or an HTTP date), capped at an hour.
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    let d = match v.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => httpdate::parse_http_date(v)
-            .ok()?
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    };
-    Some(d.min(Duration::from_secs(3600)))
-}
-
-/// A short reason for a request that got no response: never the URL (a Web Push endpoint is a
-/// capability) nor the body.
-pub fn network_reason(provider: &str, e: &reqwest::Error) -> String {
-    let what = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "network"
-    };
-    format!("{provider} {what}")
 }

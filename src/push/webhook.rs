@@ -8,7 +8,8 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::{Outcome, Provider, ProviderKind, PushJob, http_client, retry_after};
+use super::http_util::{network_kind, retry_after};
+use super::{Outcome, Provider, ProviderKind, PushJob, http_client};
 use crate::config::WebhookConfig;
 
 /// The signature header.
@@ -87,7 +88,7 @@ impl Provider for Webhook {
         match res {
             Err(e) => Outcome::Retry {
                 after: None,
-                reason: super::network_reason("webhook", &e),
+                reason: format!("webhook {}", network_kind(&e)),
             },
             Ok(r) => {
                 let status = r.status().as_u16();

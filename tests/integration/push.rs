@@ -568,3 +568,91 @@ async fn push_survives_a_node_killed_mid_way() {
     assert_eq!(got.len(), 2, "taken over after the node died: {got:?}");
     assert_eq!(got[1]["event"], "p.offline");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Through the engine to the fakes of Google's and Apple's services.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn push_fcm_and_apns_devices_get_it_and_a_dead_token_is_removed() {
+    use crate::fakes::apple::FakeApns;
+    use crate::fakes::google::FakeFcm;
+    let hook = FakeWebhook::start().await;
+    let (fcm, apns) = (FakeFcm::start().await, FakeApns::start().await);
+    let dir = TempDir::new("push-mobile");
+    let (fcm_config, apns_config) = (fcm.config(&dir.path), apns.config(&dir.path));
+    let t = start(&hook, &dir, move |c| {
+        c.push.fcm = Some(fcm_config);
+        c.push.apns = Some(apns_config);
+    })
+    .await;
+    t.join("r1", "alice").await;
+    t.join("r1", "bob").await;
+    let apns_token = "ab".repeat(32);
+    for (device, body) in [
+        (
+            "pixel",
+            json!({"provider":"fcm","token":"fcm-tok:bob_1","platform":"android"}),
+        ),
+        (
+            "iphone",
+            json!({"provider":"apns","token":apns_token,"platform":"ios"}),
+        ),
+    ] {
+        let (s, v) = t
+            .api(
+                "PUT",
+                &format!("/api/v1/users/bob/devices/{device}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, 200, "{device}: {v}");
+    }
+    // Shapes the providers would refuse are refused at registration, naming the field.
+    for body in [
+        json!({"provider":"fcm","token":"has spaces in it"}),
+        json!({"provider":"apns","token":"not-hex"}),
+        json!({"provider":"apns"}),
+    ] {
+        let got = t
+            .api("PUT", "/api/v1/users/bob/devices/bad", Some(body))
+            .await;
+        assert_error(&got, 400, "bad_frame");
+        assert!(
+            got.1["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("token"),
+            "{:?}",
+            got.1
+        );
+    }
+
+    let reply = send(&t, "p.offline").await;
+    let seq = reply["deliveries"][0]["seq"].as_u64().unwrap();
+    let f = fcm.wait_for(1, ARRIVE).await;
+    let a = apns.wait_for(1, ARRIVE).await;
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(f[0].token, "fcm-tok:bob_1");
+    assert_eq!(f[0].title.as_deref(), Some("T"));
+    assert_eq!(f[0].data["room"], "r1");
+    assert_eq!(f[0].data["seq"], seq.to_string());
+    assert_eq!(f[0].collapse_key.as_deref(), Some("room:r1"));
+    assert_eq!(a[0].token, apns_token);
+    assert_eq!(a[0].collapse_id.as_deref(), Some("room:r1"));
+    assert_eq!(a[0].payload["herald"]["room"], "r1", "{:?}", a[0].payload);
+    assert_eq!(a[0].payload["herald"]["seq"], seq, "{:?}", a[0].payload);
+    assert!(hook.received().is_empty(), "bob has no webhook device");
+
+    // Google says the token is gone: the device is removed, the iPhone stays.
+    fcm.unregister("fcm-tok:bob_1");
+    send(&t, "p.always").await;
+    let v = t
+        .api_until("/api/v1/users/bob/devices", |v| {
+            v["devices"].as_array().is_some_and(|d| d.len() == 1)
+        })
+        .await;
+    assert_eq!(v["devices"][0]["device"], "iphone", "{v}");
+    assert_eq!(apns.wait_for(2, ARRIVE).await.len(), 2);
+}

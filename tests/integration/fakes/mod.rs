@@ -4,6 +4,8 @@
 
 use std::net::SocketAddr;
 
+pub mod apple;
+pub mod google;
 pub mod webhook;
 
 /// Serves `router` on 127.0.0.1:0 (HTTP/1.1 and HTTP/2 with prior knowledge) until the test ends.

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PushConfig;
 
+pub mod webpush;
+
 /// Which provider a device is registered with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -196,8 +198,11 @@ impl std::fmt::Debug for Providers {
 impl Providers {
     /// Builds every provider `config` configures; an error names the provider and the key.
     pub fn from_config(config: &PushConfig) -> Result<Providers, String> {
-        let _ = config;
-        Ok(Providers::default())
+        let mut p = Providers::default();
+        if let Some(c) = &config.webpush {
+            p.insert(Arc::new(webpush::WebPush::from_config(c)?));
+        }
+        Ok(p)
     }
 
     /// Adds (or replaces) a provider.
@@ -224,6 +229,14 @@ impl Providers {
 /// second crypto stack). An `http://` base URL is spoken to as HTTP/2 with prior knowledge by
 /// providers that need HTTP/2 (FCM, APNs), so local test servers need no TLS.
 pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, String> {
+    http_client_builder(http2_prior_knowledge)
+        .build()
+        .map_err(|e| format!("push HTTP client: {e}"))
+}
+
+/// [`http_client`] before `build()`, for a provider that adds to it (Web Push plugs in a DNS
+/// resolver that refuses private addresses) while keeping the shared timeouts and TLS setup.
+pub fn http_client_builder(http2_prior_knowledge: bool) -> reqwest::ClientBuilder {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -233,5 +246,5 @@ pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, Strin
     if http2_prior_knowledge {
         b = b.http2_prior_knowledge();
     }
-    b.build().map_err(|e| format!("push HTTP client: {e}"))
+    b
 }

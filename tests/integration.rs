@@ -51,3 +51,6 @@ mod http;
 
 #[path = "integration/process.rs"]
 mod process;
+
+#[path = "integration/push_webpush.rs"]
+mod push_webpush;

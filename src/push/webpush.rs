@@ -429,7 +429,10 @@ fn v6_allowed(a: Ipv6Addr, allow_loopback: bool) -> bool {
     }
     if s[0] == 0x2002 {
         // 6to4: the IPv4 address is in bits 16..48.
-        return v4_allowed(Ipv4Addr::from((u32::from(s[1]) << 16) | u32::from(s[2])), false);
+        return v4_allowed(
+            Ipv4Addr::from((u32::from(s[1]) << 16) | u32::from(s[2])),
+            false,
+        );
     }
     let documentation = s[0] == 0x2001 && s[1] == 0x0db8;
     let teredo = s[0] == 0x2001 && s[1] == 0;
@@ -467,10 +470,7 @@ async fn vet_resolved(sub: &Subscription) -> Result<(), Outcome> {
             reason: "webpush: DNS lookup found no address".into(),
         });
     }
-    if addrs
-        .iter()
-        .any(|a| !address_allowed(a.ip(), sub.loopback))
-    {
+    if addrs.iter().any(|a| !address_allowed(a.ip(), sub.loopback)) {
         return Err(Outcome::Failed {
             reason: "endpoint resolves to a private address".into(),
         });
@@ -489,9 +489,8 @@ impl reqwest::dns::Resolve for VettingResolver {
         let host = name.as_str().to_string();
         let loopback_ok = self.allow_loopback && host.eq_ignore_ascii_case("localhost");
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if addrs.iter().any(|a| !address_allowed(a.ip(), loopback_ok)) {
                 return Err("endpoint resolves to a private address".into());
             }

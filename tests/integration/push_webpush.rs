@@ -75,7 +75,10 @@ fn expect_err(sub: &Value, cfg: &WebPushConfig, field: &str) {
 async fn push_web_job_arrives_decrypted_with_ttl_topic_and_urgency() {
     let (fake, wp, sub) = setup().await;
     assert_eq!(wp.kind(), ProviderKind::Webpush);
-    assert_eq!(wp.send(&job(&sub, PushReason::Unacked)).await, Outcome::Sent);
+    assert_eq!(
+        wp.send(&job(&sub, PushReason::Unacked)).await,
+        Outcome::Sent
+    );
     // A second send reuses the cached VAPID JWT and says `normal` for a background push.
     assert_eq!(
         wp.send(&job(&sub, PushReason::Background)).await,
@@ -100,10 +103,76 @@ async fn push_web_job_arrives_decrypted_with_ttl_topic_and_urgency() {
 #[tokio::test]
 async fn push_web_offline_is_high_urgency() {
     let (fake, wp, sub) = setup().await;
-    assert_eq!(wp.send(&job(&sub, PushReason::Offline)).await, Outcome::Sent);
+    assert_eq!(
+        wp.send(&job(&sub, PushReason::Offline)).await,
+        Outcome::Sent
+    );
     let got = fake.wait_for(1, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].urgency.as_deref(), Some("high"));
+}
+
+#[tokio::test]
+async fn push_web_fake_refuses_what_a_push_service_refuses() {
+    // The fake's checks are what the happy path relies on: unsigned, unencrypted or mis-signed
+    // requests are refused and not recorded.
+    let (fake, wp, sub) = setup().await;
+    let endpoint = sub["endpoint"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let post = |auth: Option<String>| {
+        let mut r = http
+            .post(&endpoint)
+            .header("TTL", "60")
+            .header("Content-Encoding", "aes128gcm")
+            .body(vec![0u8; 100]);
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status().as_u16(), 401);
+    let forged = format!("vapid t=e30.e30.AAAA, k={}", wp.public_key());
+    assert_eq!(post(Some(forged)).await.unwrap().status().as_u16(), 403);
+    // VAPID JWTs made here: right key, wrong audience / past exp / other key → 403; right
+    // everything but a body that does not decrypt → 400.
+    let cfg = fake.config();
+    let key_bytes = URL_SAFE_NO_PAD
+        .decode(cfg.vapid_key.as_deref().unwrap())
+        .unwrap();
+    let ours = p256::SecretKey::from_slice(&key_bytes).unwrap();
+    let ours_k = WebPush::from_config(&cfg).unwrap().public_key();
+    let vapid = |signer: &p256::SecretKey, aud: &str, exp: i64| {
+        let der = signer.to_pkcs8_der().unwrap();
+        let claims = json!({"aud": aud, "exp": exp, "sub": "mailto:ops@example.com"});
+        let jwt = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(der.as_bytes()),
+        )
+        .unwrap();
+        format!("vapid t={jwt}, k={ours_k}")
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let origin = format!("http://{}", fake.addr());
+    let theirs = p256::SecretKey::from_slice(&[3u8; 32]).unwrap();
+    for (signer, aud, exp) in [
+        (&ours, "https://fcm.googleapis.com", now + 3600),
+        (&ours, origin.as_str(), now - 10),
+        (&ours, origin.as_str(), now + 25 * 3600),
+        (&theirs, origin.as_str(), now + 3600),
+    ] {
+        let status = post(Some(vapid(signer, aud, exp))).await.unwrap().status();
+        assert_eq!(status.as_u16(), 403, "aud {aud} exp {exp}");
+    }
+    let status = post(Some(vapid(&ours, &origin, now + 3600)))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 400, "garbage body accepted");
+    assert!(fake.received().is_empty());
 }
 
 #[tokio::test]
@@ -113,10 +182,7 @@ async fn push_web_gone_subscription_is_dead_token() {
     let out = wp.send(&job(&sub, PushReason::Offline)).await;
     assert!(matches!(out, Outcome::DeadToken { .. }), "{out:?}");
     // An id the service never issued: 404, also dead.
-    let unknown = with_endpoint(
-        &sub,
-        &format!("http://{}/push/never-issued", fake.addr()),
-    );
+    let unknown = with_endpoint(&sub, &format!("http://{}/push/never-issued", fake.addr()));
     let out = wp.send(&job(&unknown, PushReason::Offline)).await;
     assert!(matches!(out, Outcome::DeadToken { .. }), "{out:?}");
     assert!(fake.received().is_empty());
@@ -133,12 +199,18 @@ async fn push_web_429_retries_after_its_retry_after() {
         Outcome::Retry { after, reason } => {
             assert_eq!(after, Some(Duration::from_secs(3)));
             assert!(reason.contains("429"), "{reason}");
-            assert!(!reason.contains("/push/"), "reason leaks the endpoint: {reason}");
+            assert!(
+                !reason.contains("/push/"),
+                "reason leaks the endpoint: {reason}"
+            );
         }
         other => panic!("expected Retry, got {other:?}"),
     }
     // The failure was for one request only.
-    assert_eq!(wp.send(&job(&sub, PushReason::Offline)).await, Outcome::Sent);
+    assert_eq!(
+        wp.send(&job(&sub, PushReason::Offline)).await,
+        Outcome::Sent
+    );
 }
 
 #[tokio::test]
@@ -149,10 +221,7 @@ async fn push_web_503_retries() {
         retry_after: None,
     });
     let out = wp.send(&job(&sub, PushReason::Offline)).await;
-    assert!(
-        matches!(out, Outcome::Retry { after: None, .. }),
-        "{out:?}"
-    );
+    assert!(matches!(out, Outcome::Retry { after: None, .. }), "{out:?}");
 }
 
 #[tokio::test]
@@ -192,7 +261,10 @@ async fn push_web_refused_connection_retries() {
     let out = wp.send(&job(&dead, PushReason::Offline)).await;
     match out {
         Outcome::Retry { reason, .. } => {
-            assert!(!reason.contains("127.0.0.1"), "reason leaks the endpoint: {reason}")
+            assert!(
+                !reason.contains("127.0.0.1"),
+                "reason leaks the endpoint: {reason}"
+            )
         }
         other => panic!("expected Retry, got {other:?}"),
     }
@@ -305,7 +377,10 @@ async fn push_web_check_subscription_refuses_private_literals() {
     }
     assert!(address_allowed("127.0.0.1".parse().unwrap(), true));
     assert!(!address_allowed("10.0.0.1".parse().unwrap(), true));
-    assert!(!address_allowed("::ffff:192.168.0.1".parse().unwrap(), true));
+    assert!(!address_allowed(
+        "::ffff:192.168.0.1".parse().unwrap(),
+        true
+    ));
 }
 
 #[tokio::test]
@@ -332,7 +407,11 @@ async fn push_web_check_subscription_key_rules() {
         b64(&off_curve),
         json!(5),
     ] {
-        expect_err(&with_key("p256dh", p256dh), &cfg, "subscription.keys.p256dh");
+        expect_err(
+            &with_key("p256dh", p256dh),
+            &cfg,
+            "subscription.keys.p256dh",
+        );
     }
     for auth in [json!("***"), b64(&[0u8; 15]), b64(&[0u8; 32]), json!(null)] {
         expect_err(&with_key("auth", auth), &cfg, "subscription.keys.auth");
@@ -348,7 +427,11 @@ async fn push_web_check_subscription_key_rules() {
     };
     expect_err(&without(&["endpoint"]), &cfg, "subscription.endpoint");
     expect_err(&without(&["keys"]), &cfg, "subscription.keys");
-    expect_err(&without(&["keys", "p256dh"]), &cfg, "subscription.keys.p256dh");
+    expect_err(
+        &without(&["keys", "p256dh"]),
+        &cfg,
+        "subscription.keys.p256dh",
+    );
     expect_err(&without(&["keys", "auth"]), &cfg, "subscription.keys.auth");
     expect_err(&json!("https://fcm.googleapis.com/x"), &cfg, "subscription");
 }
@@ -359,7 +442,10 @@ async fn push_web_loopback_only_with_allow_loopback() {
     let sub = fake.subscribe();
     let test_cfg = fake.config();
     check_subscription(&sub, &test_cfg).expect("loopback with allow_loopback");
-    let localhost = with_endpoint(&sub, &format!("http://localhost:{}/push/x", fake.addr().port()));
+    let localhost = with_endpoint(
+        &sub,
+        &format!("http://localhost:{}/push/x", fake.addr().port()),
+    );
     check_subscription(&localhost, &test_cfg).expect("localhost with allow_loopback");
     let prod = WebPushConfig {
         allow_loopback: false,
@@ -374,7 +460,11 @@ async fn push_web_loopback_only_with_allow_loopback() {
         "http://fcm.googleapis.com/fcm/send/x",
         "https://evil.example.com/push/x",
     ] {
-        expect_err(&with_endpoint(&sub, bad), &test_cfg, "subscription.endpoint");
+        expect_err(
+            &with_endpoint(&sub, bad),
+            &test_cfg,
+            "subscription.endpoint",
+        );
     }
 }
 
@@ -387,7 +477,11 @@ async fn push_web_custom_allowed_hosts_replace_the_defaults() {
     };
     expect_err(&sub, &cfg, "subscription.endpoint");
     check_subscription(&with_endpoint(&sub, "https://push.example.net/p/1"), &cfg).unwrap();
-    check_subscription(&with_endpoint(&sub, "https://eu.push.example.org/p/1"), &cfg).unwrap();
+    check_subscription(
+        &with_endpoint(&sub, "https://eu.push.example.org/p/1"),
+        &cfg,
+    )
+    .unwrap();
     expect_err(
         &with_endpoint(&sub, "https://push.example.org/p/1"),
         &cfg,
@@ -473,7 +567,10 @@ fn push_web_vapid_key_from_files() {
     let files = [
         ("pkcs8.pem", pkcs8.to_string()),
         ("sec1.pem", sec1.to_string()),
-        ("raw.txt", format!("{}\n", URL_SAFE_NO_PAD.encode([9u8; 32]))),
+        (
+            "raw.txt",
+            format!("{}\n", URL_SAFE_NO_PAD.encode([9u8; 32])),
+        ),
     ];
     for (name, text) in files {
         let path = dir.join(name);
@@ -487,7 +584,11 @@ fn push_web_vapid_key_from_files() {
         assert_eq!(wp.public_key(), expected, "{name}");
     }
     let junk = dir.join("junk.pem");
-    std::fs::write(&junk, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+    std::fs::write(
+        &junk,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     let e = WebPush::from_config(&WebPushConfig {
         vapid_key: Some(junk.display().to_string()),
         subject: Some("mailto:ops@example.com".into()),

@@ -44,7 +44,7 @@ struct UaKeys {
 
 #[derive(Default)]
 struct FakeState {
-    origin: String,
+    origin: Mutex<String>,
     subs: Mutex<HashMap<String, UaKeys>>,
     gone: Mutex<HashSet<String>>,
     fail: Mutex<Option<Failure>>,
@@ -60,22 +60,18 @@ pub struct FakeWebPush {
 impl FakeWebPush {
     /// Starts it on 127.0.0.1:0.
     pub async fn start() -> FakeWebPush {
-        // The port is needed for the VAPID audience before serving, so bind first.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake webpush");
-        let addr = listener.local_addr().expect("fake webpush addr");
-        let state = Arc::new(FakeState {
-            origin: format!("http://{addr}"),
-            ..FakeState::default()
-        });
+        let state = Arc::new(FakeState::default());
         let router = axum::Router::new()
             .route("/push/{id}", axum::routing::post(push))
             .with_state(state.clone());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
+        let addr = super::spawn(router).await;
+        // The VAPID audience needs the port, known only now; no request comes before `subscribe`.
+        *lock(&state.origin) = format!("http://{addr}");
         FakeWebPush { addr, state }
+    }
+
+    fn origin(&self) -> String {
+        lock(&self.state.origin).clone()
     }
 
     /// The fake's address.
@@ -100,7 +96,7 @@ impl FakeWebPush {
         let id = format!("{:032x}", rand::random::<u128>());
         let p256dh = URL_SAFE_NO_PAD.encode(secret.public_key().to_encoded_point(false).as_bytes());
         let sub = json!({
-            "endpoint": format!("{}/push/{id}", self.state.origin),
+            "endpoint": format!("{}/push/{id}", self.origin()),
             "expirationTime": null,
             "keys": { "p256dh": p256dh, "auth": URL_SAFE_NO_PAD.encode(auth) },
         });
@@ -180,10 +176,11 @@ async fn push(
             None => return status(404),
         }
     };
-    match accept(&state.origin, &headers, &body, &keys.0, keys.1) {
+    let origin = lock(&state.origin).clone();
+    match accept(&origin, &headers, &body, &keys.0, keys.1) {
         Ok((payload, ttl)) => {
             lock(&state.received).push(WebPushReceived {
-                endpoint: format!("{}/push/{id}", state.origin),
+                endpoint: format!("{origin}/push/{id}"),
                 payload,
                 ttl,
                 topic: header(&headers, "topic"),
@@ -235,12 +232,8 @@ fn accept(
     if body.len() > 4096 {
         return Err(413);
     }
-    let plain = web_push_native::decrypt(
-        body.to_vec(),
-        secret,
-        &web_push_native::Auth::from(auth),
-    )
-    .map_err(|_| 400u16)?;
+    let plain = web_push_native::decrypt(body.to_vec(), secret, &web_push_native::Auth::from(auth))
+        .map_err(|_| 400u16)?;
     let payload = serde_json::from_slice(&plain).map_err(|_| 400u16)?;
     Ok((payload, ttl))
 }

@@ -91,6 +91,7 @@ impl WebPush {
     pub fn from_config(config: &WebPushConfig) -> Result<WebPush, String> {
         let key = load_vapid_key(config.vapid_key.as_deref())?;
         let subject = check_subject(config.subject.as_deref())?;
+        check_allowed_hosts(config.allowed_hosts.as_deref())?;
         let der = key
             .to_pkcs8_der()
             .map_err(|_| "push.webpush.vapid_key: cannot encode the key".to_string())?;
@@ -245,6 +246,24 @@ fn check_subject(subject: Option<&str>) -> Result<String, String> {
     } else {
         Err("push.webpush.subject: must start with mailto: or https:".into())
     }
+}
+
+/// `allowed_hosts` entries are host names, optionally with a leading `*.`: a URL, a port or a `*`
+/// elsewhere is a mistake that would silently match nothing (or too much).
+fn check_allowed_hosts(hosts: Option<&[String]>) -> Result<(), String> {
+    for h in hosts.unwrap_or_default() {
+        let name = h.strip_prefix("*.").unwrap_or(h);
+        let ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(format!(
+                "push.webpush.allowed_hosts: {h:?} is not a host name (or *.domain)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn public_key_b64(key: &PublicKey) -> String {
@@ -633,6 +652,82 @@ fn network_outcome(e: reqwest::Error) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn provider() -> WebPush {
+        WebPush::from_config(&WebPushConfig {
+            vapid_key: Some(URL_SAFE_NO_PAD.encode([5u8; 32])),
+            subject: Some("mailto:ops@example.com".into()),
+            ..WebPushConfig::default()
+        })
+        .expect("provider")
+    }
+
+    #[test]
+    fn vapid_header_is_reused_per_origin() {
+        let wp = provider();
+        let a = wp.vapid_header("https://fcm.googleapis.com").unwrap();
+        // (ES256 here is deterministic, so mark the cached entry to see it come back.)
+        let fresh = unix_now() + 2 * 3600;
+        wp.vapid.lock().unwrap().insert(
+            "https://fcm.googleapis.com".into(),
+            ("cached".into(), fresh),
+        );
+        assert_eq!(
+            wp.vapid_header("https://fcm.googleapis.com").unwrap(),
+            "cached"
+        );
+        assert_ne!(a, wp.vapid_header("https://web.push.apple.com").unwrap());
+        assert!(a.starts_with("vapid t=") && a.ends_with(&format!(", k={}", wp.public_key())));
+        // One close to expiry is replaced.
+        let stale = unix_now() + VAPID_REFRESH_BEFORE.as_secs() - 1;
+        wp.vapid
+            .lock()
+            .unwrap()
+            .get_mut("https://fcm.googleapis.com")
+            .unwrap()
+            .1 = stale;
+        let renewed = wp.vapid_header("https://fcm.googleapis.com").unwrap();
+        assert!(renewed.starts_with("vapid t="), "{renewed}");
+        let exp = wp.vapid.lock().unwrap()["https://fcm.googleapis.com"].1;
+        assert!(
+            exp >= unix_now() + VAPID_LIFETIME.as_secs() - 5,
+            "not re-signed"
+        );
+    }
+
+    #[test]
+    fn allowed_hosts_must_be_host_names() {
+        for bad in [
+            "",
+            "*",
+            "https://fcm.googleapis.com",
+            "a.b:443",
+            "*.*.x.com",
+        ] {
+            let e = check_allowed_hosts(Some(&[bad.to_string()])).unwrap_err();
+            assert!(e.starts_with("push.webpush.allowed_hosts:"), "{e}");
+        }
+        check_allowed_hosts(Some(&[
+            "*.push.example.org".into(),
+            "push.example.net".into(),
+        ]))
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn client_resolver_refuses_loopback_unless_allowed_for_localhost() {
+        use reqwest::dns::Resolve as _;
+        let name = |s: &str| s.parse::<reqwest::dns::Name>().unwrap();
+        let strict = VettingResolver {
+            allow_loopback: false,
+        };
+        assert!(strict.resolve(name("localhost")).await.is_err());
+        let test = VettingResolver {
+            allow_loopback: true,
+        };
+        let addrs: Vec<SocketAddr> = test.resolve(name("localhost")).await.unwrap().collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+    }
 
     #[test]
     fn wildcard_matches_subdomains_only() {

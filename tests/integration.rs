@@ -57,3 +57,6 @@ mod push;
 
 #[path = "integration/push_fcm_apns.rs"]
 mod push_fcm_apns;
+
+#[path = "integration/push_webpush.rs"]
+mod push_webpush;

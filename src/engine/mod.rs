@@ -235,6 +235,12 @@ impl Engine {
         let push = crate::push::Providers::from_config(&config.push)?;
         if push.kinds().is_empty() {
             tracing::info!("No push provider configured: rules' push decisions are not planned.");
+        } else {
+            let kinds: Vec<&str> = push.kinds().iter().map(|k| k.as_str()).collect();
+            tracing::info!(providers = %kinds.join(","), "Push providers configured.");
+        }
+        if let Some(w) = push.webpush_public_key() {
+            tracing::info!(application_server_key = %w, "Web Push VAPID public key (the browser's applicationServerKey).");
         }
         let hub = Arc::new(Hub::new());
         backends.broker.attach(hub.clone());

@@ -20,6 +20,7 @@ pub mod apns;
 pub mod fcm;
 mod http_util;
 pub mod webhook;
+pub mod webpush;
 
 /// Which provider a device is registered with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -198,6 +199,7 @@ pub trait Provider: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct Providers {
     by_kind: Vec<(ProviderKind, Arc<dyn Provider>)>,
+    webpush: Option<Arc<webpush::WebPush>>,
 }
 
 impl std::fmt::Debug for Providers {
@@ -221,6 +223,11 @@ impl Providers {
         if let Some(c) = &config.webhook {
             p.insert(Arc::new(webhook::Webhook::from_config(c)?));
         }
+        if let Some(c) = &config.webpush {
+            let w = Arc::new(webpush::WebPush::from_config(c)?);
+            p.webpush = Some(w.clone());
+            p.insert(w);
+        }
         Ok(p)
     }
 
@@ -238,6 +245,12 @@ impl Providers {
             .map(|(_, p)| p)
     }
 
+    /// The Web Push VAPID public key (base64url), when Web Push is configured: what browsers need
+    /// as `applicationServerKey` to subscribe.
+    pub fn webpush_public_key(&self) -> Option<String> {
+        self.webpush.as_ref().map(|w| w.public_key())
+    }
+
     /// The configured kinds.
     pub fn kinds(&self) -> Vec<ProviderKind> {
         self.by_kind.iter().map(|(k, _)| *k).collect()
@@ -248,6 +261,14 @@ impl Providers {
 /// second crypto stack). An `http://` base URL is spoken to as HTTP/2 with prior knowledge by
 /// providers that need HTTP/2 (FCM, APNs), so local test servers need no TLS.
 pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, String> {
+    http_client_builder(http2_prior_knowledge)
+        .build()
+        .map_err(|e| format!("push HTTP client: {e}"))
+}
+
+/// [`http_client`] before `build()`, for a provider that adds to it (Web Push plugs in a DNS
+/// resolver that refuses private addresses) while keeping the shared timeouts and TLS setup.
+pub fn http_client_builder(http2_prior_knowledge: bool) -> reqwest::ClientBuilder {
     crate::install_crypto_provider();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -257,5 +278,5 @@ pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, Strin
     if http2_prior_knowledge {
         b = b.http2_prior_knowledge();
     }
-    b.build().map_err(|e| format!("push HTTP client: {e}"))
+    b
 }

@@ -656,3 +656,64 @@ async fn push_fcm_and_apns_devices_get_it_and_a_dead_token_is_removed() {
     assert_eq!(v["devices"][0]["device"], "iphone", "{v}");
     assert_eq!(apns.wait_for(2, ARRIVE).await.len(), 2);
 }
+
+/// A browser's subscription through the engine: registered (private endpoints refused), the push
+/// arrives encrypted for it with the room and seq, and a gone subscription is removed.
+#[tokio::test]
+async fn push_webpush_subscription_gets_it_private_endpoints_are_refused() {
+    use crate::fakes::webpush::FakeWebPush;
+    let hook = FakeWebhook::start().await;
+    let browser = FakeWebPush::start().await;
+    let dir = TempDir::new("push-web");
+    let web_config = browser.config();
+    let t = start(&hook, &dir, move |c| c.push.webpush = Some(web_config)).await;
+    t.join("r1", "alice").await;
+    t.join("r1", "bob").await;
+
+    let sub = browser.subscribe();
+    let keys = sub["keys"].clone();
+    for endpoint in [
+        "https://10.0.0.7/push/x",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/push",
+        "http://fcm.googleapis.com/fcm/send/x",
+        "https://push.evil.example/x",
+    ] {
+        let body = json!({"provider":"webpush","subscription":{"endpoint":endpoint,"keys":keys}});
+        let got = t
+            .api("PUT", "/api/v1/users/bob/devices/evil", Some(body))
+            .await;
+        assert_error(&got, 400, "bad_frame");
+        let msg = got.1["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with("subscription.endpoint"),
+            "{endpoint}: {msg}"
+        );
+    }
+    let body = json!({"provider":"webpush","subscription":sub,"platform":"web"});
+    let (s, v) = t
+        .api("PUT", "/api/v1/users/bob/devices/chrome", Some(body))
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    let reply = send(&t, "p.offline").await;
+    let seq = reply["deliveries"][0]["seq"].as_u64().unwrap();
+    let got = browser.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].payload["title"], "T", "{:?}", got[0].payload);
+    assert_eq!(got[0].payload["data"]["room"], "r1", "{:?}", got[0].payload);
+    assert_eq!(got[0].payload["data"]["seq"], seq, "{:?}", got[0].payload);
+    assert_eq!(
+        got[0].topic.as_deref(),
+        Some(herald::push::webpush::topic("room:r1").as_str())
+    );
+
+    browser.mark_gone(sub["endpoint"].as_str().unwrap());
+    send(&t, "p.always").await;
+    let v = t
+        .api_until("/api/v1/users/bob/devices", |v| {
+            v["devices"].as_array().is_some_and(|d| d.is_empty())
+        })
+        .await;
+    assert_eq!(v["devices"], json!([]));
+}

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 pub mod apple;
 pub mod google;
 pub mod webhook;
+pub mod webpush;
 
 /// Serves `router` on 127.0.0.1:0 (HTTP/1.1 and HTTP/2 with prior knowledge) until the test ends.
 pub async fn spawn(router: axum::Router) -> SocketAddr {

@@ -233,7 +233,14 @@ impl Engine {
                     .map(|u| u.to_string())
                     .collect();
                 let mut recipients = self
-                    .plan_channel(ch, &except, p.when, routed.decision.devices, None)
+                    .plan_channel(
+                        ch,
+                        &except,
+                        p.when,
+                        routed.decision.devices,
+                        None,
+                        super::pushplan::PlanScope::Everyone,
+                    )
                     .await?;
                 let more = recipients.len().saturating_sub(DRY_RUN_RECIPIENTS);
                 recipients.truncate(DRY_RUN_RECIPIENTS);

@@ -90,6 +90,15 @@ pub struct Recipient<'a> {
     pub acked: bool,
 }
 
+/// Which recipients [`Engine::plan_channel`] plans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PlanScope {
+    /// Everyone (the dry run shows who gets it live too).
+    Everyone,
+    /// Only those with a registered push device (the sending loop: nobody else can be pushed).
+    Pushed,
+}
+
 /// What one device of a recipient gets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DevicePlan {
@@ -428,12 +437,12 @@ impl Engine {
         when: PushWhen,
         policy: DevicePolicy,
         seq: Option<Seq>,
+        scope: PlanScope,
     ) -> EngineResult<Vec<RecipientPlan>> {
-        let users = self.push_recipients(channel, except).await?;
+        let mut users = self.push_recipients(channel, except).await?;
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let presence = backend(self.backends.presence.get(&users)).await?;
         let focused: HashSet<String> = if channel.kind() == Kind::Room {
             backend(self.backends.unread.focused(channel.id()))
                 .await?
@@ -442,7 +451,7 @@ impl Engine {
         } else {
             HashSet::new()
         };
-        let acked = match (when, seq) {
+        let mut acked: Vec<bool> = match (when, seq) {
             (PushWhen::Unacked, Some(seq)) => {
                 backend(self.backends.outbox.push_acked(channel.as_str(), &users))
                     .await?
@@ -453,35 +462,52 @@ impl Engine {
             _ => vec![false; users.len()],
         };
         // Registrations are read only for those who may get a push, in one round trip.
-        let may_push: Vec<bool> = users
-            .iter()
-            .zip(&acked)
-            .map(|(u, acked)| when != PushWhen::Never && !focused.contains(u) && !acked)
-            .collect();
+        let may_push =
+            |u: &String, acked: bool| when != PushWhen::Never && !focused.contains(u) && !acked;
         let asked: Vec<String> = users
             .iter()
-            .zip(&may_push)
-            .filter(|(_, m)| **m)
+            .zip(&acked)
+            .filter(|(u, a)| may_push(u, **a))
             .map(|(u, _)| u.clone())
             .collect();
-        let mut registered = backend(self.backends.devices.devices_of(&asked))
+        let mut found = backend(self.backends.devices.devices_of(&asked))
             .await?
             .into_iter();
+        let mut registered: Vec<Vec<PushDevice>> = users
+            .iter()
+            .zip(&acked)
+            .map(|(u, a)| {
+                if may_push(u, *a) {
+                    found.next().unwrap_or_default()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        if scope == PlanScope::Pushed {
+            // Nobody without a registered device can be pushed: their presence is not read.
+            let keep: Vec<bool> = registered.iter().map(|r| !r.is_empty()).collect();
+            let mut k = keep.iter();
+            users.retain(|_| *k.next().unwrap_or(&false));
+            let mut k = keep.iter();
+            acked.retain(|_| *k.next().unwrap_or(&false));
+            registered.retain(|r| !r.is_empty());
+            if users.is_empty() {
+                return Ok(Vec::new());
+            }
+        }
+        let presence = backend(self.backends.presence.get(&users)).await?;
         let mut out = Vec::with_capacity(users.len());
-        for (((user, presence), acked), may) in users.iter().zip(&presence).zip(acked).zip(may_push)
+        for (((user, presence), acked), registered) in
+            users.iter().zip(&presence).zip(acked).zip(&registered)
         {
-            let registered = if may {
-                registered.next().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
             out.push(plan_recipient(
                 when,
                 policy,
                 Recipient {
                     user,
                     presence,
-                    registered: &registered,
+                    registered,
                     focused: focused.contains(user),
                     acked,
                 },
@@ -500,7 +526,14 @@ impl Engine {
             return Ok(Vec::new());
         };
         let recipients = self
-            .plan_channel(&channel, &plan.except, plan.when, plan.devices, seq)
+            .plan_channel(
+                &channel,
+                &plan.except,
+                plan.when,
+                plan.devices,
+                seq,
+                PlanScope::Pushed,
+            )
             .await?;
         let mut jobs = Vec::new();
         for r in &recipients {

@@ -46,6 +46,8 @@ pub async fn start(hook: &FakeWebhook, dir: &TempDir, f: impl FnOnce(&mut Config
         c.rules_dir = path;
         c.push.webhook = Some(hook);
         c.push.reclaim_after = Some(Duration::from_millis(500));
+        // Bursts are merged only where a test says so (a second push would wait for the summary).
+        c.push.burst_window = Some(Duration::ZERO);
         f(c);
     })
     .await
@@ -432,6 +434,7 @@ async fn two_nodes(
             c.rules_dir = path;
             c.push.webhook = Some(hook);
             c.push.reclaim_after = Some(Duration::from_millis(500));
+            c.push.burst_window = Some(Duration::ZERO);
         })
     };
     (node("push-a").await, node("push-b").await)
@@ -495,6 +498,7 @@ async fn push_survives_a_node_killed_mid_way() {
         ("HERALD_PUSH_WEBHOOK_URL", url.as_str()),
         ("HERALD_PUSH_WEBHOOK_SECRET", secret.as_str()),
         ("HERALD_PUSH_RECLAIM_AFTER", "500ms"),
+        ("HERALD_PUSH_BURST_WINDOW", "0s"),
     ];
     let spawn = || HeraldProcess::spawn_with_env(&redis.url, &["--rules", &rules], &env);
     let api = |addr: &str, path: &str| format!("http://{addr}{path}");

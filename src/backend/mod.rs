@@ -217,13 +217,13 @@ pub trait Outbox: Send + Sync + 'static {
     async fn push_schedule(&self, id: &str, after: Duration, body: Bytes) -> BackendResult<()>;
     /// Turns timers that are due into entries (at most `limit`); returns how many.
     async fn push_due(&self, limit: usize) -> BackendResult<usize>;
-    /// Claims at most `count` entries for `consumer`: first those another claimer did not finish
-    /// within `idle`, then new ones.
+    /// Claims at most `count` entries for `consumer`: first, when `idle` is given, those another
+    /// claimer did not finish within it, then new ones.
     async fn push_claim(
         &self,
         consumer: &str,
         count: usize,
-        idle: Duration,
+        idle: Option<Duration>,
     ) -> BackendResult<Vec<OutboxEntry>>;
     /// Finishes an entry.
     async fn push_done(&self, entry: &str) -> BackendResult<()>;

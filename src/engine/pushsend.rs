@@ -51,12 +51,19 @@ pub(crate) async fn run(engine: Engine) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error = None::<tokio::time::Instant>;
     let mut stats_at = tokio::time::Instant::now();
+    // Entries a dead node left are looked for a few times per `reclaim_after`, not every tick.
+    let reclaim_every = engine.config.push.reclaim_after() / 4;
+    let mut reclaim_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = engine.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = engine.push_round().await {
+        let reclaim = reclaim_at.elapsed() >= reclaim_every;
+        if reclaim {
+            reclaim_at = tokio::time::Instant::now();
+        }
+        if let Err(e) = engine.push_round(reclaim).await {
             // Once a minute at most while the backend is away.
             if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                 tracing::warn!(error = %e, "Push loop: backend unavailable; retrying.");
@@ -73,13 +80,15 @@ pub(crate) async fn run(engine: Engine) {
 }
 
 impl Engine {
-    /// One round: due timers into the outbox, then claimed entries handled until none are left.
-    async fn push_round(&self) -> Result<(), BackendError> {
+    /// One round: due timers into the outbox, then claimed entries handled until none are left
+    /// (with `reclaim`, first those another node claimed and did not finish in `reclaim_after`).
+    async fn push_round(&self, reclaim: bool) -> Result<(), BackendError> {
         let outbox = &self.backends.outbox;
         within_deadline(outbox.push_due(1024)).await?;
-        let reclaim = self.config.push.reclaim_after();
+        let mut idle = reclaim.then(|| self.config.push.reclaim_after());
         loop {
-            let entries = within_deadline(outbox.push_claim(&self.node, BATCH, reclaim)).await?;
+            let entries = within_deadline(outbox.push_claim(&self.node, BATCH, idle)).await?;
+            idle = None;
             let n = entries.len();
             futures_util::stream::iter(entries)
                 .for_each_concurrent(IN_FLIGHT, |e| async move {

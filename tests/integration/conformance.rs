@@ -899,19 +899,22 @@ async fn outbox_entries(b: Backends) {
     o.push_enqueue(vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")])
         .await
         .unwrap();
-    let first = o.push_claim("node-a", 10, idle).await.unwrap();
+    let first = o.push_claim("node-a", 10, Some(idle)).await.unwrap();
     let bodies: Vec<&[u8]> = first.iter().map(|e| &e.body[..]).collect();
     assert_eq!(bodies, [&b"one"[..], b"two"]);
     assert!(first.iter().all(|e| e.seq.is_none()));
     assert!(
-        o.push_claim("node-b", 10, idle).await.unwrap().is_empty(),
+        o.push_claim("node-b", 10, Some(idle))
+            .await
+            .unwrap()
+            .is_empty(),
         "a claimed entry is not handed to another claimer before idle"
     );
     let stats = o.push_stats().await.unwrap();
     assert_eq!((stats.queued, stats.pending), (2, 2), "{stats:?}");
     o.push_done(&first[0].entry).await.unwrap();
     tokio::time::sleep(idle + Duration::from_millis(100)).await;
-    let again = o.push_claim("node-b", 10, idle).await.unwrap();
+    let again = o.push_claim("node-b", 10, Some(idle)).await.unwrap();
     assert_eq!(
         again.len(),
         1,
@@ -926,12 +929,17 @@ async fn outbox_entries(b: Backends) {
         vec![Bytes::from_static(b"gone")]
     );
     tokio::time::sleep(idle + Duration::from_millis(100)).await;
-    assert!(o.push_claim("node-a", 10, idle).await.unwrap().is_empty());
+    assert!(
+        o.push_claim("node-a", 10, Some(idle))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A retry finishes the entry and comes back as a new one when due.
     o.push_enqueue(vec![Bytes::from_static(b"three")])
         .await
         .unwrap();
-    let e = o.push_claim("node-a", 10, idle).await.unwrap();
+    let e = o.push_claim("node-a", 10, Some(idle)).await.unwrap();
     o.push_retry(
         &e[0].entry,
         "retry:3",
@@ -944,7 +952,7 @@ async fn outbox_entries(b: Backends) {
     assert_eq!(o.push_stats().await.unwrap().timers, 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(o.push_due(10).await.unwrap(), 1);
-    let e = o.push_claim("node-a", 10, idle).await.unwrap();
+    let e = o.push_claim("node-a", 10, Some(idle)).await.unwrap();
     assert_eq!(&e[0].body[..], b"three'");
     o.push_done(&e[0].entry).await.unwrap();
     // Dead letters keep the newest `keep`.
@@ -952,7 +960,7 @@ async fn outbox_entries(b: Backends) {
         o.push_enqueue(vec![Bytes::from(vec![b'a' + n])])
             .await
             .unwrap();
-        let e = o.push_claim("node-a", 10, idle).await.unwrap();
+        let e = o.push_claim("node-a", 10, Some(idle)).await.unwrap();
         o.push_dead(&e[0].entry, e[0].body.clone(), 2)
             .await
             .unwrap();
@@ -995,7 +1003,7 @@ async fn outbox_timers_with_the_append(b: Backends) {
         .unwrap();
     let e = b
         .outbox
-        .push_claim("n", 10, Duration::from_secs(30))
+        .push_claim("n", 10, Some(Duration::from_secs(30)))
         .await
         .unwrap();
     assert_eq!(e.len(), 1);
@@ -1022,7 +1030,7 @@ async fn outbox_timers_with_the_append(b: Backends) {
     assert_eq!(b.outbox.push_due(10).await.unwrap(), 1);
     let e = b
         .outbox
-        .push_claim("n", 10, Duration::from_secs(30))
+        .push_claim("n", 10, Some(Duration::from_secs(30)))
         .await
         .unwrap();
     assert_eq!((&e[0].body[..], e[0].seq), (&b"plan 2"[..], Some(p2.seq)));
@@ -1063,7 +1071,7 @@ async fn outbox_acks_and_gate(b: Backends) {
     tokio::time::sleep(w + Duration::from_millis(100)).await;
     assert_eq!(o.push_due(10).await.unwrap(), 1);
     let e = o
-        .push_claim("n", 10, Duration::from_secs(30))
+        .push_claim("n", 10, Some(Duration::from_secs(30)))
         .await
         .unwrap();
     assert_eq!(&e[0].body[..], b"summary");

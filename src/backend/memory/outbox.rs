@@ -116,7 +116,7 @@ impl Outbox for Memory {
         &self,
         _consumer: &str,
         count: usize,
-        idle: Duration,
+        idle: Option<Duration>,
     ) -> BackendResult<Vec<OutboxEntry>> {
         let mut o = lock(&self.outbox);
         let now = Instant::now();
@@ -125,7 +125,8 @@ impl Outbox for Memory {
             if out.len() >= count {
                 break;
             }
-            if q.claimed.is_none_or(|at| now.duration_since(at) >= idle) {
+            let stale = |at: Instant| idle.is_some_and(|idle| now.duration_since(at) >= idle);
+            if q.claimed.is_none_or(stale) {
                 q.claimed = Some(now);
                 out.push(q.entry.clone());
             }

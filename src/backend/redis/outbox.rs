@@ -163,26 +163,28 @@ impl RedisBackend {
         &self,
         consumer: &str,
         count: usize,
-        idle: Duration,
+        idle: Option<Duration>,
     ) -> redis::RedisResult<Vec<OutboxEntry>> {
         let mut con = self.cmd.clone();
         let outbox = self.keys.push_outbox();
         let mut out = Vec::new();
         // Entries a claimer did not finish in time first (a node that died), then new ones.
-        let stale: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&outbox)
-            .arg(Keys::PUSH_GROUP)
-            .arg(consumer)
-            .arg(ms(idle))
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut con)
-            .await?;
-        if let Some(parts) = array_of(&stale)
-            && let Some(list) = parts.get(1)
-        {
-            entries(list, &mut out);
+        if let Some(idle) = idle {
+            let stale: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&outbox)
+                .arg(Keys::PUSH_GROUP)
+                .arg(consumer)
+                .arg(ms(idle))
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut con)
+                .await?;
+            if let Some(parts) = array_of(&stale)
+                && let Some(list) = parts.get(1)
+            {
+                entries(list, &mut out);
+            }
         }
         if out.len() < count {
             let fresh: Value = redis::cmd("XREADGROUP")
@@ -280,7 +282,7 @@ impl Outbox for RedisBackend {
         &self,
         consumer: &str,
         count: usize,
-        idle: Duration,
+        idle: Option<Duration>,
     ) -> BackendResult<Vec<OutboxEntry>> {
         match self.claim_once(consumer, count, idle).await {
             Ok(v) => Ok(v),

@@ -93,10 +93,56 @@ pub fn push_sent(provider: &'static str) {
     metrics::counter!("herald_push_sent_total", "provider" => provider).increment(1);
 }
 
-/// Pushes that failed, by provider and what happened next (`retry`, `dead_letter`).
-pub fn push_failed(provider: &'static str, then: &'static str) {
-    metrics::counter!("herald_push_failed_total", "provider" => provider, "then" => then)
-        .increment(1);
+/// Pushes that failed, by provider, why (an HTTP status or `timeout`/`connect`/…, from the
+/// outcome's reason: a bounded set) and what happened next (`retry`, `dead_letter`).
+pub fn push_failed(provider: &'static str, reason: &str, then: &'static str) {
+    metrics::counter!(
+        "herald_push_failed_total",
+        "provider" => provider,
+        "reason" => failure_class(reason),
+        "then" => then
+    )
+    .increment(1);
+}
+
+/// The label of a provider outcome's reason (`"fcm 404 UNREGISTERED"` -> `"404"`, `"webhook
+/// timeout"` -> `"timeout"`): a fixed set, whatever the provider said.
+fn failure_class(reason: &str) -> &'static str {
+    const KNOWN: [&str; 20] = [
+        "400",
+        "401",
+        "403",
+        "404",
+        "408",
+        "410",
+        "413",
+        "429",
+        "500",
+        "502",
+        "503",
+        "504",
+        "timeout",
+        "connect",
+        "network",
+        "request",
+        "body",
+        "auth",
+        "malformed",
+        "encode",
+    ];
+    let word = reason
+        .split([' ', ':'])
+        .filter(|w| !w.is_empty())
+        .nth(1)
+        .unwrap_or("");
+    if let Some(k) = KNOWN.iter().find(|k| **k == word) {
+        return k;
+    }
+    match word.as_bytes().first() {
+        Some(b'4') if word.len() == 3 => "4xx",
+        Some(b'5') if word.len() == 3 => "5xx",
+        _ => "other",
+    }
 }
 
 /// Devices removed because their provider said the token is dead.
@@ -111,4 +157,20 @@ pub fn push_outbox(queued: u64, pending: u64, timers: u64, dead: u64, oldest_ms:
     metrics::gauge!("herald_push_timers").set(timers as f64);
     metrics::gauge!("herald_push_dead_letters").set(dead as f64);
     metrics::gauge!("herald_push_outbox_lag_seconds").set(oldest_ms as f64 / 1000.0);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn push_failure_classes_are_a_fixed_set() {
+        use super::failure_class as c;
+        assert_eq!(c("fcm 404 UNREGISTERED"), "404");
+        assert_eq!(c("webhook 400"), "400");
+        assert_eq!(c("webpush timeout"), "timeout");
+        assert_eq!(c("apns 418"), "4xx");
+        assert_eq!(c("fcm auth 400"), "auth");
+        assert_eq!(c("fcm token malformed"), "other");
+        assert_eq!(c("provider webhook is not configured"), "other");
+        assert_eq!(c(""), "other");
+    }
 }

@@ -191,7 +191,7 @@ impl Engine {
             }
             Outcome::Retry { after, reason } if attempts < self.config.push.max_attempts() => {
                 let wait = after.unwrap_or_else(|| backoff(attempt));
-                crate::metrics::push_failed(provider, "retry");
+                crate::metrics::push_failed(provider, &reason, "retry");
                 tracing::info!(provider, job = %job.id, reason = %reason, retry_in_ms = wait.as_millis() as u64, "Push will be retried.");
                 let id = format!("retry:{}", job.id);
                 let body = Work::Job {
@@ -202,7 +202,7 @@ impl Engine {
                 within_deadline(outbox.push_retry(&e.entry, &id, wait, body)).await
             }
             Outcome::Retry { reason, .. } | Outcome::Failed { reason } => {
-                crate::metrics::push_failed(provider, "dead_letter");
+                crate::metrics::push_failed(provider, &reason, "dead_letter");
                 tracing::warn!(provider, job = %job.id, reason = %reason, attempts, "Push dead-lettered.");
                 let dead = dead_letter(job, reason, attempts);
                 within_deadline(outbox.push_dead(&e.entry, dead, DEAD_KEPT)).await

@@ -31,7 +31,9 @@ fn route(e) {
         "p.always" => #{ to: "room:" + room, push: #{ when: "always", title: "T" } },
         "p.never" => #{ to: "room:" + room, push: #{ when: "never" } },
         "p.fg" => #{ to: "room:" + room, devices: "foreground", push: #{ when: "background", title: "T" } },
-        "p.bad" => #{ to: "room:" + room, push: #{ when: "always", title: "T", data: #{ fail: true } } },
+        "p.mobile" => #{ to: "room:" + room, devices: "mobile", push: #{ when: "never" } },
+        "p.web" => #{ to: "room:" + room, devices: "web", push: #{ when: "never" } },
+        "p.latest" => #{ to: "room:" + room, devices: "latest", push: #{ when: "never" } },
         _ => ()
     }
 }
@@ -124,6 +126,18 @@ async fn push_offline_user_gets_exactly_one_push_with_room_and_seq() {
     assert_eq!(job["body"], "offline body");
     assert_eq!(job["collapse"], "room:r1");
     assert_eq!(job["token"], "tok-phone");
+    let metrics = crate::common::http_client()
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_push_sent_total{provider=\"webhook\"}"),
+        "{metrics}"
+    );
     tokio::time::sleep(QUIET).await;
     assert_eq!(hook.received().len(), 1, "no second push");
     assert_eq!(hook.rejected(), 0, "every request was signed");
@@ -247,6 +261,37 @@ async fn push_foreground_policy_goes_live_to_the_laptop_and_by_push_to_the_phone
     assert_eq!(h["events"].as_array().unwrap().len(), 1, "{h}");
 }
 
+/// `mobile`, `web` and `latest` filter live delivery: the phone, the laptop, the newest session.
+#[tokio::test]
+async fn push_device_policies_filter_live_delivery() {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new("push-policies");
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+    let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
+    let is_event = |f: &Value| f["type"] == "event";
+
+    send(&t, "p.mobile").await;
+    assert_eq!(phone.event_on("room:r1").await["event"], "p.mobile");
+    laptop
+        .assert_none(Duration::from_millis(400), is_event)
+        .await;
+
+    send(&t, "p.web").await;
+    assert_eq!(laptop.event_on("room:r1").await["event"], "p.web");
+    phone
+        .assert_none(Duration::from_millis(400), is_event)
+        .await;
+
+    // The laptop connected last: the latest session.
+    send(&t, "p.latest").await;
+    assert_eq!(laptop.event_on("room:r1").await["event"], "p.latest");
+    phone
+        .assert_none(Duration::from_millis(400), is_event)
+        .await;
+}
+
 #[tokio::test]
 async fn push_none_while_the_user_has_the_room_open() {
     let hook = FakeWebhook::start().await;
@@ -343,6 +388,25 @@ async fn push_a_permanent_failure_is_dead_lettered() {
     assert!(
         d["job"].get("token").is_none(),
         "no token in dead letters: {v}"
+    );
+    // The admin page lists it too; the metrics count it.
+    let get = |path: &'static str, key: Option<&'static str>| {
+        let mut r = crate::common::http_client().get(t.url(path));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        async move { r.send().await.unwrap().text().await.unwrap() }
+    };
+    let page = get("/admin", Some(ADMIN_KEY)).await;
+    assert!(page.contains("dead letters <b>1</b>"), "{page}");
+    assert!(page.contains("webhook 400"), "{page}");
+    let metrics = get("/metrics", None).await;
+    // The recorder is per process (other tests count too): present, not an exact figure.
+    assert!(
+        metrics.contains(
+            r#"herald_push_failed_total{provider="webhook",reason="400",then="dead_letter"}"#
+        ),
+        "{metrics}"
     );
     tokio::time::sleep(QUIET).await;
     assert!(

@@ -71,6 +71,16 @@ pub async fn webhook_device(t: &TestServer, user: &str, device: &str, platform: 
     assert_eq!(s, 200, "register {user}/{device}: {v}");
 }
 
+/// A receiver, and an engine sending to it with room `r1` set up as [`room_with_bob`] does (`tag`
+/// names the rules directory, kept while the test runs).
+async fn bob_in_r1(tag: &str) -> (FakeWebhook, TestServer, TempDir) {
+    let hook = FakeWebhook::start().await;
+    let dir = TempDir::new(tag);
+    let t = start(&hook, &dir, |_| {}).await;
+    room_with_bob(&t).await;
+    (hook, t, dir)
+}
+
 /// A room `r1` with `alice` (the sender) and `bob`, bob with push device `phone`.
 async fn room_with_bob(t: &TestServer) {
     t.join("r1", "alice").await;
@@ -98,6 +108,15 @@ async fn device_ws(t: &TestServer, user: &str, device: &str, platform: &str) -> 
     ws
 }
 
+/// Seed 000's bob: his phone connected in the background, his laptop in the foreground.
+async fn phone_behind_laptop(t: &TestServer) -> (crate::common::Ws, crate::common::Ws) {
+    let mut phone = device_ws(t, "bob", "phone", "ios").await;
+    set_state(&mut phone, "background").await;
+    let mut laptop = device_ws(t, "bob", "laptop", "web").await;
+    set_state(&mut laptop, "foreground").await;
+    (phone, laptop)
+}
+
 /// Sets a session's app state.
 async fn set_state(ws: &mut crate::common::Ws, state: &str) {
     let r = ws.request(json!({"op":"state","state":state})).await;
@@ -106,10 +125,7 @@ async fn set_state(ws: &mut crate::common::Ws, state: &str) {
 
 #[tokio::test]
 async fn push_offline_user_gets_exactly_one_push_with_room_and_seq() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-offline");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-offline").await;
 
     let reply = send(&t, "p.offline").await;
     assert_eq!(reply["push"]["planned"], 1, "{reply}");
@@ -145,10 +161,7 @@ async fn push_offline_user_gets_exactly_one_push_with_room_and_seq() {
 
 #[tokio::test]
 async fn push_online_user_gets_no_offline_push_and_never_means_never() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-online");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-online").await;
     let mut bob = device_ws(&t, "bob", "laptop", "web").await;
 
     send(&t, "p.offline").await;
@@ -161,10 +174,7 @@ async fn push_online_user_gets_no_offline_push_and_never_means_never() {
 
 #[tokio::test]
 async fn push_unacked_fires_after_the_delay_unless_any_device_acks() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-unacked");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-unacked").await;
     let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
     let mut phone = device_ws(&t, "bob", "phone", "ios").await;
 
@@ -198,10 +208,7 @@ async fn push_unacked_fires_after_the_delay_unless_any_device_acks() {
 
 #[tokio::test]
 async fn push_unacked_when_the_socket_drops_before_the_ack() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-drop");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-drop").await;
     let mut phone = device_ws(&t, "bob", "phone", "ios").await;
     send(&t, "p.unacked").await;
     phone.event_on("room:r1").await;
@@ -213,10 +220,7 @@ async fn push_unacked_when_the_socket_drops_before_the_ack() {
 
 #[tokio::test]
 async fn push_background_devices_get_a_push_foreground_ones_do_not() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-bg");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-bg").await;
     let mut phone = device_ws(&t, "bob", "phone", "ios").await;
     set_state(&mut phone, "background").await;
 
@@ -238,14 +242,8 @@ async fn push_background_devices_get_a_push_foreground_ones_do_not() {
 /// and the phone by push (and the phone has it in history).
 #[tokio::test]
 async fn push_foreground_policy_goes_live_to_the_laptop_and_by_push_to_the_phone() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-fg");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
-    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
-    set_state(&mut phone, "background").await;
-    let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
-    set_state(&mut laptop, "foreground").await;
+    let (hook, t, _dir) = bob_in_r1("push-fg").await;
+    let (mut phone, mut laptop) = phone_behind_laptop(&t).await;
 
     let reply = send(&t, "p.fg").await;
     let seq = reply["deliveries"][0]["seq"].as_u64().unwrap();
@@ -264,10 +262,7 @@ async fn push_foreground_policy_goes_live_to_the_laptop_and_by_push_to_the_phone
 /// `mobile`, `web` and `latest` filter live delivery: the phone, the laptop, the newest session.
 #[tokio::test]
 async fn push_device_policies_filter_live_delivery() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-policies");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-policies").await;
     let mut phone = device_ws(&t, "bob", "phone", "ios").await;
     let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
     let is_event = |f: &Value| f["type"] == "event";
@@ -290,14 +285,16 @@ async fn push_device_policies_filter_live_delivery() {
     phone
         .assert_none(Duration::from_millis(400), is_event)
         .await;
+    assert!(
+        hook.received().is_empty(),
+        "push: never: {:?}",
+        hook.received()
+    );
 }
 
 #[tokio::test]
 async fn push_none_while_the_user_has_the_room_open() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-focus");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-focus").await;
     let mut phone = device_ws(&t, "bob", "phone", "ios").await;
     set_state(&mut phone, "background").await;
     let r = phone.request(json!({"op":"focus","room":"r1"})).await;
@@ -335,10 +332,7 @@ async fn push_a_burst_is_one_push_then_one_summary() {
 
 #[tokio::test]
 async fn push_retry_after_is_honoured_and_a_gone_device_is_removed() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-retry");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-retry").await;
 
     hook.fail_next(Failure {
         status: 503,
@@ -368,10 +362,7 @@ async fn push_retry_after_is_honoured_and_a_gone_device_is_removed() {
 
 #[tokio::test]
 async fn push_a_permanent_failure_is_dead_lettered() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-dead");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
+    let (hook, t, _dir) = bob_in_r1("push-dead").await;
     hook.fail_next(Failure {
         status: 400,
         retry_after: None,
@@ -418,14 +409,8 @@ async fn push_a_permanent_failure_is_dead_lettered() {
 
 #[tokio::test]
 async fn push_dry_run_shows_live_and_push_per_recipient() {
-    let hook = FakeWebhook::start().await;
-    let dir = TempDir::new("push-dry");
-    let t = start(&hook, &dir, |_| {}).await;
-    room_with_bob(&t).await;
-    let mut laptop = device_ws(&t, "bob", "laptop", "web").await;
-    set_state(&mut laptop, "foreground").await;
-    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
-    set_state(&mut phone, "background").await;
+    let (hook, t, _dir) = bob_in_r1("push-dry").await;
+    let (_phone, _laptop) = phone_behind_laptop(&t).await;
     let (s, v) = t
         .call(
             "POST",

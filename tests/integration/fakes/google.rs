@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path as UrlPath, Request, State};
@@ -151,14 +151,7 @@ impl FakeFcm {
 
     /// Waits until `n` messages were accepted or `timeout` passed; returns what arrived.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<FcmReceived> {
-        let end = Instant::now() + timeout;
-        loop {
-            let got = self.received();
-            if got.len() >= n || Instant::now() >= end {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        super::wait_for(n, timeout, || self.received()).await
     }
 }
 

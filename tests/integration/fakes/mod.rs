@@ -21,6 +21,23 @@ pub async fn spawn(router: axum::Router) -> SocketAddr {
     addr
 }
 
+/// Polls `received` until it holds `n` items or `timeout` passes; what it holds then (no panic: the
+/// test asserts on it).
+pub async fn wait_for<T>(
+    n: usize,
+    timeout: std::time::Duration,
+    received: impl Fn() -> Vec<T>,
+) -> Vec<T> {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = received();
+        if got.len() >= n || tokio::time::Instant::now() >= end {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A reply the fake gives to the next request(s) instead of accepting: status and optional
 /// `Retry-After` seconds.
 #[derive(Clone, Copy, Debug)]

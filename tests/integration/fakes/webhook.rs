@@ -82,14 +82,7 @@ impl FakeWebhook {
 
     /// Waits until `n` jobs arrived (or `timeout`), returning what arrived.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Value> {
-        let end = tokio::time::Instant::now() + timeout;
-        loop {
-            let got = self.received();
-            if got.len() >= n || tokio::time::Instant::now() >= end {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::wait_for(n, timeout, || self.received()).await
     }
 
     /// The next request is held without an answer (as a receiver that hangs), for a minute.

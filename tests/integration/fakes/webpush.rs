@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -111,14 +111,7 @@ impl FakeWebPush {
 
     /// Waits until `n` pushes were accepted or `timeout` passes; returns what arrived.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<WebPushReceived> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.received();
-            if got.len() >= n || Instant::now() >= deadline {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        super::wait_for(n, timeout, || self.received()).await
     }
 
     /// The next request gets `f` instead of being accepted.

@@ -262,10 +262,10 @@ impl Engine {
         if backend(self.backends.presence.connect(&info, ttl)).await? {
             self.publish_presence(user).await;
         }
-        if let Some(room) = room {
-            if backend(self.backends.presence.room_join(room, user, &session, ttl)).await? {
-                self.publish_room_presence(room, user, "online").await;
-            }
+        if let Some(room) = room
+            && backend(self.backends.presence.room_join(room, user, &session, ttl)).await?
+        {
+            self.publish_room_presence(room, user, "online").await;
         }
         Ok(Heartbeat {
             user: user.into(),

@@ -37,7 +37,7 @@ pub fn valid_token(token: &str) -> Result<(), String> {
     if !(64..=200).contains(&token.len()) {
         return Err("token: an APNs token has 64 to 200 hex characters".into());
     }
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err("token: an APNs token has an even number of hex characters".into());
     }
     if !token.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -212,10 +212,10 @@ impl RuleSet {
             return self.by_default(input, None);
         }
         let key = self.cache.as_ref().map(|c| c.key(input));
-        if let (Some(cache), Some(key)) = (&self.cache, &key) {
-            if let Some(hit) = cache.get(key) {
-                return self.fill_in(hit, input);
-            }
+        if let (Some(cache), Some(key)) = (&self.cache, &key)
+            && let Some(hit) = cache.get(key)
+        {
+            return self.fill_in(hit, input);
         }
         let decided = match self.evaluate(input) {
             Ok(decided) => decided,

@@ -98,12 +98,7 @@ pub enum StartError {
     Rules(String),
 }
 
-/// Installs rustls' `ring` crypto provider as the process default (idempotent). The push providers'
-/// HTTP client and `rediss://` need one; a program that builds its own reqwest client next to herald
-/// (the examples, the tests) calls this first, since herald's reqwest carries no provider of its own.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use primitives::install_crypto_provider;
 
 /// Starts a server on `listener` with `config` and `kinds`; stops when `shutdown` resolves or
 /// [`Server::shutdown`] is called.

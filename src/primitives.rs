@@ -1,5 +1,6 @@
 //! What every layer builds on and nothing in herald defines better elsewhere: poison-tolerant locks,
-//! and tight growth for the short lists an idle connection keeps. Imports nothing of herald.
+//! tight growth for the short lists an idle connection keeps, and the process's one TLS crypto
+//! provider. Imports nothing of herald.
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -30,4 +31,12 @@ pub(crate) fn reserve_tight<T>(v: &mut Vec<T>) {
             v.reserve(1);
         }
     }
+}
+
+/// Installs rustls' `ring` crypto provider as the process default (idempotent). The push providers'
+/// HTTP client and `rediss://` need one; a program that builds its own reqwest client next to herald
+/// (the examples, the tests) calls this first (as `herald::install_crypto_provider`), since herald's
+/// reqwest carries no provider of its own.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -269,7 +269,7 @@ pub fn http_client(http2_prior_knowledge: bool) -> Result<reqwest::Client, Strin
 /// [`http_client`] before `build()`, for a provider that adds to it (Web Push plugs in a DNS
 /// resolver that refuses private addresses) while keeping the shared timeouts and TLS setup.
 pub fn http_client_builder(http2_prior_knowledge: bool) -> reqwest::ClientBuilder {
-    crate::install_crypto_provider();
+    crate::primitives::install_crypto_provider();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(15))

@@ -191,7 +191,7 @@ impl RedisBackend {
         prefix: &str,
         node: &str,
     ) -> Result<Arc<Self>, BackendError> {
-        crate::install_crypto_provider(); // rustls needs one for `rediss://`
+        crate::primitives::install_crypto_provider(); // rustls needs one for `rediss://`
         let bad_url = |e: redis::RedisError| {
             BackendError::Internal(format!(
                 "bad Redis URL: {}",

@@ -707,20 +707,23 @@ impl Session {
     /// `ack`: this device has the event, and those before it on the channel: the user's `unacked`
     /// push fallbacks up to `seq` on the channel are not sent, whichever node planned them and
     /// whichever device of the user they were for (acks are a position per user and channel).
+    /// The position is capped at the last seq this session was given on the channel: an ack of a
+    /// seq it never saw (a buggy client, a seq from another epoch) cannot silence later fallbacks.
     pub async fn ack(&mut self, channel: &str, seq: Seq) -> EngineResult<Acked> {
         let ch = ChannelName::parse(channel)?;
-        if !self.subs.contains_key(&ch) {
+        let Some(sub) = self.subs.get_mut(&ch) else {
             return Err(EngineError::new(
                 ErrorCode::Forbidden,
                 format!("{ch}: not subscribed"),
             ));
-        }
+        };
+        let upto = seq.min(sub.last);
         let e = &self.engine;
-        if e.push_enabled() && seq > 0 {
+        if e.push_enabled() && upto > 0 {
             backend(
                 e.backends
                     .outbox
-                    .push_ack(&self.handle.user, ch.as_str(), seq),
+                    .push_ack(&self.handle.user, ch.as_str(), upto),
             )
             .await?;
         }

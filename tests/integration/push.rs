@@ -206,6 +206,21 @@ async fn push_unacked_fires_after_the_delay_unless_any_device_acks() {
     assert_eq!(hook.received().len(), 1, "the ack cancelled the fallback");
 }
 
+/// An ack of a seq the session never got (ahead of the channel) silences nothing.
+#[tokio::test]
+async fn push_an_ack_ahead_of_the_channel_does_not_cancel_later_fallbacks() {
+    let (hook, t, _dir) = bob_in_r1("push-ack-ahead").await;
+    let mut phone = device_ws(&t, "bob", "phone", "ios").await;
+    let r = phone
+        .request(json!({"op":"ack","channel":"room:r1","seq":1_000_000}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    send(&t, "p.unacked").await;
+    phone.event_on("room:r1").await;
+    let got = hook.wait_for(1, ARRIVE).await;
+    assert_eq!(got.len(), 1, "the fallback still fires: {got:?}");
+}
+
 #[tokio::test]
 async fn push_unacked_when_the_socket_drops_before_the_ack() {
     let (hook, t, _dir) = bob_in_r1("push-drop").await;

@@ -255,6 +255,19 @@ pub trait Outbox: Send + Sync + 'static {
         body: Bytes,
         summary: Bytes,
     ) -> BackendResult<Gate>;
+    /// [`Outbox::push_gate`] for many `(key, body, summary)` at once, answers in order (one round
+    /// trip where the backend has them: a room's plan gates every pushed device).
+    async fn push_gates(
+        &self,
+        window: Duration,
+        gates: Vec<(String, Bytes, Bytes)>,
+    ) -> BackendResult<Vec<Gate>> {
+        let mut out = Vec::with_capacity(gates.len());
+        for (key, body, summary) in gates {
+            out.push(self.push_gate(&key, window, body, summary).await?);
+        }
+        Ok(out)
+    }
     /// Takes what `key` holds: how many pushes and the last one; a new window of `window` opens when
     /// there were any (so a summary starts the next window).
     async fn push_take_held(

@@ -121,12 +121,7 @@ impl Engine {
                     // Left for the next claim (the backend is away).
                     Err(err) => return Err(BackendError::Unavailable(err.message)),
                 };
-                let mut now = Vec::with_capacity(jobs.len());
-                for job in jobs {
-                    if self.gate(&job).await? {
-                        now.push(Work::Job { job, attempt: 0 }.encode());
-                    }
-                }
+                let now = self.gate(jobs).await?;
                 crate::metrics::push_jobs_planned(now.len() as u64);
                 within_deadline(outbox.push_enqueue(now)).await?;
                 within_deadline(outbox.push_done(&e.entry)).await
@@ -150,22 +145,29 @@ impl Engine {
         }
     }
 
-    /// The burst gate: true to send `job` now, false when it is held for the window's summary.
-    async fn gate(&self, job: &PushJob) -> Result<bool, BackendError> {
+    /// The burst gate, for a plan's jobs in one backend call: those to send now, encoded; the rest
+    /// are held for their window's summary.
+    async fn gate(&self, jobs: Vec<PushJob>) -> Result<Vec<Bytes>, BackendError> {
+        let encode = |job: PushJob| Work::Job { job, attempt: 0 }.encode();
         let window = self.config.push.burst_window();
         if window.is_zero() {
-            return Ok(true);
+            return Ok(jobs.into_iter().map(encode).collect());
         }
-        let key = gate_key(job);
-        let body = Work::Job {
-            job: job.clone(),
-            attempt: 0,
-        }
-        .encode();
-        let summary = Work::Summary { key: key.clone() }.encode();
-        let g =
-            within_deadline(self.backends.outbox.push_gate(&key, window, body, summary)).await?;
-        Ok(g == Gate::Send)
+        let calls = jobs
+            .iter()
+            .map(|job| {
+                let key = gate_key(job);
+                let summary = Work::Summary { key: key.clone() }.encode();
+                (key, encode(job.clone()), summary)
+            })
+            .collect();
+        let gates = within_deadline(self.backends.outbox.push_gates(window, calls)).await?;
+        Ok(jobs
+            .into_iter()
+            .zip(gates)
+            .filter(|(_, g)| *g == Gate::Send)
+            .map(|(job, _)| encode(job))
+            .collect())
     }
 
     async fn send_job(

@@ -1080,6 +1080,31 @@ async fn outbox_acks_and_gate(b: Backends) {
     assert_eq!(o.push_take_held("ann|room:a", w).await.unwrap(), None);
     // The summary opened the next window: a push right after is held again.
     assert_eq!(gate("4").await.unwrap(), herald::backend::Gate::Held);
+
+    // Many at once (a room's plan): answers in order, each key its own window, and a key named
+    // twice in one call is held the second time.
+    use herald::backend::Gate::{Held, Send};
+    let call = |key: &str, body: &'static str| {
+        (
+            key.to_string(),
+            Bytes::from_static(body.as_bytes()),
+            sum.clone(),
+        )
+    };
+    let got = o
+        .push_gates(
+            w,
+            vec![
+                call("cy|room:a", "c1"),
+                call("ann|room:a", "5"),
+                call("cy|room:a", "c2"),
+                call("dee|room:a", "d1"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Send, Held, Held, Send]);
+    assert!(o.push_gates(w, Vec::new()).await.unwrap().is_empty());
 }
 
 /// Redis: the same idempotency key raced from two nodes (two connections, one prefix) is claimed by

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Keys, RedisBackend, err};
+use super::{Keys, RedisBackend, err, eval_pipeline};
 use crate::backend::{BackendResult, Gate, Outbox, OutboxEntry, OutboxStats, PushStep};
 use crate::event::{Seq, now_ms};
 
@@ -423,6 +423,43 @@ impl Outbox for RedisBackend {
             .await
             .map_err(err)?;
         Ok(if open == 1 { Gate::Send } else { Gate::Held })
+    }
+
+    async fn push_gates(
+        &self,
+        window: Duration,
+        gates: Vec<(String, Bytes, Bytes)>,
+    ) -> BackendResult<Vec<Gate>> {
+        if gates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let window = ms(window);
+        let calls: Vec<_> = gates
+            .iter()
+            .map(|(key, body, summary)| {
+                let mut inv = GATE.key(self.keys.push_gate(key));
+                inv.key(self.keys.push_held(key))
+                    .key(self.keys.push_timers())
+                    .key(self.keys.push_timer_bodies())
+                    .arg(window)
+                    .arg(&body[..])
+                    .arg(format!("sum:{key}"))
+                    .arg(&summary[..]);
+                (&*GATE, inv)
+            })
+            .collect();
+        let mut con = self.cmd.clone();
+        eval_pipeline(&mut con, &calls)
+            .await?
+            .into_iter()
+            .map(|v| match v {
+                Value::Int(1) => Ok(Gate::Send),
+                Value::Int(_) => Ok(Gate::Held),
+                other => Err(crate::backend::BackendError::Internal(format!(
+                    "push_gate.lua answered {other:?}"
+                ))),
+            })
+            .collect()
     }
 
     async fn push_take_held(

@@ -14,10 +14,12 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::fcm::base_url;
-use super::http_util::{network_kind, retry_after, safe_code, truncate_utf8, unix_now};
+use super::http_util::{
+    MAX_COLLAPSE, base_url, network_outcome, retry_after, safe_code, truncate_utf8, unix_now,
+};
 use super::{Outcome, Provider, ProviderKind, PushJob};
 use crate::config::ApnsConfig;
+use crate::primitives::lock;
 
 /// Apple's production base URL.
 pub const DEFAULT_ENDPOINT: &str = "https://api.push.apple.com";
@@ -29,8 +31,6 @@ pub const MAX_PAYLOAD: usize = 4096;
 /// A provider token is reused this long: past Apple's 20-minute minimum, well inside its 60-minute
 /// maximum.
 const TOKEN_REUSE: Duration = Duration::from_secs(40 * 60);
-/// Apple caps `apns-collapse-id` at 64 bytes.
-const MAX_COLLAPSE: usize = 64;
 
 /// Checks the shape of an APNs device token: hex, even length, 64..=200 characters.
 pub fn valid_token(token: &str) -> Result<(), String> {
@@ -134,7 +134,7 @@ impl Apns {
 
     /// The provider token to use: the current one while younger than 40 minutes, else a new one.
     fn provider_token(&self) -> Result<Arc<str>, Outcome> {
-        let mut slot = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = lock(&self.token);
         if let Some(t) = slot.as_ref().filter(|t| t.signed.elapsed() < TOKEN_REUSE) {
             return Ok(t.jwt.clone());
         }
@@ -148,7 +148,7 @@ impl Apns {
 
     /// Forgets `stale` unless another send already replaced it.
     fn drop_token(&self, stale: &str) {
-        let mut slot = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = lock(&self.token);
         if slot.as_ref().is_some_and(|t| &*t.jwt == stale) {
             *slot = None;
         }
@@ -183,7 +183,7 @@ impl Apns {
         }
         let resp = match b.body(req.body.clone()).send().await {
             Ok(r) => r,
-            Err(e) => return Reply::Done(retry(None, format!("apns {}", network_kind(&e)))),
+            Err(e) => return Reply::Done(network_outcome("apns", &e)),
         };
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
@@ -363,10 +363,6 @@ fn apple_reason(body: &[u8]) -> String {
         .ok()
         .and_then(|v| v["reason"].as_str().map(safe_code))
         .unwrap_or_default()
-}
-
-fn retry(after: Option<Duration>, reason: String) -> Outcome {
-    Outcome::Retry { after, reason }
 }
 
 /// Reads the .p8 key (PKCS#8 P-256 PEM). Messages never quote the file's contents.

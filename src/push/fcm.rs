@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use super::http_util::{network_kind, retry_after, safe_code, truncate_utf8, unix_now};
+use super::http_util::{
+    MAX_COLLAPSE, base_url, network_outcome, retry_after, safe_code, truncate_utf8, unix_now,
+};
 use super::{Outcome, Provider, ProviderKind, PushJob};
 use crate::config::FcmConfig;
 
@@ -33,8 +35,6 @@ pub const MAX_TOKEN_LEN: usize = 4096;
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// Lifetime of the signed assertion (Google's maximum).
 const ASSERTION_LIFETIME: u64 = 3600;
-/// FCM and APNs both cap the collapse id at 64 bytes.
-const MAX_COLLAPSE: usize = 64;
 
 /// Checks the shape of an FCM registration token: 1..=4096 characters of `[A-Za-z0-9_:.-]`.
 /// Registration uses it so garbage never reaches Google.
@@ -178,7 +178,7 @@ impl Fcm {
             .body(form)
             .send()
             .await
-            .map_err(|e| retry(None, format!("fcm auth {}", network_kind(&e))))?;
+            .map_err(|e| network_outcome("fcm auth", &e))?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             tracing::warn!(status, "fcm token endpoint refused");
@@ -223,7 +223,7 @@ impl Fcm {
             .await
         {
             Ok(r) => r,
-            Err(e) => return Ok(retry(None, format!("fcm {}", network_kind(&e)))),
+            Err(e) => return Ok(network_outcome("fcm", &e)),
         };
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
@@ -420,13 +420,4 @@ fn read_service_account(path: &Path) -> Result<ServiceAccount, String> {
         token_uri,
         key,
     })
-}
-
-/// `url` without a trailing `/`, when it is an http(s) URL.
-pub(crate) fn base_url(url: &str) -> Result<String, String> {
-    let u = url.trim();
-    if !(u.starts_with("https://") || u.starts_with("http://")) {
-        return Err("not an http(s) URL".into());
-    }
-    Ok(u.trim_end_matches('/').to_string())
 }

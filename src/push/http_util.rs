@@ -69,6 +69,48 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// FCM's `apns-collapse-id` and APNs cap a collapse id at 64 bytes.
+pub(crate) const MAX_COLLAPSE: usize = 64;
+
+/// `url` without a trailing `/`, when it is an http(s) URL (a provider's configured base URL).
+pub(crate) fn base_url(url: &str) -> Result<String, String> {
+    let u = url.trim();
+    if !(u.starts_with("https://") || u.starts_with("http://")) {
+        return Err("not an http(s) URL".into());
+    }
+    Ok(u.trim_end_matches('/').to_string())
+}
+
+/// The outcome of a reply from a provider whose answer is its status alone (Web Push, the
+/// webhook): 2xx sent; a status in `gone` the device is gone; 429 and 5xx retried (after the
+/// reply's `Retry-After`); anything else permanent. Reasons are `"{provider} {status}"`.
+pub(crate) fn status_outcome(
+    provider: &str,
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    gone: &[u16],
+) -> super::Outcome {
+    use super::Outcome;
+    let reason = format!("{provider} {status}");
+    match status {
+        200..=299 => Outcome::Sent,
+        s if gone.contains(&s) => Outcome::DeadToken { reason },
+        429 | 500..=599 => Outcome::Retry {
+            after: retry_after(headers),
+            reason,
+        },
+        _ => Outcome::Failed { reason },
+    }
+}
+
+/// A request that got no response: retried; the reason names the kind of failure, never the URL.
+pub(crate) fn network_outcome(provider: &str, e: &reqwest::Error) -> super::Outcome {
+    super::Outcome::Retry {
+        after: None,
+        reason: format!("{provider} {}", network_kind(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

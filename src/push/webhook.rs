@@ -8,7 +8,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::http_util::{network_kind, retry_after};
+use super::http_util::{network_outcome, status_outcome};
 use super::{Outcome, Provider, ProviderKind, PushJob, http_client};
 use crate::config::WebhookConfig;
 
@@ -86,26 +86,8 @@ impl Provider for Webhook {
             .send()
             .await;
         match res {
-            Err(e) => Outcome::Retry {
-                after: None,
-                reason: format!("webhook {}", network_kind(&e)),
-            },
-            Ok(r) => {
-                let status = r.status().as_u16();
-                match status {
-                    200..=299 => Outcome::Sent,
-                    410 => Outcome::DeadToken {
-                        reason: "webhook 410".into(),
-                    },
-                    429 | 500..=599 => Outcome::Retry {
-                        after: retry_after(r.headers()),
-                        reason: format!("webhook {status}"),
-                    },
-                    _ => Outcome::Failed {
-                        reason: format!("webhook {status}"),
-                    },
-                }
-            }
+            Err(e) => network_outcome("webhook", &e),
+            Ok(r) => status_outcome("webhook", r.status().as_u16(), r.headers(), &[410]),
         }
     }
 }

@@ -22,13 +22,13 @@ use p256::elliptic_curve::sec1::ToEncodedPoint as _;
 use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
 use p256::{PublicKey, SecretKey};
 use reqwest::Url;
-use reqwest::header::HeaderMap;
 use serde_json::Value;
 use sha2::Digest as _;
 
-use super::http_util::{network_kind, retry_after, unix_now};
+use super::http_util::{network_outcome, status_outcome, unix_now};
 use super::{Outcome, Provider, ProviderKind, PushJob, PushReason};
 use crate::config::WebPushConfig;
+use crate::primitives::lock;
 
 /// The browsers' push services, the default `push.webpush.allowed_hosts`: Chrome/Edge (FCM), Firefox
 /// (Mozilla autopush), Windows (WNS) and Safari (Apple). A leading `*.` matches any subdomain, not the
@@ -120,7 +120,7 @@ impl WebPush {
     /// The `Authorization: vapid t=…, k=…` value for `origin`, reused until an hour before it expires.
     fn vapid_header(&self, origin: &str) -> Result<String, String> {
         let now = unix_now();
-        let mut cache = self.vapid.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = lock(&self.vapid);
         if let Some((h, exp)) = cache.get(origin)
             && *exp > now + VAPID_REFRESH_BEFORE.as_secs()
         {
@@ -176,8 +176,13 @@ impl WebPush {
             .body(body)
             .send()
             .await
-            .map_err(network_outcome)?;
-        Ok(classify(res.status().as_u16(), res.headers()))
+            .map_err(|e| network_outcome("webpush", &e))?;
+        Ok(status_outcome(
+            "webpush",
+            res.status().as_u16(),
+            res.headers(),
+            &[404, 410],
+        ))
     }
 }
 
@@ -606,31 +611,6 @@ fn truncate_to_fit(s: &str, fits: impl Fn(String) -> bool) -> String {
         String::new()
     } else {
         cut(lo)
-    }
-}
-
-/// What a push service's status means.
-fn classify(status: u16, headers: &HeaderMap) -> Outcome {
-    match status {
-        200..=299 => Outcome::Sent,
-        404 | 410 => Outcome::DeadToken {
-            reason: format!("webpush {status}"),
-        },
-        429 | 500..=599 => Outcome::Retry {
-            after: retry_after(headers),
-            reason: format!("webpush {status}"),
-        },
-        _ => Outcome::Failed {
-            reason: format!("webpush {status}"),
-        },
-    }
-}
-
-/// A request that got no response: retried. The reason never carries the URL.
-fn network_outcome(e: reqwest::Error) -> Outcome {
-    Outcome::Retry {
-        after: None,
-        reason: format!("webpush {}", network_kind(&e)),
     }
 }
 

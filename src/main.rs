@@ -313,31 +313,17 @@ fn simulate_push(
     from: Option<&str>,
     world: Option<&herald::engine::pushplan::World>,
 ) -> Vec<serde_json::Value> {
-    use herald::channels::Kind;
-    use herald::rules::PushWhen;
-    let Some(p) = decision.push.as_ref().filter(|p| p.when != PushWhen::Never) else {
-        return Vec::new();
-    };
-    let after = p
-        .after
-        .unwrap_or_else(|| herald::config::PushConfig::default().default_after());
-    decision
-        .to
-        .iter()
-        .filter(|ch| matches!(ch.kind(), Kind::User | Kind::Room))
-        .map(|ch| {
-            let except: Vec<String> = decision
-                .except_for(kinds, ch, from)
-                .iter()
-                .map(|u| u.to_string())
-                .collect();
-            let mut v = serde_json::json!({"channel": ch.as_str(), "when": p.when});
-            if p.when == PushWhen::Unacked {
+    let default_after = herald::config::PushConfig::default().default_after();
+    herald::engine::pushplan::push_targets(decision, kinds, from, default_after)
+        .into_iter()
+        .map(|t| {
+            let mut v = serde_json::json!({"channel": t.channel.as_str(), "when": t.when});
+            if let Some(after) = t.after {
                 v["after_ms"] = (after.as_millis() as u64).into();
             }
             if let Some(w) = world {
                 v["recipients"] =
-                    serde_json::to_value(w.plan(ch, &except, p.when, decision.devices))
+                    serde_json::to_value(w.plan(&t.channel, &t.except, t.when, decision.devices))
                         .unwrap_or_default();
             }
             v

@@ -214,49 +214,34 @@ impl Engine {
         let routed = spec
             .route(&rules)
             .map_err(|e| EngineError::new(ErrorCode::BadFrame, e))?;
-        let kinds = rules.kinds().clone();
-        let mut push = Vec::new();
-        if let Some(p) = routed
-            .decision
-            .push
-            .as_ref()
-            .filter(|p| p.when != crate::rules::PushWhen::Never)
-        {
-            for ch in &routed.decision.to {
-                if !matches!(ch.kind(), Kind::User | Kind::Room) {
-                    continue;
-                }
-                let except: Vec<String> = routed
-                    .decision
-                    .except_for(&kinds, ch, spec.from.as_deref())
-                    .iter()
-                    .map(|u| u.to_string())
-                    .collect();
-                let mut recipients = self
-                    .plan_channel(
-                        ch,
-                        &except,
-                        p.when,
-                        routed.decision.devices,
-                        None,
-                        super::pushplan::PlanScope::Everyone,
-                    )
-                    .await?;
-                let more = recipients.len().saturating_sub(DRY_RUN_RECIPIENTS);
-                recipients.truncate(DRY_RUN_RECIPIENTS);
-                push.push(ChannelPush {
-                    channel: ch.to_string(),
-                    when: p.when,
-                    after_ms: (p.when == crate::rules::PushWhen::Unacked).then(|| {
-                        p.after
-                            .unwrap_or_else(|| self.config.push.default_after())
-                            .as_millis() as u64
-                    }),
-                    enabled: self.push_enabled(),
-                    recipients,
-                    more,
-                });
-            }
+        let targets = super::pushplan::push_targets(
+            &routed.decision,
+            rules.kinds(),
+            spec.from.as_deref(),
+            self.config.push.default_after(),
+        );
+        let mut push = Vec::with_capacity(targets.len());
+        for t in targets {
+            let mut recipients = self
+                .plan_channel(
+                    &t.channel,
+                    &t.except,
+                    t.when,
+                    routed.decision.devices,
+                    None,
+                    super::pushplan::PlanScope::Everyone,
+                )
+                .await?;
+            let more = recipients.len().saturating_sub(DRY_RUN_RECIPIENTS);
+            recipients.truncate(DRY_RUN_RECIPIENTS);
+            push.push(ChannelPush {
+                channel: t.channel.to_string(),
+                when: t.when,
+                after_ms: t.after.map(|a| a.as_millis() as u64),
+                enabled: self.push_enabled(),
+                recipients,
+                more,
+            });
         }
         Ok(DryRun {
             push,

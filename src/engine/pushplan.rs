@@ -140,6 +140,54 @@ impl RecipientPlan {
     }
 }
 
+/// A target a decision plans a push for: a `user:` or `room:` channel, with the users the decision
+/// leaves out of it, and for `unacked` the fallback's delay.
+#[derive(Clone, Debug)]
+pub struct PushTarget {
+    /// The channel.
+    pub channel: ChannelName,
+    /// Users left out (the decision's `except` and the kind's `except_sender`).
+    pub except: Vec<String>,
+    /// The rule's `when` (never `never`).
+    pub when: PushWhen,
+    /// For `unacked`: the rule's `after`, or `default_after`.
+    pub after: Option<Duration>,
+}
+
+/// Whether a push on `channel` is planned at all: `when` is not `never`, and the channel is a
+/// `user:` or `room:` channel (the kinds with recipients to push).
+fn plans_push(when: PushWhen, channel: &ChannelName) -> bool {
+    when != PushWhen::Never && matches!(channel.kind(), Kind::User | Kind::Room)
+}
+
+/// The push targets of `decision` for an event from `from` (what the dry run and `herald simulate`
+/// show; the publish path plans the same channels in [`Engine::push_step`]).
+pub fn push_targets(
+    decision: &Decision,
+    kinds: &crate::channels::ChannelKinds,
+    from: Option<&str>,
+    default_after: Duration,
+) -> Vec<PushTarget> {
+    let Some(p) = decision.push.as_ref() else {
+        return Vec::new();
+    };
+    decision
+        .to
+        .iter()
+        .filter(|ch| plans_push(p.when, ch))
+        .map(|ch| PushTarget {
+            channel: ch.clone(),
+            except: decision
+                .except_for(kinds, ch, from)
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
+            when: p.when,
+            after: (p.when == PushWhen::Unacked).then(|| p.after.unwrap_or(default_after)),
+        })
+        .collect()
+}
+
 /// A made-up world for `herald simulate --world FILE`: who is connected where, who registered which
 /// push device, who has the room open, who acked. Recipients of a room are `members[room]`, or every
 /// user listed when the room has no entry.
@@ -383,10 +431,7 @@ impl Engine {
         except: &[Arc<str>],
     ) -> Option<PushStep> {
         let p = decision.push.as_ref()?;
-        if p.when == PushWhen::Never
-            || !matches!(channel.kind(), Kind::User | Kind::Room)
-            || !self.push_enabled()
-        {
+        if !plans_push(p.when, channel) || !self.push_enabled() {
             return None;
         }
         let plan = Plan {

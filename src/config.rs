@@ -235,12 +235,16 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// Heartbeat interval (presence refresh, WebSocket ping, offline sweep).
     pub heartbeat: Duration,
+    /// How room presence changes are coalesced.
+    pub room_presence: RoomPresenceConfig,
     /// CORS origins for client endpoints (`*` = any).
     pub cors_origins: Vec<String>,
     /// WebSocket `Origin` allowlist; empty = off.
     pub ws_origins: Vec<String>,
     /// Put `/metrics` behind the admin key.
     pub metrics_require_admin: bool,
+    /// `TCP_NODELAY` on accepted connections (`[http] tcp_nodelay`, HERALD_TCP_NODELAY).
+    pub tcp_nodelay: bool,
     /// How long a connection may take to send a request head (and a request body), and may idle
     /// between keep-alive requests, before it is closed.
     pub read_timeout: Duration,
@@ -322,6 +326,28 @@ struct FilePresence {
     ttl: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     heartbeat: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    room_interval: Option<Duration>,
+    room_batch_max: Option<usize>,
+}
+
+/// `[presence] room_interval`, `room_batch_max`: room presence (`presence.update`) coalescing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomPresenceConfig {
+    /// After a room's first change goes out, later ones within this interval are sent together
+    /// when it ends (one frame per kind of change); zero sends every change on its own.
+    pub interval: Duration,
+    /// Most users named in one coalesced frame; the rest are counted in its `more`.
+    pub batch_max: usize,
+}
+
+impl Default for RoomPresenceConfig {
+    fn default() -> Self {
+        RoomPresenceConfig {
+            interval: Duration::from_secs(1),
+            batch_max: 100,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -330,6 +356,7 @@ struct FileHttp {
     cors_origins: Option<Vec<String>>,
     ws_origins: Option<Vec<String>>,
     metrics_require_admin: Option<bool>,
+    tcp_nodelay: Option<bool>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     read_timeout: Option<Duration>,
     max_connections: Option<usize>,
@@ -468,6 +495,17 @@ impl Config {
         {
             c.heartbeat = h;
         }
+        if let Some(i) = file.presence.room_interval {
+            c.room_presence.interval = i;
+        }
+        if let Some(m) = file.presence.room_batch_max {
+            if m == 0 {
+                return Err(ConfigError::Invalid(
+                    "presence: room_batch_max must be at least 1".into(),
+                ));
+            }
+            c.room_presence.batch_max = m;
+        }
         if c.heartbeat.is_zero() || c.presence_ttl < c.heartbeat {
             return Err(ConfigError::Invalid(format!(
                 "presence: heartbeat ({}s) must be > 0 and not longer than the presence TTL ({}s)",
@@ -604,6 +642,16 @@ impl Config {
         if let Some(m) = file.http.metrics_require_admin {
             c.metrics_require_admin = m;
         }
+        c.tcp_nodelay = match env("HERALD_TCP_NODELAY").as_deref() {
+            Some("1" | "true") => true,
+            Some("0" | "false") => false,
+            Some(_) => {
+                return Err(ConfigError::Invalid(
+                    "HERALD_TCP_NODELAY: true or false".into(),
+                ));
+            }
+            None => file.http.tcp_nodelay.unwrap_or(true),
+        };
 
         // Rules.
         let r = file.rules_engine;
@@ -659,9 +707,11 @@ impl Config {
             limits: Limits::default(),
             presence_ttl: Duration::from_secs(60),
             heartbeat: Duration::from_secs(20),
+            room_presence: RoomPresenceConfig::default(),
             cors_origins: vec!["*".into()],
             ws_origins: Vec::new(),
             metrics_require_admin: false,
+            tcp_nodelay: true,
             read_timeout: Duration::from_secs(10),
             max_connections: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),

@@ -15,6 +15,7 @@
 //! - [`announcements`]: announcements and the login sync;
 //! - [`devices`]: push device registrations;
 //! - [`presence`]: heartbeats, sweeps, presence frames and queries, contacts;
+//! - [`roompresence`]: room presence changes coalesced per room and interval;
 //! - [`control`]: what the engine sends past the rules (`emit`), and the cross-node kick;
 //! - [`pushplan`]: who gets a push and who gets an event live (device policy), per recipient;
 //! - [`pushsend`]: the sending loop (outbox, timers, retries, dead letters, dead tokens).
@@ -31,6 +32,7 @@ pub mod presence;
 pub mod protocol;
 pub mod pushplan;
 pub mod pushsend;
+pub mod roompresence;
 pub mod rooms;
 pub mod session;
 
@@ -196,6 +198,8 @@ pub struct Inner {
     pub shutdown: CancellationToken,
     /// The configured push providers.
     pub push: crate::push::Providers,
+    /// Room presence changes held for their room's interval.
+    pub room_presence: roompresence::Coalescer,
     next_session: AtomicU64,
 }
 
@@ -253,6 +257,7 @@ impl Engine {
                 hub,
                 shutdown,
                 push,
+                room_presence: Default::default(),
                 next_session: AtomicU64::new(1),
             }),
         };

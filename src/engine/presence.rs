@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::hub::{CloseReason, Outbound};
 use super::limits::{MAX_CONTACTS, MAX_USERS_PER_OP, check_id, check_users};
+use super::roompresence::{Change, Offer};
 use super::{Engine, EngineResult, backend};
 use crate::backend::{DeliveryFilter, OutgoingPayload};
 use crate::channels::{ChannelName, Kind};
@@ -83,6 +84,7 @@ pub(crate) async fn run(engine: Engine) {
         }
         engine.heartbeat_once().await;
         engine.sweep_once().await;
+        engine.room_presence.sweep(tokio::time::Instant::now());
     }
 }
 
@@ -164,7 +166,7 @@ impl Engine {
                     self.publish_presence(&user).await;
                 }
                 for (room, user) in r.room_left {
-                    self.publish_room_presence(&room, &user, "left").await;
+                    self.publish_room_presence(&room, &user, Change::Left).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "Presence sweep failed."),
@@ -191,13 +193,71 @@ impl Engine {
             .await;
     }
 
-    /// Publishes `presence.update {room, user, change}` to the room's subscribers (never stored).
-    pub async fn publish_room_presence(&self, room: &str, user: &str, change: &str) {
+    /// Announces `user`'s room presence `change` to the room's other subscribers (never stored):
+    /// at once in a quiet room, else coalesced with the room's other changes until the interval
+    /// ends ([`super::roompresence`]).
+    pub async fn publish_room_presence(&self, room: &str, user: &str, change: Change) {
+        let interval = self.config.room_presence.interval;
+        if interval.is_zero() {
+            return self.send_room_presence(room, user, change).await;
+        }
+        let now = tokio::time::Instant::now();
+        match self.room_presence.offer(room, user, change, now, interval) {
+            Offer::SendNow => self.send_room_presence(room, user, change).await,
+            Offer::Held(None) => {}
+            Offer::Held(Some(at)) => {
+                let engine = self.clone();
+                let room = room.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    engine.flush_room_presence(&room).await;
+                });
+            }
+        }
+    }
+
+    /// Sends what `room` held over its interval: one user's frame when one change was held, else one
+    /// frame per kind of change naming the users.
+    async fn flush_room_presence(&self, room: &str) {
+        let rp = &self.config.room_presence;
+        let now = tokio::time::Instant::now();
+        let Some(batch) = self
+            .room_presence
+            .flush(room, now, rp.interval, rp.batch_max)
+        else {
+            return;
+        };
+        if let Some((change, user)) = batch.single() {
+            return self.send_room_presence(room, user, change).await;
+        }
         let Ok(ch) = ChannelName::try_of(Kind::Room, room) else {
             return;
         };
-        let frame =
-            json!({ "type": "presence.update", "room": room, "user": user, "change": change });
+        for (change, users, more) in batch.groups {
+            let mut frame = json!({
+                "type": "presence.update", "room": room, "change": change.as_str(), "users": users,
+            });
+            if more > 0 {
+                frame["more"] = json!(more);
+            }
+            self.publish_frame(
+                ch.clone(),
+                "presence.update",
+                frame,
+                DeliveryFilter::default(),
+            )
+            .await;
+        }
+    }
+
+    /// `presence.update {room, user, change}` to the room's subscribers but `user`'s own sessions.
+    async fn send_room_presence(&self, room: &str, user: &str, change: Change) {
+        let Ok(ch) = ChannelName::try_of(Kind::Room, room) else {
+            return;
+        };
+        let frame = json!({
+            "type": "presence.update", "room": room, "user": user, "change": change.as_str(),
+        });
         // The user's own sessions know they joined or left: only the others are told.
         let filter = DeliveryFilter {
             except: vec![user.into()],
@@ -265,7 +325,7 @@ impl Engine {
         if let Some(room) = room
             && backend(self.backends.presence.room_join(room, user, &session, ttl)).await?
         {
-            self.publish_room_presence(room, user, "online").await;
+            self.publish_room_presence(room, user, Change::Online).await;
         }
         Ok(Heartbeat {
             user: user.into(),

@@ -19,6 +19,7 @@ use super::hub::{Next, Outbound, SessionHandle};
 use super::limits::{MAX_USERS_PER_OP, check_users};
 use super::pipeline::{PublishReply, PublishRequest};
 use super::presence::PresenceOf;
+use super::roompresence::Change;
 use super::rooms::{Left, ReadMark};
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::backend::Delivery;
@@ -490,7 +491,7 @@ impl Session {
             );
             match backend(joined).await {
                 Ok(true) => {
-                    e.publish_room_presence(ch.id(), &self.handle.user, "joined")
+                    e.publish_room_presence(ch.id(), &self.handle.user, Change::Joined)
                         .await
                 }
                 Ok(false) => {}
@@ -654,7 +655,7 @@ impl Session {
                 ))
                 .await?;
                 if joined {
-                    e.publish_room_presence(ch.id(), &self.handle.user, "joined")
+                    e.publish_room_presence(ch.id(), &self.handle.user, Change::Joined)
                         .await;
                 }
             }
@@ -940,7 +941,7 @@ async fn release(engine: &Engine, handle: &SessionHandle, ch: &ChannelName, room
         {
             Ok(true) => {
                 engine
-                    .publish_room_presence(ch.id(), &handle.user, "left")
+                    .publish_room_presence(ch.id(), &handle.user, Change::Left)
                     .await
             }
             Ok(false) => {}

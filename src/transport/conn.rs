@@ -157,6 +157,7 @@ pub(super) async fn accept(
     app: Router,
     connections: Arc<Connections>,
     read_timeout: Duration,
+    nodelay: bool,
     stop: CancellationToken,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -179,8 +180,10 @@ pub(super) async fn accept(
                 }
             },
         };
-        // No Nagle: frames are already batched per flush; waiting for ACKs only adds latency.
-        if let Err(e) = tcp.set_nodelay(true) {
+        // No Nagle by default: frames are already batched per flush, and waiting for an ACK can
+        // hold a frame back by the client's delayed-ACK time. With Nagle on, frames queue while one
+        // is unacknowledged and leave together (fewer packets on a saturated host).
+        if nodelay && let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "Could not set TCP_NODELAY.");
         }
         let Some(slot) = connections.admit() else {

@@ -385,6 +385,7 @@ pub async fn serve(
         router(state),
         connections.clone(),
         config.read_timeout,
+        config.tcp_nodelay,
         stop.clone(),
     ));
     tokio::select! {

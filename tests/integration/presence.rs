@@ -1,7 +1,7 @@
 //! Presence: first device online / last device offline, custom status and app state, who may watch,
 //! expiry of a silent connection, and room presence (`presence.update`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -281,6 +281,112 @@ async fn room_presence_joined_and_left() {
     // Room presence is never stored: history holds none of it.
     let (_, v) = t.api("GET", "/api/v1/channels/room:r1/history", None).await;
     assert_eq!(v["events"], json!([]), "{v}");
+}
+
+/// A join storm does not cost every subscriber a frame per joiner: the first change in the room goes
+/// at once, the rest are coalesced into one `presence.update` per interval naming many users (capped,
+/// the rest counted in `more`); a quiet room gets one user's frame again.
+#[tokio::test]
+async fn room_presence_join_storm_is_coalesced() {
+    let t = TestServer::start_with(|c| {
+        c.room_presence.interval = Duration::from_millis(400);
+        c.room_presence.batch_max = 10;
+    })
+    .await;
+    let joiners: Vec<String> = (0..25).map(|i| format!("u{i:02}")).collect();
+    t.join("r1", "alice").await;
+    for u in &joiners {
+        t.join("r1", u).await;
+    }
+    let mut alice = t.ws("alice").await;
+    alice.subscribed("room:r1").await;
+    let mut socks = Vec::new();
+    for u in &joiners {
+        let mut w = t.ws(u).await;
+        w.subscribed("room:r1").await;
+        socks.push(w);
+    }
+    // Collect alice's presence frames until every joiner is accounted for.
+    let mut named = std::collections::BTreeSet::new();
+    let mut more = 0;
+    let mut frames = Vec::new();
+    while named.len() + more < joiners.len() {
+        let f = alice.wait_for(|v| v["type"] == "presence.update").await;
+        assert_eq!(f["room"], "r1", "{f}");
+        assert_eq!(f["change"], "joined", "{f}");
+        match (&f["user"], f["users"].as_array()) {
+            (Value::String(u), None) => assert!(named.insert(u.clone()), "{u} twice: {f}"),
+            (Value::Null, Some(users)) => {
+                assert!(users.len() <= 10, "batch over room_batch_max: {f}");
+                for u in users {
+                    assert!(named.insert(u.as_str().unwrap().to_string()), "twice: {f}");
+                }
+                more += f["more"].as_u64().unwrap_or(0) as usize;
+            }
+            _ => panic!("neither one user nor a list: {f}"),
+        }
+        frames.push(f);
+    }
+    assert!(
+        frames.len() < joiners.len() / 2,
+        "{} frames for {} joins: {frames:?}",
+        frames.len(),
+        joiners.len()
+    );
+    assert!(
+        frames.iter().any(|f| f["users"].as_array().is_some()),
+        "nothing was coalesced: {frames:?}"
+    );
+    assert!(named.iter().all(|u| joiners.contains(u)), "{named:?}");
+    if more == 0 {
+        assert_eq!(named.len(), joiners.len());
+    }
+    // The room goes quiet; the next change is one user's frame, at once, and not to that user.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut last = socks.pop().unwrap();
+    let left = Instant::now();
+    last.close_client().await;
+    let f = alice.wait_for(|v| v["type"] == "presence.update").await;
+    assert_eq!(
+        f,
+        json!({"type": "presence.update", "room": "r1", "user": "u24", "change": "left"})
+    );
+    assert!(
+        left.elapsed() < Duration::from_millis(350),
+        "a quiet room's change waited for the interval: {:?}",
+        left.elapsed()
+    );
+    // Every joiner is present.
+    let (_, v) = t.api("GET", "/api/v1/rooms/r1/presence", None).await;
+    assert_eq!(
+        v["users"].as_array().map(Vec::len),
+        Some(joiners.len()),
+        "{v}"
+    );
+}
+
+/// `room_interval = 0` sends every change on its own, as before coalescing.
+#[tokio::test]
+async fn room_presence_uncoalesced_with_a_zero_interval() {
+    let t = TestServer::start_with(|c| c.room_presence.interval = Duration::ZERO).await;
+    for u in ["alice", "bob", "carol", "dave"] {
+        t.join("r1", u).await;
+    }
+    let mut alice = t.ws("alice").await;
+    alice.subscribed("room:r1").await;
+    let mut socks = Vec::new();
+    for u in ["bob", "carol", "dave"] {
+        let mut w = t.ws(u).await;
+        w.subscribed("room:r1").await;
+        socks.push(w);
+    }
+    for u in ["bob", "carol", "dave"] {
+        let f = alice.wait_for(|v| v["type"] == "presence.update").await;
+        assert_eq!(
+            f,
+            json!({"type": "presence.update", "room": "r1", "user": u, "change": "joined"})
+        );
+    }
 }
 
 /// Focus (who has a room open) is kept while the session lives, however long past the presence TTL:

@@ -43,9 +43,9 @@ pub enum Next {
     Close(CloseReason),
 }
 
-/// Capacity a drained queue keeps; beyond it the queue shrinks back once empty, so a burst does not
-/// leave an idle session holding its peak.
-const QUEUE_KEEP: usize = 16;
+/// Capacity a drained queue keeps (a queue's first allocation); a queue a burst grew past it is given
+/// back once empty, so a burst does not leave an idle session holding its peak.
+const QUEUE_KEEP: usize = 4;
 
 /// A session's bounded outbound queue. Fan-out pushes, the session's task pops. A plain deque under a
 /// lock with one waker, which also carries the close signal: nothing allocated until something is
@@ -302,7 +302,7 @@ impl SessionHandle {
         let mut q = lock(&self.queue);
         let o = q.items.pop_front();
         if o.is_none() && q.items.capacity() > QUEUE_KEEP {
-            q.items.shrink_to(QUEUE_KEEP);
+            q.items = VecDeque::new();
         }
         o
     }

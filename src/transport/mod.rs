@@ -9,6 +9,7 @@ pub mod auth;
 pub mod conn;
 pub mod sse;
 pub mod ws;
+mod wsout;
 
 use std::collections::HashMap;
 use std::future::Future;

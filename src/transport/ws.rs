@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,18 +17,18 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::auth::{AuthError, Claims};
+use super::wsout::Outbox;
 use super::{ApiError, AppState};
 use crate::engine::protocol::{self, Inbound, PeerError, ToClient};
 use crate::engine::{CloseReason, ErrorCode, Session, SessionOpen, Transport};
@@ -39,8 +39,9 @@ use crate::primitives::lock;
 /// connection than this. Client frames are small and rare (ops of a few hundred bytes); a larger one
 /// takes a few more reads.
 const READ_BUFFER: usize = 512;
-/// Write buffer per connection: small (it keeps its capacity), yet enough to batch many frames.
-const WRITE_BUFFER: usize = 4096;
+/// tungstenite's write buffer: it only ever holds a pong or a close frame (herald writes its own
+/// frames, [`Outbox`]).
+const WRITE_BUFFER: usize = 0;
 /// How long a slow consumer's socket stays open (its session already gone) for the `disconnect` 4008
 /// and close frames to get through, should its client read again.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(10);
@@ -148,7 +149,6 @@ async fn upgrade(
 fn ws_config(frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        // Frames fed between flushes collect here, so a drained batch leaves in one write.
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(2 * frame_bytes + 4096)
         .max_message_size(Some(2 * frame_bytes))
@@ -166,43 +166,20 @@ struct Upgrade {
     device: Option<String>,
 }
 
-fn text(b: Bytes) -> Message {
-    // Frames are built from JSON strings, so this never fails; fall back to an empty frame if it did.
-    Message::Text(Utf8Bytes::try_from(b).unwrap_or_default())
-}
-
-thread_local! {
-    /// The delivery frame this thread last made a text message of. Every local recipient of an event
-    /// shares its frame's bytes, and tungstenite checks UTF-8 again for each `Utf8Bytes` made from
-    /// them: the recipients' writers that run here after the first reuse its check. Holding the frame
-    /// keeps its storage alive, so the same pointer and length are the same text.
-    static LAST_DELIVERY_TEXT: std::cell::RefCell<Utf8Bytes> = const {
-        std::cell::RefCell::new(Utf8Bytes::from_static(""))
-    };
-}
-
-/// [`text`] for a delivery's shared frame, checked once per thread rather than once per recipient.
-fn delivery_text(frame: &Bytes) -> Message {
-    LAST_DELIVERY_TEXT.with_borrow_mut(|last| {
-        if last.as_ptr() != frame.as_ptr() || last.len() != frame.len() {
-            *last = Utf8Bytes::try_from(frame.clone()).unwrap_or_default();
-        }
-        Message::Text(last.clone())
-    })
-}
-
-async fn close_with(socket: &mut WebSocket, reason: CloseReason) {
+async fn close_with(peer: &mut WsPeer, reason: CloseReason) {
     // Boxed in its own statement, like every boxed step here: a temporary lives to the end of its
     // statement, so `Box::pin(f()).await` would keep room for the unboxed `f()` in this future too.
-    let closing = Box::pin(close_within(socket, reason, Duration::from_secs(1)));
+    let closing = Box::pin(close_within(peer, reason, Duration::from_secs(1)));
     closing.await;
 }
 
 /// Sends `disconnect` then the close frame, giving up after `grace` (a client that stopped reading).
-async fn close_within(socket: &mut WebSocket, reason: CloseReason, grace: Duration) {
+async fn close_within(peer: &mut WsPeer, reason: CloseReason, grace: Duration) {
     let _ = tokio::time::timeout(grace, async {
-        let _ = socket.send(text(reason.frame())).await;
-        let _ = socket
+        // Whatever was queued goes first, then `disconnect`, then tungstenite's close frame.
+        let _ = peer.send(ToClient::Frame(reason.frame())).await;
+        let _ = peer
+            .socket
             .send(Message::Close(Some(CloseFrame {
                 code: reason.code().into(),
                 reason: reason.text().into(),
@@ -239,13 +216,14 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
             }
             .await,
             reader: SocketReader::new(),
+            out: Outbox::default(),
+            tungstenite_pending: false,
         };
-        let opening = Box::pin(start(&mut peer.socket, &state, upgrade));
+        let opening = Box::pin(start(&mut peer, &state, upgrade));
         let Some(mut session) = opening.await else {
             return;
         };
         let reason = protocol::drive(&mut peer, &mut session).await;
-        let socket = &mut peer.socket;
         if let Some(r) = reason {
             tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
             if r == CloseReason::SlowConsumer {
@@ -253,10 +231,10 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
                 // the client a grace period to read up to the `disconnect` frame before the socket
                 // is dropped.
                 drop(session);
-                let closing = Box::pin(close_within(socket, r, SLOW_CONSUMER_GRACE));
+                let closing = Box::pin(close_within(&mut peer, r, SLOW_CONSUMER_GRACE));
                 closing.await;
             } else {
-                close_with(socket, r).await;
+                close_with(&mut peer, r).await;
             }
         }
     }
@@ -265,7 +243,7 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
 /// Authenticates (token in the upgrade, or a `connect` frame), opens the session (closed at the token's
 /// expiry) and sends `connected`; `None` when the connection was refused (already closed with its
 /// reason).
-async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) -> Option<Session> {
+async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Option<Session> {
     let engine = state.engine.clone();
     let mut connect_ref = None;
     let Upgrade {
@@ -278,33 +256,34 @@ async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) 
         None => {
             // Wait for the `connect` frame.
             let first =
-                tokio::time::timeout(engine.config.limits.connect_timeout, socket.next()).await;
+                tokio::time::timeout(engine.config.limits.connect_timeout, peer.socket.next())
+                    .await;
             let t = match first {
                 Ok(Some(Ok(Message::Text(t)))) => t,
                 Ok(Some(Err(e))) => {
                     if let Some(reason) = violation(&e) {
-                        close_with(socket, reason).await;
+                        close_with(peer, reason).await;
                     }
                     return None;
                 }
                 _ => {
-                    close_with(socket, CloseReason::Unauthorized).await;
+                    close_with(peer, CloseReason::Unauthorized).await;
                     return None;
                 }
             };
             let Some((cf, reference)) = protocol::parse_connect(&t) else {
-                close_with(socket, CloseReason::Unauthorized).await;
+                close_with(peer, CloseReason::Unauthorized).await;
                 return None;
             };
             connect_ref = reference;
             match state.auth.verify(&cf.token) {
                 Ok(c) => (c, cf.device.or(query_device), cf.platform, cf.state),
                 Err(AuthError::Expired) => {
-                    close_with(socket, CloseReason::TokenExpired).await;
+                    close_with(peer, CloseReason::TokenExpired).await;
                     return None;
                 }
                 Err(_) => {
-                    close_with(socket, CloseReason::Unauthorized).await;
+                    close_with(peer, CloseReason::Unauthorized).await;
                     return None;
                 }
             }
@@ -332,26 +311,26 @@ async fn start(socket: &mut WebSocket, state: &AppState, upgrade: Box<Upgrade>) 
                 ErrorCode::RateLimited => CloseReason::TooManyConnections,
                 ErrorCode::BadFrame => {
                     let reply = protocol::error_frame(&Value::Null, &e, false);
-                    let _ = socket.send(text(reply)).await;
+                    let _ = peer.send(ToClient::Frame(reply)).await;
                     CloseReason::BadFrameLimit
                 }
                 ErrorCode::Internal => CloseReason::Internal,
                 // The backend could not register the session: the node is fine, come back later.
                 _ => CloseReason::Unavailable,
             };
-            close_with(socket, reason).await;
+            close_with(peer, reason).await;
             return None;
         }
     };
     match session.connected_frame(connect_ref.as_ref()).await {
         Ok(f) => {
-            if socket.send(text(f)).await.is_err() {
+            if peer.send(ToClient::Frame(f)).await.is_err() {
                 return None;
             }
         }
         Err(e) => {
             tracing::warn!(user = %claims.sub, error = %e, "Connect sync failed.");
-            close_with(socket, CloseReason::Unavailable).await;
+            close_with(peer, CloseReason::Unavailable).await;
             return None;
         }
     }
@@ -445,6 +424,25 @@ impl SocketReader {
 struct WsPeer {
     socket: WebSocket,
     reader: SocketReader,
+    /// Text frames and pings, written by herald ([`Outbox`]); tungstenite writes only what it
+    /// answers itself (pongs, the close handshake) and the close frame, never while this holds a
+    /// partly written frame.
+    out: Outbox,
+    /// A read may have left tungstenite an answer (a pong) to write: flush it before our frames.
+    tungstenite_pending: bool,
+}
+
+impl WsPeer {
+    /// Writes what tungstenite holds, then the queued frames.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
+        if self.tungstenite_pending {
+            ready!(self.socket.poll_flush_unpin(cx)).map_err(|_| PeerError::Gone)?;
+            self.tungstenite_pending = false;
+        }
+        self.out
+            .poll_write_to(self.socket.get_mut(), cx)
+            .map_err(|_| PeerError::Gone)
+    }
 }
 
 impl Stream for WsPeer {
@@ -452,10 +450,17 @@ impl Stream for WsPeer {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        // tungstenite writes while it reads (a pong): never in the middle of one of our frames.
+        if !this.out.is_empty() {
+            if let Err(e) = ready!(this.poll_write_out(cx)) {
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
         let next = match this.reader.poll_next(&mut this.socket, cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(next) => next,
         };
+        this.tungstenite_pending = true;
         Poll::Ready(next.map(|m| match m {
             Ok(Message::Text(t)) => Ok(Inbound::Text(t.into())),
             Ok(Message::Binary(_)) => Ok(Inbound::Binary),
@@ -473,30 +478,26 @@ impl Stream for WsPeer {
 impl Sink<ToClient> for WsPeer {
     type Error = PeerError;
 
-    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
-        self.socket
-            .poll_ready_unpin(cx)
-            .map_err(|_| PeerError::Gone)
+    fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
+        // The session's writer queues at most a batch (or one op's replies) between flushes.
+        Poll::Ready(Ok(()))
     }
 
     fn start_send(mut self: Pin<&mut Self>, item: ToClient) -> Result<(), PeerError> {
-        let msg = match item {
-            ToClient::Delivery(d) => delivery_text(&d.frame),
-            ToClient::Frame(f) => text(f),
-            ToClient::Ping => Message::Ping(Bytes::new()),
-        };
-        self.socket
-            .start_send_unpin(msg)
-            .map_err(|_| PeerError::Gone)
+        match item {
+            ToClient::Delivery(d) => self.out.text(d.frame.clone()),
+            ToClient::Frame(f) => self.out.text(f),
+            ToClient::Ping => self.out.ping(),
+        }
+        Ok(())
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
-        self.socket
-            .poll_flush_unpin(cx)
-            .map_err(|_| PeerError::Gone)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
+        self.get_mut().poll_write_out(cx)
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
+        ready!(self.as_mut().poll_flush(cx))?;
         self.socket
             .poll_close_unpin(cx)
             .map_err(|_| PeerError::Gone)

@@ -1,6 +1,6 @@
 //! WebSocket: connect, subscribe/publish/replay, errors.
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -879,4 +879,55 @@ async fn protocol_violations_get_the_rfc_6455_close_code() {
     // The server is fine, and so is a well-behaved client.
     let mut ws = t.ws("alice").await;
     assert_eq!(ws.request(json!({"op": "ping"})).await["type"], "pong");
+}
+
+/// Herald writes its frames itself (several per vectored write, resumed mid-frame when a full socket
+/// cuts a write short) while tungstenite answers the client's pings on the same socket: a client that
+/// pings all through a burst of 40 KB events it does not read meanwhile (6 MB: more than the socket
+/// buffers hold) gets every pong and every event whole, in seq order.
+#[tokio::test]
+async fn pongs_and_a_burst_of_large_frames_share_the_socket_intact() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    let mut alice = t.ws("alice").await;
+    alice.subscribed("room:r1").await;
+    let text = "x".repeat(40_000);
+    let mut pings = 0u32;
+    for i in 0..150u32 {
+        let body = json!({"event":"chat.message","room":"r1","data":{"i": i, "text": text}});
+        t.publish(body).await;
+        if i % 3 == 0 {
+            alice
+                .stream
+                .send(Message::Ping(i.to_be_bytes().to_vec().into()))
+                .await
+                .unwrap();
+            pings += 1;
+        }
+    }
+    let (mut pongs, mut next) = (0u32, 0u64);
+    while next < 150 || pongs < pings {
+        let m = tokio::time::timeout(Duration::from_secs(10), alice.stream.next())
+            .await
+            .expect("a frame")
+            .expect("open")
+            .expect("a valid frame");
+        match m {
+            Message::Pong(p) => {
+                assert_eq!(p.len(), 4);
+                pongs += 1;
+            }
+            Message::Text(s) => {
+                let v: Value = serde_json::from_str(&s).expect("whole JSON frame");
+                if v["type"] == "event" {
+                    next += 1;
+                    assert_eq!(v["seq"], next, "in order, none missing");
+                    assert_eq!(v["data"]["i"], next - 1);
+                    assert_eq!(v["data"]["text"].as_str().map(str::len), Some(40_000));
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pongs, pings);
 }

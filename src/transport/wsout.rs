@@ -1,0 +1,292 @@
+//! The WebSocket connection's outgoing frames, written by herald itself rather than through
+//! tungstenite's write buffer: each queued frame is a few header bytes and the frame's shared
+//! payload (`Bytes`: a delivery's frame is the same allocation for every local recipient), and a
+//! flush hands them all to one vectored write. Nothing is copied per recipient, and nothing stays
+//! allocated once the queue has drained, where a write buffer keeps the size of its largest burst
+//! for the connection's life.
+//!
+//! Server frames are never masked (RFC 6455 §5.1), so a frame is `FIN|opcode`, the payload length
+//! (7 bits, or 126 + 16 bits, or 127 + 64 bits), then the payload.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+
+/// `FIN` and the text opcode.
+const TEXT: u8 = 0x81;
+/// `FIN` and the ping opcode.
+const PING: u8 = 0x89;
+/// Most slices handed to one write (the kernel takes up to 1,024).
+const SLICES: usize = 64;
+
+/// One frame's header: at most 10 bytes.
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    bytes: [u8; 10],
+    len: u8,
+}
+
+impl Head {
+    fn new(first: u8, payload: usize) -> Head {
+        let mut bytes = [0u8; 10];
+        bytes[0] = first;
+        let len = if payload < 126 {
+            bytes[1] = payload as u8;
+            2
+        } else if payload <= u16::MAX as usize {
+            bytes[1] = 126;
+            bytes[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
+            4
+        } else {
+            bytes[1] = 127;
+            bytes[2..10].copy_from_slice(&(payload as u64).to_be_bytes());
+            10
+        };
+        Head { bytes, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+type Frame = (Head, Bytes);
+
+/// Frames waiting to be written, in order. The first waits inline: a connection that gets one frame
+/// per flush (the common case below ~1 frame per round trip) allocates nothing, and a drained queue
+/// gives back what a burst took.
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    /// The first frame queued since the last drain.
+    first: Option<Frame>,
+    /// The frames after it.
+    more: Vec<Frame>,
+    /// The first frame not fully written (0 is `first`).
+    next: usize,
+    /// Bytes of `frames[next]` (header, then payload) already written.
+    written: usize,
+}
+
+impl Outbox {
+    /// Queues a text frame carrying `payload` (valid UTF-8: every frame herald makes is JSON).
+    pub(super) fn text(&mut self, payload: Bytes) {
+        self.push((Head::new(TEXT, payload.len()), payload));
+    }
+
+    /// Queues an empty ping.
+    pub(super) fn ping(&mut self) {
+        self.push((Head::new(PING, 0), Bytes::new()));
+    }
+
+    fn push(&mut self, f: Frame) {
+        if self.first.is_none() {
+            self.first = Some(f);
+        } else {
+            self.more.push(f);
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    /// The frames from the `i`th on.
+    fn from(&self, i: usize) -> impl Iterator<Item = &Frame> {
+        let skip_first = usize::from(i > 0);
+        self.first
+            .iter()
+            .skip(skip_first)
+            .chain(self.more.iter().skip(i.saturating_sub(1)))
+    }
+
+    /// Nothing is waiting.
+    pub(super) fn is_empty(&self) -> bool {
+        self.next == self.len()
+    }
+
+    /// Writes everything queued to `io`, several frames per write.
+    pub(super) fn poll_write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while !self.is_empty() {
+            let mut slices = [IoSlice::new(&[]); SLICES];
+            let mut n = 0;
+            let mut skip = self.written;
+            for (head, payload) in self.from(self.next) {
+                if n + 2 > SLICES {
+                    break;
+                }
+                for part in [head.as_slice(), payload.as_ref()] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                    } else {
+                        slices[n] = IoSlice::new(&part[skip..]);
+                        n += 1;
+                        skip = 0;
+                    }
+                }
+            }
+            let wrote = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+            if wrote == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(wrote);
+        }
+        self.first = None;
+        self.more = Vec::new();
+        self.next = 0;
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// The `i`th frame's length on the wire.
+    fn size_of(&self, i: usize) -> Option<usize> {
+        let (head, payload) = self.from(i).next()?;
+        Some(head.len as usize + payload.len())
+    }
+
+    /// Marks `n` more bytes written.
+    fn advance(&mut self, mut n: usize) {
+        loop {
+            let Some(size) = self.size_of(self.next) else {
+                return;
+            };
+            let left = size - self.written;
+            if n < left {
+                self.written += n;
+                return;
+            }
+            n -= left;
+            self.next += 1;
+            self.written = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer taking at most `max` bytes per write.
+    struct Trickle {
+        out: Vec<u8>,
+        max: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.max - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.max {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn expected(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for p in payloads {
+            v.push(0x81);
+            match p.len() {
+                l if l < 126 => v.push(l as u8),
+                l if l <= 65535 => {
+                    v.push(126);
+                    v.extend_from_slice(&(l as u16).to_be_bytes());
+                }
+                l => {
+                    v.push(127);
+                    v.extend_from_slice(&(l as u64).to_be_bytes());
+                }
+            }
+            v.extend_from_slice(p);
+        }
+        v
+    }
+
+    #[test]
+    fn frames_arrive_whole_and_in_order_however_the_writes_split() {
+        let sizes = [0usize, 5, 125, 126, 300, 65535, 65536, 70000, 1];
+        let payloads: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![b'a' + i as u8; n])
+            .collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        for max in [1, 3, 7, 1000, usize::MAX / 2] {
+            let mut o = Outbox::default();
+            for p in &payloads {
+                o.text(Bytes::from(p.clone()));
+            }
+            let mut w = Trickle {
+                out: Vec::new(),
+                max,
+            };
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            assert!(matches!(
+                o.poll_write_to(&mut w, &mut cx),
+                Poll::Ready(Ok(()))
+            ));
+            assert!(o.is_empty());
+            assert_eq!(w.out, expected(&refs), "max {max}");
+        }
+    }
+
+    #[test]
+    fn many_frames_take_several_writes_and_the_queue_is_given_back() {
+        let mut o = Outbox::default();
+        for i in 0..200 {
+            o.text(Bytes::from(format!("{{\"n\":{i}}}")));
+        }
+        o.ping();
+        let mut w = Trickle {
+            out: Vec::new(),
+            max: usize::MAX / 2,
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(
+            o.poll_write_to(&mut w, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(&w.out[w.out.len() - 2..], &[0x89, 0x00]);
+        assert_eq!(w.out[0], 0x81);
+        assert_eq!(o.more.capacity(), 0);
+        assert!(o.first.is_none());
+    }
+}

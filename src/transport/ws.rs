@@ -451,10 +451,10 @@ impl Stream for WsPeer {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         // tungstenite writes while it reads (a pong): never in the middle of one of our frames.
-        if !this.out.is_empty() {
-            if let Err(e) = ready!(this.poll_write_out(cx)) {
-                return Poll::Ready(Some(Err(e)));
-            }
+        if !this.out.is_empty()
+            && let Err(e) = ready!(this.poll_write_out(cx))
+        {
+            return Poll::Ready(Some(Err(e)));
         }
         let next = match this.reader.poll_next(&mut this.socket, cx) {
             Poll::Pending => return Poll::Pending,

@@ -133,6 +133,7 @@ fn fanout(c: &mut Criterion) {
             event: Arc::from("chat.message"),
             frame: event_frame(&channel, Some((&epoch, 7)), &body),
             filter,
+            compact: Default::default(),
         })
     };
     let except_sender = DeliveryFilter {

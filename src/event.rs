@@ -182,6 +182,75 @@ pub fn frame_event_type(frame: &[u8]) -> Option<String> {
         .and_then(|h| h.event)
 }
 
+/// How a session's event frames are written: the full object (the default), or the compact array a
+/// client asks for at connect (`?format=compact`, `"format":"compact"` in `connect`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameFormat {
+    /// `{"type":"event","channel":…,"seq":…,"epoch":…,"id":…,"event":…,"data":…,"from":…,"ts":…}`.
+    #[default]
+    Full,
+    /// `[channel, seq, event, data, ts]`, with `from` as a sixth element when there is a sender:
+    /// no `type`, `epoch` (the subscribe reply and `reset` carry it), `id` or field names.
+    Compact,
+}
+
+impl FrameFormat {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameFormat::Full => "full",
+            FrameFormat::Compact => "compact",
+        }
+    }
+}
+
+/// The compact form of a full event frame (live or replayed), `None` for any other frame: built from
+/// the frame's bytes, with the payload copied through as it is.
+pub fn compact_frame(full: &[u8]) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct Full<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        channel: std::borrow::Cow<'a, str>,
+        seq: Option<Seq>,
+        #[serde(borrow)]
+        event: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        data: &'a RawValue,
+        #[serde(borrow)]
+        from: Option<std::borrow::Cow<'a, str>>,
+        ts: i64,
+    }
+    if !full.starts_with(b"{\"type\":\"event\",") {
+        return None;
+    }
+    let f: Full<'_> = serde_json::from_slice(full).ok()?;
+    if f.kind != "event" {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(48 + f.data.get().len());
+    buf.push(b'[');
+    serde_json::to_writer(&mut buf, &f.channel).ok()?;
+    match f.seq {
+        Some(s) => {
+            let _ = std::io::Write::write_fmt(&mut buf, format_args!(",{s},"));
+        }
+        None => buf.extend_from_slice(b",null,"),
+    }
+    serde_json::to_writer(&mut buf, &f.event).ok()?;
+    buf.push(b',');
+    buf.extend_from_slice(f.data.get().as_bytes());
+    let _ = std::io::Write::write_fmt(&mut buf, format_args!(",{}", f.ts));
+    if let Some(from) = &f.from {
+        buf.push(b',');
+        serde_json::to_writer(&mut buf, from).ok()?;
+    }
+    buf.push(b']');
+    Some(Bytes::from(buf))
+}
+
 /// One stored event as history returns it.
 #[derive(Clone, Debug)]
 pub struct StoredEvent {
@@ -311,6 +380,54 @@ pub struct EventSpec {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn compact_frame_keeps_channel_seq_event_data_ts_from() {
+        let ch = ChannelName::parse("room:bench").unwrap();
+        let data = RawValue::from_string(r#"{"t":1,"p":"x"}"#.into()).unwrap();
+        let body = EventBody {
+            id: "0193a0c0-0000-7000-8000-000000000000",
+            event: "chat.message",
+            data: &data,
+            from: Some("alice"),
+            ts: 1733212345678,
+        }
+        .encode();
+        let full = event_frame(&ch, Some((&Epoch::new("e1"), 12345)), &body);
+        let c = compact_frame(&full).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&c).unwrap(),
+            r#"["room:bench",12345,"chat.message",{"t":1,"p":"x"},1733212345678,"alice"]"#
+        );
+        // A replayed frame compacts the same; an unstored one has a null seq.
+        assert_eq!(compact_frame(&replay_frame(&full)).unwrap(), c);
+        let body = EventBody {
+            from: None,
+            ..body_of(&data)
+        }
+        .encode();
+        let c = compact_frame(&event_frame(&ch, None, &body)).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&c).unwrap(),
+            r#"["room:bench",null,"typing",{"t":1,"p":"x"},1]"#
+        );
+        // The envelope (all but the payload) of a room event stays under 60 bytes.
+        assert!(c.len() - data.get().len() < 60);
+        assert_eq!(
+            compact_frame(br#"{"type":"presence.update","room":"r"}"#),
+            None
+        );
+    }
+
+    fn body_of(data: &RawValue) -> EventBody<'_> {
+        EventBody {
+            id: "i",
+            event: "typing",
+            data,
+            from: None,
+            ts: 1,
+        }
+    }
+
     use super::*;
 
     #[test]

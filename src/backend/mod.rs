@@ -103,9 +103,23 @@ pub struct Delivery {
     pub frame: Bytes,
     /// Live-delivery filter.
     pub filter: DeliveryFilter,
+    /// The frame's compact form, made by the first local recipient that asked for it
+    /// ([`Delivery::frame_for`]).
+    pub compact: std::sync::OnceLock<Bytes>,
 }
 
 impl Delivery {
+    /// The frame in `format`: the compact form of an event is made once per node and delivery and
+    /// shared by its compact recipients; other frames have one form.
+    pub fn frame_for(&self, format: crate::event::FrameFormat) -> &Bytes {
+        match format {
+            crate::event::FrameFormat::Full => &self.frame,
+            crate::event::FrameFormat::Compact => self.compact.get_or_init(|| {
+                crate::event::compact_frame(&self.frame).unwrap_or_else(|| self.frame.clone())
+            }),
+        }
+    }
+
     /// Best effort: a session that is falling behind skips it rather than queueing it (README, "best
     /// effort frames"). Room presence (`presence.update`), `presence.changed`, and what `active:` channels
     /// carry unstored (typing, read receipts): momentary signals that a later one supersedes, with no
@@ -660,6 +674,7 @@ mod tests {
             event: Arc::from(event),
             frame: bytes::Bytes::new(),
             filter: DeliveryFilter::default(),
+            compact: Default::default(),
         }
     }
 

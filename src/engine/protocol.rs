@@ -212,6 +212,8 @@ pub struct ConnectFrame {
     pub platform: Option<String>,
     /// App state.
     pub state: Option<DeviceState>,
+    /// How event frames are written: `full` (the default) or `compact`.
+    pub format: Option<String>,
 }
 
 /// A client frame's `ref`, echoed in its reply: a string or a number, else null.

@@ -25,7 +25,9 @@ use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::backend::Delivery;
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::device::DeviceState;
-use crate::event::{Epoch, Position, Seq, StoredEvent, replay_frame, reset_frame};
+use crate::event::{
+    Epoch, FrameFormat, Position, Seq, StoredEvent, compact_frame, replay_frame, reset_frame,
+};
 use crate::presence::{SessionInfo, Status, UserPresence};
 use crate::rules::Source;
 
@@ -64,6 +66,8 @@ pub struct SessionOpen {
     pub transport: Transport,
     /// When the session's token expires (unix s); the session is closed with 4002 then.
     pub expires: Option<u64>,
+    /// How its event frames are written (replayed events here; the transport writes live ones).
+    pub format: FrameFormat,
 }
 
 /// One subscription. This session has been handed every stored event with `lo < seq <= last`
@@ -251,6 +255,9 @@ struct Connected<'a> {
     node: &'a str,
     channels: BTreeMap<String, ChannelAt>,
     sync: LoginSync,
+    /// Said only when not the default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<&'static str>,
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     reference: Option<&'a Value>,
 }
@@ -262,6 +269,7 @@ pub struct Session {
     pub handle: Arc<SessionHandle>,
     subs: Subs,
     transport: Transport,
+    format: FrameFormat,
     /// The backend lost this session (an [`Outbound::Restore`] came): register it again after the
     /// writer's batch.
     restore: bool,
@@ -336,6 +344,7 @@ impl Engine {
             handle,
             subs: Subs::default(),
             transport: open.transport,
+            format: open.format,
             restore: false,
             seen_announcement: None,
         })
@@ -633,7 +642,12 @@ impl Session {
                     .into_iter()
                     .filter(|ev| ev.seq <= hi)
                     .map(|ev| StoredEvent {
-                        frame: replay_frame(&ev.frame),
+                        frame: match self.format {
+                            FrameFormat::Full => replay_frame(&ev.frame),
+                            FrameFormat::Compact => {
+                                compact_frame(&ev.frame).unwrap_or_else(|| ev.frame.clone())
+                            }
+                        },
                         ..ev
                     })
                     .collect();
@@ -915,6 +929,7 @@ impl Session {
             node: &e.node,
             channels,
             sync,
+            format: (self.format != FrameFormat::Full).then(|| self.format.as_str()),
             reference,
         };
         Ok(Bytes::from(

@@ -26,6 +26,7 @@ use super::{ApiError, ApiResult, AppState, Client};
 use crate::channels::{ChannelName, Kind};
 use crate::engine::session::Verdict;
 use crate::engine::{EngineError, ErrorCode, Next, Outbound, Session, SessionOpen, Transport};
+use crate::event::FrameFormat;
 use crate::event::{Cursor, Position, StoredEvent, reset_frame};
 
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -165,6 +166,8 @@ async fn open_stream(
             transport: Transport::Sse,
             // An SSE stream outlives its token, as EventSource reconnects with the same URL.
             expires: None,
+            // SSE carries each event's type and cursor in its own fields: frames stay whole.
+            format: FrameFormat::Full,
         })
         .await?;
     let mut out = BytesMut::new();

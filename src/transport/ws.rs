@@ -32,6 +32,7 @@ use super::wsout::Outbox;
 use super::{ApiError, AppState};
 use crate::engine::protocol::{self, Inbound, PeerError, ToClient};
 use crate::engine::{CloseReason, ErrorCode, Session, SessionOpen, Transport};
+use crate::event::FrameFormat;
 use crate::primitives::lock;
 
 /// Read buffer per connection. tungstenite zero-fills all of it on the first read, so every byte is
@@ -54,6 +55,19 @@ pub(super) fn routes() -> Router<AppState> {
 struct WsQuery {
     token: Option<String>,
     device: Option<String>,
+    format: Option<String>,
+}
+
+/// `?format=` / the connect frame's `format`.
+fn frame_format(v: Option<&str>) -> Result<FrameFormat, String> {
+    match v {
+        None | Some("full") => Ok(FrameFormat::Full),
+        Some("compact") => Ok(FrameFormat::Compact),
+        Some(other) => Err(format!(
+            "format {:?}: expected \"full\" or \"compact\"",
+            other.chars().take(40).collect::<String>()
+        )),
+    }
 }
 
 /// A connection's WebSocket.
@@ -120,6 +134,10 @@ async fn upgrade(
                 .into_response();
         }
     }
+    let format = match frame_format(q.format.as_deref()) {
+        Ok(f) => f,
+        Err(m) => return ApiError::bad(m).into_response(),
+    };
     let claims = match super::auth::bearer(headers, q.token.as_deref()) {
         Some(t) => match state.auth.verify(&t) {
             Ok(c) => Some(c),
@@ -131,6 +149,7 @@ async fn upgrade(
         on_upgrade: Some(on_upgrade),
         claims,
         device: q.device,
+        format,
     });
     tokio::spawn(run(state, upgrade));
     let mut resp = Response::new(Body::empty());
@@ -164,6 +183,8 @@ struct Upgrade {
     claims: Option<Claims>,
     /// `?device=`.
     device: Option<String>,
+    /// `?format=`.
+    format: FrameFormat,
 }
 
 async fn close_with(peer: &mut WsPeer, reason: CloseReason) {
@@ -218,6 +239,7 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
             reader: SocketReader::new(),
             out: Outbox::default(),
             tungstenite_pending: false,
+            format: FrameFormat::Full,
         };
         let opening = Box::pin(start(&mut peer, &state, upgrade));
         let Some(mut session) = opening.await else {
@@ -249,8 +271,10 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
     let Upgrade {
         claims,
         device: query_device,
+        format: query_format,
         ..
     } = *upgrade;
+    let mut format = query_format;
     let (claims, mut device, mut platform, mut dstate) = match claims {
         Some(c) => (c, query_device, None, None),
         None => {
@@ -276,6 +300,21 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
                 return None;
             };
             connect_ref = reference;
+            match frame_format(cf.format.as_deref()) {
+                Ok(_) if cf.format.is_none() => {}
+                Ok(f) => format = f,
+                Err(m) => {
+                    let e = crate::engine::EngineError::new(ErrorCode::BadFrame, m);
+                    let reply = protocol::error_frame(
+                        connect_ref.as_ref().unwrap_or(&Value::Null),
+                        &e,
+                        false,
+                    );
+                    let _ = peer.send(ToClient::Frame(reply)).await;
+                    close_with(peer, CloseReason::BadFrameLimit).await;
+                    return None;
+                }
+            }
             match state.auth.verify(&cf.token) {
                 Ok(c) => (c, cf.device.or(query_device), cf.platform, cf.state),
                 Err(AuthError::Expired) => {
@@ -303,7 +342,9 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
         attrs: claims.attrs.clone(),
         transport: Transport::Ws,
         expires: Some(claims.exp),
+        format,
     };
+    peer.format = format;
     let mut session = match engine.open_session(open).await {
         Ok(s) => s,
         Err(e) => {
@@ -430,6 +471,8 @@ struct WsPeer {
     out: Outbox,
     /// A read may have left tungstenite an answer (a pong) to write: flush it before our frames.
     tungstenite_pending: bool,
+    /// How deliveries are written (set once the session is open).
+    format: FrameFormat,
 }
 
 impl WsPeer {
@@ -485,7 +528,10 @@ impl Sink<ToClient> for WsPeer {
 
     fn start_send(mut self: Pin<&mut Self>, item: ToClient) -> Result<(), PeerError> {
         match item {
-            ToClient::Delivery(d) => self.out.text(d.frame.clone()),
+            ToClient::Delivery(d) => {
+                let frame = d.frame_for(self.format).clone();
+                self.out.text(frame)
+            }
             ToClient::Frame(f) => self.out.text(f),
             ToClient::Ping => self.out.ping(),
         }

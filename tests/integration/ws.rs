@@ -931,3 +931,123 @@ async fn pongs_and_a_burst_of_large_frames_share_the_socket_intact() {
     }
     assert_eq!(pongs, pings);
 }
+
+/// The next text frame as it came off the wire.
+async fn raw_text(ws: &mut Ws) -> String {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.stream.next())
+            .await
+            .expect("a frame")
+            .expect("open")
+            .expect("a valid frame");
+        if let Message::Text(t) = m {
+            return t.to_string();
+        }
+    }
+}
+
+/// `?format=compact`: event frames are `[channel, seq, event, data, ts, from]` with a room event's
+/// envelope under 60 bytes, live and replayed; other frames and other sessions keep the full form.
+#[tokio::test]
+async fn compact_event_frames_on_request() {
+    let t = TestServer::start().await;
+    for u in ["alice", "bob", "carol"] {
+        t.join("r1", u).await;
+    }
+    let mut alice = t.ws_with("alice", "&format=compact").await;
+    assert_eq!(alice.connected["format"], "compact", "{}", alice.connected);
+    let mut carol = t.ws("carol").await;
+    assert!(
+        carol.connected.get("format").is_none(),
+        "{}",
+        carol.connected
+    );
+    let r = alice.subscribed("room:r1").await;
+    let epoch = r["epoch"].clone();
+    assert!(epoch.is_string(), "the reply carries the epoch: {r}");
+    carol.subscribed("room:r1").await;
+    let data = json!({"text": "hello there"});
+    let p = t
+        .publish(json!({"event":"chat.message","room":"r1","from":"bob","data":data}))
+        .await;
+    let seq = p["deliveries"][0]["seq"].clone();
+    let text = raw_text(&mut alice).await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v[0], "room:r1", "{text}");
+    assert_eq!(v[1], seq, "{text}");
+    assert_eq!(v[2], "chat.message", "{text}");
+    assert_eq!(v[3], data, "{text}");
+    assert!(v[4].as_i64().unwrap() > 1_700_000_000_000, "{text}");
+    assert_eq!(v[5], "bob", "{text}");
+    assert_eq!(v.as_array().unwrap().len(), 6, "{text}");
+    let envelope = text.len() - data.to_string().len();
+    assert!(envelope <= 60, "envelope {envelope} bytes: {text}");
+    // The default stays the full object.
+    let full = carol.event_on("room:r1").await;
+    assert_eq!(full["seq"], seq);
+    assert!(
+        full["epoch"].is_string() && full["id"].is_string(),
+        "{full}"
+    );
+    // Replies stay objects.
+    let r = alice.request(json!({"op": "ping"})).await;
+    assert_eq!(r["type"], "pong", "{r}");
+
+    // Replay on resubscribe comes compact too.
+    let r = alice
+        .request(json!({"op": "unsubscribe", "channel": "room:r1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    t.publish(json!({"event":"chat.message","room":"r1","from":"bob","data":{"n":2}}))
+        .await;
+    let r = alice
+        .request(
+            json!({"op": "subscribe", "channel": "room:r1", "since": {"epoch": epoch, "seq": seq}}),
+        )
+        .await;
+    assert_eq!(r["recovered"], true, "{r}");
+    let replayed = loop {
+        let v = alice.next().await;
+        if v.is_array() {
+            break v;
+        }
+    };
+    assert_eq!(replayed[0], "room:r1", "{replayed}");
+    assert_eq!(replayed[3], json!({"n": 2}), "{replayed}");
+}
+
+/// The compact form asked for in the `connect` frame; an unknown format is refused at the upgrade
+/// (400) and in the `connect` frame (a `bad_frame` error, then 4010).
+#[tokio::test]
+async fn compact_format_in_connect_and_bad_formats_refused() {
+    let t = TestServer::start().await;
+    let mut ws = Ws::connect(&t.ws_url("")).await;
+    ws.send(json!({"op":"connect","token": t.token("alice"),"format":"compact","ref":1}))
+        .await;
+    let c = ws.next().await;
+    assert_eq!(c["type"], "connected", "{c}");
+    assert_eq!(c["format"], "compact", "{c}");
+
+    let (status, body) = {
+        let url = t.ws_url(&format!("?token={}&format=xml", t.token("alice")));
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => (
+                r.status().as_u16(),
+                String::from_utf8(r.body().clone().unwrap_or_default()).unwrap_or_default(),
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    };
+    assert_eq!(status, 400);
+    assert!(body.contains("format"), "{body}");
+
+    let mut ws = Ws::connect(&t.ws_url("")).await;
+    ws.send(json!({"op":"connect","token": t.token("alice"),"format":"xml","ref":7}))
+        .await;
+    let e = ws.next().await;
+    assert_eq!(e["ok"], false, "{e}");
+    assert_eq!(e["ref"], 7, "{e}");
+    assert_eq!(e["error"]["code"], "bad_frame", "{e}");
+    let closed = ws.closed().await;
+    assert_eq!(closed.close, Some(4010), "{closed:?}");
+}

@@ -127,6 +127,7 @@ impl Broker for Memory {
                         position: Some(position.clone()),
                         frame,
                         filter,
+                        compact: Default::default(),
                     }));
                 }
                 Ok(Some(position))
@@ -143,6 +144,7 @@ impl Broker for Memory {
                         position: None,
                         frame,
                         filter,
+                        compact: Default::default(),
                     }));
                 }
                 if let Some(step) = &push {

@@ -128,6 +128,7 @@ impl Shared {
                 event: m.event,
                 frame: m.frame,
                 filter: m.filter,
+                compact: Default::default(),
             }));
         }
     }

@@ -409,13 +409,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let served = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = herald::transport::conn::listen(config.listen)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        if config.push.any() {
-            tracing::warn!("Push providers are configured but push delivery is not implemented yet; no pushes will be sent.");
-        }
         if !config.rules_dir.exists() {
             tracing::debug!(dir = %config.rules_dir.display(), "Rules directory not found; channel defaults route every event.");
         }

@@ -58,6 +58,7 @@ pub(crate) async fn load_phase(
         urls.len()
     ));
     ui.phase("subscribers", n as u64, SETUP_TEMPLATE);
+    let connecting = Instant::now();
     let channel = format!("room:{}", args.room);
     let shared = Arc::new(Shared {
         head: format!("{{\"type\":\"event\",\"channel\":\"{channel}\",").into_bytes(),
@@ -100,6 +101,7 @@ pub(crate) async fn load_phase(
     }
     drop(ready_tx);
     await_ready(&mut ready_rx, n, deadline, ui, "subscribers").await?;
+    let connect_s = connecting.elapsed().as_secs_f64();
     if args.transport == TransportKind::Sse {
         let seq = channel_seq(http, &urls[0], api_key, &channel).await?;
         base_tx.send_replace(Some(seq));
@@ -224,6 +226,8 @@ pub(crate) async fn load_phase(
     }
     let mut r = report(args, &published, &tallies, ui);
     r.setup_s = round1(setup_s);
+    r.connect_s = (connect_s * 1000.0).round() / 1000.0;
+    r.connects_per_s = round1(n as f64 / connect_s.max(1e-9));
     r.publish_connections = ws_publishers;
     if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
         // Ticks per second of phase, × 100 / CLK_TCK: percent of one core.

@@ -128,7 +128,8 @@
 //!
 //! ```text
 //! {"transport":"ws","publish_via":"http","nodes":1,"subscribers":200,"room":"bench",
-//!  "payload_bytes":100,"duration_s":5,"warmup_s":2,"setup_s":0.1,"offered_publishes_per_s":100,
+//!  "payload_bytes":100,"duration_s":5,"warmup_s":2,"setup_s":0.1,"connect_s":0.054,
+//!  "connects_per_s":3703.7,"offered_publishes_per_s":100,
 //!  "achieved_publishes_per_s":100.0,"publishes":500,"publish_errors":0,"publish_p50_us":887,
 //!  "publish_p99_us":2303,"schedule_lag_max_us":3263,"expected_deliveries":100000,
 //!  "delivered":100000,"completeness":1.0,"missing":0,"gaps":0,"duplicates":0,"reorders":0,

@@ -52,6 +52,11 @@ pub(crate) struct LoadReport {
     warmup_s: u64,
     /// Seconds the subscribers' setup took (memberships, connects, subscribes, publisher sockets).
     pub(crate) setup_s: f64,
+    /// Seconds from the first subscriber's connect to the last one subscribed (memberships, made
+    /// before, not counted): the connect storm at `--setup-concurrency` in flight.
+    pub(crate) connect_s: f64,
+    /// Subscribers connected and subscribed per second of `connect_s`.
+    pub(crate) connects_per_s: f64,
     /// `--rate`.
     offered_publishes_per_s: u32,
     /// Successful measured publishes per second of the time they took: from the first measured
@@ -237,6 +242,8 @@ pub(crate) fn report(args: &Args, published: &Published, tallies: &[Tally], ui: 
         duration_s: args.duration,
         warmup_s: args.warmup,
         setup_s: 0.0,
+        connect_s: 0.0,
+        connects_per_s: 0.0,
         offered_publishes_per_s: args.rate,
         achieved_publishes_per_s: round1(seqs.len() as f64 / secs),
         publishes: published.measured_sent,

@@ -220,6 +220,23 @@ pub(super) async fn accept(
     }
 }
 
+/// Pending connections the listener queues before `accept` (the kernel caps it at
+/// `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 1,024: a storm of reconnects after a
+/// restart overflows that, and each SYN dropped waits a one-second retransmit.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// A listener on `addr` with a backlog deep enough for a connect storm.
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The connection cap to use: `configured`, or the open-file limit less a reserve.
 pub fn max_connections(configured: Option<usize>) -> usize {
     configured.unwrap_or_else(|| match open_file_limit() {

@@ -79,7 +79,7 @@ impl TestServer {
         if let Some(r) = &redis {
             c.redis = Some(r.url.clone());
         }
-        let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
+        let listener = herald::transport::conn::listen(c.listen).unwrap();
         let server = herald::start(c, kinds, listener, std::future::pending())
             .await
             .unwrap();

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use crate::backend::{Delivery, DeliverySink};
 use crate::channels::ChannelName;
 use crate::device::{DevicePolicy, DeviceState};
+use crate::event::Epoch;
 use crate::presence::SessionInfo;
 use crate::primitives::{lock, read, reserve_tight, write};
 
@@ -419,9 +420,18 @@ impl SessionHandle {
     }
 }
 
+/// A channel's local subscribers.
+#[derive(Debug, Default)]
+struct Local {
+    subs: Vec<Arc<SessionHandle>>,
+    /// The channel's epoch as its subscriptions keep it: one copy for all of them (and for the
+    /// deliveries that carry it), rather than one per subscription and per delivery.
+    epoch: Option<Epoch>,
+}
+
 /// The local registry.
 pub struct Hub {
-    channels: Vec<RwLock<HashMap<ChannelName, Vec<Arc<SessionHandle>>>>>,
+    channels: Vec<RwLock<HashMap<ChannelName, Local>>>,
     sessions: Mutex<HashMap<u64, Arc<SessionHandle>>>,
     users: Mutex<HashMap<Arc<str>, Vec<u64>>>,
     /// (token expiry unix s, session id) of sessions that expire: one sweep for the node instead of a
@@ -446,7 +456,7 @@ impl Hub {
         }
     }
 
-    fn shard(&self, ch: &ChannelName) -> &RwLock<HashMap<ChannelName, Vec<Arc<SessionHandle>>>> {
+    fn shard(&self, ch: &ChannelName) -> &RwLock<HashMap<ChannelName, Local>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         ch.hash(&mut h);
         &self.channels[(h.finish() as usize) % SHARDS]
@@ -495,7 +505,7 @@ impl Hub {
         let mut shard = write(self.shard(ch));
         let entry = shard.entry(ch.clone());
         let name = entry.key().clone();
-        let list = entry.or_default();
+        let list = &mut entry.or_default().subs;
         if list.iter().any(|x| x.id == s.id) {
             return None;
         }
@@ -504,17 +514,33 @@ impl Hub {
         Some(name)
     }
 
+    /// The hub's copy of `epoch` for `ch` (equal to it): what a subscription keeps. The first
+    /// subscription to see an epoch leaves it here for the others.
+    pub fn shared_epoch(&self, ch: &ChannelName, epoch: Epoch) -> Epoch {
+        let mut shard = write(self.shard(ch));
+        let Some(local) = shard.get_mut(ch) else {
+            return epoch;
+        };
+        match &local.epoch {
+            Some(e) if *e == epoch => e.clone(),
+            _ => {
+                local.epoch = Some(epoch.clone());
+                epoch
+            }
+        }
+    }
+
     /// Removes a subscriber; true when it was one (pair it with one `Broker::unsubscribe`).
     pub fn unsubscribe(&self, ch: &ChannelName, id: u64) -> bool {
         let mut shard = write(self.shard(ch));
-        let Some(list) = shard.get_mut(ch) else {
+        let Some(local) = shard.get_mut(ch) else {
             return false;
         };
-        let Some(i) = list.iter().position(|x| x.id == id) else {
+        let Some(i) = local.subs.iter().position(|x| x.id == id) else {
             return false;
         };
-        list.swap_remove(i);
-        if list.is_empty() {
+        local.subs.swap_remove(i);
+        if local.subs.is_empty() {
             shard.remove(ch);
         }
         true
@@ -527,7 +553,8 @@ impl Hub {
         let mut left = Vec::new();
         for shard in &self.channels {
             let mut shard = write(shard);
-            shard.retain(|ch, list| {
+            shard.retain(|ch, local| {
+                let list = &mut local.subs;
                 if let Some(i) = list.iter().position(|x| x.id == s.id) {
                     list.swap_remove(i);
                     left.push(ch.clone());
@@ -600,12 +627,19 @@ impl Hub {
 impl DeliverySink for Hub {
     fn deliver(&self, mut d: Arc<Delivery>) {
         let shard = read(self.shard(&d.channel));
-        let Some((name, list)) = shard.get_key_value(&d.channel) else {
+        let Some((name, local)) = shard.get_key_value(&d.channel) else {
             return;
         };
-        // Carry the hub's name (see `subscribe`) when the delivery is still ours alone to change.
+        let list = &local.subs;
+        // Carry the hub's name (see `subscribe`) and epoch when the delivery is still ours alone to
+        // change: the subscriptions find it by pointer.
         if let Some(only) = Arc::get_mut(&mut d) {
             only.channel = name.clone();
+            if let (Some(p), Some(e)) = (&mut only.position, &local.epoch)
+                && p.epoch == *e
+            {
+                p.epoch = e.clone();
+            }
         }
         let filtered = !d.filter.is_empty();
         let mut n = 0u64;

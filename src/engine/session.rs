@@ -631,7 +631,7 @@ impl Session {
             if new || sub.epoch.as_ref() != Some(&page.position.epoch) {
                 // Everything up to the position read is either replayed now or predates the
                 // subscription; what comes after is (or will be) in the queue.
-                sub.epoch = Some(page.position.epoch.clone());
+                sub.epoch = Some(e.hub.shared_epoch(&ch, page.position.epoch.clone()));
                 sub.lo = page.position.seq;
                 sub.last = page.position.seq;
             }

@@ -37,9 +37,9 @@ use crate::primitives::lock;
 
 /// Read buffer per connection. tungstenite zero-fills all of it on the first read, so every byte is
 /// resident for the connection's life: at 10k idle connections 4 KiB cost ~3.5 KiB more per
-/// connection than this. Client frames are small and rare (ops of a few hundred bytes); a larger one
-/// takes a few more reads.
-const READ_BUFFER: usize = 512;
+/// connection than 512 bytes, and 512 bytes ~0.4 KiB more than this. Client frames are small and
+/// rare (an op is tens to a few hundred bytes); a larger one takes a few more reads.
+const READ_BUFFER: usize = 128;
 /// tungstenite's write buffer: it only ever holds a pong or a close frame (herald writes its own
 /// frames, [`Outbox`]).
 const WRITE_BUFFER: usize = 0;

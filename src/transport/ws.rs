@@ -282,6 +282,8 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
             let first =
                 tokio::time::timeout(engine.config.limits.connect_timeout, peer.socket.next())
                     .await;
+            // That read may have left tungstenite a pong to write before our frames.
+            peer.tungstenite_pending = true;
             let t = match first {
                 Ok(Some(Ok(Message::Text(t)))) => t,
                 Ok(Some(Err(e))) => {

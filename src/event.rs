@@ -184,8 +184,7 @@ pub fn frame_event_type(frame: &[u8]) -> Option<String> {
 
 /// How a session's event frames are written: the full object (the default), or the compact array a
 /// client asks for at connect (`?format=compact`, `"format":"compact"` in `connect`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FrameFormat {
     /// `{"type":"event","channel":…,"seq":…,"epoch":…,"id":…,"event":…,"data":…,"from":…,"ts":…}`.
     #[default]
@@ -203,6 +202,23 @@ impl FrameFormat {
             FrameFormat::Compact => "compact",
         }
     }
+
+    /// The format a client named (`full`, `compact`); the error says what is accepted.
+    pub fn parse(name: &str) -> Result<FrameFormat, String> {
+        match name {
+            "full" => Ok(FrameFormat::Full),
+            "compact" => Ok(FrameFormat::Compact),
+            other => Err(format!(
+                "format {:?}: expected \"full\" or \"compact\"",
+                other.chars().take(40).collect::<String>()
+            )),
+        }
+    }
+}
+
+/// [`compact_frame`] of an event frame; any other frame as it is (it has one form).
+pub fn compact_or_same(frame: &Bytes) -> Bytes {
+    compact_frame(frame).unwrap_or_else(|| frame.clone())
 }
 
 /// The compact form of a full event frame (live or replayed), `None` for any other frame: built from
@@ -210,8 +226,6 @@ impl FrameFormat {
 pub fn compact_frame(full: &[u8]) -> Option<Bytes> {
     #[derive(Deserialize)]
     struct Full<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: std::borrow::Cow<'a, str>,
         #[serde(borrow)]
         channel: std::borrow::Cow<'a, str>,
         seq: Option<Seq>,
@@ -227,9 +241,6 @@ pub fn compact_frame(full: &[u8]) -> Option<Bytes> {
         return None;
     }
     let f: Full<'_> = serde_json::from_slice(full).ok()?;
-    if f.kind != "event" {
-        return None;
-    }
     let mut buf = Vec::with_capacity(48 + f.data.get().len());
     buf.push(b'[');
     serde_json::to_writer(&mut buf, &f.channel).ok()?;
@@ -380,6 +391,8 @@ pub struct EventSpec {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn compact_frame_keeps_channel_seq_event_data_ts_from() {
         let ch = ChannelName::parse("room:bench").unwrap();
@@ -427,8 +440,6 @@ mod tests {
             ts: 1,
         }
     }
-
-    use super::*;
 
     #[test]
     fn cursor_round_trips() {

@@ -114,9 +114,9 @@ impl Delivery {
     pub fn frame_for(&self, format: crate::event::FrameFormat) -> &Bytes {
         match format {
             crate::event::FrameFormat::Full => &self.frame,
-            crate::event::FrameFormat::Compact => self.compact.get_or_init(|| {
-                crate::event::compact_frame(&self.frame).unwrap_or_else(|| self.frame.clone())
-            }),
+            crate::event::FrameFormat::Compact => self
+                .compact
+                .get_or_init(|| crate::event::compact_or_same(&self.frame)),
         }
     }
 

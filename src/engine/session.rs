@@ -26,7 +26,7 @@ use crate::backend::Delivery;
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::device::DeviceState;
 use crate::event::{
-    Epoch, FrameFormat, Position, Seq, StoredEvent, compact_frame, replay_frame, reset_frame,
+    Epoch, FrameFormat, Position, Seq, StoredEvent, compact_or_same, replay_frame, reset_frame,
 };
 use crate::presence::{SessionInfo, Status, UserPresence};
 use crate::rules::Source;
@@ -644,9 +644,7 @@ impl Session {
                     .map(|ev| StoredEvent {
                         frame: match self.format {
                             FrameFormat::Full => replay_frame(&ev.frame),
-                            FrameFormat::Compact => {
-                                compact_frame(&ev.frame).unwrap_or_else(|| ev.frame.clone())
-                            }
+                            FrameFormat::Compact => compact_or_same(&ev.frame),
                         },
                         ..ev
                     })

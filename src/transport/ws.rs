@@ -58,18 +58,6 @@ struct WsQuery {
     format: Option<String>,
 }
 
-/// `?format=` / the connect frame's `format`.
-fn frame_format(v: Option<&str>) -> Result<FrameFormat, String> {
-    match v {
-        None | Some("full") => Ok(FrameFormat::Full),
-        Some("compact") => Ok(FrameFormat::Compact),
-        Some(other) => Err(format!(
-            "format {:?}: expected \"full\" or \"compact\"",
-            other.chars().take(40).collect::<String>()
-        )),
-    }
-}
-
 /// A connection's WebSocket.
 type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
 type WsError = tokio_tungstenite::tungstenite::Error;
@@ -134,8 +122,8 @@ async fn upgrade(
                 .into_response();
         }
     }
-    let format = match frame_format(q.format.as_deref()) {
-        Ok(f) => f,
+    let format = match q.format.as_deref().map(FrameFormat::parse).transpose() {
+        Ok(f) => f.unwrap_or_default(),
         Err(m) => return ApiError::bad(m).into_response(),
     };
     let claims = match super::auth::bearer(headers, q.token.as_deref()) {
@@ -302,9 +290,9 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
                 return None;
             };
             connect_ref = reference;
-            match frame_format(cf.format.as_deref()) {
-                Ok(_) if cf.format.is_none() => {}
-                Ok(f) => format = f,
+            match cf.format.as_deref().map(FrameFormat::parse).transpose() {
+                Ok(None) => {}
+                Ok(Some(f)) => format = f,
                 Err(m) => {
                     let e = crate::engine::EngineError::new(ErrorCode::BadFrame, m);
                     let reply = protocol::error_frame(

@@ -29,23 +29,35 @@ struct Head {
     len: u8,
 }
 
+/// A frame header's length for a payload of `payload` bytes.
+fn head_len(payload: usize) -> usize {
+    match payload {
+        0..126 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
 impl Head {
     fn new(first: u8, payload: usize) -> Head {
         let mut bytes = [0u8; 10];
         bytes[0] = first;
-        let len = if payload < 126 {
-            bytes[1] = payload as u8;
-            2
-        } else if payload <= u16::MAX as usize {
-            bytes[1] = 126;
-            bytes[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
-            4
-        } else {
-            bytes[1] = 127;
-            bytes[2..10].copy_from_slice(&(payload as u64).to_be_bytes());
-            10
-        };
-        Head { bytes, len }
+        let len = head_len(payload);
+        match len {
+            2 => bytes[1] = payload as u8,
+            4 => {
+                bytes[1] = 126;
+                bytes[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
+            }
+            _ => {
+                bytes[1] = 127;
+                bytes[2..10].copy_from_slice(&(payload as u64).to_be_bytes());
+            }
+        }
+        Head {
+            bytes,
+            len: len as u8,
+        }
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -126,8 +138,8 @@ impl Outbox {
 
     /// Marks `n` more bytes written.
     fn advance(&mut self, mut n: usize) {
-        while let Some((first, payload)) = self.frames.get(self.next as usize) {
-            let size = Head::new(*first, payload.len()).len as usize + payload.len();
+        while let Some((_, payload)) = self.frames.get(self.next as usize) {
+            let size = head_len(payload.len()) + payload.len();
             let left = size - self.written as usize;
             if n < left {
                 // A frame is at most the socket's frame limit (far below 4 GiB).

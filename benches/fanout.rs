@@ -28,7 +28,7 @@ use herald::backend::{
 use herald::channels::{ChannelKinds, ChannelName};
 use herald::config::Config;
 use herald::device::DeviceState;
-use herald::engine::{Hub, Next, SessionHandle};
+use herald::engine::{Hub, Next, SessionHandle, Transport};
 use herald::event::{Epoch, EventBody, Position, event_frame};
 use herald::presence::SessionInfo;
 use serde_json::value::RawValue;
@@ -60,6 +60,7 @@ fn local(n: usize, channel: &ChannelName) -> Local {
             attrs.clone(),
             config.limits.queue_frames,
             None,
+            Transport::Ws,
         );
         assert!(hub.register(&handle, config.limits.connections_per_user));
         assert!(hub.subscribe(channel, &handle).is_some());

@@ -30,6 +30,7 @@
 pub mod announcement;
 pub mod backend;
 pub mod channels;
+pub mod cli;
 pub mod config;
 pub mod device;
 pub mod engine;

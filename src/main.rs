@@ -1,4 +1,5 @@
-//! The `herald` binary: `serve` (the default), `token`, `rules check`, `rules test`, `simulate`.
+//! The `herald` binary: `serve` (the default), `token`, `rules check`, `rules test`, `simulate`,
+//! `status`, `publish`.
 
 use std::path::PathBuf;
 
@@ -34,6 +35,10 @@ enum Command {
         command: RulesCommand,
     },
     /// Print the Decision the rules take for an event, and which file decided.
+    /// Show a running node's health and figures (sessions, publishes, p99s, rules, push).
+    Status(StatusArgs),
+    /// Publish an event to a running node (the API key from HERALD_API_KEY).
+    Publish(PublishArgs),
     Simulate {
         /// The event JSON file: a `POST /api/v1/events` body ({"event", "channel"|"room"|"to",
         /// "from", "data"}) plus "source" (api|client) and the sender's "attrs"; see
@@ -52,6 +57,48 @@ enum Command {
         #[arg(long, env = "HERALD_CHANNELS", default_value = "channels.toml")]
         channels: PathBuf,
     },
+}
+
+/// The node `status` and `publish` talk to.
+const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The node's base URL.
+    #[arg(long, env = "HERALD_URL", default_value = DEFAULT_URL)]
+    url: String,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["channel", "room", "to"])))]
+struct PublishArgs {
+    /// The node's base URL.
+    #[arg(long, env = "HERALD_URL", default_value = DEFAULT_URL)]
+    url: String,
+    /// Event type, e.g. chat.message.
+    #[arg(long)]
+    event: String,
+    /// A channel, e.g. room:r1, user:alice, global.
+    #[arg(long)]
+    channel: Option<String>,
+    /// A room id (the channel room:ID).
+    #[arg(long)]
+    room: Option<String>,
+    /// A user to send to (user:ID); repeatable.
+    #[arg(long)]
+    to: Vec<String>,
+    /// The event's data: JSON, @FILE for a file's JSON, or - for standard input (default: null).
+    #[arg(long)]
+    data: Option<String>,
+    /// The sender (a user id): rules see it, and it is not sent its own event.
+    #[arg(long)]
+    from: Option<String>,
+    /// Publish at most once under this key (a retry returns the first reply).
+    #[arg(long)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +225,8 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => serve(a),
         Command::Token(t) => token(t),
         Command::Rules { command } => rules_command(command),
+        Command::Status(a) => status(a),
+        Command::Publish(a) => publish(a),
         Command::Simulate {
             event,
             world,
@@ -193,6 +242,74 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// A small runtime for the commands that talk to a node.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+/// A key from the environment, when set and not empty.
+fn env_key(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|k| !k.is_empty())
+}
+
+fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let key = env_key("HERALD_ADMIN_KEY");
+    let v = block_on(herald::cli::status(&a.url, key.as_deref()))??;
+    if a.json {
+        out!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        out!("{}", herald::cli::status_text(&v).trim_end());
+    }
+    if v["ready"] != true {
+        anyhow::bail!("the node is not ready");
+    }
+    Ok(())
+}
+
+fn publish(a: PublishArgs) -> anyhow::Result<()> {
+    let key = env_key("HERALD_API_KEY")
+        .context("set HERALD_API_KEY to the node's API key (the banner of `herald serve` shows a generated one)")?;
+    let data: serde_json::Value = match a.data.as_deref() {
+        None => serde_json::Value::Null,
+        Some("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read the data from standard input")?;
+            serde_json::from_str(&text).context("--data -: standard input is not JSON")?
+        }
+        Some(d) if d.starts_with('@') => {
+            let path = &d[1..];
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+            serde_json::from_str(&text).with_context(|| format!("{path}: not JSON"))?
+        }
+        Some(d) => serde_json::from_str(d)
+            .with_context(|| format!("--data {d:?}: not JSON (quote strings: --data '\"hi\"')"))?,
+    };
+    let mut body = serde_json::json!({ "event": a.event, "data": data });
+    if let Some(c) = a.channel {
+        body["channel"] = c.into();
+    }
+    if let Some(r) = a.room {
+        body["room"] = r.into();
+    }
+    if !a.to.is_empty() {
+        body["to"] = a.to.into();
+    }
+    if let Some(f) = a.from {
+        body["from"] = f.into();
+    }
+    if let Some(k) = a.idempotency_key {
+        body["idempotency_key"] = k.into();
+    }
+    let reply = block_on(herald::cli::publish(&a.url, &key, &body))??;
+    out!("{}", serde_json::to_string(&reply)?);
+    Ok(())
 }
 
 fn rules_dir(dir: Option<PathBuf>) -> PathBuf {

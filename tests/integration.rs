@@ -60,3 +60,9 @@ mod push_fcm_apns;
 
 #[path = "integration/push_webpush.rs"]
 mod push_webpush;
+
+#[path = "integration/metrics.rs"]
+mod metrics;
+
+#[path = "integration/operator.rs"]
+mod operator;

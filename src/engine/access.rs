@@ -81,7 +81,12 @@ impl Engine {
 
     /// `not_member` unless `user` is a member of `room`.
     pub async fn require_member(&self, room: &str, user: &str) -> EngineResult<()> {
-        if backend(self.backends.membership.is_member(room, user)).await? {
+        if backend(
+            "membership.is_member",
+            self.backends.membership.is_member(room, user),
+        )
+        .await?
+        {
             Ok(())
         } else {
             Err(EngineError::new(
@@ -93,19 +98,22 @@ impl Engine {
 
     /// Whether `watcher` may see `target`'s presence: a contact, or they share a room.
     pub async fn may_watch(&self, watcher: &str, target: &str) -> EngineResult<bool> {
-        if backend(self.backends.contacts.contacts(watcher))
-            .await?
-            .iter()
-            .any(|c| c == target)
+        if backend(
+            "contacts.contacts",
+            self.backends.contacts.contacts(watcher),
+        )
+        .await?
+        .iter()
+        .any(|c| c == target)
         {
             return Ok(true);
         }
         let membership = &self.backends.membership;
-        let mine = backend(membership.rooms_of(watcher)).await?;
+        let mine = backend("membership.rooms_of", membership.rooms_of(watcher)).await?;
         if mine.is_empty() {
             return Ok(false);
         }
-        let theirs = backend(membership.rooms_of(target)).await?;
+        let theirs = backend("membership.rooms_of", membership.rooms_of(target)).await?;
         Ok(mine.iter().any(|r| theirs.binary_search(r).is_ok()))
     }
 

@@ -52,10 +52,15 @@ impl Engine {
         attrs: &Map<String, Value>,
     ) -> EngineResult<LoginSync> {
         let unread = self.unread(user).await?.unread;
-        let all = backend(self.backends.announcements.announcements(now_ms())).await?;
+        let all = backend(
+            "announcements.announcements",
+            self.backends.announcements.announcements(now_ms()),
+        )
+        .await?;
         let mut announcements = Vec::new();
         if let Some(newest) = all.last() {
             let cursor = backend(
+                "announcements.swap_announcement_cursor",
                 self.backends
                     .announcements
                     .swap_announcement_cursor(user, &newest.id),
@@ -79,7 +84,11 @@ impl Engine {
     /// Creates an announcement: stored for login sync and published live on `global` to those its
     /// audience admits.
     pub async fn create_announcement(&self, a: Announcement) -> EngineResult<AnnouncementCreated> {
-        backend(self.backends.announcements.add_announcement(&a)).await?;
+        backend(
+            "announcements.add_announcement",
+            self.backends.announcements.add_announcement(&a),
+        )
+        .await?;
         let ch = ChannelName::global();
         let kinds = self.kinds();
         let kind = kinds.of(&ch);
@@ -94,6 +103,7 @@ impl Engine {
         }
         .encode();
         let pos = backend(
+            "broker.publish",
             self.backends.broker.publish(Outgoing {
                 channel: ch.clone(),
                 event: "announcement".into(),
@@ -139,7 +149,11 @@ impl Engine {
 
     /// The unexpired announcements.
     pub async fn announcements(&self) -> EngineResult<Announcements> {
-        let announcements = backend(self.backends.announcements.announcements(now_ms())).await?;
+        let announcements = backend(
+            "announcements.announcements",
+            self.backends.announcements.announcements(now_ms()),
+        )
+        .await?;
         Ok(Announcements { announcements })
     }
 }

@@ -43,16 +43,19 @@ impl Engine {
         payload: OutgoingPayload,
         filter: DeliveryFilter,
     ) -> EngineResult<()> {
-        backend(self.backends.broker.publish(Outgoing {
-            channel,
-            event: event.into(),
-            payload,
-            persist: None,
-            filter,
-            unread: None,
-            dedupe: None,
-            push: None,
-        }))
+        backend(
+            "broker.publish",
+            self.backends.broker.publish(Outgoing {
+                channel,
+                event: event.into(),
+                payload,
+                persist: None,
+                filter,
+                unread: None,
+                dedupe: None,
+                push: None,
+            }),
+        )
         .await?;
         Ok(())
     }

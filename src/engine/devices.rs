@@ -42,7 +42,11 @@ impl Engine {
         check_id("user", user)?;
         check_id("device", &device.device)?;
         self.check_registration(&device)?;
-        backend(self.backends.devices.put_device(user, device.clone())).await?;
+        backend(
+            "devices.put_device",
+            self.backends.devices.put_device(user, device.clone()),
+        )
+        .await?;
         Ok(DeviceSaved {
             user: user.into(),
             device,
@@ -71,7 +75,12 @@ impl Engine {
     pub async fn delete_device(&self, user: &str, device: &str) -> EngineResult<DeviceRemoved> {
         check_id("user", user)?;
         check_id("device", device)?;
-        if !backend(self.backends.devices.delete_device(user, device)).await? {
+        if !backend(
+            "devices.delete_device",
+            self.backends.devices.delete_device(user, device),
+        )
+        .await?
+        {
             return Err(EngineError::new(ErrorCode::NotFound, "no such device"));
         }
         Ok(DeviceRemoved {
@@ -84,7 +93,7 @@ impl Engine {
     /// A user's push devices.
     pub async fn devices(&self, user: &str) -> EngineResult<Devices> {
         check_id("user", user)?;
-        let devices = backend(self.backends.devices.devices(user)).await?;
+        let devices = backend("devices.devices", self.backends.devices.devices(user)).await?;
         Ok(Devices {
             user: user.into(),
             devices,

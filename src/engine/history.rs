@@ -43,12 +43,16 @@ impl Engine {
             ));
         }
         let page = backend(
+            "history.read",
             self.backends
                 .history
                 .read(ch, after, to, limit, kind.history_age),
         )
         .await?;
         let recovered = after + 1 >= page.first_available || after >= page.position.seq;
+        if !recovered {
+            crate::metrics::unrecovered("history");
+        }
         // The stored frames go into the reply as they are, checked to be JSON.
         let mut events = Vec::with_capacity(page.events.len());
         for ev in &page.events {

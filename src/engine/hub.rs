@@ -70,6 +70,25 @@ impl Queue {
     }
 }
 
+/// Which transport a session uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket `/ws`.
+    Ws,
+    /// An SSE stream.
+    Sse,
+}
+
+impl Transport {
+    /// Its metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
 /// Why a session is being closed (a `disconnect` code).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -202,6 +221,8 @@ pub struct SessionHandle {
     pub device: Arc<str>,
     /// Platform, when known.
     pub platform: Option<Arc<str>>,
+    /// WebSocket or SSE.
+    pub transport: Transport,
     /// The device's app state as last set (presence keeps it too: this copy restores it there).
     background: AtomicBool,
     /// Rooms focused on this session (`focus`), refreshed in the backend by the node's heartbeat.
@@ -228,6 +249,7 @@ impl SessionHandle {
         attrs: Arc<serde_json::Map<String, serde_json::Value>>,
         queue: usize,
         expires: Option<u64>,
+        transport: Transport,
     ) -> Arc<Self> {
         Arc::new(SessionHandle {
             id,
@@ -235,6 +257,7 @@ impl SessionHandle {
             user: info.user.clone(),
             device: info.device.clone(),
             platform: info.platform.clone(),
+            transport,
             background: AtomicBool::new(info.state == DeviceState::Background),
             focus: Mutex::default(),
             attrs,
@@ -251,9 +274,14 @@ impl SessionHandle {
     /// delivery is skipped instead when the queue is half full: the session is falling behind, and a
     /// burst of presence changes (thousands joining a room at once) must not disconnect it.
     pub fn send(&self, o: Outbound) -> bool {
+        self.push(o).is_some()
+    }
+
+    /// [`send`](Self::send), with the queue's depth once queued.
+    fn push(&self, o: Outbound) -> Option<usize> {
         let mut q = lock(&self.queue);
         if q.closed {
-            return false;
+            return None;
         }
         if q.items.len() >= (self.capacity / 2).max(1)
             && let Outbound::Deliver(d) = &o
@@ -261,22 +289,23 @@ impl SessionHandle {
         {
             drop(q);
             crate::metrics::best_effort_skipped();
-            return false;
+            return None;
         }
         if q.items.len() >= self.capacity {
             drop(q);
             if self.close(CloseReason::SlowConsumer) {
                 crate::metrics::slow_consumer();
             }
-            return false;
+            return None;
         }
         q.items.push_back(o);
+        let depth = q.items.len();
         let waker = q.waker.take();
         drop(q);
         if let Some(w) = waker {
             w.wake();
         }
-        true
+        Some(depth)
     }
 
     /// The next queued item or the close signal (which comes first), registering the waiting task.
@@ -613,6 +642,25 @@ impl Hub {
         }
     }
 
+    /// The sampled figures: subscriptions by transport and channels with a local subscriber (reads
+    /// every shard: for the metrics sampler, not per event).
+    pub fn sample(&self) -> crate::metrics::Sampled {
+        let mut s = crate::metrics::Sampled::default();
+        for shard in &self.channels {
+            let shard = read(shard);
+            s.channels += shard.len() as u64;
+            for local in shard.values() {
+                for sub in &local.subs {
+                    match sub.transport {
+                        Transport::Ws => s.ws_subscriptions += 1,
+                        Transport::Sse => s.sse_subscriptions += 1,
+                    }
+                }
+            }
+        }
+        s
+    }
+
     /// Number of local sessions.
     pub fn len(&self) -> usize {
         lock(&self.sessions).len()
@@ -626,6 +674,7 @@ impl Hub {
 
 impl DeliverySink for Hub {
     fn deliver(&self, mut d: Arc<Delivery>) {
+        let started = std::time::Instant::now();
         let shard = read(self.shard(&d.channel));
         let Some((name, local)) = shard.get_key_value(&d.channel) else {
             return;
@@ -642,17 +691,72 @@ impl DeliverySink for Hub {
             }
         }
         let filtered = !d.filter.is_empty();
-        let mut n = 0u64;
+        let (mut n, mut deepest) = (0u64, 0usize);
         for s in list {
             if filtered
                 && (d.filter.excludes(&s.user, &s.attrs) || !self.admits(d.filter.devices, s))
             {
                 continue;
             }
-            if s.send(Outbound::Deliver(d.clone())) {
+            if let Some(depth) = s.push(Outbound::Deliver(d.clone())) {
                 n += 1;
+                deepest = deepest.max(depth);
             }
         }
-        crate::metrics::delivered(n);
+        drop(shard);
+        crate::metrics::fanned_out(n, deepest, started);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DeviceState;
+
+    fn session(hub: &Hub, id: u64, transport: Transport) -> Arc<SessionHandle> {
+        let info = SessionInfo {
+            session: format!("n:{id}").into(),
+            user: format!("u{id}").into(),
+            device: format!("d{id}").into(),
+            platform: None,
+            state: DeviceState::Foreground,
+            node: "n".into(),
+        };
+        let s = SessionHandle::new(id, &info, Arc::default(), 8, None, transport);
+        assert!(hub.register(&s, 16));
+        s
+    }
+
+    #[test]
+    fn the_sample_counts_subscriptions_by_transport_and_channels() {
+        let hub = Hub::new();
+        let ws = session(&hub, 1, Transport::Ws);
+        let sse = session(&hub, 2, Transport::Sse);
+        let a = ChannelName::parse("room:a").unwrap();
+        let b = ChannelName::parse("room:b").unwrap();
+        hub.subscribe(&a, &ws);
+        hub.subscribe(&b, &ws);
+        hub.subscribe(&a, &sse);
+        let s = hub.sample();
+        assert_eq!(
+            (s.ws_subscriptions, s.sse_subscriptions, s.channels),
+            (2, 1, 2)
+        );
+        hub.unsubscribe(&b, ws.id);
+        let s = hub.sample();
+        assert_eq!(
+            (s.ws_subscriptions, s.sse_subscriptions, s.channels),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn push_reports_the_depth_it_left() {
+        let hub = Hub::new();
+        let s = session(&hub, 1, Transport::Ws);
+        assert_eq!(s.push(Outbound::Ping), Some(1));
+        assert_eq!(s.push(Outbound::Ping), Some(2));
+        s.try_recv();
+        assert_eq!(s.push(Outbound::Ping), Some(2));
     }
 }

@@ -158,22 +158,32 @@ impl From<crate::channels::ChannelError> for EngineError {
 /// Result of an engine operation.
 pub type EngineResult<T> = Result<T, EngineError>;
 
-/// Runs a backend call with the [`BACKEND_DEADLINE`]; an answer that does not come in time is an
-/// unknown outcome (the call may have been carried out).
+/// Runs the backend call `op` (its metric label, `store.method`) with the [`BACKEND_DEADLINE`]; an
+/// answer that does not come in time is an unknown outcome (the call may have been carried out).
 pub(crate) async fn within_deadline<T>(
+    op: &'static str,
     f: impl Future<Output = Result<T, BackendError>>,
 ) -> Result<T, BackendError> {
-    match tokio::time::timeout(BACKEND_DEADLINE, f).await {
+    let started = std::time::Instant::now();
+    let r = match tokio::time::timeout(BACKEND_DEADLINE, f).await {
         Ok(r) => r,
         Err(_) => Err(BackendError::OutcomeUnknown("no answer in time".into())),
-    }
+    };
+    let failed = r.as_ref().err().map(|e| match e {
+        BackendError::Unavailable(_) => "unavailable",
+        BackendError::OutcomeUnknown(_) => "outcome_unknown",
+        BackendError::Internal(_) => "other",
+    });
+    crate::metrics::backend_call(op, started.elapsed(), failed);
+    r
 }
 
-/// Runs a backend call with the [`BACKEND_DEADLINE`], its error as the caller sees it.
+/// Runs the backend call `op` with the [`BACKEND_DEADLINE`], its error as the caller sees it.
 pub(crate) async fn backend<T>(
+    op: &'static str,
     f: impl Future<Output = Result<T, BackendError>>,
 ) -> EngineResult<T> {
-    within_deadline(f).await.map_err(EngineError::from)
+    within_deadline(op, f).await.map_err(EngineError::from)
 }
 
 /// The engine: cheap to clone, shared by every transport.
@@ -264,6 +274,7 @@ impl Engine {
         tokio::spawn(presence::run(engine.clone()));
         tokio::spawn(expire_tokens(engine.clone()));
         tokio::spawn(pushsend::run(engine.clone()));
+        tokio::spawn(sample_metrics(engine.clone()));
         Ok(engine)
     }
 
@@ -290,12 +301,29 @@ impl Engine {
 
     /// Whether the backend answers (`/readyz`).
     pub async fn ready(&self) -> bool {
-        backend(self.backends.broker.ping()).await.is_ok()
+        backend("broker.ping", self.backends.broker.ping())
+            .await
+            .is_ok()
     }
 }
 
 /// Closes sessions whose token expired with 4002: one sweep a second for the node, rather than a timer
 /// in every connection (most of an idle connection's memory is what its task holds while it waits).
+/// Refreshes the sampled gauges (subscriptions, local channels, the queue high-water mark) every
+/// [`crate::metrics::SAMPLE_EVERY`].
+async fn sample_metrics(engine: Engine) {
+    let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = engine.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        crate::metrics::sample(engine.hub.sample());
+        crate::metrics::roll_high_water();
+    }
+}
+
 async fn expire_tokens(engine: Engine) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -261,10 +261,11 @@ impl Engine {
     /// publish without storing anything twice.
     pub async fn publish(&self, req: PublishRequest) -> EngineResult<PublishReply> {
         let source = req.source.as_str();
+        let started = std::time::Instant::now();
         let r = self.publish_inner(req).await;
         match &r {
-            Ok(_) => crate::metrics::published(source),
-            Err(e) => crate::metrics::publish_failed(e.code.as_str()),
+            Ok(_) => crate::metrics::published(source, started.elapsed()),
+            Err(e) => crate::metrics::publish_failed(source, e.code.as_str(), started.elapsed()),
         }
         r
     }
@@ -322,7 +323,12 @@ impl Engine {
             Ok(reply) => {
                 let bytes = Bytes::from(serde_json::to_vec(reply).expect("reply serialises"));
                 let ttl = self.config.idempotency_ttl;
-                if let Err(e) = within_deadline(keys.idem_complete(&key, bytes, ttl)).await {
+                if let Err(e) = within_deadline(
+                    "idempotency.idem_complete",
+                    keys.idem_complete(&key, bytes, ttl),
+                )
+                .await
+                {
                     // Every target is recorded under the key: a retry takes over once the lease
                     // lapses and gets this reply's positions without storing again.
                     tracing::warn!(error = %e, "Could not store an idempotent publish result.");
@@ -331,7 +337,7 @@ impl Engine {
             Err(_) => {
                 // What was stored stays recorded under the key; ending the lease lets the
                 // publisher's retry take over at once (else when the lease lapses).
-                let _ = within_deadline(keys.idem_release(&key)).await;
+                let _ = within_deadline("idempotency.idem_release", keys.idem_release(&key)).await;
             }
         }
         result
@@ -349,7 +355,7 @@ impl Engine {
                 self.config.idempotency_lease,
                 self.config.idempotency_ttl,
             );
-            match backend(begin).await? {
+            match backend("idempotency.idem_begin", begin).await? {
                 KeyState::Claimed { id } => return Ok(Claim::Owned(id.into())),
                 KeyState::Done(bytes) => {
                     let reply = serde_json::from_slice(&bytes).map_err(|_| {
@@ -381,18 +387,21 @@ impl Engine {
     /// again until the backend answers, within the deadline: the reply then says what was stored.
     async fn append(&self, out: Outgoing) -> Result<Option<Position>, BackendError> {
         if out.dedupe.is_none() {
-            return within_deadline(self.backends.broker.publish(out)).await;
+            return within_deadline("broker.publish", self.backends.broker.publish(out)).await;
         }
         let deadline = tokio::time::Instant::now() + super::BACKEND_DEADLINE;
         let mut unknown = None;
         loop {
-            let e = match within_deadline(self.backends.broker.publish(out.clone())).await {
-                Ok(p) => return Ok(p),
-                Err(e @ BackendError::OutcomeUnknown(_)) => e,
-                // Refused now, but an earlier attempt may have been stored.
-                Err(e @ BackendError::Unavailable(_)) if unknown.is_some() => e,
-                Err(e) => return Err(e),
-            };
+            let e =
+                match within_deadline("broker.publish", self.backends.broker.publish(out.clone()))
+                    .await
+                {
+                    Ok(p) => return Ok(p),
+                    Err(e @ BackendError::OutcomeUnknown(_)) => e,
+                    // Refused now, but an earlier attempt may have been stored.
+                    Err(e @ BackendError::Unavailable(_)) if unknown.is_some() => e,
+                    Err(e) => return Err(e),
+                };
             if tokio::time::Instant::now() >= deadline {
                 return Err(match unknown {
                     Some(first) => first,

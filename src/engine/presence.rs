@@ -122,7 +122,12 @@ impl Engine {
             return;
         }
         let ttl = self.config.presence_ttl;
-        match backend(self.backends.presence.heartbeat(&alive, ttl)).await {
+        match backend(
+            "presence.heartbeat",
+            self.backends.presence.heartbeat(&alive, ttl),
+        )
+        .await
+        {
             Ok(missing) => {
                 if !missing.is_empty() {
                     tracing::warn!(
@@ -140,7 +145,12 @@ impl Engine {
                 tracing::warn!(error = %e, sessions = alive.len(), "Presence heartbeat failed.")
             }
         }
-        if let Err(e) = backend(self.backends.unread.refresh_focus(&focus, ttl)).await {
+        if let Err(e) = backend(
+            "unread.refresh_focus",
+            self.backends.unread.refresh_focus(&focus, ttl),
+        )
+        .await
+        {
             tracing::warn!(error = %e, entries = focus.len(), "Focus refresh failed.");
         }
     }
@@ -151,16 +161,21 @@ impl Engine {
     async fn evict(&self, s: &Arc<super::hub::SessionHandle>) {
         tracing::info!(conn = %s.session, user = %s.user, "Evicting a session that did not close in time.");
         for ch in self.hub.evict(s) {
-            let _ = backend(self.backends.broker.unsubscribe(&ch)).await;
+            let _ = backend("broker.unsubscribe", self.backends.broker.unsubscribe(&ch)).await;
         }
-        if let Ok(Some(_)) = backend(self.backends.presence.disconnect(&s.user, &s.session)).await {
+        if let Ok(Some(_)) = backend(
+            "presence.disconnect",
+            self.backends.presence.disconnect(&s.user, &s.session),
+        )
+        .await
+        {
             self.publish_presence(&s.user).await;
         }
     }
 
     /// Expires what is past its TTL (any node's sessions) and announces the changes.
     pub(crate) async fn sweep_once(&self) {
-        match backend(self.backends.presence.sweep()).await {
+        match backend("presence.sweep", self.backends.presence.sweep()).await {
             Ok(r) => {
                 for (user, _) in r.offline {
                     self.publish_presence(&user).await;
@@ -179,7 +194,12 @@ impl Engine {
         let Ok(ch) = ChannelName::try_of(Kind::Presence, user) else {
             return;
         };
-        let p = match backend(self.backends.presence.get(&[user.to_string()])).await {
+        let p = match backend(
+            "presence.get",
+            self.backends.presence.get(&[user.to_string()]),
+        )
+        .await
+        {
             Ok(mut v) if !v.is_empty() => v.remove(0),
             Ok(_) => return,
             Err(e) => {
@@ -284,7 +304,7 @@ impl Engine {
     /// The presence of `users` (at most [`MAX_USERS_PER_OP`]).
     pub async fn presence_of(&self, users: &[String]) -> EngineResult<PresenceOf> {
         check_users("users", users, MAX_USERS_PER_OP)?;
-        let list = backend(self.backends.presence.get(users)).await?;
+        let list = backend("presence.get", self.backends.presence.get(users)).await?;
         Ok(PresenceOf {
             presence: list.into_iter().map(|p| (p.user.clone(), p)).collect(),
         })
@@ -293,7 +313,11 @@ impl Engine {
     /// Who is present in `room`.
     pub async fn room_presence(&self, room: &str) -> EngineResult<RoomPresence> {
         check_id("room", room)?;
-        let users = backend(self.backends.presence.room_users(room)).await?;
+        let users = backend(
+            "presence.room_users",
+            self.backends.presence.room_users(room),
+        )
+        .await?;
         Ok(RoomPresence {
             room: room.into(),
             users,
@@ -319,11 +343,20 @@ impl Engine {
             node: self.node.clone(),
         };
         let ttl = self.config.presence_ttl;
-        if backend(self.backends.presence.connect(&info, ttl)).await? {
+        if backend(
+            "presence.connect",
+            self.backends.presence.connect(&info, ttl),
+        )
+        .await?
+        {
             self.publish_presence(user).await;
         }
         if let Some(room) = room
-            && backend(self.backends.presence.room_join(room, user, &session, ttl)).await?
+            && backend(
+                "presence.room_join",
+                self.backends.presence.room_join(room, user, &session, ttl),
+            )
+            .await?
         {
             self.publish_room_presence(room, user, Change::Online).await;
         }
@@ -338,7 +371,11 @@ impl Engine {
     pub async fn set_contacts(&self, user: &str, contacts: &[String]) -> EngineResult<Contacts> {
         check_id("user", user)?;
         check_users("contacts", contacts, MAX_CONTACTS)?;
-        backend(self.backends.contacts.set_contacts(user, contacts)).await?;
+        backend(
+            "contacts.set_contacts",
+            self.backends.contacts.set_contacts(user, contacts),
+        )
+        .await?;
         Ok(Contacts {
             user: user.into(),
             contacts: contacts.to_vec(),
@@ -348,7 +385,7 @@ impl Engine {
     /// `user`'s contacts.
     pub async fn contacts(&self, user: &str) -> EngineResult<Contacts> {
         check_id("user", user)?;
-        let contacts = backend(self.backends.contacts.contacts(user)).await?;
+        let contacts = backend("contacts.contacts", self.backends.contacts.contacts(user)).await?;
         Ok(Contacts {
             user: user.into(),
             contacts,
@@ -357,7 +394,11 @@ impl Engine {
 
     /// How many users are online.
     pub async fn online_count(&self) -> EngineResult<OnlineCount> {
-        let count = backend(self.backends.presence.online_count()).await?;
+        let count = backend(
+            "presence.online_count",
+            self.backends.presence.online_count(),
+        )
+        .await?;
         Ok(OnlineCount { count })
     }
 
@@ -368,6 +409,7 @@ impl Engine {
         limit: usize,
     ) -> EngineResult<OnlineUsers> {
         let (users, cursor) = backend(
+            "presence.online_page",
             self.backends
                 .presence
                 .online_page(cursor, limit.clamp(1, 1000)),

@@ -466,7 +466,13 @@ impl Engine {
     ) -> EngineResult<Vec<String>> {
         let mut users = match channel.kind() {
             Kind::User => vec![channel.id().to_string()],
-            Kind::Room => backend(self.backends.membership.members(channel.id())).await?,
+            Kind::Room => {
+                backend(
+                    "membership.members",
+                    self.backends.membership.members(channel.id()),
+                )
+                .await?
+            }
             _ => Vec::new(),
         };
         users.retain(|u| !except.contains(u));
@@ -489,7 +495,7 @@ impl Engine {
             return Ok(Vec::new());
         }
         let focused: HashSet<String> = if channel.kind() == Kind::Room {
-            backend(self.backends.unread.focused(channel.id()))
+            backend("unread.focused", self.backends.unread.focused(channel.id()))
                 .await?
                 .into_iter()
                 .collect()
@@ -497,13 +503,14 @@ impl Engine {
             HashSet::new()
         };
         let mut acked: Vec<bool> = match (when, seq) {
-            (PushWhen::Unacked, Some(seq)) => {
-                backend(self.backends.outbox.push_acked(channel.as_str(), &users))
-                    .await?
-                    .into_iter()
-                    .map(|a| a >= seq)
-                    .collect()
-            }
+            (PushWhen::Unacked, Some(seq)) => backend(
+                "outbox.push_acked",
+                self.backends.outbox.push_acked(channel.as_str(), &users),
+            )
+            .await?
+            .into_iter()
+            .map(|a| a >= seq)
+            .collect(),
             _ => vec![false; users.len()],
         };
         // Registrations are read only for those who may get a push, in one round trip.
@@ -515,9 +522,12 @@ impl Engine {
             .filter(|(u, a)| may_push(u, **a))
             .map(|(u, _)| u.clone())
             .collect();
-        let mut found = backend(self.backends.devices.devices_of(&asked))
-            .await?
-            .into_iter();
+        let mut found = backend(
+            "devices.devices_of",
+            self.backends.devices.devices_of(&asked),
+        )
+        .await?
+        .into_iter();
         let mut registered: Vec<Vec<PushDevice>> = users
             .iter()
             .zip(&acked)
@@ -541,7 +551,7 @@ impl Engine {
                 return Ok(Vec::new());
             }
         }
-        let presence = backend(self.backends.presence.get(&users)).await?;
+        let presence = backend("presence.get", self.backends.presence.get(&users)).await?;
         let mut out = Vec::with_capacity(users.len());
         for (((user, presence), acked), registered) in
             users.iter().zip(&presence).zip(acked).zip(&registered)
@@ -586,7 +596,8 @@ impl Engine {
                 continue;
             }
             // The registrations again, for the token of each pushed device.
-            let registered = backend(self.backends.devices.devices(&r.user)).await?;
+            let registered =
+                backend("devices.devices", self.backends.devices.devices(&r.user)).await?;
             for d in r.pushed() {
                 let Some(reg) = registered.iter().find(|x| x.device == d.device) else {
                     continue;

@@ -72,7 +72,9 @@ pub(crate) async fn run(engine: Engine) {
         }
         if stats_at.elapsed() >= STATS_EVERY {
             stats_at = tokio::time::Instant::now();
-            if let Ok(s) = within_deadline(engine.backends.outbox.push_stats()).await {
+            if let Ok(s) =
+                within_deadline("outbox.push_stats", engine.backends.outbox.push_stats()).await
+            {
                 crate::metrics::push_outbox(s.queued, s.pending, s.timers, s.dead, s.oldest_ms);
             }
         }
@@ -84,10 +86,14 @@ impl Engine {
     /// (with `reclaim`, first those another node claimed and did not finish in `reclaim_after`).
     async fn push_round(&self, reclaim: bool) -> Result<(), BackendError> {
         let outbox = &self.backends.outbox;
-        within_deadline(outbox.push_due(1024)).await?;
+        within_deadline("outbox.push_due", outbox.push_due(1024)).await?;
         let mut idle = reclaim.then(|| self.config.push.reclaim_after());
         loop {
-            let entries = within_deadline(outbox.push_claim(&self.node, BATCH, idle)).await?;
+            let entries = within_deadline(
+                "outbox.push_claim",
+                outbox.push_claim(&self.node, BATCH, idle),
+            )
+            .await?;
             idle = None;
             let n = entries.len();
             futures_util::stream::iter(entries)
@@ -110,8 +116,11 @@ impl Engine {
             Ok(w) => w,
             Err(err) => {
                 tracing::error!(entry = %e.entry, error = %err, "Unreadable push entry; dead-lettered.");
-                return within_deadline(outbox.push_dead(&e.entry, e.body.clone(), DEAD_KEPT))
-                    .await;
+                return within_deadline(
+                    "outbox.push_dead",
+                    outbox.push_dead(&e.entry, e.body.clone(), DEAD_KEPT),
+                )
+                .await;
             }
         };
         match work {
@@ -123,23 +132,26 @@ impl Engine {
                 };
                 let now = self.gate(jobs).await?;
                 crate::metrics::push_jobs_planned(now.len() as u64);
-                within_deadline(outbox.push_enqueue(now)).await?;
-                within_deadline(outbox.push_done(&e.entry)).await
+                within_deadline("outbox.push_enqueue", outbox.push_enqueue(now)).await?;
+                within_deadline("outbox.push_done", outbox.push_done(&e.entry)).await
             }
             Work::Summary { key } => {
                 let window = self.config.push.burst_window();
-                let held = within_deadline(outbox.push_take_held(&key, window)).await?;
+                let held =
+                    within_deadline("outbox.push_take_held", outbox.push_take_held(&key, window))
+                        .await?;
                 if let Some((n, last)) = held
                     && let Ok(Work::Job { job, .. }) = serde_json::from_slice::<Work>(&last)
                 {
                     let job = summary_of(job, n);
                     crate::metrics::push_jobs_planned(1);
                     within_deadline(
+                        "outbox.push_enqueue",
                         outbox.push_enqueue(vec![Work::Job { job, attempt: 0 }.encode()]),
                     )
                     .await?;
                 }
-                within_deadline(outbox.push_done(&e.entry)).await
+                within_deadline("outbox.push_done", outbox.push_done(&e.entry)).await
             }
             Work::Job { job, attempt } => self.send_job(e, job, attempt).await,
         }
@@ -161,7 +173,11 @@ impl Engine {
                 (key, encode(job.clone()), summary)
             })
             .collect();
-        let gates = within_deadline(self.backends.outbox.push_gates(window, calls)).await?;
+        let gates = within_deadline(
+            "outbox.push_gates",
+            self.backends.outbox.push_gates(window, calls),
+        )
+        .await?;
         Ok(jobs
             .into_iter()
             .zip(gates)
@@ -189,7 +205,7 @@ impl Engine {
             Outcome::Sent => {
                 crate::metrics::push_sent(provider);
                 tracing::debug!(provider, user = %job.user, device = %job.device, job = %job.id, "Push sent.");
-                within_deadline(outbox.push_done(&e.entry)).await
+                within_deadline("outbox.push_done", outbox.push_done(&e.entry)).await
             }
             Outcome::Retry { after, reason } if attempts < self.config.push.max_attempts() => {
                 let wait = after.unwrap_or_else(|| backoff(attempt));
@@ -201,19 +217,27 @@ impl Engine {
                     attempt: attempts,
                 }
                 .encode();
-                within_deadline(outbox.push_retry(&e.entry, &id, wait, body)).await
+                within_deadline(
+                    "outbox.push_retry",
+                    outbox.push_retry(&e.entry, &id, wait, body),
+                )
+                .await
             }
             Outcome::Retry { reason, .. } | Outcome::Failed { reason } => {
                 crate::metrics::push_failed(provider, &reason, "dead_letter");
                 tracing::warn!(provider, job = %job.id, reason = %reason, attempts, "Push dead-lettered.");
                 let dead = dead_letter(job, reason, attempts);
-                within_deadline(outbox.push_dead(&e.entry, dead, DEAD_KEPT)).await
+                within_deadline(
+                    "outbox.push_dead",
+                    outbox.push_dead(&e.entry, dead, DEAD_KEPT),
+                )
+                .await
             }
             Outcome::DeadToken { reason } => {
                 crate::metrics::push_dead_token(provider);
                 tracing::info!(provider, user = %job.user, device = %job.device, reason = %reason, "Push token dead; device removed.");
                 self.remove_dead_device(&job).await?;
-                within_deadline(outbox.push_done(&e.entry)).await
+                within_deadline("outbox.push_done", outbox.push_done(&e.entry)).await
             }
         }
     }
@@ -222,12 +246,16 @@ impl Engine {
     /// token meanwhile.
     async fn remove_dead_device(&self, job: &PushJob) -> Result<(), BackendError> {
         let devices = &self.backends.devices;
-        let regs = within_deadline(devices.devices(&job.user)).await?;
+        let regs = within_deadline("devices.devices", devices.devices(&job.user)).await?;
         let same = regs.iter().any(|r| {
             r.device == job.device && r.token == job.token && r.subscription == job.subscription
         });
         if same {
-            within_deadline(devices.delete_device(&job.user, &job.device)).await?;
+            within_deadline(
+                "devices.delete_device",
+                devices.delete_device(&job.user, &job.device),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -258,12 +286,16 @@ impl Engine {
     /// The newest `limit` dead letters (at most [`DEAD_KEPT`]) and the outbox figures.
     pub async fn push_dead_letters(&self, limit: usize) -> super::EngineResult<DeadLetters> {
         let outbox = &self.backends.outbox;
-        let raw = super::backend(outbox.push_dead_letters(limit.min(DEAD_KEPT))).await?;
+        let raw = super::backend(
+            "outbox.push_dead_letters",
+            outbox.push_dead_letters(limit.min(DEAD_KEPT)),
+        )
+        .await?;
         let dead = raw
             .iter()
             .filter_map(|b| serde_json::from_slice(b).ok())
             .collect();
-        let outbox = super::backend(outbox.push_stats()).await?;
+        let outbox = super::backend("outbox.push_stats", outbox.push_stats()).await?;
         Ok(DeadLetters { dead, outbox })
     }
 }

@@ -106,15 +106,24 @@ impl Engine {
     pub async fn add_member(&self, room: &str, user: &str) -> EngineResult<MemberAdded> {
         check_id("room", room)?;
         check_id("user", user)?;
-        let added = backend(self.backends.membership.add_member(room, user)).await?;
+        let added = backend(
+            "membership.add_member",
+            self.backends.membership.add_member(room, user),
+        )
+        .await?;
         if added {
             let pos = backend(
+                "history.position",
                 self.backends
                     .history
                     .position(&ChannelName::of(Kind::Room, room)),
             )
             .await?;
-            backend(self.backends.unread.set_read(user, room, pos.seq)).await?;
+            backend(
+                "unread.set_read",
+                self.backends.unread.set_read(user, room, pos.seq),
+            )
+            .await?;
         }
         Ok(MemberAdded {
             room: room.into(),
@@ -127,7 +136,11 @@ impl Engine {
     pub async fn remove_member(&self, room: &str, user: &str) -> EngineResult<MemberRemoved> {
         check_id("room", room)?;
         check_id("user", user)?;
-        let removed = backend(self.backends.membership.remove_member(room, user)).await?;
+        let removed = backend(
+            "membership.remove_member",
+            self.backends.membership.remove_member(room, user),
+        )
+        .await?;
         if removed {
             // The user's sessions on every node must stop receiving the room: they drop it on
             // this `room.left`.
@@ -149,7 +162,7 @@ impl Engine {
     /// A room's members.
     pub async fn members(&self, room: &str) -> EngineResult<Members> {
         check_id("room", room)?;
-        let members = backend(self.backends.membership.members(room)).await?;
+        let members = backend("membership.members", self.backends.membership.members(room)).await?;
         Ok(Members {
             room: room.into(),
             members,
@@ -161,7 +174,12 @@ impl Engine {
     pub async fn leave_room(&self, room: &str, user: &str) -> EngineResult<Left> {
         check_id("room", room)?;
         check_id("user", user)?;
-        if !backend(self.backends.membership.remove_member(room, user)).await? {
+        if !backend(
+            "membership.remove_member",
+            self.backends.membership.remove_member(room, user),
+        )
+        .await?
+        {
             return Err(EngineError::new(
                 ErrorCode::NotMember,
                 format!("not a member of room {room}"),
@@ -201,20 +219,23 @@ impl Engine {
         check_id("user", user)?;
         self.require_member(room, user).await?;
         let room_ch = ChannelName::of(Kind::Room, room);
-        let last = backend(self.backends.history.position(&room_ch)).await?.seq;
+        let last = backend("history.position", self.backends.history.position(&room_ch))
+            .await?
+            .seq;
         let seq = seq.min(last);
         let counts = &self.backends.unread;
-        let pointer = backend(counts.set_read(user, room, seq)).await?;
+        let pointer = backend("unread.set_read", counts.set_read(user, room, seq)).await?;
         // Read is seen: an `unacked` push fallback for what was read is not sent.
         if self.push_enabled() {
             backend(
+                "outbox.push_ack",
                 self.backends
                     .outbox
                     .push_ack(user, room_ch.as_str(), pointer),
             )
             .await?;
         }
-        let unread = backend(counts.unread(user, &[room.to_string()])).await?[0];
+        let unread = backend("unread.unread", counts.unread(user, &[room.to_string()])).await?[0];
         let from: Arc<str> = user.into();
         let receipt = ReadReceipt {
             room,
@@ -244,8 +265,12 @@ impl Engine {
     /// A user's unread counts, for every room of theirs with something unread.
     pub async fn unread(&self, user: &str) -> EngineResult<Unread> {
         check_id("user", user)?;
-        let rooms = backend(self.backends.membership.rooms_of(user)).await?;
-        let counts = backend(self.backends.unread.unread(user, &rooms)).await?;
+        let rooms = backend(
+            "membership.rooms_of",
+            self.backends.membership.rooms_of(user),
+        )
+        .await?;
+        let counts = backend("unread.unread", self.backends.unread.unread(user, &rooms)).await?;
         Ok(Unread {
             unread: rooms
                 .into_iter()
@@ -268,17 +293,21 @@ impl Engine {
             return Err(EngineError::new(ErrorCode::BadFrame, "bad event id"));
         }
         let needle = format!("\"id\":\"{id}\"");
-        for room in backend(self.backends.membership.rooms_of(user)).await? {
+        for room in backend(
+            "membership.rooms_of",
+            self.backends.membership.rooms_of(user),
+        )
+        .await?
+        {
             let ch = ChannelName::of(Kind::Room, &room);
             let kinds = self.kinds();
             let kind = kinds.of(&ch);
-            let page = backend(self.backends.history.read(
-                &ch,
-                0,
-                None,
-                kind.history_size,
-                kind.history_age,
-            ))
+            let page = backend(
+                "history.read",
+                self.backends
+                    .history
+                    .read(&ch, 0, None, kind.history_size, kind.history_age),
+            )
             .await?;
             if let Some(ev) = page.events.iter().find(|e| {
                 e.frame

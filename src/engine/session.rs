@@ -31,23 +31,7 @@ use crate::event::{
 use crate::presence::{SessionInfo, Status, UserPresence};
 use crate::rules::Source;
 
-/// Which transport a session uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// WebSocket `/ws`.
-    Ws,
-    /// An SSE stream.
-    Sse,
-}
-
-impl Transport {
-    fn as_str(self) -> &'static str {
-        match self {
-            Transport::Ws => "ws",
-            Transport::Sse => "sse",
-        }
-    }
-}
+pub use super::hub::Transport;
 
 /// What opening a session needs (from the verified token and the connect frame).
 #[derive(Clone, Debug)]
@@ -308,6 +292,7 @@ impl Engine {
             Arc::new(open.attrs),
             self.config.limits.queue_frames,
             open.expires,
+            open.transport,
         );
         if !self
             .hub
@@ -322,6 +307,7 @@ impl Engine {
             ));
         }
         let first = match backend(
+            "presence.connect",
             self.backends
                 .presence
                 .connect(&info, self.config.presence_ttl),
@@ -407,6 +393,7 @@ impl Session {
                 }
                 _ => {
                     verdict = Verdict::Reset(reset_frame(&d.channel, &p.epoch, p.seq));
+                    crate::metrics::reset_sent();
                     sub.epoch = Some(p.epoch.clone());
                 }
             }
@@ -451,7 +438,11 @@ impl Session {
         }
         if let Some(id) = self.seen_announcement.take() {
             let cursors = &self.engine.backends.announcements;
-            if let Err(e) = backend(cursors.swap_announcement_cursor(&self.handle.user, &id)).await
+            if let Err(e) = backend(
+                "announcements.swap_announcement_cursor",
+                cursors.swap_announcement_cursor(&self.handle.user, &id),
+            )
+            .await
             {
                 tracing::warn!(user = %self.handle.user, error = %e, "Announcement cursor update failed.");
             }
@@ -472,7 +463,12 @@ impl Session {
     async fn restore(&mut self) {
         let e = self.engine.clone();
         let info = self.handle.info(&e.node);
-        match backend(e.backends.presence.connect(&info, e.config.presence_ttl)).await {
+        match backend(
+            "presence.connect",
+            e.backends.presence.connect(&info, e.config.presence_ttl),
+        )
+        .await
+        {
             Ok(first) => {
                 tracing::info!(conn = %self.handle.session, user = %self.handle.user, "Session restored in presence (the backend had lost it).");
                 if first {
@@ -498,7 +494,7 @@ impl Session {
                 &self.handle.session,
                 e.config.presence_ttl,
             );
-            match backend(joined).await {
+            match backend("presence.room_join", joined).await {
                 Ok(true) => {
                     e.publish_room_presence(ch.id(), &self.handle.user, Change::Joined)
                         .await
@@ -566,7 +562,8 @@ impl Session {
             // Join the hub first: from here on every new event is queued (see the module doc).
             let joined = e.hub.subscribe(&ch, &self.handle);
             if joined.is_some()
-                && let Err(err) = backend(e.backends.broker.subscribe(&ch)).await
+                && let Err(err) =
+                    backend("broker.subscribe", e.backends.broker.subscribe(&ch)).await
             {
                 e.hub.unsubscribe(&ch, self.handle.id);
                 return Err(err);
@@ -593,16 +590,19 @@ impl Session {
         if kind.persist {
             let page = match &since {
                 Some(s) => {
-                    backend(e.backends.history.read(
-                        &ch,
-                        s.seq,
-                        None,
-                        kind.history_size,
-                        kind.history_age,
-                    ))
+                    backend(
+                        "history.read",
+                        e.backends.history.read(
+                            &ch,
+                            s.seq,
+                            None,
+                            kind.history_size,
+                            kind.history_age,
+                        ),
+                    )
                     .await
                 }
-                None => backend(e.backends.history.position(&ch))
+                None => backend("history.position", e.backends.history.position(&ch))
                     .await
                     .map(|position| crate::backend::HistoryPage {
                         first_available: position.seq + 1,
@@ -651,6 +651,9 @@ impl Session {
                     .collect();
                 sub.lo = sub.lo.min(s.seq);
             }
+            if !recovered {
+                crate::metrics::unrecovered(self.transport.as_str());
+            }
             reply.epoch = Some(page.position.epoch);
             reply.seq = Some(page.position.seq);
             reply.recovered = recovered;
@@ -659,12 +662,15 @@ impl Session {
             let sub = self.subs.get_mut(&ch).expect("inserted above");
             if !sub.room_presence {
                 sub.room_presence = true;
-                let joined = backend(e.backends.presence.room_join(
-                    ch.id(),
-                    &self.handle.user,
-                    &self.handle.session,
-                    e.config.presence_ttl,
-                ))
+                let joined = backend(
+                    "presence.room_join",
+                    e.backends.presence.room_join(
+                        ch.id(),
+                        &self.handle.user,
+                        &self.handle.session,
+                        e.config.presence_ttl,
+                    ),
+                )
                 .await?;
                 if joined {
                     e.publish_room_presence(ch.id(), &self.handle.user, Change::Joined)
@@ -734,6 +740,7 @@ impl Session {
         let e = &self.engine;
         if e.push_enabled() && upto > 0 {
             backend(
+                "outbox.push_ack",
                 e.backends
                     .outbox
                     .push_ack(&self.handle.user, ch.as_str(), upto),
@@ -755,12 +762,15 @@ impl Session {
         let active = room_channel(Kind::Active, room)?;
         e.require_member(room, &self.handle.user).await?;
         self.subscribe_checked(active, None).await?;
-        backend(e.backends.unread.set_focus(
-            room,
-            &self.handle.user,
-            &self.handle.session,
-            e.config.presence_ttl,
-        ))
+        backend(
+            "unread.set_focus",
+            e.backends.unread.set_focus(
+                room,
+                &self.handle.user,
+                &self.handle.session,
+                e.config.presence_ttl,
+            ),
+        )
         .await?;
         self.handle.set_focus(room, true);
         Ok(Focused {
@@ -776,6 +786,7 @@ impl Session {
         self.drop_sub(&active).await;
         self.handle.set_focus(room, false);
         backend(
+            "unread.clear_focus",
             e.backends
                 .unread
                 .clear_focus(room, &self.handle.user, &self.handle.session),
@@ -823,6 +834,7 @@ impl Session {
         }
         let e = self.engine.clone();
         backend(
+            "presence.set_status",
             e.backends
                 .presence
                 .set_status(&self.handle.user, status, text.clone()),
@@ -837,6 +849,7 @@ impl Session {
         let e = self.engine.clone();
         self.handle.set_state(state);
         backend(
+            "presence.set_state",
             e.backends
                 .presence
                 .set_state(&self.handle.user, &self.handle.session, state),
@@ -939,12 +952,13 @@ impl Session {
 /// Leaves a channel in the hub and the broker, and room presence.
 async fn release(engine: &Engine, handle: &SessionHandle, ch: &ChannelName, room_presence: bool) {
     if engine.hub.unsubscribe(ch, handle.id)
-        && let Err(e) = backend(engine.backends.broker.unsubscribe(ch)).await
+        && let Err(e) = backend("broker.unsubscribe", engine.backends.broker.unsubscribe(ch)).await
     {
         tracing::warn!(channel = %ch, error = %e, "Broker unsubscribe failed.");
     }
     if room_presence {
         match backend(
+            "presence.room_leave",
             engine
                 .backends
                 .presence
@@ -979,16 +993,17 @@ impl Drop for Session {
             .collect();
         let focus = self.handle.take_focus();
         let transport = self.transport;
+        let code = self.handle.close_reason().map(|r| r.code());
         rt.spawn(async move {
             for (ch, rp) in &subs {
                 release(&engine, &handle, ch, *rp).await;
             }
             for room in &focus {
-                let _ = backend(engine.backends.unread.clear_focus(room, &handle.user, &handle.session)).await;
+                let _ = backend("unread.clear_focus", engine.backends.unread.clear_focus(room, &handle.user, &handle.session)).await;
             }
             engine.hub.unregister(&handle);
-            crate::metrics::session_closed(transport.as_str());
-            match backend(engine.backends.presence.disconnect(&handle.user, &handle.session)).await {
+            crate::metrics::session_closed(transport.as_str(), code);
+            match backend("presence.disconnect", engine.backends.presence.disconnect(&handle.user, &handle.session)).await {
                 Ok(Some(_)) => engine.publish_presence(&handle.user).await,
                 Ok(None) => {}
                 Err(e) => tracing::warn!(conn = %handle.session, error = %e, "Presence disconnect failed."),

@@ -127,6 +127,7 @@ pub fn build_with(
 impl Rules {
     /// A fixed set (no directory behind it; reloads keep it).
     pub fn fixed(set: RuleSet, config: RulesConfig) -> Arc<Self> {
+        crate::metrics::rules_version(set.version);
         Arc::new(Rules {
             versions: AtomicU64::new(set.version),
             current: ArcSwap::from_pointee(set),
@@ -172,6 +173,7 @@ impl Rules {
                 self.versions.store(version, Ordering::Release);
                 *lock(&self.last_error) = None;
                 crate::metrics::rules_reload("ok");
+                crate::metrics::rules_version(version);
                 tracing::info!(version, files = ?files, "Rules reloaded.");
                 Ok(version)
             }

@@ -71,7 +71,8 @@ pub(super) fn call_hook(
     hook: &str,
     args: impl rhai::FuncArgs,
 ) -> Result<Dynamic, String> {
-    let deadline = Instant::now() + budget.wall;
+    let started = Instant::now();
+    let deadline = started + budget.wall;
     DEADLINE.with(|d| d.set(Some(deadline)));
     let r = engine.call_fn_with_options::<Dynamic>(
         CallFnOptions::new().eval_ast(false),
@@ -81,6 +82,7 @@ pub(super) fn call_hook(
         args,
     );
     DEADLINE.with(|d| d.set(None));
+    crate::metrics::rule_call(hook, started.elapsed());
     r.map_err(|e| {
         let pos = e.position();
         let msg = e.to_string();

@@ -111,6 +111,7 @@ async fn metrics(State(s): State<AppState>, parts: axum::http::request::Parts) -
             return e.into_response();
         }
     }
+    crate::metrics::sample(s.engine.hub.sample());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(),

@@ -236,6 +236,9 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
         let reason = protocol::drive(&mut peer, &mut session).await;
         if let Some(r) = reason {
             tracing::debug!(conn = %session.handle.session, code = r.code(), "Closing session.");
+            // The reason the session ends with (a no-op when it was asked to close already): what
+            // its metrics record.
+            session.handle.close(r);
             if r == CloseReason::SlowConsumer {
                 // Its socket is full: release the session now (presence, subscriptions), then give
                 // the client a grace period to read up to the `disconnect` frame before the socket

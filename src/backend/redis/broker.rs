@@ -72,6 +72,8 @@ impl RedisBroker {
             probe_seen: AtomicI64::new(now_ms()),
             healthy: AtomicBool::new(true),
         });
+        crate::metrics::redis_up("command", true, false);
+        crate::metrics::redis_up("subscriber", true, false);
         let (ops_tx, ops_rx) = mpsc::unbounded_channel();
         let (heal_tx, heal_rx) = mpsc::channel(1);
         let (kick_tx, kick_rx) = mpsc::channel(1);

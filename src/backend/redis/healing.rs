@@ -35,6 +35,7 @@ pub(super) async fn run_probe(
 ) {
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut command_was_up = true;
     loop {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else {
@@ -47,8 +48,12 @@ pub(super) async fn run_probe(
             .query_async(&mut con)
             .await;
         let late = now_ms() - shared.probe_seen.load(Ordering::Relaxed) > PROBE_DEADLINE_MS;
+        let command_up = sent.is_ok();
+        crate::metrics::redis_up("command", command_up, command_up && !command_was_up);
+        command_was_up = command_up;
         if sent.is_err() || late {
             if shared.healthy.swap(false, Ordering::AcqRel) {
+                crate::metrics::redis_up("subscriber", false, false);
                 tracing::warn!(
                     "Redis subscription looks broken (probe missed); will heal when it returns."
                 );
@@ -84,9 +89,12 @@ pub(super) async fn read_pushes(
                             shared.probe_seen.store(now_ms(), Ordering::Relaxed);
                             if !shared.healthy.load(Ordering::Acquire) || needs_heal {
                                 // The subscription works again: catch up before declaring health.
-                                if shared.heal_all().await {
+                                let healed = shared.heal_all().await;
+                                crate::metrics::redis_heal(healed);
+                                if healed {
                                     needs_heal = false;
                                     shared.healthy.store(true, Ordering::Release);
+                                    crate::metrics::redis_up("subscriber", true, true);
                                     tracing::info!("Redis subscription healthy again.");
                                 }
                             }
@@ -99,7 +107,9 @@ pub(super) async fn read_pushes(
                     }
                     PushKind::Disconnection => {
                         tracing::warn!("Redis subscriber connection lost; resubscribing.");
-                        shared.healthy.store(false, Ordering::Release);
+                        if shared.healthy.swap(false, Ordering::AcqRel) {
+                            crate::metrics::redis_up("subscriber", false, false);
+                        }
                         needs_heal = true;
                     }
                     _ => {}
@@ -163,6 +173,9 @@ impl Shared {
             }
             None => p.seq - 1,
         };
+        if p.seq > missing_from + 1 {
+            crate::metrics::gap_repaired();
+        }
         if p.seq > missing_from + 1 && !self.fill(&name, missing_from, p.seq - 1).await {
             // History unreachable: hand this one over anyway and keep `last`, so the heal (probe or
             // reconnection) fetches the rest. Sessions drop duplicates by seq.

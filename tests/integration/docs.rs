@@ -841,7 +841,9 @@ fn the_op_tables_reply_fields_are_the_examples() {
         if reply["type"] != "reply" || reply["ok"] != true {
             continue;
         }
-        let listed = &ops[op];
+        let listed = ops
+            .get(op)
+            .unwrap_or_else(|| panic!("op {op} has an example but no row in the op table"));
         let shown: BTreeSet<String> = keys(reply)
             .into_iter()
             .filter(|k| !["type", "ref", "ok"].contains(&k.as_str()))

@@ -371,6 +371,8 @@ struct Endpoint {
     auth: Auth,
     /// Whether it takes a JSON body.
     body: bool,
+    /// The statuses it lists besides 401 and 503.
+    errors: BTreeSet<u16>,
 }
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -379,12 +381,21 @@ const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 fn doc_endpoints(doc: &str) -> Vec<Endpoint> {
     let rows: Vec<Endpoint> = table_rows(doc)
         .into_iter()
-        .filter(|r| r.len() >= 4 && METHODS.contains(&r[0].as_str()) && r[1].starts_with("`/"))
+        .filter(|r| r.len() >= 6 && METHODS.contains(&r[0].as_str()) && r[1].starts_with("`/"))
         .map(|r| Endpoint {
             method: r[0].clone(),
             path: plain(&r[1]),
             auth: Auth::parse(&r[2]),
             body: r[3] != "—",
+            errors: r[5]
+                .split(',')
+                .map(str::trim)
+                .filter(|s| *s != "—")
+                .map(|s| {
+                    s.parse()
+                        .unwrap_or_else(|_| panic!("{}: error status {s:?}", r[1]))
+                })
+                .collect(),
         })
         .collect();
     assert!(rows.len() > 30, "could not read the endpoint tables");
@@ -1115,6 +1126,24 @@ async fn every_documented_endpoint_answers_with_its_documented_credential() {
             let got = probe(&t, &e.method, &path, credential, Some("{")).await;
             assert_error(&got, 400, "bad_frame");
         }
+        // A malformed id in the path is refused, as the endpoint lists.
+        if e.path.contains('{') {
+            assert!(e.errors.contains(&400), "{at} takes an id but lists no 400");
+            let bad = e
+                .path
+                .split('/')
+                .map(|seg| {
+                    if seg.starts_with('{') {
+                        "no%20such"
+                    } else {
+                        seg
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("/");
+            let (s, v) = probe(&t, &e.method, &bad, credential, None).await;
+            assert_eq!(s, 400, "{at} with a malformed id: {v}");
+        }
     }
     // And the fallbacks the doc describes.
     assert_error(
@@ -1264,6 +1293,26 @@ fn the_openapi_security_is_the_docs_auth() {
             e.method,
             e.path,
             e.auth
+        );
+    }
+}
+
+#[test]
+fn the_docs_errors_are_the_openapi_responses() {
+    let ops = openapi_operations(&openapi_doc());
+    for e in doc_endpoints(&protocol_doc()) {
+        let op = &ops[&(e.method.clone(), e.path.clone())];
+        let described: BTreeSet<u16> = op["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.parse().unwrap())
+            .filter(|s| ![101, 200, 401, 503].contains(s))
+            .collect();
+        assert_eq!(
+            e.errors, described,
+            "{} {}: the errors docs/protocol.md lists vs the responses docs/openapi.json describes",
+            e.method, e.path
         );
     }
 }

@@ -49,6 +49,9 @@ mod faults;
 #[path = "integration/http.rs"]
 mod http;
 
+#[path = "integration/docs.rs"]
+mod docs;
+
 #[path = "integration/process.rs"]
 mod process;
 

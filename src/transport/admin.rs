@@ -1,21 +1,19 @@
 //! Operator endpoints (admin key): `/admin` (a small status page), `/admin/rules` (rule-set status),
 //! `/admin/rules/dry-run` (an event in, the Decision and which rule file decided out).
 
-use axum::Router;
 use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
 use serde_json::json;
 
 use super::{AdminKey, ApiError, AppState, Json, JsonBody};
 use crate::event::EventSpec;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/admin", get(page))
-        .route("/admin/status", get(status))
-        .route("/admin/rules", get(rules))
-        .route("/admin/rules/dry-run", post(dry_run))
+pub(super) fn routes() -> super::routes::Routes {
+    super::routes::Routes::new()
+        .get("/admin", page)
+        .get("/admin/status", status)
+        .get("/admin/rules", rules)
+        .post("/admin/rules/dry-run", dry_run)
 }
 
 fn status_json(s: &AppState) -> serde_json::Value {

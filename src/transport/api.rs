@@ -1,18 +1,18 @@
 //! The HTTP API for backends (`/api/v1`, API key), seed 002's `/api/online-status/*` (client JWT), and
-//! the root probes `/healthz`, `/readyz`, `/metrics`.
+//! the root probes `/healthz`, `/readyz`, `/metrics`, and the API's own description
+//! (`/api/v1/openapi.json`, `docs/openapi.json`).
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post, put};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
+use super::routes::Routes;
 use super::{AdminKey, ApiError, ApiKey, ApiResult, AppState, Client, Json, JsonBody};
 use crate::announcement::{Announcement, AnnouncementDraft};
 use crate::channels::{ChannelName, Kind, valid_id};
@@ -26,61 +26,54 @@ use crate::presence::UserPresence;
 /// A handler's reply: a typed result, serialised as JSON.
 type Reply<T> = ApiResult<Json<T>>;
 
-pub(super) fn routes() -> Router<AppState> {
-    let v1 = Router::new()
-        .route("/events", post(publish))
-        .route("/notifications/publish", post(publish))
-        .route("/channels/{channel}/history", get(history))
-        .route("/rooms/{room}/events", get(room_events))
-        .route(
-            "/rooms/{room}/members/{user}",
-            put(add_member).delete(remove_member),
-        )
-        .route("/rooms/{room}/members", get(members))
-        .route("/rooms/{room}/leave/{user}", post(leave))
-        .route("/rooms/{room}/presence", get(room_presence))
-        .route("/rooms/{room}/presence/heartbeat", post(room_heartbeat))
-        .route(
-            "/users/{user}/contacts",
-            put(set_contacts).get(get_contacts),
-        )
-        .route("/presence/query", post(presence_query))
-        .route("/presence/online/count", get(online_count))
-        .route("/presence/online", get(online_list))
-        .route("/presence/{user}", get(presence_one))
-        .route("/users/{user}/unread", get(unread))
-        .route("/users/{user}/read", post(mark_read))
-        .route("/notifications/unread", get(unread_alias))
-        .route("/notifications/{id}/read", patch(read_by_event_id))
-        .route("/users/{user}/devices", get(devices))
-        .route(
-            "/users/{user}/devices/{device}",
-            put(put_device).delete(delete_device),
-        )
-        .route(
-            "/announcements",
-            post(create_announcement).get(list_announcements),
-        )
-        .route("/users/{user}/disconnect", post(disconnect))
-        .route("/push/dead", get(push_dead));
-    let online = Router::new()
-        .route("/users", post(os_users))
-        .route("/user/{id}", get(os_user))
-        .route("/friends", get(os_friends))
-        .route("/heartbeat", post(os_heartbeat))
-        .route("/count", get(os_count))
-        .route("/online", get(os_online));
-    Router::new()
-        .nest("/api/v1", v1)
-        .nest("/api/online-status", online)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
+pub(super) fn routes() -> Routes {
+    Routes::new()
+        .post("/api/v1/events", publish)
+        .post("/api/v1/notifications/publish", publish)
+        .get("/api/v1/channels/{channel}/history", history)
+        .get("/api/v1/rooms/{room}/events", room_events)
+        .put("/api/v1/rooms/{room}/members/{user}", add_member)
+        .delete("/api/v1/rooms/{room}/members/{user}", remove_member)
+        .get("/api/v1/rooms/{room}/members", members)
+        .post("/api/v1/rooms/{room}/leave/{user}", leave)
+        .get("/api/v1/rooms/{room}/presence", room_presence)
+        .post("/api/v1/rooms/{room}/presence/heartbeat", room_heartbeat)
+        .put("/api/v1/users/{user}/contacts", set_contacts)
+        .get("/api/v1/users/{user}/contacts", get_contacts)
+        .post("/api/v1/presence/query", presence_query)
+        .get("/api/v1/presence/online/count", online_count)
+        .get("/api/v1/presence/online", online_list)
+        .get("/api/v1/presence/{user}", presence_one)
+        .get("/api/v1/users/{user}/unread", unread)
+        .post("/api/v1/users/{user}/read", mark_read)
+        .get("/api/v1/notifications/unread", unread_alias)
+        .patch("/api/v1/notifications/{id}/read", read_by_event_id)
+        .get("/api/v1/users/{user}/devices", devices)
+        .put("/api/v1/users/{user}/devices/{device}", put_device)
+        .delete("/api/v1/users/{user}/devices/{device}", delete_device)
+        .post("/api/v1/announcements", create_announcement)
+        .get("/api/v1/announcements", list_announcements)
+        .post("/api/v1/users/{user}/disconnect", disconnect)
+        .get("/api/v1/push/dead", push_dead)
+        .get("/api/v1/openapi.json", openapi)
+        .post("/api/online-status/users", os_users)
+        .get("/api/online-status/user/{id}", os_user)
+        .get("/api/online-status/friends", os_friends)
+        .post("/api/online-status/heartbeat", os_heartbeat)
+        .get("/api/online-status/count", os_count)
+        .get("/api/online-status/online", os_online)
+        .get("/healthz", healthz)
+        .get("/readyz", readyz)
+        .get("/metrics", metrics)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+/// `GET /api/v1/openapi.json`: the API's description, with no key (like `/healthz`, it is not data).
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::OPENAPI_JSON,
+    )
+        .into_response()
 }
 
 async fn healthz() -> Json<Value> {

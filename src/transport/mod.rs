@@ -1,12 +1,15 @@
 //! The edges: wire frames <-> engine calls, no business logic. Assembles the axum router (one state
-//! type), maps engine errors to `{"error":{"code","message"}}` with fitting statuses, and serves
-//! ([`conn`]: connection cap, read timeouts) with graceful shutdown: sessions get `disconnect` 1001
-//! with `reconnect: true`, in-flight requests finish, within the grace period.
+//! type) from the route builders, which go through a table of routes ([`route_table`], what the
+//! OpenAPI description is checked against); maps engine errors to `{"error":{"code","message"}}`
+//! with fitting statuses; and serves ([`conn`]: connection cap, read timeouts) with graceful
+//! shutdown: sessions get `disconnect` 1001 with `reconnect: true`, in-flight requests finish,
+//! within the grace period.
 
 pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod conn;
+mod routes;
 pub mod sse;
 pub mod ws;
 mod wsout;
@@ -27,6 +30,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::engine::{CloseReason, Engine, EngineError, ErrorCode};
 use auth::{Auth, AuthError, Claims};
+pub use routes::Route;
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -268,14 +272,35 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Builds the whole router (tests can drive it without a listener).
-pub fn router(state: AppState) -> Router {
-    let cors = cors(&state.engine.config.cors_origins);
-    Router::new()
+/// A path no route serves: 404 in the protocol's error shape.
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Every route of every part of the router.
+fn all_routes() -> routes::Routes {
+    routes::Routes::new()
         .merge(ws::routes())
         .merge(sse::routes())
         .merge(api::routes())
         .merge(admin::routes())
+}
+
+/// Every (method, path) the router serves, in the order the route builders add them: what
+/// `docs/openapi.json` must describe, one operation each.
+pub fn route_table() -> Vec<Route> {
+    all_routes().into_parts().1
+}
+
+/// The OpenAPI 3.1 description of the HTTP API, served at `GET /api/v1/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+/// Builds the whole router (tests can drive it without a listener).
+pub fn router(state: AppState) -> Router {
+    let cors = cors(&state.engine.config.cors_origins);
+    let (routes, _) = all_routes().into_parts();
+    routes
+        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_hygiene))
         .layer(cors)

@@ -9,12 +9,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
 use serde::Deserialize;
@@ -22,6 +20,7 @@ use serde_json::json;
 use tokio::time::{Instant, Interval};
 
 use super::auth::Claims;
+use super::routes::Routes;
 use super::{ApiError, ApiResult, AppState, Client};
 use crate::channels::{ChannelName, Kind};
 use crate::engine::session::Verdict;
@@ -34,11 +33,11 @@ const PRESENCE_HEARTBEAT: Duration = Duration::from_secs(30);
 /// Most channels one `/sse` stream may list.
 const MAX_SSE_CHANNELS: usize = 64;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/sse", get(sse))
-        .route("/api/v1/rooms/{room}/stream", get(room_stream))
-        .route("/api/presence/stream", get(presence_stream))
+pub(super) fn routes() -> Routes {
+    Routes::new()
+        .get("/sse", sse)
+        .get("/api/v1/rooms/{room}/stream", room_stream)
+        .get("/api/presence/stream", presence_stream)
 }
 
 #[derive(Deserialize)]

@@ -11,12 +11,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -28,6 +26,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::auth::{AuthError, Claims};
+use super::routes::Routes;
 use super::wsout::Outbox;
 use super::{ApiError, AppState};
 use crate::engine::protocol::{self, Inbound, PeerError, ToClient};
@@ -47,8 +46,8 @@ const WRITE_BUFFER: usize = 0;
 /// and close frames to get through, should its client read again.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(10);
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new().route("/ws", get(upgrade))
+pub(super) fn routes() -> Routes {
+    Routes::new().get("/ws", upgrade)
 }
 
 #[derive(Deserialize)]

@@ -412,5 +412,6 @@ pub async fn serve(
             "Grace period over: leaving the connections still open."
         );
     }
+    engine.leave_registry().await;
     Ok(())
 }

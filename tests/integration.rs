@@ -60,3 +60,6 @@ mod push_fcm_apns;
 
 #[path = "integration/push_webpush.rs"]
 mod push_webpush;
+
+#[path = "integration/admin.rs"]
+mod admin;

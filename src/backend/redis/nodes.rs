@@ -98,7 +98,7 @@ impl Nodes for RedisBackend {
             .map(redis::from_redis_value)
             .collect::<Result<_, _>>()
             .map_err(|_| bad(WHAT))?;
-        if rest.len() % 3 != 0 {
+        if !rest.len().is_multiple_of(3) {
             return Err(bad(WHAT));
         }
         let mut nodes: Vec<NodeSeen> = rest

@@ -29,6 +29,17 @@ pub enum MetricKind {
     Histogram,
 }
 
+impl MetricKind {
+    /// The Prometheus type name (`# TYPE`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
+    }
+}
+
 use MetricKind::{Counter, Gauge, Histogram};
 
 /// Every metric herald exports: name, kind, labels, HELP text. The README's metric list is this table.
@@ -618,46 +629,24 @@ pub fn parse(text: &str) -> Vec<Sample> {
         .collect()
 }
 
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == ':'
+}
+
+/// `name{l="v",…} value [timestamp]`.
 fn parse_line(line: &str) -> Option<Sample> {
-    let (name, rest) = match line.find(['{', ' ']) {
-        Some(i) => line.split_at(i),
-        None => return None,
-    };
-    let mut labels = Vec::new();
-    let mut rest = rest;
-    if let Some(body) = rest.strip_prefix('{') {
-        let mut chars = body.char_indices();
-        let end;
-        loop {
-            // name="value", ...}
-            let (start, c) = chars.next()?;
-            if c == '}' {
-                end = start + 1;
-                break;
-            }
-            if c == ',' || c == ' ' {
-                continue;
-            }
-            let eq = body[start..].find('=')? + start;
-            let key = body[start..eq].to_string();
-            while chars.next()?.0 < eq + 1 {}
-            let mut value = String::new();
-            loop {
-                match chars.next()?.1 {
-                    '"' => break,
-                    '\\' => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        c => value.push(c),
-                    },
-                    c => value.push(c),
-                }
-            }
-            labels.push((key, value));
-        }
-        rest = &body[end..];
+    let line = line.trim();
+    let end = line.find(|c: char| !is_name_char(c)).unwrap_or(line.len());
+    let name = &line[..end];
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
     }
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
+    let mut rest = &line[end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = label_set(after, &mut labels)?;
+    }
+    let value = match rest.split_whitespace().next()? {
         "+Inf" => f64::INFINITY,
         "-Inf" => f64::NEG_INFINITY,
         v => v.parse().ok()?,
@@ -667,6 +656,42 @@ fn parse_line(line: &str) -> Option<Sample> {
         labels,
         value,
     })
+}
+
+/// Reads `l="v",…}` into `labels`; the text after the closing brace.
+fn label_set<'a>(mut s: &'a str, labels: &mut Vec<(String, String)>) -> Option<&'a str> {
+    loop {
+        s = s.trim_start();
+        if let Some(after) = s.strip_prefix('}') {
+            return Some(after);
+        }
+        let end = s.find(|c: char| !is_name_char(c))?;
+        let key = &s[..end];
+        s = s[end..].trim_start().strip_prefix('=')?;
+        s = s.trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = s.char_indices();
+        let close = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        if key.is_empty() {
+            return None;
+        }
+        labels.push((key.to_string(), value));
+        s = s[close + 1..].trim_start();
+        if let Some(after) = s.strip_prefix(',') {
+            s = after;
+        } else if !s.starts_with('}') {
+            return None;
+        }
+    }
 }
 
 /// The sum of every sample named `name` (all label sets).
@@ -731,6 +756,25 @@ mod tests {
         assert_eq!(s[0].label("b"), Some("q\"uote"));
         assert_eq!(total(&s, "x_total"), 7.0);
         assert_eq!(s[2].value, 0.0025);
+    }
+
+    #[test]
+    fn escapes_trailing_commas_timestamps_and_nan_are_read() {
+        let text = "x_total 12345 1700000000000\nodd{q=\"a \\\"quoted\\\" \\\\ \\n line\",} NaN\n";
+        let s = parse(text);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0].value, 12345.0);
+        assert_eq!(s[1].label("q"), Some("a \"quoted\" \\ \n line"));
+        assert!(s[1].value.is_nan());
+    }
+
+    #[test]
+    fn lines_that_do_not_parse_are_skipped_without_a_panic() {
+        let text = "garbage\n{x=\"1\"} 2\nm{unclosed=\"v} 1\nm{a=b} 1\nm{a=\"1\" b=\"2\"} 1\n\
+                    1m 3\nm notanumber\nm{a=\"1\"}\nok 7\n# TYPE\nm{\u{e9}=\"x\"} 1\n";
+        let s = parse(text);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!((s[0].name.as_str(), s[0].value), ("ok", 7.0));
     }
 
     #[test]

@@ -69,3 +69,6 @@ mod metrics;
 
 #[path = "integration/operator.rs"]
 mod operator;
+
+#[path = "integration/admin.rs"]
+mod admin;

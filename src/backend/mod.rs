@@ -2,13 +2,14 @@
 //! node, with the history append in the same atomic step), [`History`] (replay by seq), [`Presence`]
 //! (sessions, devices, status, room presence), [`Membership`], [`Contacts`], [`Idempotency`],
 //! [`Unread`] (read pointers, countable events, focus), [`Devices`] (push registrations),
-//! [`Announcements`].
+//! [`Announcements`], [`Nodes`] (the node registry; in `nodes.rs`).
 //!
 //! No routing logic lives here, and nothing here imports `engine`, `transport` or `rules`. Every trait is
 //! async and batch-friendly, designed for Redis first; `memory` is the in-process implementation (the
 //! single-node product, and the reference the Redis implementation is tested against).
 
 pub mod memory;
+pub mod nodes;
 pub mod redis;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::channels::{ChannelName, Kind};
 use crate::device::{DevicePolicy, DeviceState, PushDevice};
 use crate::event::{Position, Seq, StoredEvent};
 use crate::presence::{SessionInfo, Status, UserPresence};
+pub use nodes::{NodeInfo, NodeList, NodeSeen, Nodes};
 
 /// A backend failure. Every operation either completes or fails with nothing half-done; what a caller
 /// cannot know is whether it completed, when the backend went away after the request was sent.
@@ -613,6 +615,8 @@ pub struct Backends {
     pub announcements: Arc<dyn Announcements>,
     /// The push outbox, timers, acks and burst gates.
     pub outbox: Arc<dyn Outbox>,
+    /// The node registry.
+    pub nodes: Arc<dyn Nodes>,
 }
 
 impl Backends {
@@ -628,7 +632,8 @@ impl Backends {
             + Unread
             + Devices
             + Announcements
-            + Outbox,
+            + Outbox
+            + Nodes,
     {
         Backends {
             broker: b.clone(),
@@ -640,7 +645,8 @@ impl Backends {
             unread: b.clone(),
             devices: b.clone(),
             announcements: b.clone(),
-            outbox: b,
+            outbox: b.clone(),
+            nodes: b,
         }
     }
 

@@ -630,6 +630,14 @@ impl Hub {
             .collect()
     }
 
+    /// A channel's local subscribers (the admin page's channel lookup).
+    pub fn subscribers(&self, ch: &ChannelName) -> Vec<Arc<SessionHandle>> {
+        read(self.shard(ch))
+            .get(ch)
+            .map(|l| l.subs.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether the device policy `p` lets session `s` have an event live: by its app state and
     /// platform, and for `latest` whether it is its user's most recently connected session here.
     fn admits(&self, p: DevicePolicy, s: &SessionHandle) -> bool {

@@ -18,7 +18,9 @@
 //! - [`roompresence`]: room presence changes coalesced per room and interval;
 //! - [`control`]: what the engine sends past the rules (`emit`), and the cross-node kick;
 //! - [`pushplan`]: who gets a push and who gets an event live (device policy), per recipient;
-//! - [`pushsend`]: the sending loop (outbox, timers, retries, dead letters, dead tokens).
+//! - [`pushsend`]: the sending loop (outbox, timers, retries, dead letters, dead tokens);
+//! - [`nodes`]: this node's record in the node registry;
+//! - [`inspect`]: what an operator looks up (a user, a channel).
 
 pub mod access;
 pub mod announcements;
@@ -26,7 +28,9 @@ pub mod control;
 pub mod devices;
 pub mod history;
 pub mod hub;
+pub mod inspect;
 pub mod limits;
+pub mod nodes;
 pub mod pipeline;
 pub mod presence;
 pub mod protocol;
@@ -211,6 +215,8 @@ pub struct Inner {
     /// Room presence changes held for their room's interval.
     pub room_presence: roompresence::Coalescer,
     next_session: AtomicU64,
+    /// This node in the node registry.
+    registry: nodes::Registry,
 }
 
 impl std::ops::Deref for Engine {
@@ -269,12 +275,14 @@ impl Engine {
                 push,
                 room_presence: Default::default(),
                 next_session: AtomicU64::new(1),
+                registry: nodes::Registry::new(),
             }),
         };
         tokio::spawn(presence::run(engine.clone()));
         tokio::spawn(expire_tokens(engine.clone()));
         tokio::spawn(pushsend::run(engine.clone()));
         tokio::spawn(sample_metrics(engine.clone()));
+        tokio::spawn(nodes::run(engine.clone()));
         Ok(engine)
     }
 

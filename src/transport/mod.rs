@@ -193,18 +193,20 @@ impl FromRequestParts<AppState> for ApiKey {
     }
 }
 
-/// An operator holding the admin key.
+/// An operator holding the admin key, in the `Authorization` header only: a key in a URL ends up
+/// in access logs, browser history and `Referer` headers.
 pub struct AdminKey;
 
 impl FromRequestParts<AppState> for AdminKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let q = query_map(parts);
-        match auth::bearer(&parts.headers, q.get("key").map(String::as_str)) {
+        match auth::bearer(&parts.headers, None) {
             Some(k) if state.auth.is_admin_key(&k) => Ok(AdminKey),
             Some(_) => Err(ApiError::unauthorized("invalid admin key")),
-            None => Err(ApiError::unauthorized("missing admin key")),
+            None => Err(ApiError::unauthorized(
+                "missing admin key (Authorization: Bearer <key>)",
+            )),
         }
     }
 }
@@ -437,5 +439,6 @@ pub async fn serve(
             "Grace period over: leaving the connections still open."
         );
     }
+    engine.leave_registry().await;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald::backend::{
-    Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, KeyState, Outgoing,
+    Backends, Delivery, DeliveryFilter, DeliverySink, HistoryLimits, KeyState, NodeInfo, Outgoing,
     OutgoingPayload, UnreadStep,
 };
 use herald::channels::ChannelName;
@@ -861,6 +861,11 @@ mod contract {
         super::outbox_timers_with_the_append(f.make().await).await;
         super::outbox_acks_and_gate(f.make().await).await;
     }
+
+    pub(super) async fn nodes(f: Factory) {
+        super::node_registry(f.make().await).await;
+        super::sessions_of_a_user_on_every_node(f.make().await).await;
+    }
 }
 
 /// Each group of the contract, on memory and on Redis (`conformance::GROUP::memory|redis`).
@@ -888,8 +893,115 @@ contract_tests!(
     idempotency,
     unread,
     devices,
-    outbox
+    outbox,
+    nodes
 );
+
+fn node(id: &str, sessions: u64) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        started: 1_700_000_000_000,
+        version: "9.9.9".into(),
+        backend: "conformance".into(),
+        sessions,
+    }
+}
+
+fn node_ids(l: &herald::backend::NodeList) -> Vec<&str> {
+    l.nodes.iter().map(|n| n.info.id.as_str()).collect()
+}
+
+/// Nodes: a record is listed from its beat until its ttl lapses or it is removed; a beat replaces
+/// what the node said and moves its expiry; the list is by id.
+async fn node_registry(b: Backends) {
+    let n = &b.nodes;
+    assert!(n.nodes().await.unwrap().nodes.is_empty());
+    let long = Duration::from_secs(60);
+    n.node_beat(&node("nb", 1), long).await.unwrap();
+    n.node_beat(&node("na", 2), Duration::from_millis(300))
+        .await
+        .unwrap();
+    let l = n.nodes().await.unwrap();
+    assert_eq!(node_ids(&l), ["na", "nb"]);
+    let na = &l.nodes[0];
+    assert_eq!(na.info, node("na", 2));
+    assert!(na.heartbeat <= l.now && l.now < na.expires, "{l:?}");
+    assert_eq!(na.expires - na.heartbeat, 300, "{l:?}");
+    n.node_beat(&node("nb", 7), long).await.unwrap();
+    let l = n.nodes().await.unwrap();
+    assert_eq!(l.nodes[1].info.sessions, 7);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(node_ids(&n.nodes().await.unwrap()), ["nb"], "na lapsed");
+    n.node_gone("nb").await.unwrap();
+    n.node_gone("never-there").await.unwrap();
+    assert!(n.nodes().await.unwrap().nodes.is_empty());
+}
+
+/// Nodes: a user's live sessions, whichever node recorded them, by session id; an expired one is
+/// left out; an unknown user has none.
+async fn sessions_of_a_user_on_every_node(b: Backends) {
+    let ttl = Duration::from_secs(60);
+    let mut on_b = info("su", "su-2");
+    on_b.node = "node-b".into();
+    b.presence.connect(&on_b, ttl).await.unwrap();
+    b.presence.connect(&info("su", "su-1"), ttl).await.unwrap();
+    b.presence
+        .connect(&info("su", "su-3"), Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = b.nodes.sessions_of("su").await.unwrap();
+    let got: Vec<(&str, &str)> = s.iter().map(|i| (&*i.session, &*i.node)).collect();
+    assert_eq!(got, [("su-1", "n1"), ("su-2", "node-b")]);
+    assert_eq!(&*s[1].device, "dev-su-2");
+    assert!(b.nodes.sessions_of("nobody").await.unwrap().is_empty());
+}
+
+/// Redis runs with `noeviction`: the registry's keys expire with the last live record, and go once
+/// it is removed.
+#[tokio::test]
+async fn redis_node_registry_leaves_no_keys_behind() {
+    let server = crate::redis_server::RedisServer::start();
+    let (a, b) = redis_nodes(&server, "nleak:").await;
+    a.nodes
+        .node_beat(&node("na", 0), Duration::from_secs(30))
+        .await
+        .unwrap();
+    b.nodes
+        .node_beat(&node("nb", 0), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(node_ids(&a.nodes.nodes().await.unwrap()), ["na", "nb"]);
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = |pattern: &'static str| {
+        let con = client.clone();
+        async move {
+            let mut con = con.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async::<Vec<String>>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    let found = keys("nleak:*").await;
+    assert_eq!(found.len(), 2, "{found:?}");
+    for key in found {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 30_000 && ttl <= 60_000,
+            "{key}: PTTL {ttl} (the last record's)"
+        );
+    }
+    a.nodes.node_gone("na").await.unwrap();
+    b.nodes.node_gone("nb").await.unwrap();
+    assert!(keys("nleak:*").await.is_empty());
+}
 
 /// Outbox: entries are claimed once, an unfinished one is handed again after `idle`, retry and dead
 /// letter finish them in one step, and the figures say so.

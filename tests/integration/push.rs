@@ -395,18 +395,27 @@ async fn push_a_permanent_failure_is_dead_lettered() {
         d["job"].get("token").is_none(),
         "no token in dead letters: {v}"
     );
-    // The admin page lists it too; the metrics count it.
-    let get = |path: &'static str, key: Option<&'static str>| {
-        let mut r = crate::common::http_client().get(t.url(path));
-        if let Some(k) = key {
-            r = r.bearer_auth(k);
-        }
-        async move { r.send().await.unwrap().text().await.unwrap() }
-    };
-    let page = get("/admin", Some(ADMIN_KEY)).await;
-    assert!(page.contains("dead letters <b>1</b>"), "{page}");
-    assert!(page.contains("webhook 400"), "{page}");
-    let metrics = get("/metrics", None).await;
+    // The admin page's push panel lists it too (without the token); the metrics count it.
+    let (s, admin) = t.call("GET", "/admin/push", None, Some(ADMIN_KEY)).await;
+    assert_eq!(s, 200, "{admin}");
+    assert_eq!(admin["outbox"]["dead"], 1, "{admin}");
+    assert_eq!(admin["dead"][0]["job"]["user"], "bob", "{admin}");
+    assert!(
+        admin["dead"][0]["reason"].as_str().unwrap().contains("400"),
+        "{admin}"
+    );
+    assert!(
+        !admin.to_string().contains("tok-phone"),
+        "no token: {admin}"
+    );
+    let metrics = crate::common::http_client()
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     // The recorder is per process (other tests count too): present, not an exact figure.
     assert!(
         metrics.contains(

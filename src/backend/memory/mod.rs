@@ -6,6 +6,7 @@
 //! "assign seq, store, hand to the sink" one atomic step, which is what keeps live delivery in seq order.
 
 mod broker;
+mod nodes;
 mod outbox;
 mod presence;
 mod store;
@@ -27,6 +28,7 @@ pub struct Memory {
     presence: Mutex<presence::PresenceState>,
     store: Mutex<store::StoreState>,
     outbox: Mutex<outbox::OutboxState>,
+    nodes: Mutex<nodes::NodesState>,
 }
 
 impl Default for Memory {
@@ -44,6 +46,7 @@ impl Memory {
             presence: Mutex::new(Default::default()),
             store: Mutex::new(Default::default()),
             outbox: Mutex::new(Default::default()),
+            nodes: Mutex::new(Default::default()),
         }
     }
 }

@@ -123,6 +123,20 @@ fn offline(user: &str) -> UserPresence {
     }
 }
 
+impl Memory {
+    /// A user's live sessions, by session id ([`crate::backend::Nodes::sessions_of`]).
+    pub(super) fn live_sessions(&self, user: &str) -> Vec<SessionInfo> {
+        let p = lock(&self.presence);
+        let mut out: Vec<SessionInfo> = p
+            .users
+            .get(user)
+            .map(|e| e.live(Instant::now()).cloned().collect())
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.session.cmp(&b.session));
+        out
+    }
+}
+
 #[async_trait]
 impl Presence for Memory {
     async fn connect(&self, info: &SessionInfo, ttl: Duration) -> BackendResult<bool> {

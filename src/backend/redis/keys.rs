@@ -183,6 +183,18 @@ impl Keys {
         format!("{}{{push}}:held:{key}", self.prefix)
     }
 
+    // ---- the node registry ----
+
+    /// Sorted set: node id -> when its record lapses (unix ms, Redis clock).
+    pub fn nodes(&self) -> String {
+        format!("{}{{nodes}}:expiry", self.prefix)
+    }
+
+    /// Hash: node id -> `<last heartbeat, unix ms> <what it said, JSON>`.
+    pub fn node_info(&self) -> String {
+        format!("{}{{nodes}}:info", self.prefix)
+    }
+
     /// The outbox's consumer group.
     pub const PUSH_GROUP: &'static str = "herald";
 }

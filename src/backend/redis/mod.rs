@@ -8,6 +8,7 @@
 //!   healed from history; `history.rs`: [`crate::backend::History`].
 //! - `presence.rs`: [`crate::backend::Presence`]: per-user sorted sets scored by expiry (Redis `TIME`).
 //! - `store.rs`: membership, contacts, idempotency, unread and focus, devices, announcements.
+//! - `nodes.rs`: [`crate::backend::Nodes`]: the node registry, a user's sessions on every node.
 //!
 //! Imports nothing of `engine`, `transport` or `rules`.
 
@@ -23,6 +24,7 @@ mod broker;
 mod healing;
 mod history;
 pub mod keys;
+mod nodes;
 mod outbox;
 mod presence;
 mod shared;

@@ -172,6 +172,35 @@ impl RedisBackend {
 }
 
 impl RedisBackend {
+    /// A user's live sessions ([`crate::backend::Nodes::sessions_of`]): the session details
+    /// `presence_get.lua` reads for [`Presence::get`].
+    pub(super) async fn live_sessions(&self, user: &str) -> BackendResult<Vec<SessionInfo>> {
+        const WHAT: &str = "presence_get.lua";
+        let mut con = self.cmd.clone();
+        let reply: Vec<Value> = SCRIPTS
+            .get
+            .key(self.keys.user_sessions(user))
+            .key(self.keys.user_devices(user))
+            .key(self.keys.user_status(user))
+            .invoke_async(&mut con)
+            .await
+            .map_err(err)?;
+        let mut sessions = Vec::new();
+        // After `now`, status, text and last_seen: one session's details each.
+        for raw in reply.into_iter().skip(4) {
+            let raw: Vec<u8> = parse(raw, WHAT)?;
+            match serde_json::from_slice::<SessionInfo>(&raw) {
+                Ok(info) => sessions.push(info),
+                Err(e) => {
+                    tracing::warn!(user, error = %e, "Unreadable session details in Redis; skipped.");
+                }
+            }
+        }
+        Ok(sessions)
+    }
+}
+
+impl RedisBackend {
     /// The keys `presence_room_join.lua` and `presence_room_leave.lua` take, in their KEYS order.
     fn room_keys(&self, room: &str, user: &str, session: &str) -> [String; 4] {
         [

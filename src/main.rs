@@ -237,6 +237,8 @@ fn main() -> std::process::ExitCode {
     herald::logging::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // `herald status` reached the node and printed its figures: only the verdict is left to say.
+        Err(e) if e.is::<NotReady>() => std::process::ExitCode::from(1),
         Err(e) => {
             herald::logging::eprintln_quiet(&format!("herald: {e:#}"));
             std::process::ExitCode::from(2)
@@ -266,10 +268,22 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         out!("{}", herald::cli::status_text(&v).trim_end());
     }
     if v["ready"] != true {
-        anyhow::bail!("the node is not ready");
+        return Err(NotReady.into());
     }
     Ok(())
 }
+
+/// `herald status` found the node not ready: exit 1 (2 is for "could not ask").
+#[derive(Debug)]
+struct NotReady;
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the node is not ready")
+    }
+}
+
+impl std::error::Error for NotReady {}
 
 fn publish(a: PublishArgs) -> anyhow::Result<()> {
     let key = env_key("HERALD_API_KEY")

@@ -330,9 +330,16 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()?;
-            for &(name, kind, _, help) in METRICS {
+            for &(name, kind, labels, help) in METRICS {
                 match kind {
-                    Counter => metrics::describe_counter!(name, help),
+                    Counter => {
+                        metrics::describe_counter!(name, help);
+                        // An unlabelled counter exists from the start at 0, so a dashboard shows 0
+                        // rather than "no data" and rate() has a series before the first event.
+                        if labels.is_empty() {
+                            metrics::counter!(name).increment(0);
+                        }
+                    }
                     Gauge => metrics::describe_gauge!(name, help),
                     Histogram => metrics::describe_histogram!(name, help),
                 }

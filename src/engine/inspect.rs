@@ -143,7 +143,7 @@ impl Engine {
                 devices: Vec::new(),
                 last_seen: None,
             });
-        let listed = backend(self.backends.nodes.sessions_of(user)).await?;
+        let listed = backend("nodes.sessions_of", self.backends.nodes.sessions_of(user)).await?;
         let local = self.hub.user_sessions(user);
         let mut sessions: Vec<SessionView> = listed
             .iter()
@@ -180,7 +180,11 @@ impl Engine {
             view.last_activity = Some(s.last_activity.load(Ordering::Relaxed));
             view.focused = s.focused().into_iter().map(String::from).collect();
         }
-        let rooms = backend(self.backends.membership.rooms_of(user)).await?;
+        let rooms = backend(
+            "membership.rooms_of",
+            self.backends.membership.rooms_of(user),
+        )
+        .await?;
         let unread = self.unread(user).await?.unread;
         let devices = self
             .devices(user)
@@ -210,7 +214,7 @@ impl Engine {
         let kinds = self.kinds();
         let persist = kinds.of(ch).persist;
         let (epoch, seq, recent) = if persist {
-            let position = backend(self.backends.history.position(ch)).await?;
+            let position = backend("history.position", self.backends.history.position(ch)).await?;
             let after = position.seq.saturating_sub(RECENT_EVENTS as Seq);
             let page = self.history(ch, after, None, Some(RECENT_EVENTS)).await?;
             (Some(page.epoch), Some(page.seq), page.events)

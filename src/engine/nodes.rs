@@ -102,7 +102,12 @@ impl Engine {
             backend: self.backend_name().to_string(),
             sessions: self.hub.len() as u64,
         };
-        if let Err(e) = backend(self.backends.nodes.node_beat(&info, self.record_ttl())).await {
+        if let Err(e) = backend(
+            "nodes.node_beat",
+            self.backends.nodes.node_beat(&info, self.record_ttl()),
+        )
+        .await
+        {
             tracing::warn!(error = %e, "Node registry heartbeat failed.");
         }
     }
@@ -114,14 +119,15 @@ impl Engine {
             return;
         }
         *gone = true;
-        if let Err(e) = backend(self.backends.nodes.node_gone(&self.node)).await {
+        if let Err(e) = backend("nodes.node_gone", self.backends.nodes.node_gone(&self.node)).await
+        {
             tracing::warn!(error = %e, "Could not remove this node from the registry; it lapses by itself.");
         }
     }
 
     /// The nodes sharing the backend (`GET /admin/nodes`).
     pub async fn nodes(&self) -> EngineResult<NodesNow> {
-        let list = backend(self.backends.nodes.nodes()).await?;
+        let list = backend("nodes.nodes", self.backends.nodes.nodes()).await?;
         Ok(NodesNow {
             node: self.node.to_string(),
             now: list.now,

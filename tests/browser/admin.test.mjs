@@ -164,6 +164,10 @@ test('the admin page: login, live figures, dry run, lookups, and nothing but the
   assert.ok(sawRate, 'publishes/s went above 0');
   assert.ok((await totalOf()) >= before + 3, 'the publish total moved');
   await page.waitForFunction(() => Number(document.querySelector('#fig-deliveries .sub').textContent.replace(/\D/g, '')) > 0);
+  // The latency tiles read the publish and fan-out histograms: a duration, not "–".
+  for (const id of ['#fig-publish_p99', '#fig-fanout_p99']) {
+    await page.locator(id + ' .value').filter({ hasText: /^(> )?[\d.]+ (ms|s)$/ }).waitFor();
+  }
 
   // A dry run: the decision and which rule file took it.
   await page.fill('#dry-event', '{"event": "chat.message", "room": "r1", "from": "alice", "data": {"text": "hi"}}');

@@ -90,6 +90,17 @@ async fn every_exported_metric_has_help_text_and_is_in_the_list() {
             "{name} missing after a publish:\n{text}"
         );
     }
+    // A counter without labels is there from the start (0 until its first count), so an alert on
+    // its rate has a series to read before anything went wrong.
+    for &(name, kind, labels, _) in METRICS {
+        if kind == MetricKind::Counter && labels.is_empty() {
+            assert!(
+                text.lines()
+                    .any(|l| l.split_whitespace().next() == Some(name)),
+                "{name} has no sample:\n{text}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -234,4 +245,49 @@ async fn metrics_behind_the_admin_key_when_configured() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
+}
+
+/// The README's metric list is the metric table: every metric in a row with its type and labels,
+/// and no row for a metric that does not exist.
+#[test]
+fn readme_lists_every_metric_with_its_type_and_labels() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rows: HashMap<&str, Vec<&str>> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `herald_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split(" | ").map(|c| c.trim_matches(['|', ' '])).collect();
+            (cells[0].trim_matches('`'), cells)
+        })
+        .collect();
+    for &(name, kind, labels, _) in METRICS {
+        let row = rows
+            .get(name)
+            .unwrap_or_else(|| panic!("README's metric list has no row for {name}"));
+        let kind = match kind {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        };
+        assert_eq!(row[1], kind, "{name}'s type in the README");
+        let want: Vec<String> = labels
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| format!("`{l}`"))
+            .collect();
+        let want = if want.is_empty() {
+            "—".to_string()
+        } else {
+            want.join(", ")
+        };
+        assert_eq!(row[2], want, "{name}'s labels in the README");
+    }
+    for name in rows.keys() {
+        assert!(
+            METRICS.iter().any(|m| m.0 == *name),
+            "README lists {name}, which herald does not export"
+        );
+    }
 }

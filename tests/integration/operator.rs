@@ -6,6 +6,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::{Value, json};
 
 use crate::common::*;
+use crate::redis_server::RedisServer;
 
 /// Runs the binary with a clean environment plus `env`, off the runtime (the engine it talks to runs
 /// on this test's runtime).
@@ -136,6 +137,31 @@ async fn status_fails_clearly_on_a_wrong_key_or_no_node() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains(&url), "{stderr}");
+}
+
+#[tokio::test]
+async fn status_exits_1_and_says_not_ready_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let s = TestServer::start_redis(&redis.url, "status-node", |_| {}).await;
+    let url = s.url("");
+    let key = [("HERALD_ADMIN_KEY", ADMIN_KEY)];
+    let out = herald(&["status", "--url", &url], &key, None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("(redis backend)"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    redis.stop();
+    let out = herald(&["status", "--url", &url], &key, None).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "not ready is exit 1: {stdout}");
+    assert!(stdout.contains("NOT READY"), "{stdout}");
+    assert!(
+        stdout.contains("node "),
+        "the figures are still shown: {stdout}"
+    );
 }
 
 #[tokio::test]

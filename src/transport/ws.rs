@@ -292,10 +292,20 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
                 return None;
             };
             connect_ref = reference;
-            match cf.format.as_deref().map(FrameFormat::parse).transpose() {
-                Ok(None) => {}
-                Ok(Some(f)) => format = f,
-                Err(m) => {
+            let refused = match cf.format.as_deref().map(FrameFormat::parse).transpose() {
+                Ok(f) => {
+                    format = f.unwrap_or(format);
+                    // The token's platform claim is checked by auth; the frame's is checked here.
+                    cf.platform
+                        .as_deref()
+                        .filter(|p| !crate::device::valid_platform(p))
+                        .map(|_| "platform must be web, ios, android or desktop".to_string())
+                }
+                Err(m) => Some(m),
+            };
+            match refused {
+                None => {}
+                Some(m) => {
                     let e = crate::engine::EngineError::new(ErrorCode::BadFrame, m);
                     let reply = protocol::error_frame(
                         connect_ref.as_ref().unwrap_or(&Value::Null),

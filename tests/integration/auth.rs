@@ -537,7 +537,7 @@ async fn cors_preflight_on_client_endpoints() {
             .header("access-control-request-method", "GET")
             .header(
                 "access-control-request-headers",
-                "authorization,last-event-id",
+                "authorization,last-event-id,idempotency-key",
             )
             .send()
             .await
@@ -561,7 +561,9 @@ async fn cors_preflight_on_client_endpoints() {
             .unwrap()
             .to_ascii_lowercase();
         assert!(
-            headers.contains("authorization") && headers.contains("last-event-id"),
+            headers.contains("authorization")
+                && headers.contains("last-event-id")
+                && headers.contains("idempotency-key"),
             "{headers}"
         );
     }

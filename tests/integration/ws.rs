@@ -1051,3 +1051,30 @@ async fn compact_format_in_connect_and_bad_formats_refused() {
     let closed = ws.closed().await;
     assert_eq!(closed.close, Some(4010), "{closed:?}");
 }
+
+#[tokio::test]
+async fn connect_frame_platform_is_checked_like_the_token_claim() {
+    let t = TestServer::start().await;
+    let mut ws = Ws::connect(&t.ws_url("")).await;
+    ws.send(json!({"op":"connect","token": t.token("alice"),"platform":"toaster","ref":3}))
+        .await;
+    let e = ws.next().await;
+    assert_eq!(e["ok"], false, "{e}");
+    assert_eq!(e["ref"], 3, "{e}");
+    assert_eq!(e["error"]["code"], "bad_frame", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("platform"),
+        "{e}"
+    );
+    assert_eq!(ws.closed().await.close, Some(4010));
+    let (_, v) = t.api("GET", "/api/v1/presence/alice", None).await;
+    assert_eq!(v["online"], false, "a refused connect opens nothing: {v}");
+
+    // A valid one is kept and shown in presence.
+    let mut ws = Ws::connect(&t.ws_url("")).await;
+    ws.send(json!({"op":"connect","token": t.token("alice"),"device":"p1","platform":"ios"}))
+        .await;
+    assert_eq!(ws.next().await["type"], "connected");
+    let (_, v) = t.api("GET", "/api/v1/presence/alice", None).await;
+    assert_eq!(v["devices"][0]["platform"], "ios", "{v}");
+}

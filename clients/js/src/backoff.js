@@ -6,7 +6,7 @@
  * @property {number} [initial] first delay in ms (default 1000)
  * @property {number} [max] longest delay in ms (default 30000)
  * @property {number} [factor] growth per attempt (default 2)
- * @property {number} [jitter] ± fraction of randomness (default 0.2)
+ * @property {number} [jitter] fraction of randomness, plus or minus (default 0.2)
  * @property {number} [resetAfter] a session that lasted this long (ms) starts the backoff over (default 10000)
  */
 

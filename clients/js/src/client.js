@@ -372,7 +372,7 @@ export class Client extends Emitter {
       this._retry({ code: 0, reason: 'getToken failed' }, this._backoff.next());
       return;
     }
-    if (this.connectionState === 'closed') return;
+    if (this._isClosed()) return; // closed while the token was fetched
     if (this.transport === 'sse') {
       this._openSse(token);
       return;
@@ -388,6 +388,10 @@ export class Client extends Emitter {
       onFrame: (f) => this._onFrame(f),
       onClose: (info) => this._onSocketClosed(info),
     });
+  }
+
+  _isClosed() {
+    return this.connectionState === 'closed';
   }
 
   async _getToken() {

@@ -512,6 +512,11 @@ export class Client extends Emitter {
     if (this._fallback && !opened && this._failedOpens >= fallbackAfter) {
       // The WebSocket cannot open here (a proxy, a firewall): receive over SSE from now on.
       this.transport = 'sse';
+      for (const entry of this._pending.values()) {
+        clearTimeout(entry.timer);
+        entry.reject(new HeraldError('receive_only', `${entry.frame.op}: fell back to SSE, which only receives`));
+      }
+      this._pending.clear();
       this.emit('fallback', { transport: 'sse', code, reason });
     }
     this._retry({ code, reason }, delay);

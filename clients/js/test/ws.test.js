@@ -279,3 +279,23 @@ test('a restart on the memory backend: recovered false reaches the app as one re
   assert.deepEqual(seqs(got), [1, 2, 1]);
   assert.equal(refetch.length, 1);
 });
+
+test('an op called while reconnecting waits, and is sent once the connection is back', async () => {
+  await room('r7', ['alice', 'bob']);
+  const alice = client('alice');
+  const bob = client('bob');
+  const bobSub = bob.subscribe('room:r7');
+  const got = collect(bobSub);
+  await Promise.all([alice.subscribe('room:r7').ready, bobSub.ready]);
+  relay.refuse(true);
+  relay.dropAll();
+  await waitFor(() => alice.connectionState === 'reconnecting', 'alice reconnecting');
+  const pending = alice.publish('room:r7', 'chat.message', { text: 'queued' });
+  relay.refuse(false);
+  const reply = await pending;
+  assert.equal(reply.seq, 1);
+  await waitFor(() => got.length === 1, 'bob gets the queued message');
+  assert.equal(got[0].data.text, 'queued');
+  const hist = await api(herald.base, 'GET', '/api/v1/rooms/r7/events?since=0');
+  assert.equal(hist.events.length, 1, 'stored once');
+});

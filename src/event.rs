@@ -182,6 +182,12 @@ pub fn frame_event_type(frame: &[u8]) -> Option<String> {
         .and_then(|h| h.event)
 }
 
+/// Whether `frame` is an event frame (`{"type":"event",…}`, as herald writes them: `type` first),
+/// rather than a protocol frame (reply, reset, presence, disconnect).
+pub fn is_event_frame(frame: &[u8]) -> bool {
+    frame.starts_with(br#"{"type":"event","#)
+}
+
 /// How a session's event frames are written: the full object (the default), or the compact array a
 /// client asks for at connect (`?format=compact`, `"format":"compact"` in `connect`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -93,8 +93,6 @@ export interface ConnectOptions {
   WebSocket?: unknown;
   /** An EventSource constructor (default: the global one, else FetchEventSource). */
   EventSource?: unknown;
-  /** App event types to listen for over a browser EventSource, which only hands out named events it is told. */
-  sseEventTypes?: string[];
 }
 
 export type ConnectionState = 'connecting' | 'connected' | 'reconnecting' | 'closed';

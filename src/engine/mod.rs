@@ -340,8 +340,11 @@ async fn expire_tokens(engine: Engine) {
             _ = engine.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // A token is valid until `exp` plus the clock leeway, the same allowance it got at connect:
+        // without it a token accepted inside the leeway would be closed at the next sweep.
         let now = (crate::event::now_ms() / 1000) as u64;
-        for s in engine.hub.expired(now) {
+        let leeway = engine.config.jwt.leeway.as_secs();
+        for s in engine.hub.expired(now.saturating_sub(leeway)) {
             s.close(CloseReason::TokenExpired);
         }
     }

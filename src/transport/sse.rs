@@ -45,6 +45,37 @@ struct SseQuery {
     channels: Option<String>,
     last_event_id: Option<String>,
     device: Option<String>,
+    event_name: Option<String>,
+}
+
+/// What an event frame's `event:` line says (`?event_name=`): its event type (`type`, the default),
+/// or `message`, so that a browser's `EventSource` hands every app event to `onmessage` without
+/// knowing the types in advance. Protocol frames (reset, disconnect, presence, ...) keep their names.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EventNames {
+    Type,
+    Message,
+}
+
+impl EventNames {
+    fn parse(q: Option<&str>) -> ApiResult<EventNames> {
+        match q {
+            None | Some("type") => Ok(EventNames::Type),
+            Some("message") => Ok(EventNames::Message),
+            Some(other) => Err(ApiError::bad(format!(
+                "event_name: {other:?} is not one of type, message"
+            ))),
+        }
+    }
+
+    /// The `event:` name of `frame`, whose own name is `name`.
+    fn of<'a>(self, name: &'a str, frame: &[u8]) -> &'a str {
+        if self == EventNames::Message && crate::event::is_event_frame(frame) {
+            "message"
+        } else {
+            name
+        }
+    }
 }
 
 fn last_event_id(headers: &HeaderMap, q: Option<&str>) -> Option<String> {
@@ -82,10 +113,12 @@ async fn sse(
         )));
     }
     let resume = last_event_id(&headers, q.last_event_id.as_deref());
+    let names = EventNames::parse(q.event_name.as_deref())?;
     open_stream(
         &state,
         &claims,
         q.device,
+        names,
         channels,
         resume,
         StreamKind::Channels,
@@ -102,10 +135,12 @@ async fn room_stream(
 ) -> ApiResult<Response> {
     let ch = ChannelName::try_of(Kind::Room, &room).map_err(EngineError::from)?;
     let resume = last_event_id(&headers, q.last_event_id.as_deref());
+    let names = EventNames::parse(q.event_name.as_deref())?;
     open_stream(
         &state,
         &claims,
         q.device,
+        names,
         vec![ch],
         resume,
         StreamKind::Channels,
@@ -118,10 +153,12 @@ async fn presence_stream(
     Client(claims): Client,
     Query(q): Query<SseQuery>,
 ) -> ApiResult<Response> {
+    let names = EventNames::parse(q.event_name.as_deref())?;
     open_stream(
         &state,
         &claims,
         q.device,
+        names,
         Vec::new(),
         None,
         StreamKind::Presence,
@@ -139,6 +176,7 @@ async fn open_stream(
     state: &AppState,
     claims: &Claims,
     device: Option<String>,
+    names: EventNames,
     channels: Vec<ChannelName>,
     resume: Option<String>,
     kind: StreamKind,
@@ -198,7 +236,12 @@ async fn open_stream(
         }
         let name = crate::event::frame_event_type(&ev.frame).unwrap_or_else(|| "message".into());
         Cursor::encode_into(&positions, &mut cursor_text, &mut cursor_id);
-        write_event(&mut out, Some(&cursor_id), &name, &ev.frame);
+        write_event(
+            &mut out,
+            Some(&cursor_id),
+            names.of(&name, &ev.frame),
+            &ev.frame,
+        );
     }
     if kind == StreamKind::Presence {
         let contacts = engine.contacts(&claims.sub).await?.contacts;
@@ -222,6 +265,7 @@ async fn open_stream(
         session,
         positions,
         kind,
+        names,
         keepalive: interval(KEEPALIVE),
         heartbeat: interval(PRESENCE_HEARTBEAT),
         first: Some(out.freeze()),
@@ -251,6 +295,7 @@ struct StreamState {
     session: Session,
     positions: BTreeMap<String, Position>,
     kind: StreamKind,
+    names: EventNames,
     keepalive: Interval,
     heartbeat: Interval,
     first: Option<Bytes>,
@@ -328,7 +373,7 @@ impl StreamState {
                 }
                 let name: &str = match (self.kind, &*d.event) {
                     (StreamKind::Presence, "presence.changed") => "status_change",
-                    (_, e) => e,
+                    (_, e) => self.names.of(e, &d.frame),
                 };
                 match &d.position {
                     Some(p) => {

@@ -471,3 +471,60 @@ async fn presence_stream_sends_connected_initial_and_status_changes() {
         "{v}"
     );
 }
+
+/// `?event_name=message`: event frames (live and replayed) are named `message`, so an EventSource
+/// gets every app event from `onmessage` without listing the types; protocol frames keep their names.
+#[tokio::test]
+async fn event_name_message_names_every_event_frame_message() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    t.publish(json!({"event": "chat.message", "room": "r1", "data": {"n": 1}}))
+        .await;
+    let url = format!("{}&event_name=message", sse_url(&t, "alice", "room:r1"));
+    let mut raw = RawSse::open(&url, None).await;
+    assert_eq!(raw.next_block().await.names(), vec!["retry"]);
+
+    // Live events of any type.
+    t.publish(json!({"event": "invoice.paid", "room": "r1", "data": {"n": 2}}))
+        .await;
+    let b = next_block(&mut raw).await;
+    assert_eq!(b.get("event"), Some("message"), "{b:?}");
+    assert_eq!(b.data()["event"], "invoice.paid", "the type is in the JSON");
+    assert_eq!(b.data()["seq"], 2);
+    let cursor = b.get("id").unwrap().to_string();
+
+    // Replayed ones too, after a resume.
+    t.publish(json!({"event": "chat.message", "room": "r1", "data": {"n": 3}}))
+        .await;
+    let mut again = RawSse::open(&url, Some(&cursor)).await;
+    assert_eq!(again.next_block().await.names(), vec!["retry"]);
+    let b = next_block(&mut again).await;
+    assert_eq!(b.get("event"), Some("message"), "{b:?}");
+    assert_eq!(
+        (b.data()["seq"].as_u64(), b.data()["replay"].as_bool()),
+        (Some(3), Some(true))
+    );
+
+    // A protocol frame keeps its name: the disconnect when the backend ends the session.
+    t.api("POST", "/api/v1/users/alice/disconnect", None).await;
+    let b = next_block(&mut again).await;
+    assert_eq!(b.get("event"), Some("disconnect"), "{b:?}");
+
+    // Only `type` (the default) and `message` are names.
+    let (s, v) = t
+        .raw(
+            "GET",
+            &format!(
+                "/sse?channels=room:r1&event_name=kind&token={}",
+                t.token("alice")
+            ),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("bad_frame")),
+        "{v}"
+    );
+}

@@ -569,6 +569,27 @@ async fn token_expiry_closes_with_4002() {
     assert_eq!(v["reconnect"], true);
 }
 
+/// A token accepted inside the clock leeway is not closed by the next expiry sweep: the session
+/// lasts until `exp` plus the leeway, as the connect's check allowed.
+#[tokio::test]
+async fn token_inside_the_leeway_lasts_until_the_leeway_ends() {
+    let t = TestServer::start_with(|c| c.jwt.leeway = Duration::from_secs(4)).await;
+    let mut claims = claims("alice");
+    claims.exp = herald::transport::auth::unix_now() - 1;
+    let opened = std::time::Instant::now();
+    let mut a = Ws::connect(&t.ws_url(&format!("?token={}", t.token_with(claims)))).await;
+    assert_eq!(a.next().await["type"], "connected");
+    let v = a.wait_for(|v| v["type"] == "disconnect").await;
+    assert_eq!(v["code"], 4002);
+    let lasted = opened.elapsed();
+    // exp + 4 s is at least 2 s away when the token was made (unix seconds are whole); a sweep that
+    // ignored the leeway closes it within the first second.
+    assert!(
+        lasted >= Duration::from_millis(1800),
+        "closed after {lasted:?}"
+    );
+}
+
 /// Regression: a client that reconnects is already subscribed to `user:me`; subscribing again with
 /// `since` must replay what it missed while away, once, and never what it already got live.
 #[tokio::test]

@@ -581,13 +581,13 @@ export class Client extends Emitter {
       this._onSseOpen();
       return;
     }
-    const q = new URLSearchParams({ channels: this._sseChannels, token });
+    // event_name=message: every app event arrives as `message`, so an EventSource needs no list of types.
+    const q = new URLSearchParams({ channels: this._sseChannels, token, event_name: 'message' });
     if (this.device) q.set('device', this.device);
     if (this._sseCursor) q.set('last_event_id', this._sseCursor);
     this._sse = openStream({
       url: `${this._httpBase}/sse?${q}`,
       EventSource: this.options.EventSource,
-      eventTypes: this.options.sseEventTypes ?? [],
       onOpen: () => this._onSseOpen(),
       onFrame: (frame, cursor) => {
         if (cursor) this._sseCursor = cursor;

@@ -5,22 +5,24 @@
 
 import { FetchEventSource } from './eventsource.js';
 
-/** The frame types herald writes as named SSE events besides the app's own event types. */
-const BUILTIN = ['reset', 'disconnect', 'presence.update', 'presence.changed', 'message'];
+/**
+ * The SSE event names of the stream: the client asks for `event_name=message`, so every app event is
+ * `message` whatever its type, and the protocol frames keep their own names.
+ */
+const NAMES = ['message', 'reset', 'disconnect', 'presence.update', 'presence.changed'];
 
 /**
  * Opens one event stream.
  * @param {object} o
- * @param {string} o.url the /sse URL with channels, token, device and cursor in the query
+ * @param {string} o.url the /sse URL with channels, token, device, cursor and event_name=message
  * @param {any} [o.EventSource] a constructor (default: the global one, else FetchEventSource)
- * @param {string[]} o.eventTypes app event names to listen for on a browser EventSource
  * @param {() => void} o.onOpen
  * @param {(frame: any, cursor: string) => void} o.onFrame
  * @param {(info: {closed: boolean, status: number | null}) => void} o.onError `closed` when the
  *   EventSource gave up (no reconnect of its own)
  * @returns {{close(): void}}
  */
-export function openStream({ url, EventSource, eventTypes, onOpen, onFrame, onError }) {
+export function openStream({ url, EventSource, onOpen, onFrame, onError }) {
   const Ctor = EventSource ?? globalThis.EventSource ?? FetchEventSource;
   const es = new Ctor(url);
   let closed = false;
@@ -35,7 +37,7 @@ export function openStream({ url, EventSource, eventTypes, onOpen, onFrame, onEr
     if (frame && typeof frame === 'object') onFrame(frame, ev.lastEventId || '');
   };
   if ('onevent' in es) es.onevent = (_type, ev) => handle(ev); // every named event at once
-  else for (const t of new Set([...BUILTIN, ...eventTypes])) es.addEventListener(t, handle);
+  else for (const t of NAMES) es.addEventListener(t, handle);
   es.onopen = () => !closed && onOpen();
   es.onerror = (ev) => {
     if (closed) return;

@@ -71,3 +71,29 @@ test('sse: a fallback when the WebSocket cannot open', async () => {
   await waitFor(() => seqs(got).length === 2, 'events over the fallback');
   assert.deepEqual(got.map((e) => e.data.text), ['m0', 'm1']);
 });
+
+test('sse: an EventSource that dispatches by name only (as browsers do) gets every app event type', async () => {
+  const { FetchEventSource } = await import('../src/index.js');
+  // Like a browser's: no catch-all callback, only addEventListener(name).
+  class ByName extends FetchEventSource {
+    constructor(url) {
+      super(url);
+      delete this.onevent;
+    }
+  }
+  const probe = new ByName('http://127.0.0.1:9/');
+  probe.onerror = () => {};
+  assert.ok(!('onevent' in probe), 'the catch-all is gone');
+  probe.close();
+  const c = connect({ url: relay.base, token: token('bob'), transport: 'sse', EventSource: ByName, backoff: FAST });
+  clients.push(c);
+  const sub = c.subscribe('room:r1');
+  const got = collect(sub);
+  await c.ready();
+  await waitFor(async () => (await api(herald.base, 'GET', '/api/v1/presence/bob')).online, 'the stream open');
+  for (const event of ['chat.message', 'invoice.paid', 'x:custom']) {
+    await api(herald.base, 'POST', '/api/v1/events', { event, room: 'r1', data: { t: event } });
+  }
+  await waitFor(() => got.length >= 3, 'three events of three types');
+  assert.deepEqual(got.slice(-3).map((e) => e.event), ['chat.message', 'invoice.paid', 'x:custom']);
+});

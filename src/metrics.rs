@@ -15,6 +15,30 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+thread_local! {
+    /// Each thread's handles of labelled histograms, by the addresses of their name and label value
+    /// (all `&'static str`): `histogram!` with a label builds its key, hashes it and allocates on
+    /// every call, and backend calls record several times per publish and per connect.
+    static HISTOGRAMS: std::cell::RefCell<std::collections::HashMap<(usize, usize, usize), metrics::Histogram>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Records `value` in histogram `name` with label `label = value`, through the thread's cached
+/// handle once the recorder is installed (a handle taken before would be a no-op one, kept forever).
+fn record_labelled(name: &'static str, label: &'static str, value: &'static str, took: Duration) {
+    if HANDLE.get().is_none() {
+        metrics::histogram!(name, label => value).record(took);
+        return;
+    }
+    HISTOGRAMS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        cache
+            .entry((name.as_ptr() as usize, value.as_ptr() as usize, value.len()))
+            .or_insert_with(|| metrics::histogram!(name, label => value))
+            .record(took);
+    });
+}
+
 /// How often the sampled gauges are refreshed.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
@@ -357,13 +381,13 @@ pub fn render() -> String {
 /// Events accepted by the publish pipeline, and how long the publish took.
 pub fn published(source: &'static str, took: Duration) {
     metrics::counter!(PUBLISHED, "source" => source).increment(1);
-    metrics::histogram!(PUBLISH_DURATION, "source" => source).record(took);
+    record_labelled(PUBLISH_DURATION, "source", source, took);
 }
 
 /// Publishes rejected, by error code, and how long the publish took.
 pub fn publish_failed(source: &'static str, code: &'static str, took: Duration) {
     metrics::counter!(PUBLISH_ERRORS, "code" => code).increment(1);
-    metrics::histogram!(PUBLISH_DURATION, "source" => source).record(took);
+    record_labelled(PUBLISH_DURATION, "source", source, took);
 }
 
 /// Idempotent publishes answered from the first result.
@@ -446,6 +470,18 @@ pub fn sample(s: Sampled) {
     metrics::gauge!(LOCAL_CHANNELS).set(s.channels as f64);
 }
 
+/// How often histogram samples are folded into their buckets ([`upkeep`]).
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Folds the histogram samples recorded since the last call into their buckets. The exporter keeps
+/// each recorded value until then, so without it a node nobody scrapes would hold every latency it
+/// ever measured; called every [`UPKEEP_EVERY`] (and by each render).
+pub fn upkeep() {
+    if let Some(Some(handle)) = HANDLE.get() {
+        handle.run_upkeep();
+    }
+}
+
 /// Publishes the deepest queue seen since the last call and starts over (every [`SAMPLE_EVERY`]).
 pub fn roll_high_water() {
     metrics::gauge!(QUEUE_HIGH_WATER).set(HIGH_WATER.swap(0, Ordering::Relaxed) as f64);
@@ -473,7 +509,7 @@ pub fn redis_heal(ok: bool) {
 
 /// One backend call: its operation, how long it took, and how it failed if it did.
 pub fn backend_call(op: &'static str, took: Duration, failed: Option<&'static str>) {
-    metrics::histogram!(BACKEND_DURATION, "op" => op).record(took);
+    record_labelled(BACKEND_DURATION, "op", op, took);
     if let Some(kind) = failed {
         metrics::counter!(BACKEND_ERRORS, "op" => op, "kind" => kind).increment(1);
     }
@@ -489,7 +525,7 @@ pub fn redis_up(connection: &'static str, up: bool, came_back: bool) {
 
 /// One rule hook call and how long it took.
 pub fn rule_call(hook: &str, took: Duration) {
-    metrics::histogram!(RULE_DURATION, "hook" => hook_label(hook)).record(took);
+    record_labelled(RULE_DURATION, "hook", hook_label(hook), took);
 }
 
 /// The label of a hook name: a fixed set.

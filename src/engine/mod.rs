@@ -320,15 +320,21 @@ impl Engine {
 /// Refreshes the sampled gauges (subscriptions, local channels, the queue high-water mark) every
 /// [`crate::metrics::SAMPLE_EVERY`].
 async fn sample_metrics(engine: Engine) {
-    let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+    let mut tick = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let every = (crate::metrics::SAMPLE_EVERY.as_millis()
+        / crate::metrics::UPKEEP_EVERY.as_millis())
+    .max(1) as u64;
+    for n in 0u64.. {
         tokio::select! {
             _ = engine.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        crate::metrics::sample(engine.hub.sample());
-        crate::metrics::roll_high_water();
+        crate::metrics::upkeep();
+        if n % every == 0 {
+            crate::metrics::sample(engine.hub.sample());
+            crate::metrics::roll_high_water();
+        }
     }
 }
 

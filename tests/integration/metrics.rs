@@ -154,6 +154,21 @@ async fn publish_fan_out_and_backend_latency_are_recorded_per_publish() {
             .is_some_and(|p99| p99 > 0.0 && p99 < 5.0)
     );
 
+    // Samples folded into buckets by the periodic upkeep (nobody scraping meanwhile) still count.
+    s.publish(json!({"event": "m", "room": "lat", "data": {}}))
+        .await;
+    ws.event_on("room:lat").await;
+    tokio::time::sleep(herald::metrics::UPKEEP_EVERY * 2).await;
+    let (_, folded) = scrape(&s).await;
+    assert!(
+        value(
+            &folded,
+            "herald_publish_duration_seconds_count",
+            &[("source", "api")]
+        ) > count,
+        "a publish timed before an upkeep was lost"
+    );
+
     // A refused publish is recorded as an error by code, and timed too.
     let (_, before) = scrape(&s).await;
     let got = s

@@ -512,3 +512,48 @@ async fn offline_presence_has_no_status_and_the_status_returns_with_the_user() {
         "the custom status comes back with the user: {p}"
     );
 }
+
+/// The first two pings `ws` gets, as instants.
+async fn two_pings(ws: &mut Ws) -> (Instant, Instant) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut at = Vec::new();
+    while at.len() < 2 {
+        let m = tokio::time::timeout(WAIT, ws.stream.next())
+            .await
+            .expect("no ping within WAIT")
+            .expect("socket closed")
+            .expect("socket error");
+        if let Message::Ping(_) = m {
+            at.push(Instant::now());
+        }
+    }
+    (at[0], at[1])
+}
+
+#[tokio::test]
+async fn a_nodes_heartbeat_is_spread_over_the_interval_and_each_session_still_beats_once_per_interval()
+ {
+    // Ten sessions, one heartbeat a second: pinged all at once, the node's pings and presence
+    // writes would come in one burst per interval (holding the events published meanwhile).
+    let every = Duration::from_secs(1);
+    let t = TestServer::start_with(|c| c.heartbeat = every).await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(t.ws(&format!("hb{i}")).await);
+    }
+    let pings = futures_util::future::join_all(clients.iter_mut().map(two_pings)).await;
+    let first: Vec<Instant> = pings.iter().map(|p| p.0).collect();
+    let spread = *first.iter().max().unwrap() - *first.iter().min().unwrap();
+    assert!(
+        spread >= every * 3 / 10,
+        "the sessions' pings came within {spread:?} of each other: one burst"
+    );
+    for (a, b) in &pings {
+        let gap = *b - *a;
+        assert!(
+            gap >= every / 2 && gap <= every * 2,
+            "a session's pings came {gap:?} apart, its heartbeat is {every:?}"
+        );
+    }
+}

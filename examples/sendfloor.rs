@@ -27,6 +27,8 @@ struct Args {
     rate: u32,
     seconds: f64,
     size: usize,
+    /// Each frame as two slices (a 2-byte header and the rest) in one `writev`, as herald writes.
+    writev: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -35,11 +37,16 @@ fn parse_args() -> Result<Args, String> {
         rate: 50,
         seconds: 5.0,
         size: 150,
+        writev: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             return Err(String::new());
+        }
+        if flag == "--writev" {
+            a.writev = true;
+            continue;
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
@@ -64,6 +71,7 @@ const HELP: &str =
   --rate R          rounds per second                              [50]
   --seconds S       how long to send                               [5]
   --size B          bytes per frame (a 100-byte payload's frame)   [150]
+  --writev          write each frame as two slices in one writev (as herald writes)
 
 Prints one JSON line: sends, sends_per_s, sender_cpu_us_per_send, reader_cpu_us_per_frame.";
 
@@ -148,7 +156,14 @@ fn run(args: &Args) -> std::io::Result<()> {
             std::thread::sleep(wait);
         }
         for s in &mut servers {
-            s.write_all(&frame)?;
+            if args.writev {
+                let (head, rest) = frame.split_at(2.min(frame.len()));
+                let n =
+                    s.write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(rest)])?;
+                s.write_all(&frame[n..])?;
+            } else {
+                s.write_all(&frame)?;
+            }
             sends += 1;
         }
     }

@@ -17,6 +17,8 @@ local now = now_ms()
 local grace = tonumber(ARGV[2])
 local exp = now + tonumber(ARGV[1])
 local missing = {}
+-- Rooms whose users' scores moved, settled once at the end (a chunk's sessions often share rooms).
+local touched = {}
 local n = (#KEYS - 2) / 3
 for i = 0, n - 1 do
   local sessions, devices, index = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
@@ -36,11 +38,14 @@ for i = 0, n - 1 do
     if s and tonumber(s) > now then
       redis.call('ZADD', entries, 'XX', 'GT', int(exp), session)
       settle_room_user(present, entries, user, grace)
-      settle_room(present, KEYS[2], room, grace)
+      touched[room] = present
     else
       redis.call('SREM', index, room)
     end
   end
   expire_at_least(index, exp + grace)
+end
+for room, present in pairs(touched) do
+  settle_room(present, KEYS[2], room, grace)
 end
 return missing

@@ -318,7 +318,7 @@ impl Engine {
 /// Refreshes the sampled gauges (subscriptions, local channels, the queue high-water mark) every
 /// [`crate::metrics::SAMPLE_EVERY`]; folds histogram samples and gives the allocator's free memory
 /// back to the system every [`crate::metrics::UPKEEP_EVERY`] (a trim took 0.1-1.1 ms at 1M
-/// deliveries/s, and is spaced further apart should it ever take longer).
+/// deliveries/s; one that takes longer is followed by a longer pause).
 async fn sample_metrics(engine: Engine) {
     let mut tick = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -335,8 +335,8 @@ async fn sample_metrics(engine: Engine) {
         if tokio::time::Instant::now() >= next_trim {
             let started = tokio::time::Instant::now();
             crate::primitives::give_back_free_memory();
-            // At most 0.1 % of a thread's time, however large and fragmented the heap grows.
-            next_trim = started + (started.elapsed() * 1000).max(crate::metrics::UPKEEP_EVERY);
+            // At most 1 % of a thread's time, however large and fragmented the heap grows.
+            next_trim = started + (started.elapsed() * 100).max(crate::metrics::UPKEEP_EVERY);
         }
         if n % every == 0 {
             crate::metrics::sample(engine.hub.sample());

@@ -23,9 +23,9 @@ const PING: u8 = 0x89;
 const SLICES: usize = 64;
 /// What is left to write, when at most this many bytes, is copied into one buffer and written with
 /// one `send()` rather than a `writev` of its slices: on loopback here a two-slice `writev` cost
-/// ~0.8 µs more per call than a `send()` of the same bytes (`examples/sendfloor --writev`: the vfs
-/// layer's iovec import and file checks), and copying a few frames costs far less. Most writes are
-/// one delivery of a few hundred bytes.
+/// 0.5-0.8 µs more per call than a `send()` of the same bytes (`examples/sendfloor --writev`: the vfs
+/// layer's iovec import and file checks; in the engine the difference stayed inside the noise), and
+/// copying a few frames costs far less. Most writes are one delivery of a few hundred bytes.
 const COPY_UP_TO: usize = 1024;
 
 /// One frame's header: at most 10 bytes, made when the frame is written.

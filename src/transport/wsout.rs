@@ -21,8 +21,8 @@ const TEXT: u8 = 0x81;
 const PING: u8 = 0x89;
 /// Most slices handed to one write (the kernel takes up to 1,024).
 const SLICES: usize = 64;
-/// What is left to write, when at most this many bytes, is copied into one buffer and written with
-/// one `send()` rather than a `writev` of its slices: on loopback here a two-slice `writev` cost
+/// What is left to write of one write's frames, when at most this many bytes, is copied into one
+/// buffer and written with one `send()` rather than a `writev` of its slices: on loopback here a two-slice `writev` cost
 /// 0.5-0.8 µs more per call than a `send()` of the same bytes (`examples/sendfloor --writev`: the vfs
 /// layer's iovec import and file checks; in the engine the difference stayed inside the noise), and
 /// copying a few frames costs far less. Most writes are one delivery of a few hundred bytes.
@@ -108,15 +108,6 @@ impl Outbox {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         while !self.is_empty() {
-            let mut flat = [0u8; COPY_UP_TO];
-            if let Some(n) = self.copy_into(&mut flat) {
-                let wrote = ready!(Pin::new(&mut *io).poll_write(cx, &flat[..n]))?;
-                if wrote == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.advance(wrote);
-                continue;
-            }
             let pending = &self.frames[self.next as usize..];
             let mut heads = [Head {
                 bytes: [0; 10],
@@ -125,21 +116,25 @@ impl Outbox {
             for (h, (first, payload)) in heads.iter_mut().zip(pending) {
                 *h = Head::new(*first, payload.len());
             }
-            let mut slices = [IoSlice::new(&[]); SLICES];
-            let mut n = 0;
-            let mut skip = self.written as usize;
-            for (head, (_, payload)) in heads.iter().zip(pending) {
-                for part in [head.as_slice(), payload.as_ref()] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                    } else {
-                        slices[n] = IoSlice::new(&part[skip..]);
-                        n += 1;
-                        skip = 0;
-                    }
+            let heads = &heads[..pending.len().min(SLICES / 2)];
+            let left: usize = self.parts(heads).map(<[u8]>::len).sum();
+            let wrote = if left <= COPY_UP_TO {
+                let mut flat = [0u8; COPY_UP_TO];
+                let mut n = 0;
+                for part in self.parts(heads) {
+                    flat[n..n + part.len()].copy_from_slice(part);
+                    n += part.len();
                 }
-            }
-            let wrote = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+                ready!(Pin::new(&mut *io).poll_write(cx, &flat[..n]))?
+            } else {
+                let mut slices = [IoSlice::new(&[]); SLICES];
+                let mut n = 0;
+                for part in self.parts(heads) {
+                    slices[n] = IoSlice::new(part);
+                    n += 1;
+                }
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?
+            };
             if wrote == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -151,24 +146,25 @@ impl Outbox {
         Poll::Ready(Ok(()))
     }
 
-    /// Copies everything left to write into `buf` when it fits: its length, or `None`.
-    fn copy_into(&self, buf: &mut [u8]) -> Option<usize> {
-        let mut n = 0;
+    /// What is left to write of the pending frames `heads` covers (their headers, one per frame from
+    /// the first pending), in order: each header and payload, less what was written of the first,
+    /// empty parts left out.
+    fn parts<'a>(&'a self, heads: &'a [Head]) -> impl Iterator<Item = &'a [u8]> {
         let mut skip = self.written as usize;
-        for (first, payload) in &self.frames[self.next as usize..] {
-            let head = Head::new(*first, payload.len());
-            for part in [head.as_slice(), payload.as_ref()] {
+        heads
+            .iter()
+            .zip(&self.frames[self.next as usize..])
+            .flat_map(|(head, (_, payload))| [head.as_slice(), payload.as_ref()])
+            .filter_map(move |part| {
                 if skip >= part.len() {
                     skip -= part.len();
-                    continue;
+                    None
+                } else {
+                    let rest = &part[skip..];
+                    skip = 0;
+                    Some(rest)
                 }
-                let part = &part[skip..];
-                skip = 0;
-                buf.get_mut(n..n + part.len())?.copy_from_slice(part);
-                n += part.len();
-            }
-        }
-        Some(n)
+            })
     }
 
     /// Marks `n` more bytes written.
@@ -210,6 +206,18 @@ mod tests {
                 vectored: 0,
             }
         }
+    }
+
+    /// Writes everything `o` holds to a writer taking at most `max` bytes per write, which must
+    /// complete at once; the writer, to look at.
+    fn write_all(o: &mut Outbox, max: usize) -> Trickle {
+        let mut w = Trickle::new(max);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(
+            o.poll_write_to(&mut w, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        w
     }
 
     impl AsyncWrite for Trickle {
@@ -289,13 +297,7 @@ mod tests {
             for p in &payloads {
                 o.text(Bytes::from(p.clone()));
             }
-            let mut w = Trickle::new(max);
-            let waker = std::task::Waker::noop();
-            let mut cx = Context::from_waker(waker);
-            assert!(matches!(
-                o.poll_write_to(&mut w, &mut cx),
-                Poll::Ready(Ok(()))
-            ));
+            let w = write_all(&mut o, max);
             assert!(o.is_empty());
             assert_eq!(w.out, expected(&refs), "max {max}");
         }
@@ -308,12 +310,7 @@ mod tests {
             o.text(Bytes::from(format!("{{\"n\":{i}}}")));
         }
         o.ping();
-        let mut w = Trickle::new(usize::MAX / 2);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        assert!(matches!(
-            o.poll_write_to(&mut w, &mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        let w = write_all(&mut o, usize::MAX / 2);
         assert_eq!(&w.out[w.out.len() - 2..], &[0x89, 0x00]);
         assert_eq!(w.out[0], 0x81);
         assert_eq!(o.frames.capacity(), 0);
@@ -321,16 +318,11 @@ mod tests {
 
     #[test]
     fn a_small_write_is_one_send_and_a_large_one_is_vectored() {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
         // One delivery, or a few: copied into one buffer, one plain write.
         let mut o = Outbox::default();
         o.text(Bytes::from(vec![b'a'; 250]));
         o.text(Bytes::from(vec![b'b'; 300]));
-        let mut w = Trickle::new(usize::MAX / 2);
-        assert!(matches!(
-            o.poll_write_to(&mut w, &mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        let w = write_all(&mut o, usize::MAX / 2);
         assert_eq!((w.plain, w.vectored), (1, 0));
         assert_eq!(w.out, expected(&[&[b'a'; 250], &[b'b'; 300]]));
         // More than COPY_UP_TO bytes: the frames' own bytes in one vectored write, nothing copied.
@@ -338,11 +330,7 @@ mod tests {
         for _ in 0..8 {
             o.text(Bytes::from(vec![b'c'; 250]));
         }
-        let mut w = Trickle::new(usize::MAX / 2);
-        assert!(matches!(
-            o.poll_write_to(&mut w, &mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        let w = write_all(&mut o, usize::MAX / 2);
         assert_eq!((w.plain, w.vectored), (0, 1));
         assert_eq!(w.out, expected(&[&[b'c'; 250][..]; 8]));
         // A large write cut short: the rest, once small, goes as one send.
@@ -350,11 +338,7 @@ mod tests {
         for _ in 0..8 {
             o.text(Bytes::from(vec![b'd'; 250]));
         }
-        let mut w = Trickle::new(1500);
-        assert!(matches!(
-            o.poll_write_to(&mut w, &mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        let w = write_all(&mut o, 1500);
         assert_eq!((w.vectored, w.plain), (1, 1));
         assert_eq!(w.out, expected(&[&[b'd'; 250][..]; 8]));
     }

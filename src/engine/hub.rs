@@ -621,6 +621,15 @@ impl Hub {
         lock(&self.sessions).values().cloned().collect()
     }
 
+    /// The local sessions of slice `slice` of `slices`, by session id (the spread heartbeat's).
+    pub fn sessions_in_slice(&self, slice: u64, slices: u64) -> Vec<Arc<SessionHandle>> {
+        lock(&self.sessions)
+            .iter()
+            .filter(|(id, _)| *id % slices == slice)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
     /// A user's local sessions.
     pub fn user_sessions(&self, user: &str) -> Vec<Arc<SessionHandle>> {
         let ids = lock(&self.users).get(user).cloned().unwrap_or_default();

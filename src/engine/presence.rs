@@ -120,10 +120,7 @@ impl Engine {
         let mut live = Vec::new();
         let mut alive = Vec::new();
         let mut focus = Vec::new();
-        for s in self.hub.sessions() {
-            if s.id % slices != slice {
-                continue;
-            }
+        for s in self.hub.sessions_in_slice(slice, slices) {
             if let Some(at) = s.close_asked_at() {
                 if now - at > grace_ms {
                     self.evict(&s).await;

@@ -1,9 +1,10 @@
 //! The WebSocket connection's outgoing frames, written by herald itself rather than through
 //! tungstenite's write buffer: each queued frame is a few header bytes and the frame's shared
 //! payload (`Bytes`: a delivery's frame is the same allocation for every local recipient), and a
-//! flush hands them all to one vectored write. Nothing is copied per recipient, and nothing stays
-//! allocated once the queue has drained, where a write buffer keeps the size of its largest burst
-//! for the connection's life.
+//! flush hands them all to one vectored write, or, when they come to at most [`COPY_UP_TO`] bytes,
+//! copies them onto the stack for one plain write. Nothing is allocated per recipient, and nothing
+//! stays allocated once the queue has drained, where a write buffer keeps the size of its largest
+//! burst for the connection's life.
 //!
 //! Server frames are never masked (RFC 6455 §5.1), so a frame is `FIN|opcode`, the payload length
 //! (7 bits, or 126 + 16 bits, or 127 + 64 bits), then the payload.

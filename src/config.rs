@@ -61,6 +61,10 @@ pub struct Limits {
     /// Time a WebSocket has to send its `connect` frame when it brought no token.
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// A session's `typing` in a room within this of its last one sent is answered
+    /// `sent: false` and not sent (zero sends every one); said in the `connected` frame.
+    #[serde(deserialize_with = "de_duration")]
+    pub typing_interval: Duration,
 }
 
 impl Default for Limits {
@@ -73,6 +77,7 @@ impl Default for Limits {
             subscriptions_per_connection: 512,
             violations_before_disconnect: 20,
             connect_timeout: Duration::from_secs(5),
+            typing_interval: Duration::from_secs(1),
         }
     }
 }

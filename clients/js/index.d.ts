@@ -41,6 +41,8 @@ export interface Connected {
   node: string;
   channels: Record<string, Position>;
   sync: Sync;
+  /** How often (ms) the server sends on this session's `typing` in one room. */
+  typing_interval: number;
   format?: string;
   ref?: number | string;
 }
@@ -83,7 +85,7 @@ export interface ConnectOptions {
   pongTimeout?: number;
   /** Longest wait for an op's reply, queued time included (ms, default 30000). */
   opTimeout?: number;
-  /** Least time between two `typing` ops per room (ms, default 1000). */
+  /** Least time between two `typing` ops per room (ms; default: the server's `typing_interval`, else 1000). */
   typingInterval?: number;
   /** Ack stored events once the app's handlers returned (default true). */
   autoAck?: boolean;

@@ -5,8 +5,9 @@
 //! history, so every event after the read is already queued; the queue is then filtered by seq, so an
 //! event both replayed and queued is sent once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -180,7 +181,14 @@ pub struct Focused {
 pub struct Typing {
     /// The room.
     pub room: String,
+    /// False when this session's last `typing` in the room went out less than
+    /// `limits.typing_interval` ago: this one was coalesced into it and not sent.
+    pub sent: bool,
 }
+
+/// A session's `typing` times are pruned of the expired ones once it holds this many rooms: the
+/// map stays within the rooms typed in over one interval (which the frame rate bounds).
+const TYPED_PRUNE_AT: usize = 16;
 
 /// The data of the `typing` event.
 #[derive(Serialize)]
@@ -239,6 +247,8 @@ struct Connected<'a> {
     node: &'a str,
     channels: BTreeMap<String, ChannelAt>,
     sync: LoginSync,
+    /// `limits.typing_interval`, ms: a client need not send `typing` more often per room.
+    typing_interval: u64,
     /// Said only when not the default.
     #[serde(skip_serializing_if = "Option::is_none")]
     format: Option<&'static str>,
@@ -258,6 +268,9 @@ pub struct Session {
     /// writer's batch.
     restore: bool,
     seen_announcement: Option<Box<str>>,
+    /// When this session's last `typing` went out, per room (entries older than
+    /// `limits.typing_interval` are dropped as new ones come).
+    typed: HashMap<Box<str>, Instant>,
 }
 
 impl Engine {
@@ -333,6 +346,7 @@ impl Engine {
             format: open.format,
             restore: false,
             seen_announcement: None,
+            typed: HashMap::new(),
         })
     }
 }
@@ -798,10 +812,24 @@ impl Session {
         })
     }
 
-    /// `typing`: an ephemeral event to `active:{room}`.
+    /// `typing`: an ephemeral event to `active:{room}`, at most one per room per
+    /// `limits.typing_interval` (the coalesced ones are answered `sent: false`, and cost no
+    /// backend call: the room's last one already passed the member check).
     pub async fn typing(&mut self, room: &str) -> EngineResult<Typing> {
         let e = self.engine.clone();
         let active = room_channel(Kind::Active, room)?;
+        let interval = e.config.limits.typing_interval;
+        let now = Instant::now();
+        if self
+            .typed
+            .get(room)
+            .is_some_and(|at| now.duration_since(*at) < interval)
+        {
+            return Ok(Typing {
+                room: room.into(),
+                sent: false,
+            });
+        }
         e.require_member(room, &self.handle.user).await?;
         let data = event_data(&TypingData {
             room,
@@ -817,7 +845,17 @@ impl Session {
             attrs: Some(self.handle.attrs.clone()),
         })
         .await?;
-        Ok(Typing { room: room.into() })
+        if !interval.is_zero() {
+            if self.typed.len() >= TYPED_PRUNE_AT {
+                self.typed
+                    .retain(|_, at| now.duration_since(*at) < interval);
+            }
+            self.typed.insert(room.into(), now);
+        }
+        Ok(Typing {
+            room: room.into(),
+            sent: true,
+        })
     }
 
     /// `status`: custom status, broadcast as `presence.changed`.
@@ -940,6 +978,8 @@ impl Session {
             node: &e.node,
             channels,
             sync,
+            typing_interval: u64::try_from(e.config.limits.typing_interval.as_millis())
+                .unwrap_or(u64::MAX),
             format: (self.format != FrameFormat::Full).then(|| self.format.as_str()),
             reference,
         };

@@ -591,6 +591,7 @@ fn limit_in_code(name: &str) -> Option<String> {
         "`limits.queue_frames`" => l.queue_frames.to_string(),
         "`limits.subscriptions_per_connection`" => l.subscriptions_per_connection.to_string(),
         "`limits.connect_timeout`" => secs(l.connect_timeout),
+        "`limits.typing_interval`" => secs(l.typing_interval),
         "`presence.ttl`" => secs(c.presence_ttl),
         "`presence.heartbeat`" => secs(c.heartbeat),
         "`presence.room_interval`" => secs(c.room_presence.interval),
@@ -778,6 +779,17 @@ fn assert_like(want: &Value, got: &Value, at: &str) {
 
 /// Sends an op example's first line as `alice` and checks the frames that follow it against the
 /// example's next lines (the reply first).
+/// Sends `request` and waits for the frame answering its `ref`.
+async fn ask(ws: &mut Ws, request: Value) -> Value {
+    let reference = request["ref"].clone();
+    ws.send(request).await;
+    ws.wait_for(|v| {
+        v.get("ref") == Some(&reference)
+            && ["reply", "pong", "connected"].contains(&v["type"].as_str().unwrap_or(""))
+    })
+    .await
+}
+
 async fn run_op_example(line: usize, frames: &[Value]) {
     let at = format!("docs/protocol.md:{line}");
     assert!(
@@ -804,16 +816,18 @@ async fn run_op_example(line: usize, frames: &[Value]) {
         }
         ws
     };
-    let reference = request["ref"].clone();
-    ws.send(request).await;
-    let reply = ws
-        .wait_for(|v| {
-            v.get("ref") == Some(&reference)
-                && ["reply", "pong", "connected"].contains(&v["type"].as_str().unwrap_or(""))
-        })
-        .await;
+    let reply = ask(&mut ws, request).await;
     assert_like(&frames[1], &reply, &at);
-    for want in &frames[2..] {
+    let mut rest = frames[2..].iter();
+    while let Some(want) = rest.next() {
+        // A further op in the block: sent on the same connection, its reply on the next line.
+        if want.get("op").is_some() {
+            let shown = rest
+                .next()
+                .unwrap_or_else(|| panic!("{at}: the op {want} shows no reply"));
+            assert_like(shown, &ask(&mut ws, want.clone()).await, &at);
+            continue;
+        }
         let got = ws
             .wait_for(|v| {
                 v["type"] == want["type"]

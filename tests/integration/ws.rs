@@ -209,7 +209,8 @@ async fn idempotent_client_publish_stores_once() {
 
 #[tokio::test]
 async fn typing_reaches_focused_members_only_and_is_not_stored() {
-    let t = TestServer::start().await;
+    // Every typing sent (no coalescing), so the one after the blur would reach bob if it could.
+    let t = TestServer::start_with(|c| c.limits.typing_interval = Duration::ZERO).await;
     for u in ["alice", "bob", "carol"] {
         t.join("r1", u).await;
     }
@@ -224,7 +225,7 @@ async fn typing_reaches_focused_members_only_and_is_not_stored() {
         .await;
     a.request(json!({"op":"focus","room":"r1"})).await;
     let r = a.request(json!({"op":"typing","room":"r1"})).await;
-    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!((&r["ok"], &r["sent"]), (&json!(true), &json!(true)), "{r}");
     let ev = b.event_on("active:r1").await;
     assert_eq!(ev["event"], "typing");
     assert_eq!(ev["data"]["user"], "alice");
@@ -236,7 +237,8 @@ async fn typing_reaches_focused_members_only_and_is_not_stored() {
         .await;
     // Blur: no more typing for bob.
     b.request(json!({"op":"blur","room":"r1"})).await;
-    a.request(json!({"op":"typing","room":"r1"})).await;
+    let r = a.request(json!({"op":"typing","room":"r1"})).await;
+    assert_eq!(r["sent"], true, "interval 0: every typing is sent: {r}");
     b.assert_none(Duration::from_millis(300), |v| v["event"] == "typing")
         .await;
     // Not a member: no focus, no typing.
@@ -249,6 +251,58 @@ async fn typing_reaches_focused_members_only_and_is_not_stored() {
         d.request(json!({"op":"typing","room":"r1"})).await["error"]["code"],
         "not_member"
     );
+}
+
+/// A session's typing in a room goes out once per `limits.typing_interval` (said in `connected`):
+/// the ones in between are answered `sent: false` and reach nobody, another room has its own
+/// interval, and once the interval has passed the next one goes out again.
+#[tokio::test]
+async fn typing_is_sent_once_per_interval_per_room_and_the_interval_is_announced() {
+    let interval = Duration::from_millis(600);
+    let t = TestServer::start_with(move |c| c.limits.typing_interval = interval).await;
+    for room in ["r1", "r2"] {
+        for u in ["alice", "bob"] {
+            t.join(room, u).await;
+        }
+    }
+    let mut a = t.ws("alice").await;
+    assert_eq!(a.connected["typing_interval"], 600, "{}", a.connected);
+    let mut b = t.ws("bob").await;
+    for room in ["r1", "r2"] {
+        b.request(json!({"op":"focus","room":room})).await;
+    }
+    let typing = |room: &str| json!({"op":"typing","room":room});
+    let started = std::time::Instant::now();
+    assert_eq!(a.request(typing("r1")).await["sent"], true);
+    let mut coalesced = 0;
+    for _ in 0..5 {
+        let r = a.request(typing("r1")).await;
+        assert_eq!(r["ok"], true, "{r}");
+        if r["sent"] == false {
+            coalesced += 1;
+        }
+    }
+    let within = started.elapsed() < interval;
+    assert_eq!(
+        a.request(typing("r2")).await["sent"],
+        true,
+        "r2 has its own interval"
+    );
+    b.event_on("active:r1").await;
+    b.event_on("active:r2").await;
+    if within {
+        assert_eq!(coalesced, 5, "typing inside the interval is coalesced");
+        b.assert_none(Duration::from_millis(200), |v| v["event"] == "typing")
+            .await;
+    }
+    tokio::time::sleep(interval).await;
+    assert_eq!(
+        a.request(typing("r1")).await["sent"],
+        true,
+        "the interval has passed"
+    );
+    let ev = b.event_on("active:r1").await;
+    assert_eq!(ev["data"]["user"], "alice", "{ev}");
 }
 
 /// A countable room event moves, in its own publish, the read pointers of its sender and of the

@@ -47,7 +47,7 @@ export class Client extends Emitter {
     this._opTimeout = options.opTimeout ?? 30000;
     this._pingInterval = options.pingInterval ?? 25000;
     this._pongTimeout = options.pongTimeout ?? 10000;
-    this._typingInterval = options.typingInterval ?? 1000;
+    this._typingInterval = options.typingInterval; // else the server's (`connected.typing_interval`)
     this._ackDelay = options.ackDelay ?? 50;
     this._autoAck = options.autoAck !== false;
     /** @type {'connecting' | 'connected' | 'reconnecting' | 'closed'} */
@@ -188,16 +188,18 @@ export class Client extends Emitter {
 
   /**
    * Tells the room's active viewers this user is typing, at most once per `typingInterval` per
-   * room. Resolves `{room, sent}`: `sent` is false when throttled or not connected.
+   * room (by default the server's: what it would coalesce anyway). Resolves `{room, sent}`: `sent`
+   * is false when throttled, coalesced by the server, or not connected.
    * @param {string} room
    */
   typing(room) {
     const now = Date.now();
     const last = this._typingAt.get(room);
-    if (last !== undefined && now - last < this._typingInterval) return Promise.resolve({ room, sent: false });
+    const interval = this._typingInterval ?? this.session?.typing_interval ?? 1000;
+    if (last !== undefined && now - last < interval) return Promise.resolve({ room, sent: false });
     if (this.connectionState !== 'connected' || this.transport !== 'ws') return Promise.resolve({ room, sent: false });
     this._typingAt.set(room, now);
-    return this._request({ op: 'typing', room }, { resend: false }).then((r) => ({ ...r, sent: true }));
+    return this._request({ op: 'typing', room }, { resend: false }).then((r) => ({ room: r.room, sent: r.sent !== false }));
   }
 
   /** Sets the custom status (`online`, `away`, `busy`, `dnd`) and its text. */

@@ -5,7 +5,7 @@
 
 import { spawn, spawnSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -101,14 +101,16 @@ async function stopProc(proc, signal = 'SIGTERM') {
  * Starts `herald serve` on port 0 (memory backend, or `redis` when given) and resolves with
  * `{base, addr, stop, proc}` once its banner names the address.
  */
-export async function startHerald({ redis, env = {}, heartbeat } = {}) {
+export async function startHerald({ redis, env = {}, heartbeat, toml } = {}) {
   if (!existsSync(BIN)) throw new Error(`no herald binary at ${BIN} (set HERALD_BIN)`);
   const args = ['serve', '--listen', '127.0.0.1:0', '--rules', '/nonexistent/herald-js-rules',
     '--channels', join(REPO, 'channels.toml')];
   if (redis) args.push('--redis', redis);
   if (heartbeat) args.push('--heartbeat', String(heartbeat));
+  const cwd = tempDir('herald-js-node-');
+  if (toml) writeFileSync(join(cwd, 'herald.toml'), toml); // read from the working directory
   const proc = spawn(BIN, args, {
-    cwd: tempDir('herald-js-node-'),
+    cwd,
     env: { PATH: process.env.PATH, HERALD_API_KEY: API_KEY, HERALD_ADMIN_KEY: ADMIN_KEY,
       HERALD_JWT_SECRET: SECRET, HERALD_LOG: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -20,6 +20,8 @@ function client(user, opts = {}) {
   return c;
 }
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
 /** Seqs of stored events, in the order handed out. */
 const seqs = (events) => events.filter((e) => e.seq !== undefined).map((e) => e.seq);
 
@@ -245,6 +247,43 @@ test('typing is throttled to one per interval per room', async () => {
   assert.equal((await alice.typing('r5')).sent, true);
   await waitFor(() => typing.length === 2, 'the second notice');
   assert.equal(rec.log.sent.filter((f) => f.op === 'typing').length, 2);
+});
+
+test("typing follows the server's interval: the connected frame's by default, the server's sent:false passed on", async () => {
+  const slow = await startHerald({ toml: '[limits]\ntyping_interval = "2s"\n' });
+  try {
+    for (const u of ['alice', 'bob']) await api(slow.base, 'PUT', `/api/v1/rooms/r6/members/${u}`);
+    const rec = recordingWebSocket();
+    const open = (user, opts = {}) => {
+      const c = connect({ url: slow.base, token: token(user), WebSocket, backoff: FAST, ...opts });
+      clients.push(c);
+      return c;
+    };
+    const alice = open('alice', { WebSocket: rec.WebSocket });
+    const eager = open('alice', { typingInterval: 100 });
+    const bob = open('bob');
+    const typing = collect(bob, 'typing');
+    const [session] = await Promise.all([alice.ready(), eager.ready(), bob.ready()]);
+    assert.equal(session.typing_interval, 2000);
+    await Promise.all([alice.focus('r6'), bob.focus('r6')]);
+    const first = Date.now();
+    assert.equal((await alice.typing('r6')).sent, true);
+    await sleep(1100); // past the library's old fixed 1 s, inside the server's 2 s
+    assert.equal((await alice.typing('r6')).sent, false);
+    assert.equal(rec.log.sent.filter((f) => f.op === 'typing').length, 1, 'throttled in the client');
+    // A client that throttles less: its second op goes out and the server coalesces it.
+    assert.equal((await eager.typing('r6')).sent, true);
+    await sleep(150);
+    assert.equal((await eager.typing('r6')).sent, false, 'coalesced by the server');
+    await waitFor(() => typing.length === 2, 'one notice from each of alice\'s sessions');
+    await sleep(200);
+    assert.equal(typing.length, 2);
+    await waitFor(() => Date.now() - first >= 2000, 'the interval to pass', 4000);
+    assert.equal((await alice.typing('r6')).sent, true);
+    await waitFor(() => typing.length === 3, 'the next notice');
+  } finally {
+    await slow.stop();
+  }
 });
 
 test('a restart on the memory backend: recovered false reaches the app as one refetch', async () => {

@@ -1358,3 +1358,44 @@ async fn openapi_json_is_served_without_a_key_and_is_the_file() {
     assert_eq!(s, 200);
     t.stop().await;
 }
+
+/// The README's `herald.toml` (the first ```toml block, "the values shown are the defaults") is
+/// accepted by the strict config parser, and the limits, presence and timing values it shows are
+/// the defaults: a key renamed or a default changed in one place fails here.
+#[test]
+fn the_readmes_herald_toml_parses_and_shows_the_defaults() {
+    let readme = repo_file("README.md");
+    let (_, text) = fenced(&readme, "toml")
+        .into_iter()
+        .find(|(_, t)| t.contains("[limits]"))
+        .expect("README: a ```toml block with [limits]");
+    let dir = TempDir::new("readme-toml");
+    let path = dir.join("herald.toml");
+    std::fs::write(&path, &text).unwrap();
+    let c = herald::config::Config::load(herald::config::Overrides {
+        config: Some(path),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("README's herald.toml: {e}"));
+    let d = herald::config::Config::defaults();
+    assert_eq!(format!("{:?}", c.limits), format!("{:?}", d.limits));
+    assert_eq!(c.room_presence, d.room_presence);
+    assert_eq!(
+        (
+            c.presence_ttl,
+            c.heartbeat,
+            c.read_timeout,
+            c.shutdown_grace
+        ),
+        (
+            d.presence_ttl,
+            d.heartbeat,
+            d.read_timeout,
+            d.shutdown_grace
+        )
+    );
+    assert_eq!(
+        (c.idempotency_ttl, c.idempotency_lease),
+        (d.idempotency_ttl, d.idempotency_lease)
+    );
+}

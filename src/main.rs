@@ -194,6 +194,10 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     }
 }
 
+/// The users a development start (generated JWT secret) mints tokens for, and their shared room.
+const DEMO_USERS: [&str; 2] = ["demo", "guest"];
+const DEMO_ROOM: &str = "demo";
+
 /// `println!` that ignores a closed stdout (`herald | head`) instead of panicking.
 macro_rules! out {
     ($($t:tt)*) => {
@@ -546,15 +550,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         if !config.rules_dir.exists() {
             tracing::debug!(dir = %config.rules_dir.display(), "Rules directory not found; channel defaults route every event.");
         }
-        let demo = if config.jwt.generated_secret {
-            config
-                .jwt
-                .secret
-                .as_deref()
-                .map(|s| auth::mint_hs256(s, "demo", None, 24 * 3600))
-                .transpose()?
-        } else {
-            None
+        // A generated secret is a development start: tokens for two demo users, who share the
+        // room `demo`, so the chat example opens ready to use.
+        let demo = match config.jwt.secret.as_deref() {
+            Some(s) if config.jwt.generated_secret => Some((
+                auth::mint_hs256(s, DEMO_USERS[0], None, 24 * 3600)?,
+                auth::mint_hs256(s, DEMO_USERS[1], None, 24 * 3600)?,
+            )),
+            _ => None,
         };
         let banner_keys = config.generated_keys.then(|| (config.api_key.clone(), config.admin_key.clone()));
         let generated_secret = config.jwt.generated_secret.then(|| config.jwt.secret.clone()).flatten();
@@ -575,9 +578,22 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         if let Some(secret) = generated_secret {
             out!("  JWT secret {secret}   (generated; set HERALD_JWT_SECRET)");
         }
-        if let Some(t) = demo {
+        if let Some((t, guest)) = demo {
             out!("  demo token {t}");
             out!("  try: websocat 'ws://{addr}/ws?token={t}'");
+            let mut joined = true;
+            for user in DEMO_USERS {
+                if let Err(e) = server.engine.add_member(DEMO_ROOM, user).await {
+                    tracing::warn!(user, room = DEMO_ROOM, error = %e, "Could not add a demo user to the demo room; no chat demo links.");
+                    joined = false;
+                }
+            }
+            if joined {
+                let chat = format!("http://{addr}/client/example/?room={DEMO_ROOM}#token=");
+                out!("  chat demo  {chat}{t}");
+                out!("             {chat}{guest}");
+                out!("             (users {} and {}, members of the room {DEMO_ROOM}: open both to chat)", DEMO_USERS[0], DEMO_USERS[1]);
+            }
         }
         server.wait().await?;
         tracing::info!("Stopped.");

@@ -19,6 +19,9 @@ mod eviction;
 #[path = "integration/ws.rs"]
 mod ws;
 
+#[path = "integration/assets.rs"]
+mod assets;
+
 #[path = "integration/sse.rs"]
 mod sse;
 

@@ -45,17 +45,18 @@ pub(super) fn routes() -> super::routes::Routes {
 /// The page, as compiled in.
 const PAGE: &str = include_str!("admin/page.html");
 
-/// The text between `open` and the next `</…>` of the same tag in the page.
-fn inline(open: &str, close: &str) -> &'static str {
-    let start = PAGE.find(open).map(|i| i + open.len());
-    let end = start.and_then(|s| PAGE[s..].find(close).map(|e| s + e));
+/// The text of `page` between `open` and the next `close` (an inline script's or style's body).
+pub(super) fn inline<'a>(page: &'a str, open: &str, close: &str) -> &'a str {
+    let start = page.find(open).map(|i| i + open.len());
+    let end = start.and_then(|s| page[s..].find(close).map(|e| s + e));
     match (start, end) {
-        (Some(s), Some(e)) => &PAGE[s..e],
+        (Some(s), Some(e)) => &page[s..e],
         _ => "",
     }
 }
 
-fn sha256_source(text: &str) -> String {
+/// A CSP source allowing the inline script or style `text`, by its hash.
+pub(super) fn sha256_source(text: &str) -> String {
     let digest = sha2::Sha256::digest(text.as_bytes());
     format!(
         "'sha256-{}'",
@@ -70,8 +71,8 @@ static PAGE_CSP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src data:; \
          base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-        sha256_source(inline("<script>", "</script>")),
-        sha256_source(inline("<style>", "</style>")),
+        sha256_source(inline(PAGE, "<script>", "</script>")),
+        sha256_source(inline(PAGE, "<style>", "</style>")),
     )
 });
 
@@ -213,8 +214,8 @@ mod tests {
     fn the_page_has_one_inline_script_and_style_and_the_policy_hashes_them() {
         assert_eq!(PAGE.matches("<script").count(), 1, "one script, no src");
         assert_eq!(PAGE.matches("<style").count(), 1);
-        let script = inline("<script>", "</script>");
-        let style = inline("<style>", "</style>");
+        let script = inline(PAGE, "<script>", "</script>");
+        let style = inline(PAGE, "<style>", "</style>");
         assert!(script.len() > 1000 && style.len() > 100);
         assert!(PAGE_CSP.contains(&sha256_source(script)));
         assert!(PAGE_CSP.contains(&sha256_source(style)));

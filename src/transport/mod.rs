@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod assets;
 pub mod auth;
 pub mod conn;
 mod routes;
@@ -287,6 +288,7 @@ fn all_routes() -> routes::Routes {
         .merge(sse::routes())
         .merge(api::routes())
         .merge(admin::routes())
+        .merge(assets::routes())
 }
 
 /// Every (method, path) the router serves, in the order the route builders add them: what

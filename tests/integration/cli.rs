@@ -90,7 +90,31 @@ async fn serve_prints_endpoints_and_a_working_demo_token() {
         "{hint}"
     );
 
-    // The demo token works on /ws.
+    // Then the chat demo: two links to the example page, as demo and as guest.
+    let chat: Vec<String> = (0..3).map(|_| p.line()).collect();
+    let link = |i: usize| {
+        chat[i]
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no link in {chat:#?}"))
+            .to_string()
+    };
+    let page = format!("http://{addr}/client/example/?room=demo");
+    assert_eq!(link(0), format!("{page}#token={token}"), "{chat:#?}");
+    let guest = link(1)
+        .strip_prefix(&format!("{page}#token="))
+        .unwrap_or_else(|| panic!("{chat:#?}"))
+        .to_string();
+    assert!(chat[2].contains("open both"), "{chat:#?}");
+    let resp = crate::common::http_client()
+        .get(&page)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.text().await.unwrap().contains("herald chat"));
+
+    // The demo token works on /ws, and both demo users are members of the room the links name.
     let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={token}")).await;
     let c = ws.next().await;
     assert_eq!(c["type"], "connected", "{c}");
@@ -99,6 +123,14 @@ async fn serve_prints_endpoints_and_a_working_demo_token() {
         ws.request(serde_json::json!({"op":"ping"})).await["type"],
         "pong"
     );
+    let mut g = Ws::connect(&format!("ws://{addr}/ws?token={guest}")).await;
+    assert_eq!(g.next().await["user"], "guest");
+    for w in [&mut ws, &mut g] {
+        let r = w
+            .request(serde_json::json!({"op":"subscribe","channel":"room:demo"}))
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
 
     // The printed API key works on the API (and sees the demo user online).
     let resp = crate::common::http_client()
@@ -109,7 +141,7 @@ async fn serve_prints_endpoints_and_a_working_demo_token() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["count"], 1, "{v}");
+    assert_eq!(v["count"], 2, "demo and guest: {v}");
 }
 
 #[test]

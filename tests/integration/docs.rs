@@ -1099,6 +1099,7 @@ fn fill(path: &str) -> String {
         .replace("{user}", "alice")
         .replace("{channel}", "room:r1")
         .replace("{device}", "d1")
+        .replace("{file}", "index.js")
         .replace("{id}", "0193a0c0-7b1e-7c3a-9f00-2b6d1e4c8a10")
 }
 
@@ -1140,8 +1141,9 @@ async fn every_documented_endpoint_answers_with_its_documented_credential() {
             let got = probe(&t, &e.method, &path, credential, Some("{")).await;
             assert_error(&got, 400, "bad_frame");
         }
-        // A malformed id in the path is refused, as the endpoint lists.
-        if e.path.contains('{') {
+        // A malformed id in the path is refused, as the endpoint lists (a `{file}` is a name, not
+        // an id: one the library does not have is 404, which `assets.rs` checks).
+        if e.path.contains('{') && !e.path.contains("{file}") {
             assert!(e.errors.contains(&400), "{at} takes an id but lists no 400");
             let bad = e
                 .path
@@ -1321,7 +1323,8 @@ fn the_docs_errors_are_the_openapi_responses() {
             .unwrap()
             .keys()
             .map(|k| k.parse().unwrap())
-            .filter(|s| ![101, 200, 401, 503].contains(s))
+            // Neither success nor a redirect is an error (the reply column says those).
+            .filter(|s| ![101, 200, 401, 503].contains(s) && !(300..400).contains(s))
             .collect();
         assert_eq!(
             e.errors, described,

@@ -1,7 +1,8 @@
-// The example page in headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core)
-// against a real herald behind the TCP relay: two pages chat, survive the relay dropping every
-// connection (a message published meanwhile arrives once), and a page going to the background
-// reaches the server as the device's state (read back over the HTTP presence API).
+// The example page in headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core),
+// loaded from a real herald (which serves it and the library at /client/) behind the TCP relay:
+// two pages chat, survive the relay dropping every connection (a message published meanwhile
+// arrives once), and a page going to the background reaches the server as the device's state
+// (read back over the HTTP presence API).
 //
 // Headless Chromium keeps every page "visible" (minimising the window or opening tabs changes
 // nothing), so the test sets `document.visibilityState` and fires the browser's own
@@ -9,41 +10,21 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createServer } from 'node:http';
-import { existsSync, readFileSync } from 'node:fs';
-import { extname, join, normalize } from 'node:path';
+import { existsSync } from 'node:fs';
 import { chromium } from 'playwright-core';
-import { api, cleanup, PKG, publishMany, startHerald, startRelay, token, waitFor } from './helpers.js';
+import { api, cleanup, publishMany, startHerald, startRelay, token, waitFor } from './helpers.js';
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.css': 'text/css' };
 
 let herald;
 let relay;
-let files;
-let filesBase;
 let browser;
-
-/** Any static server will do: this one serves clients/js. */
-function serveStatic(root) {
-  const server = createServer((req, res) => {
-    const path = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname)).replace(/^(\.\.[/\\])+/, '');
-    let file = join(root, path);
-    if (file.endsWith('/')) file = join(file, 'index.html');
-    if (!file.startsWith(root) || !existsSync(file)) { res.writeHead(404).end(); return; }
-    res.writeHead(200, { 'Content-Type': TYPES[extname(file)] ?? 'application/octet-stream' });
-    res.end(readFileSync(file));
-  });
-  return new Promise((r) => server.listen(0, '127.0.0.1', () => r(server)));
-}
 
 before(async () => {
   assert.ok(existsSync(CHROMIUM), `no chromium at ${CHROMIUM} (apt-get install chromium)`);
   herald = await startHerald();
   relay = await startRelay(herald);
   for (const u of ['alice', 'bob']) await api(herald.base, 'PUT', `/api/v1/rooms/lobby/members/${u}`);
-  files = await serveStatic(PKG);
-  filesBase = `http://127.0.0.1:${files.address().port}`;
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
@@ -54,7 +35,6 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  await new Promise((r) => (files ? files.close(r) : r()));
   await relay?.close();
   await cleanup();
 });
@@ -65,8 +45,12 @@ async function openChat(user) {
   page.setDefaultTimeout(10000);
   const errors = [];
   page.on('pageerror', (e) => errors.push(e));
-  const q = new URLSearchParams({ url: relay.base, token: token(user), room: 'lobby' });
-  await page.goto(`${filesBase}/example/?${q}`);
+  // Herald serves the page with a CSP: anything it blocks is a failure (the browser says so on the
+  // console; other console errors, such as a WebSocket failing while the relay drops it, are not).
+  page.on('console', (m) => { if (/Content.Security.Policy/i.test(m.text())) errors.push(m.text()); });
+  // The page as herald serves it (through the relay): it connects to the origin that served it,
+  // with the token from the fragment.
+  await page.goto(`${relay.base}/client/example/?room=lobby#token=${token(user)}`);
   await page.locator('#status').filter({ hasText: /^connected$/ }).waitFor();
   return { page, errors };
 }

@@ -85,6 +85,11 @@ export interface ConnectOptions {
   pongTimeout?: number;
   /** Longest wait for an op's reply, queued time included (ms, default 30000). */
   opTimeout?: number;
+  /**
+   * `'compact'` asks the server for compact event frames (arrays, about half the bytes of a small
+   * event); the app sees the same event objects, without `id`. Default `'full'`. WebSocket only.
+   */
+  format?: 'full' | 'compact';
   /** Least time between two `typing` ops per room (ms; default: the server's `typing_interval`, else 1000). */
   typingInterval?: number;
   /** Ack stored events once the app's handlers returned (default true). */

@@ -40,6 +40,10 @@ export class Client extends Emitter {
     this._httpBase = base.replace(/^ws(s?):/, 'http$1:');
     this._wsUrl = base.replace(/^http(s?):/, 'ws$1:') + '/ws';
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (![undefined, 'full', 'compact'].includes(options.format)) {
+      throw new TypeError("connect: `format` is 'full' or 'compact'");
+    }
+    this._compact = options.format === 'compact';
     /** @type {'ws' | 'sse'} */
     this.transport = options.transport === 'sse' || !this._WebSocket ? 'sse' : 'ws';
     this._fallback = options.transport === undefined || options.transport === 'auto';
@@ -268,14 +272,14 @@ export class Client extends Emitter {
    * waits, and is sent once connected; a frame whose reply was lost with the connection is sent
    * again when `resend` (the default for RESENDABLE ops), or rejected with `disconnected`.
    */
-  _request(frame, { resend = RESENDABLE.has(frame.op), internal = false } = {}) {
+  _request(frame, { resend = RESENDABLE.has(frame.op), internal = false, onReply } = {}) {
     if (this.connectionState === 'closed') return Promise.reject(new HeraldError('closed', 'the client is closed'));
     if (this.transport !== 'ws') {
       return Promise.reject(new HeraldError('receive_only', `${frame.op}: the SSE transport only receives`));
     }
     const ref = this._nextRef++;
     return new Promise((resolve, reject) => {
-      const entry = { frame: { ...frame, ref }, resolve, reject, resend, internal, sent: false, timer: null };
+      const entry = { frame: { ...frame, ref }, resolve, reject, resend, internal, onReply, sent: false, timer: null };
       entry.timer = setTimeout(() => {
         this._pending.delete(ref);
         const publish = frame.op === 'publish';
@@ -296,8 +300,10 @@ export class Client extends Emitter {
     if (!entry) return;
     this._pending.delete(reply.ref);
     clearTimeout(entry.timer);
-    if (reply.type === 'pong' || reply.ok) entry.resolve(reply);
-    else {
+    if (reply.type === 'pong' || reply.ok) {
+      entry.onReply?.(reply);
+      entry.resolve(reply);
+    } else {
       const e = reply.error ?? {};
       entry.reject(new HeraldError(e.code ?? 'internal', e.message ?? 'request failed', { action: reply.action, reply }));
     }
@@ -306,8 +312,11 @@ export class Client extends Emitter {
   _sendSubscribe(sub) {
     const frame = sub._subscribeFrame();
     sub._subscribing = true;
-    this._request(frame, { resend: false, internal: true }).then(
-      (reply) => sub._onSubscribed(reply, Boolean(frame.since)),
+    // The reply is taken in as it is read, before the frames after it (its replay, then live
+    // events), which may be read in the same turn, before any promise callback could run.
+    const onReply = (reply) => sub._onSubscribed(reply, Boolean(frame.since));
+    this._request(frame, { resend: false, internal: true, onReply }).then(
+      () => {},
       (err) => {
         sub._subscribing = false;
         if (!['disconnected', 'closed', 'timeout'].includes(err.code)) sub._onRefused(err);
@@ -383,6 +392,7 @@ export class Client extends Emitter {
     if (this.device) connectFrame.device = this.device;
     if (this.options.platform) connectFrame.platform = this.options.platform;
     if (this.appState) connectFrame.state = this.appState;
+    if (this._compact) connectFrame.format = 'compact';
     this._conn = openSocket({
       url: this._wsUrl,
       WebSocket: this._WebSocket,

@@ -104,6 +104,12 @@ export class Subscription extends Emitter {
       this._deliver(frame);
       return;
     }
+    if (frame.epoch === undefined) {
+      // A compact frame: it has the epoch of the position held, and the replay marker from the
+      // subscribe reply's seq (what the full form would say).
+      frame.epoch = this.position?.epoch;
+      if (frame.seq <= this._replayUntil) frame.replay = true;
+    }
     if (!this.position) {
       // No position yet (an event before the first reply): it starts the count.
       this.position = { epoch: frame.epoch, seq: frame.seq - 1 };

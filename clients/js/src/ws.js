@@ -38,7 +38,8 @@ export function openSocket({ url, WebSocket, connectFrame, onFrame, onClose }) {
     } catch {
       return; // not ours to read
     }
-    if (!frame || typeof frame !== 'object' || Array.isArray(frame)) return;
+    if (Array.isArray(frame)) frame = expandCompact(frame);
+    if (!frame || typeof frame !== 'object') return;
     if (frame.type === 'disconnect') disconnect = frame;
     onFrame(frame);
   };
@@ -62,4 +63,19 @@ export function openSocket({ url, WebSocket, connectFrame, onFrame, onClose }) {
       finish(code, reason);
     },
   };
+}
+
+/**
+ * A compact event frame (`[channel, seq, event, data, ts, from?]`, the session's `format:
+ * "compact"`) as the event object the full form would be, less what compact leaves out: `epoch`
+ * (the subscription fills it in), `id` and the `replay` marker (the subscription sets it). Not an
+ * event array: `null`.
+ * @param {any[]} a
+ */
+export function expandCompact(a) {
+  if (typeof a[0] !== 'string' || typeof a[2] !== 'string') return null;
+  const frame = { type: 'event', channel: a[0], event: a[2], data: a[3], ts: a[4] };
+  if (typeof a[1] === 'number') frame.seq = a[1];
+  if (typeof a[5] === 'string') frame.from = a[5];
+  return frame;
 }

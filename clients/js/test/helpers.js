@@ -197,12 +197,13 @@ export async function publishMany(base, room, n, from = 'bob', prefix = 'm') {
  * the tests read to count connection attempts and acks.
  */
 export function recordingWebSocket(options = {}) {
-  const log = { opened: 0, sent: [], sockets: [] };
+  const log = { opened: 0, sent: [], received: [], sockets: [] };
   class Recording extends WebSocket {
     constructor(url) {
       super(url, options);
       log.opened += 1;
       log.sockets.push(this);
+      this.addEventListener('message', (ev) => log.received.push(JSON.parse(ev.data)));
     }
     send(data, ...rest) {
       log.sent.push(JSON.parse(data));

@@ -158,6 +158,53 @@ test('reconnect after the network drops: resubscribe with since, no gap, no dupl
   assert.equal(states.at(-1).state, 'connected');
 });
 
+test('compact frames: the same events for the app, in order and once, across a gap repair and a resume', async () => {
+  await room('r7', ['alice', 'bob']);
+  const a = recordingWebSocket();
+  const b = recordingWebSocket();
+  const tabA = client('alice', { WebSocket: a.WebSocket, format: 'compact' });
+  const tabB = client('alice', { WebSocket: b.WebSocket, format: 'compact' });
+  const subA = tabA.subscribe('room:r7');
+  const subB = tabB.subscribe('room:r7');
+  const gotB = collect(subB);
+  const refetch = collect(tabB, 'refetch');
+  await Promise.all([subA.ready, subB.ready]);
+  assert.equal(tabB.session.format, 'compact');
+  await publishMany(herald.base, 'r7', 2, 'bob', 'x'); // 1, 2
+  assert.equal((await tabA.publish('room:r7', 'chat.message', { text: 'from A' })).seq, 3); // a gap for B
+  await publishMany(herald.base, 'r7', 1, 'bob', 'y'); // 4
+  await waitFor(() => seqs(gotB).length === 4, 'B repairs the gap');
+  assert.deepEqual(seqs(gotB), [1, 2, 3, 4]);
+  assert.equal(gotB[2].data.text, 'from A');
+  assert.ok(b.log.sent.some((f) => f.op === 'history' && f.from === 3 && f.to === 3));
+  // The network drops; what is published meanwhile is replayed after the resume.
+  relay.refuse(true);
+  relay.dropAll();
+  await waitFor(() => tabB.connectionState === 'reconnecting', 'reconnecting');
+  await publishMany(herald.base, 'r7', 2, 'bob', 'missed'); // 5, 6
+  relay.refuse(false);
+  await waitFor(() => seqs(gotB).length === 6, 'the missed events');
+  await publishMany(herald.base, 'r7', 1, 'bob', 'after'); // 7
+  await waitFor(() => seqs(gotB).length === 7, 'a live event after the resume');
+  assert.deepEqual(seqs(gotB), [1, 2, 3, 4, 5, 6, 7]);
+  assert.deepEqual(refetch, []);
+  const epoch = subB.position.epoch;
+  for (const e of gotB) {
+    assert.equal(e.type, 'event');
+    assert.equal(e.channel, 'room:r7');
+    assert.equal(e.event, 'chat.message');
+    assert.equal(e.epoch, epoch);
+    assert.ok(typeof e.ts === 'number' && typeof e.data?.text === 'string', JSON.stringify(e));
+  }
+  assert.equal(gotB[0].from, 'bob');
+  assert.deepEqual(gotB.map((e) => e.replay === true), [false, false, false, false, true, true, false]);
+  // What came over the wire: arrays, none of them for the seq B had to fetch by history.
+  const arrays = b.log.received.filter((f) => Array.isArray(f) && f[0] === 'room:r7');
+  assert.deepEqual(arrays.map((f) => f[1]), [1, 2, 4, 5, 6, 7]);
+  assert.ok(!b.log.received.some((f) => f.type === 'event' && f.channel === 'room:r7'), 'no full event frame');
+  assert.throws(() => connect({ url: relay.base, token: token('alice'), format: 'tiny' }), /format/);
+});
+
 test('ack: sent once the handler returned, each seq at most once, also across a resume', async () => {
   await room('r4', ['alice', 'bob']);
   const rec = recordingWebSocket();

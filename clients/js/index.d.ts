@@ -129,6 +129,7 @@ export interface Refetch {
   previous: Position | null;
 }
 
+/** Seqs a live gap could not be filled with (its `history` call failed or was refused). */
 export interface Gap {
   channel: string;
   from: number;
@@ -292,6 +293,7 @@ export class Client extends Emitter<ClientEvents> {
   presence(users: string[]): Promise<PresenceReply>;
   watch(users: string[]): Promise<WatchReply>;
   unwatch(users: string[]): Promise<UnwatchReply>;
+  /** Stored events; over the SSE transport it is an HTTP request (`GET /history`). */
   history(query: HistoryQuery): Promise<HistoryReply>;
   leave(room: string): Promise<LeaveReply>;
   ping(): Promise<Pong>;

@@ -25,6 +25,23 @@ pub struct History {
 }
 
 impl Engine {
+    /// What a client asks for (the `history` op, `GET /history`): the events of `channel` with
+    /// `from <= seq <= to` (`from` 1 and `to` the last when not given), if `user` may subscribe
+    /// to it.
+    pub async fn client_history(
+        &self,
+        user: &str,
+        attrs: &serde_json::Map<String, serde_json::Value>,
+        channel: &str,
+        (from, to): (Option<Seq>, Option<Seq>),
+        limit: Option<usize>,
+    ) -> EngineResult<History> {
+        let ch = ChannelName::parse(channel)?;
+        self.can_subscribe(user, attrs, &ch).await?;
+        let after = from.unwrap_or(1).saturating_sub(1);
+        self.history(&ch, after, to, limit).await
+    }
+
     /// Events of `ch` with `after < seq <= to` (`to`: the last), at most `limit` (100 when not given).
     pub async fn history(
         &self,

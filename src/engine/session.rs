@@ -905,12 +905,10 @@ impl Session {
         to: Option<Seq>,
         limit: Option<usize>,
     ) -> EngineResult<History> {
-        let ch = ChannelName::parse(channel)?;
-        let e = self.engine.clone();
-        e.can_subscribe(&self.handle.user, &self.handle.attrs, &ch)
-            .await?;
-        let after = from.unwrap_or(1).saturating_sub(1);
-        e.history(&ch, after, to, limit).await
+        let h = &self.handle;
+        self.engine
+            .client_history(&h.user, &h.attrs, channel, (from, to), limit)
+            .await
     }
 
     /// `leave`: the atomic leave (membership removed, `member.left` to the room, `room.left` to me).

@@ -62,6 +62,7 @@ pub(super) fn routes() -> Routes {
         .post("/api/online-status/heartbeat", os_heartbeat)
         .get("/api/online-status/count", os_count)
         .get("/api/online-status/online", os_online)
+        .get("/history", client_history)
         .get("/healthz", healthz)
         .get("/readyz", readyz)
         .get("/metrics", metrics)
@@ -537,6 +538,27 @@ async fn os_heartbeat(State(s): State<AppState>, Client(c): Client) -> Reply<imp
 
 async fn os_count(State(s): State<AppState>, Client(_): Client) -> Reply<impl Serialize> {
     Ok(Json(s.engine.online_count().await?))
+}
+
+/// `GET /history?channel=&from=&to=&limit=`: the `history` op over HTTP, for clients that hold a
+/// JWT and no WebSocket (an SSE client filling a live gap): the same fields, access (whoever may
+/// subscribe to the channel) and reply.
+async fn client_history(
+    State(s): State<AppState>,
+    Client(c): Client,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<impl Serialize> {
+    let channel = q
+        .get("channel")
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ApiError::bad("channel: required (?channel=room:r1)"))?;
+    let range = (num(&q, "from")?, num(&q, "to")?);
+    let limit = num(&q, "limit")?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+    let h = s
+        .engine
+        .client_history(&c.sub, &c.attrs, channel, range, limit)
+        .await?;
+    Ok(Json(h))
 }
 
 async fn os_online(

@@ -528,3 +528,107 @@ async fn event_name_message_names_every_event_frame_message() {
         "{v}"
     );
 }
+
+/// `GET /history`, the `history` op over HTTP for clients without a socket: with a client JWT
+/// (header or `?token=`) it answers what the op answers; the gap an SSE client sees when its own
+/// user publishes from another device is filled by it; and it refuses what the op refuses.
+#[tokio::test]
+async fn history_over_http_fills_an_sse_clients_live_gap_and_refuses_like_the_op() {
+    let t = TestServer::start().await;
+    for u in ["alice", "bob"] {
+        t.join("r1", u).await;
+    }
+    let mut sse = Sse::open(&sse_url(&t, "alice", "room:r1"), None).await;
+    let mut tab = t.ws("alice").await; // alice's other device
+    tab.subscribed("room:r1").await;
+    t.publish(chat("r1", 1)).await;
+    let own = tab
+        .request(json!({"op":"publish","channel":"room:r1","event":"chat.message","data":{"n":2}}))
+        .await;
+    assert_eq!(own["ok"], true, "{own}");
+    t.publish(chat("r1", 3)).await;
+    // Live, the stream skips seq 2: alice sent it.
+    let seqs: Vec<u64> = [next_event(&mut sse).await, next_event(&mut sse).await]
+        .iter()
+        .map(|e| e.data["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 3]);
+
+    let jwt = t.token("alice");
+    let bearer = format!("Bearer {jwt}");
+    let auth = [("authorization", bearer.as_str())];
+    let (s, gap) = t
+        .raw("GET", "/history?channel=room:r1&from=2&to=2", None, &auth)
+        .await;
+    assert_eq!(s, 200, "{gap}");
+    assert_eq!(gap["recovered"], true);
+    assert_eq!(gap["seq"], 3);
+    let events = gap["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{gap}");
+    assert_eq!(events[0]["seq"], 2);
+    assert_eq!(events[0]["data"]["n"], 2);
+    assert_eq!(events[0]["from"], "alice");
+    // The op's reply, field for field; and the token may come in the query.
+    let op = tab
+        .request(json!({"op":"history","channel":"room:r1","from":2,"to":2}))
+        .await;
+    for k in ["channel", "epoch", "seq", "events", "recovered"] {
+        assert_eq!(gap[k], op[k], "{k}");
+    }
+    let (s, all) = t
+        .raw(
+            "GET",
+            &format!("/history?channel=room:r1&token={jwt}"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{all}");
+    assert_eq!(all["events"].as_array().unwrap().len(), 3);
+
+    // Refusals.
+    assert_error(
+        &t.raw("GET", "/history?channel=room:r1", None, &[]).await,
+        401,
+        "unauthorized",
+    );
+    assert_error(
+        &t.raw("GET", "/history", None, &auth).await,
+        400,
+        "bad_frame",
+    );
+    assert_error(
+        &t.raw("GET", "/history?channel=room:r1&from=x", None, &auth)
+            .await,
+        400,
+        "bad_frame",
+    );
+    assert_error(
+        &t.raw("GET", "/history?channel=room:", None, &auth).await,
+        400,
+        "bad_channel",
+    );
+    assert_error(
+        &t.raw("GET", "/history?channel=active:r1", None, &auth)
+            .await,
+        400,
+        "bad_channel",
+    );
+    let carol = format!("Bearer {}", t.token("carol"));
+    assert_error(
+        &t.raw(
+            "GET",
+            "/history?channel=room:r1",
+            None,
+            &[("authorization", carol.as_str())],
+        )
+        .await,
+        403,
+        "not_member",
+    );
+    assert_error(
+        &t.raw("GET", "/history?channel=user:bob", None, &auth).await,
+        403,
+        "forbidden",
+    );
+}

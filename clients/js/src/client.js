@@ -242,7 +242,30 @@ export class Client extends Emitter {
    * @param {{channel: string, from?: number, to?: number, limit?: number}} query
    */
   history(query) {
+    if (this.transport === 'sse' && !this._isClosed()) return this._httpHistory(query);
     return this._request({ op: 'history', ...query });
+  }
+
+  /** The `history` op's HTTP twin (`GET /history`), for the SSE transport, which has no ops. */
+  async _httpHistory({ channel, from, to, limit }) {
+    const q = new URLSearchParams({ channel });
+    for (const [k, v] of Object.entries({ from, to, limit })) if (v !== undefined) q.set(k, String(v));
+    const token = await this._getToken();
+    let res;
+    try {
+      res = await globalThis.fetch(`${this._httpBase}/history?${q}`, {
+        headers: { Authorization: `Bearer ${token}` }, // never in the URL
+        signal: AbortSignal.timeout(this._opTimeout),
+      });
+    } catch (err) {
+      throw new HeraldError(err?.name === 'TimeoutError' ? 'timeout' : 'network', `history: ${err?.message ?? err}`);
+    }
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      const e = body.error ?? {};
+      throw new HeraldError(e.code ?? 'internal', e.message ?? `history: HTTP ${res.status}`, { reply: body });
+    }
+    return body;
   }
 
   /** The atomic leave of a room: `{room, user, left, deliveries}`. */

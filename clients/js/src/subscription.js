@@ -176,15 +176,6 @@ export class Subscription extends Emitter {
   _repairSoon() {
     if (this._repairing || this._subscribing || this.state !== 'active') return;
     if (this.position.seq + 1 <= this._replayUntil) return; // the replay is on its way
-    if (this._client.transport !== 'ws') {
-      // SSE has no history op: hand out what came, and say where the hole is.
-      const first = Math.min(...this._ahead.keys());
-      const gap = { channel: this.channel, from: this.position.seq + 1, to: first - 1 };
-      this.position = { epoch: this.position.epoch, seq: first - 1 };
-      this.emit('gap', gap);
-      this._drain();
-      return;
-    }
     this._repairing = true;
     const epoch = this.position.epoch;
     const run = async () => {
@@ -213,12 +204,27 @@ export class Subscription extends Emitter {
     };
     run()
       .catch((err) => {
-        if (!(err instanceof HeraldError && ['disconnected', 'closed'].includes(err.code))) this.emit('error', err);
+        if (err instanceof HeraldError && ['disconnected', 'closed'].includes(err.code)) return;
+        this.emit('error', err);
+        // The history was refused or failed (not a lost connection, whose resubscribe replays the
+        // gap): asking again at once would fail again, so hand out what came and say where the
+        // hole is.
+        if (this.position?.epoch === epoch) this._skipGap();
       })
       .finally(() => {
         this._repairing = false;
         if (this.state === 'active') this._drain();
       });
+  }
+
+  /** Moves past the gap before the first event waiting, with a `gap` event naming it. */
+  _skipGap() {
+    if (this._ahead.size === 0) return;
+    const first = Math.min(...this._ahead.keys());
+    if (first <= this.position.seq + 1) return;
+    const gap = { channel: this.channel, from: this.position.seq + 1, to: first - 1 };
+    this.position = { epoch: this.position.epoch, seq: first - 1 };
+    this.emit('gap', gap);
   }
 
   _deliver(frame) {

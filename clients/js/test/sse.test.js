@@ -1,6 +1,7 @@
 // The SSE transport (receive-only), with the library's fetch EventSource in Node: explicit use,
-// a resume from the cursor after the network drops, and the fallback when the WebSocket cannot
-// open (herald refuses the upgrade: its Origin allowlist does not list ours).
+// a resume from the cursor after the network drops, a live gap filled over HTTP (or handed on as a
+// `gap` when that fails), and the fallback when the WebSocket cannot open (herald refuses the
+// upgrade: its Origin allowlist does not list ours).
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,13 +14,18 @@ let herald;
 let relay;
 const clients = [];
 
+/** A WebSocket from the one origin herald lets upgrade here (the other device's). */
+class FromApp extends WebSocket {
+  constructor(url) { super(url, { origin: 'http://app.example' }); }
+}
+
 const seqs = (events) => events.filter((e) => e.seq !== undefined).map((e) => e.seq);
 const contiguous = (list, from, to) => list.length === to - from + 1 && list.every((s, i) => s === from + i);
 
 before(async () => {
   herald = await startHerald({ env: { HERALD_WS_ORIGINS: 'http://app.example' } });
   relay = await startRelay(herald);
-  for (const r of ['r1', 'r2']) {
+  for (const r of ['r1', 'r2', 'r3', 'r4']) {
     for (const u of ['alice', 'bob']) await api(herald.base, 'PUT', `/api/v1/rooms/${r}/members/${u}`);
   }
 });
@@ -51,6 +57,58 @@ test('sse: receives in order, resumes from Last-Event-ID after a drop, refuses o
   assert.ok(contiguous(seqs(got), 1, 7), JSON.stringify(seqs(got)));
   assert.ok(got.slice(3, 6).every((e) => e.replay === true));
   await assert.rejects(c.publish('room:r1', 'chat.message', {}), (e) => e.code === 'receive_only');
+});
+
+// A live gap over SSE: alice's other device (a WebSocket, straight to herald) publishes, so her
+// stream skips that seq. The first test runs before any history request of this file, so no idle
+// pooled connection to the relay can carry one past `refuse`.
+test('sse: a gap whose history cannot be fetched is handed on as one gap event', async () => {
+  const c = connect({ url: relay.base, token: token('alice'), transport: 'sse', backoff: FAST });
+  const tab = connect({ url: herald.base, token: token('alice'), WebSocket: FromApp, transport: 'ws', backoff: FAST });
+  clients.push(c, tab);
+  const sub = c.subscribe('room:r3');
+  const got = collect(sub);
+  const gaps = collect(sub, 'gap');
+  const errors = collect(sub, 'error');
+  await Promise.all([c.ready(), tab.ready()]);
+  await waitFor(async () => (await api(herald.base, 'GET', '/api/v1/rooms/r3/presence')).users.includes('alice'), 'the stream open');
+  await publishMany(herald.base, 'r3', 1); // 1
+  await waitFor(() => seqs(got).length === 1, 'the first event');
+  relay.refuse(true); // the open stream stays; a new connection (the history request) is refused
+  try {
+    assert.equal((await tab.publish('room:r3', 'chat.message', { text: 'from the tab' })).seq, 2);
+    await publishMany(herald.base, 'r3', 1, 'bob', 'after'); // 3
+    await waitFor(() => seqs(got).length === 2, 'the event after the gap');
+  } finally {
+    relay.refuse(false);
+  }
+  assert.deepEqual(seqs(got), [1, 3]);
+  assert.deepEqual(gaps, [{ channel: 'room:r3', from: 2, to: 2 }]);
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0].code, 'network');
+});
+
+test('sse: a live gap is filled over HTTP (GET /history) before the next event is handed out', async () => {
+  const c = connect({ url: relay.base, token: token('alice'), transport: 'sse', backoff: FAST });
+  const tab = connect({ url: herald.base, token: token('alice'), WebSocket: FromApp, transport: 'ws', backoff: FAST });
+  clients.push(c, tab);
+  const sub = c.subscribe('room:r4');
+  const got = collect(sub);
+  const gaps = collect(sub, 'gap');
+  await Promise.all([c.ready(), tab.ready()]);
+  await waitFor(async () => (await api(herald.base, 'GET', '/api/v1/rooms/r4/presence')).users.includes('alice'), 'the stream open');
+  await publishMany(herald.base, 'r4', 1); // 1
+  assert.equal((await tab.publish('room:r4', 'chat.message', { text: 'from the tab' })).seq, 2);
+  await publishMany(herald.base, 'r4', 2, 'bob', 'after'); // 3, 4
+  await waitFor(() => seqs(got).length === 4, 'every event, the gap filled');
+  assert.deepEqual(seqs(got), [1, 2, 3, 4]);
+  assert.equal(got[1].data.text, 'from the tab');
+  assert.equal(got[1].from, 'alice');
+  assert.deepEqual(gaps, []);
+  // And the method itself, over the SSE transport.
+  const h = await c.history({ channel: 'room:r4', from: 2, to: 3 });
+  assert.deepEqual(h.events.map((e) => e.seq), [2, 3]);
+  await assert.rejects(c.history({ channel: 'user:bob' }), (e) => e.code === 'forbidden');
 });
 
 test('sse: a fallback when the WebSocket cannot open', async () => {

@@ -853,8 +853,19 @@ impl Proc {
     }
 
     /// All stdout lines written so far (after the process exited).
+    /// What is left of stdout, for a process that has exited: read to the end of the pipe (the
+    /// reader thread may still be passing lines on when the exit is seen), bounded by `WAIT`.
     pub fn rest_of_stdout(&self) -> String {
-        self.stdout.try_iter().collect::<Vec<_>>().join("\n")
+        let deadline = Instant::now() + WAIT;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(_) => break, // the pipe's end (or the bound)
+            }
+        }
+        lines.join("\n")
     }
 
     pub fn pid(&self) -> u32 {

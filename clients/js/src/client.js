@@ -261,10 +261,7 @@ export class Client extends Emitter {
       throw new HeraldError(err?.name === 'TimeoutError' ? 'timeout' : 'network', `history: ${err?.message ?? err}`);
     }
     const body = await res.json().catch(() => ({}));
-    if (!res.ok) {
-      const e = body.error ?? {};
-      throw new HeraldError(e.code ?? 'internal', e.message ?? `history: HTTP ${res.status}`, { reply: body });
-    }
+    if (!res.ok) throw HeraldError.fromReply(body, `history: HTTP ${res.status}`);
     return body;
   }
 
@@ -327,8 +324,7 @@ export class Client extends Emitter {
       entry.onReply?.(reply);
       entry.resolve(reply);
     } else {
-      const e = reply.error ?? {};
-      entry.reject(new HeraldError(e.code ?? 'internal', e.message ?? 'request failed', { action: reply.action, reply }));
+      entry.reject(HeraldError.fromReply(reply, 'request failed'));
     }
   }
 
@@ -338,13 +334,10 @@ export class Client extends Emitter {
     // The reply is taken in as it is read, before the frames after it (its replay, then live
     // events), which may be read in the same turn, before any promise callback could run.
     const onReply = (reply) => sub._onSubscribed(reply, Boolean(frame.since));
-    this._request(frame, { resend: false, internal: true, onReply }).then(
-      () => {},
-      (err) => {
-        sub._subscribing = false;
-        if (!['disconnected', 'closed', 'timeout'].includes(err.code)) sub._onRefused(err);
-      },
-    );
+    this._request(frame, { resend: false, internal: true, onReply }).catch((err) => {
+      sub._subscribing = false;
+      if (!['disconnected', 'closed', 'timeout'].includes(err.code)) sub._onRefused(err);
+    });
   }
 
   _unsubscribe(sub) {

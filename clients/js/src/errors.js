@@ -4,7 +4,7 @@
 export class HeraldError extends Error {
   /**
    * @param {string} code the server's error code (`not_member`, `forbidden`, …) or one of the
-   *   client's own: `timeout`, `closed`, `disconnected`, `receive_only`
+   *   client's own: `timeout`, `closed`, `disconnected`, `receive_only`, `network`
    * @param {string} message
    * @param {{action?: string, reply?: object}} [extra]
    */
@@ -17,5 +17,16 @@ export class HeraldError extends Error {
     this.action = extra.action;
     /** @type {object | undefined} */
     this.reply = extra.reply;
+  }
+
+  /**
+   * The error a refusal from the server stands for: an error reply to an op, or the body of an
+   * HTTP error (both `{error: {code, message}}`, a reply also its `action`).
+   * @param {any} reply
+   * @param {string} fallback the message when the server gave none
+   */
+  static fromReply(reply, fallback) {
+    const e = reply?.error ?? {};
+    return new HeraldError(e.code ?? 'internal', e.message ?? fallback, { action: reply?.action, reply });
   }
 }

@@ -59,19 +59,28 @@ test('sse: receives in order, resumes from Last-Event-ID after a drop, refuses o
   await assert.rejects(c.publish('room:r1', 'chat.message', {}), (e) => e.code === 'receive_only');
 });
 
-// A live gap over SSE: alice's other device (a WebSocket, straight to herald) publishes, so her
-// stream skips that seq. The first test runs before any history request of this file, so no idle
-// pooled connection to the relay can carry one past `refuse`.
-test('sse: a gap whose history cannot be fetched is handed on as one gap event', async () => {
+/**
+ * alice's SSE client (through the relay) subscribed to `room`, its stream open, and her other
+ * device: a WebSocket client straight to herald, whose publishes her stream does not get live.
+ */
+async function streamAndTab(room) {
   const c = connect({ url: relay.base, token: token('alice'), transport: 'sse', backoff: FAST });
   const tab = connect({ url: herald.base, token: token('alice'), WebSocket: FromApp, transport: 'ws', backoff: FAST });
   clients.push(c, tab);
-  const sub = c.subscribe('room:r3');
+  const sub = c.subscribe(`room:${room}`);
   const got = collect(sub);
   const gaps = collect(sub, 'gap');
   const errors = collect(sub, 'error');
   await Promise.all([c.ready(), tab.ready()]);
-  await waitFor(async () => (await api(herald.base, 'GET', '/api/v1/rooms/r3/presence')).users.includes('alice'), 'the stream open');
+  await waitFor(async () => (await api(herald.base, 'GET', `/api/v1/rooms/${room}/presence`)).users.includes('alice'), 'the stream open');
+  return { c, tab, got, gaps, errors };
+}
+
+// A live gap over SSE: alice's other device publishes, so her stream skips that seq. This test
+// runs before any history request of this file, so no idle pooled connection to the relay can
+// carry one past `refuse`.
+test('sse: a gap whose history cannot be fetched is handed on as one gap event', async () => {
+  const { tab, got, gaps, errors } = await streamAndTab('r3');
   await publishMany(herald.base, 'r3', 1); // 1
   await waitFor(() => seqs(got).length === 1, 'the first event');
   relay.refuse(true); // the open stream stays; a new connection (the history request) is refused
@@ -89,14 +98,7 @@ test('sse: a gap whose history cannot be fetched is handed on as one gap event',
 });
 
 test('sse: a live gap is filled over HTTP (GET /history) before the next event is handed out', async () => {
-  const c = connect({ url: relay.base, token: token('alice'), transport: 'sse', backoff: FAST });
-  const tab = connect({ url: herald.base, token: token('alice'), WebSocket: FromApp, transport: 'ws', backoff: FAST });
-  clients.push(c, tab);
-  const sub = c.subscribe('room:r4');
-  const got = collect(sub);
-  const gaps = collect(sub, 'gap');
-  await Promise.all([c.ready(), tab.ready()]);
-  await waitFor(async () => (await api(herald.base, 'GET', '/api/v1/rooms/r4/presence')).users.includes('alice'), 'the stream open');
+  const { c, tab, got, gaps } = await streamAndTab('r4');
   await publishMany(herald.base, 'r4', 1); // 1
   assert.equal((await tab.publish('room:r4', 'chat.message', { text: 'from the tab' })).seq, 2);
   await publishMany(herald.base, 'r4', 2, 'bob', 'after'); // 3, 4

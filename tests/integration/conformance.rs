@@ -1432,6 +1432,80 @@ async fn redis_presence_heartbeat_keeps_rooms() {
     );
 }
 
+/// Redis: a heartbeat of a live session in one room runs seven commands inside its script (the
+/// session's and the entry's check and extension, the user's online and room scores, the rooms set),
+/// not the fourteen it ran when every beat re-read the latest scores and moved every key's expiry: the
+/// keys' safety-net expiries end on a whole hour, after their latest entry plus the key grace (a day),
+/// and move only when that hour changes.
+#[tokio::test]
+async fn redis_heartbeat_moves_scores_not_key_expiries() {
+    const HOUR_MS: i64 = 3_600_000;
+    const GRACE_MS: i64 = 86_400_000;
+    let server = crate::redis_server::RedisServer::start();
+    let (a, _b) = redis_nodes(&server, "hbc:").await;
+    let ttl = Duration::from_secs(60);
+    let p = &a.presence;
+    p.connect(&info("hc", "hc-1"), ttl).await.unwrap();
+    p.room_join("hc-room", "hc", "hc-1", ttl).await.unwrap();
+    let beat = [("hc".into(), "hc-1".into())];
+    p.heartbeat(&beat, ttl).await.unwrap(); // Redis learns the script
+    reset_command_stats(&server.url).await;
+    assert_eq!(p.heartbeat(&beat, ttl).await.unwrap(), Vec::<usize>::new());
+    let calls = command_calls(&server.url).await;
+    let count = |c: &str| calls.get(c).copied().unwrap_or(0);
+    assert_eq!(count("evalsha"), 1, "{calls:?}");
+    // Seven for the session, then the room settled once per call: its earliest and latest user
+    // (ZRANGE twice), its score in the rooms set (ZADD) and its key's expiry (PEXPIREAT). Before:
+    // fourteen for the session (each score re-read with ZRANGE, four expiries moved).
+    let inside: u64 = calls
+        .iter()
+        .filter(|(c, _)| !["evalsha", "time", "config|resetstat"].contains(&c.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(inside, 7 + 4, "{calls:?}");
+    assert_eq!(
+        (
+            count("zscore"),
+            count("zadd"),
+            count("smembers"),
+            count("zrange")
+        ),
+        (2, 4 + 1, 1, 2),
+        "{calls:?}"
+    );
+    assert_eq!(count("pexpireat"), 1, "{calls:?}");
+
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("hbc:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let now: (i64, i64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
+    let now_ms = now.0 * 1000 + now.1 / 1000;
+    let mut with_entries = 0;
+    for key in &keys {
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if at == -1 {
+            continue; // the global sets (online users, rooms with presence), and the status hash
+        }
+        with_entries += 1;
+        assert_eq!(at % HOUR_MS, 0, "{key}: expires at {at}, not on the hour");
+        let past_entry = at - (now_ms + 60_000 + GRACE_MS);
+        assert!(
+            (-1_000..=HOUR_MS).contains(&past_entry),
+            "{key}: expires {past_entry} ms after its entry + the grace"
+        );
+    }
+    // The user's sessions and devices, the session's rooms, the room's users, the user's entries.
+    assert_eq!(with_entries, 5, "{keys:?}");
+}
+
 /// Redis runs with `noeviction`: after users come and go (orderly or by expiry), every presence key
 /// left either expires or is gone.
 #[tokio::test]

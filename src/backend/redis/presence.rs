@@ -22,8 +22,9 @@
 //! the user offline exactly once; the same holds per room and user for room presence. Heartbeats only
 //! extend what is still live (never revive an expired session or entry).
 //!
-//! No leaks under `noeviction`: sorted sets and hashes vanish when emptied; per-user and per-room keys
-//! expire [`KEY_GRACE_MS`] after their latest entry; the status hash is kept while online and
+//! No leaks under `noeviction`: sorted sets and hashes vanish when emptied; per-user, per-room and
+//! per-session keys expire [`KEY_GRACE_MS`] after their latest entry, rounded up to the hour (so a
+//! heartbeat moves scores, not key expiries: `presence_lib.lua`); the status hash is kept while online and
 //! [`FORGET_AFTER_MS`] after going offline; the two global sorted sets lose their members when the
 //! sweeper handles them.
 //!

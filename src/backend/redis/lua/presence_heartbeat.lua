@@ -4,6 +4,10 @@
 -- that set). Expired sessions and entries are never revived here (the sweeper reports them): the
 -- reply names the sessions not found live, and the node registers those still connected again.
 --
+-- A live session costs four calls and one more room three (the entry's check and extension, the
+-- user's score as GT, which is their latest entry since nothing outlives now + ttl): their keys'
+-- expiries move only when their hour changes (`same_slot`), and each room is settled once per call.
+--
 -- Room keys are only known once the session's rooms set is read, so they are built here from the
 -- pieces of their names that `keys.rs` gives (one Redis, not Cluster: see presence.rs).
 --
@@ -16,6 +20,8 @@
 local now = now_ms()
 local grace = tonumber(ARGV[2])
 local exp = now + tonumber(ARGV[1])
+-- What every extension writes, formatted once.
+local exps, keys_exp = int(exp), int(slot_end(exp + grace))
 local missing = {}
 -- Rooms whose users' scores moved, settled once at the end (a chunk's sessions often share rooms).
 local touched = {}
@@ -23,27 +29,35 @@ local n = (#KEYS - 2) / 3
 for i = 0, n - 1 do
   local sessions, devices, index = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
   local user, session = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
-  local score = redis.call('ZSCORE', sessions, session)
-  if score and tonumber(score) > now then
-    redis.call('ZADD', sessions, 'XX', 'GT', int(exp), session)
-    settle_user(sessions, devices, KEYS[1], user, grace)
+  local score = tonumber(redis.call('ZSCORE', sessions, session))
+  if score and score > now then
+    redis.call('ZADD', sessions, 'XX', 'GT', exps, session)
+    redis.call('ZADD', KEYS[1], 'GT', exps, user)
+    if not same_slot(score, exp, grace) then
+      redis.call('PEXPIREAT', sessions, keys_exp, 'GT')
+      redis.call('PEXPIREAT', devices, keys_exp, 'GT')
+      expire_at_least(index, slot_end(exp + grace))
+    end
   else
     missing[#missing + 1] = i
+    expire_at_least(index, slot_end(exp + grace))
   end
   local rooms = redis.call('SMEMBERS', index)
   for _, room in ipairs(rooms) do
-    local present = ARGV[3] .. room .. ARGV[4]
+    local present = touched[room] or ARGV[3] .. room .. ARGV[4]
     local entries = ARGV[5] .. room .. ARGV[6] .. user .. ARGV[7]
-    local s = redis.call('ZSCORE', entries, session)
-    if s and tonumber(s) > now then
-      redis.call('ZADD', entries, 'XX', 'GT', int(exp), session)
-      settle_room_user(present, entries, user, grace)
+    local s = tonumber(redis.call('ZSCORE', entries, session))
+    if s and s > now then
+      redis.call('ZADD', entries, 'XX', 'GT', exps, session)
+      redis.call('ZADD', present, 'GT', exps, user)
+      if not same_slot(s, exp, grace) then
+        redis.call('PEXPIREAT', entries, keys_exp, 'GT')
+      end
       touched[room] = present
     else
       redis.call('SREM', index, room)
     end
   end
-  expire_at_least(index, exp + grace)
 end
 for room, present in pairs(touched) do
   settle_room(present, KEYS[2], room, grace)

@@ -40,6 +40,23 @@ local function bottom(key)
   return nil
 end
 
+-- The safety-net expiries of per-user, per-room and per-session keys (their latest entry + the key
+-- grace) are rounded up to the end of an hour: a key's expiry only has to move when the hour its
+-- entries' expiry + grace falls in changes, so a heartbeat, which extends entries by seconds, leaves
+-- it alone almost every time (see `same_slot`). Every expiry set on such a key goes through here.
+local SLOT = 3600000
+local function slot_end(at)
+  return math.ceil(at / SLOT) * SLOT
+end
+
+-- Whether an entry whose expiry moves from `from` to `to` leaves its key's expiry where it is: every
+-- script keeps a key expiring at or after slot_end(its latest entry + grace), so when both fall in
+-- one slot the key already lasts long enough (and even when that did not hold, say for a key an
+-- older build wrote, the key still outlives its entries by the grace less one slot).
+local function same_slot(from, to, grace)
+  return slot_end(from + grace) == slot_end(to + grace)
+end
+
 -- Pushes a key's expiry out to `at` unless it already expires later (a missing key stays missing).
 local function expire_at_least(key, at)
   local t = redis.call('PEXPIRETIME', key)
@@ -66,8 +83,8 @@ local function settle_user(sessions, devices, online, user, grace)
   local latest = top(sessions)
   if latest then
     redis.call('ZADD', online, int(latest), user)
-    redis.call('PEXPIREAT', sessions, int(latest + grace))
-    redis.call('PEXPIREAT', devices, int(latest + grace))
+    redis.call('PEXPIREAT', sessions, int(slot_end(latest + grace)))
+    redis.call('PEXPIREAT', devices, int(slot_end(latest + grace)))
   end
   return latest
 end
@@ -84,7 +101,7 @@ local function settle_room_user(present, entries, user, grace)
   local latest = top(entries)
   if latest then
     redis.call('ZADD', present, int(latest), user)
-    redis.call('PEXPIREAT', entries, int(latest + grace))
+    redis.call('PEXPIREAT', entries, int(slot_end(latest + grace)))
   end
   return latest
 end
@@ -95,7 +112,7 @@ local function settle_room(present, rooms, room, grace)
   local first = bottom(present)
   if first then
     redis.call('ZADD', rooms, int(first), room)
-    redis.call('PEXPIREAT', present, int(top(present) + grace))
+    redis.call('PEXPIREAT', present, int(slot_end(top(present) + grace)))
   else
     redis.call('ZREM', rooms, room)
   end

@@ -14,7 +14,7 @@ redis.call('ZADD', KEYS[2], int(exp), ARGV[3])
 settle_room_user(KEYS[1], KEYS[2], ARGV[2], grace)
 settle_room(KEYS[1], KEYS[3], ARGV[1], grace)
 redis.call('SADD', KEYS[4], ARGV[1])
-expire_at_least(KEYS[4], exp + grace)
+expire_at_least(KEYS[4], slot_end(exp + grace))
 if was_absent then
   return 1
 end

@@ -318,7 +318,7 @@ impl Engine {
 /// Refreshes the sampled gauges (subscriptions, local channels, the queue high-water mark) every
 /// [`crate::metrics::SAMPLE_EVERY`]; folds histogram samples and gives the allocator's free memory
 /// back to the system every [`crate::metrics::UPKEEP_EVERY`] (a trim took 0.1-1.1 ms at 1M
-/// deliveries/s; one that takes longer is followed by a longer pause).
+/// deliveries/s; one that takes longer is followed by a longer pause), off the runtime's workers.
 async fn sample_metrics(engine: Engine) {
     let mut tick = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -333,8 +333,10 @@ async fn sample_metrics(engine: Engine) {
         }
         crate::metrics::upkeep();
         if tokio::time::Instant::now() >= next_trim {
+            // On a blocking-pool thread: a runtime worker never waits for it (only an allocation
+            // from the arena being trimmed does, for that arena's part).
             let started = tokio::time::Instant::now();
-            crate::primitives::give_back_free_memory();
+            let _ = tokio::task::spawn_blocking(crate::primitives::give_back_free_memory).await;
             // At most 1 % of a thread's time, however large and fragmented the heap grows.
             next_trim = started + (started.elapsed() * 100).max(crate::metrics::UPKEEP_EVERY);
         }

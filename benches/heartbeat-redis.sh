@@ -4,7 +4,8 @@
 # a short heartbeat so many beats land in the window, one publish a second; Redis's CPU over a
 # quiet window divided by the session heartbeats in it. Several binaries run interleaved (A/B):
 #   benches/heartbeat-redis.sh BIN [BIN...]        env: SESSIONS=2000 BEAT=2 WINDOW=20 REPS=3
-# Build first: cargo build --release --example loadgen --bin herald. Needs redis-server.
+# Build first: cargo build --release --example loadgen --bin herald. Needs redis-server. DUMP=1
+# also prints each run's INFO commandstats (which commands the scripts ran) to stderr.
 # Nothing else should run on the box meanwhile (never compile while measuring).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

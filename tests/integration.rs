@@ -75,3 +75,6 @@ mod operator;
 
 #[path = "integration/admin.rs"]
 mod admin;
+
+#[path = "integration/fuzz.rs"]
+mod fuzz;

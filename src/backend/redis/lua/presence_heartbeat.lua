@@ -4,9 +4,10 @@
 -- that set). Expired sessions and entries are never revived here (the sweeper reports them): the
 -- reply names the sessions not found live, and the node registers those still connected again.
 --
--- A live session costs four calls and one more room three (the entry's check and extension, the
--- user's score as GT, which is their latest entry since nothing outlives now + ttl): their keys'
--- expiries move only when their hour changes (`same_slot`), and each room is settled once per call.
+-- A live session costs four calls (its check and extension, its user's online score, its rooms set)
+-- and each of its rooms three more (the entry's check and extension, the user's score there). Scores
+-- move with ZADD GT, which leaves the latest entry's: nothing outlives now + ttl. Keys' expiries move
+-- only when their hour changes (`same_slot`), and each room is settled once per call.
 --
 -- Room keys are only known once the session's rooms set is read, so they are built here from the
 -- pieces of their names that `keys.rs` gives (one Redis, not Cluster: see presence.rs).

@@ -66,7 +66,8 @@ impl Engine {
                 .read(ch, after, to, limit, kind.history_age),
         )
         .await?;
-        let recovered = after + 1 >= page.first_available || after >= page.position.seq;
+        let recovered =
+            after.saturating_add(1) >= page.first_available || after >= page.position.seq;
         if !recovered {
             crate::metrics::unrecovered("history");
         }

@@ -638,7 +638,7 @@ impl Session {
                 Some(s) => {
                     s.epoch == page.position.epoch
                         && s.seq <= page.position.seq
-                        && s.seq + 1 >= page.first_available
+                        && s.seq.saturating_add(1) >= page.first_available
                 }
             };
             let sub = self.subs.get_mut(&ch).expect("inserted above");

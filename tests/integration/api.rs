@@ -1331,3 +1331,37 @@ async fn an_offline_users_presence_carries_no_status() {
         (json!("busy"), json!("in a meeting"))
     );
 }
+
+/// The largest seq a client or backend can name is an empty page, not an overflow: `since` at
+/// u64::MAX through the API, and `subscribe` with `since` and `history` with `from` at it over the
+/// WebSocket (found by the HTTP fuzz: the recovery check added one to it).
+#[tokio::test]
+async fn history_after_the_largest_seq_is_an_empty_page() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    t.publish(json!({"channel": "room:r1", "event": "chat.message", "data": {}}))
+        .await;
+    let h = t.history("room:r1", u64::MAX).await;
+    assert_eq!(h["events"], json!([]), "{h}");
+    assert_eq!(h["seq"], 1, "{h}");
+    let mut ws = t.ws("alice").await;
+    let r = ws
+        .request(json!({"op": "history", "channel": "room:r1", "from": u64::MAX}))
+        .await;
+    assert_eq!(
+        (r["ok"].clone(), r["events"].clone()),
+        (json!(true), json!([])),
+        "{r}"
+    );
+    let epoch = h["epoch"].clone();
+    let r = ws
+        .request(json!({"op": "subscribe", "channel": "room:r1",
+            "since": {"epoch": epoch, "seq": u64::MAX}}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["recovered"], false,
+        "a position past the channel's end: {r}"
+    );
+    t.stop().await;
+}

@@ -4,11 +4,19 @@
 //! that is not UTF-8, messages over the size limits — to a running engine, while a witness in the
 //! same room reads everything stored there. Every frame must get its one documented answer (a
 //! `reply` with its `ref`, or a `pong`) or a documented close; every server frame is one of the
-//! documented types; every error code is a documented one; no event the engine accepted is missing
-//! from history, and the witness sees the room's events each once, in `seq` order, without a gap.
+//! documented types; every error code is a documented one; the witness sees the room's events each
+//! once, in `seq` order, without a gap, every accepted publish among them at the seq its reply gave,
+//! and history holds the newest of them, the same.
 //!
-//! The generator is seeded: a failure names its seed, and `HERALD_FUZZ_SEED=N` replays it. The run
-//! sends 5,000 frames; with `HERALD_SLOW=1` (see `scripts/test`) it sends 100,000.
+//! The HTTP API gets the same treatment: every JSON operation of `docs/openapi.json`, called with
+//! path ids that exist, that do not and that are malformed, query values and bodies drawn from its
+//! schema (or not JSON, or any JSON, or over the body limit), sometimes with a wrong key. Each answer
+//! must be one of the statuses the description lists for that operation, never 500, with an error
+//! body whose code goes with the status as the protocol's error table says.
+//!
+//! The generators are seeded: a failure names its seed, and `HERALD_FUZZ_SEED=N` replays it. The
+//! runs send 5,000 frames and 25 requests per operation; with `HERALD_SLOW=1` (see `scripts/test`)
+//! 100,000 and 500.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -727,5 +735,289 @@ async fn random_frames_get_documented_answers_and_lose_nothing() {
         "fuzz seed {seed}: {frames} frames, {answered} answered, {} accepted, closes {closes:?}",
         accepted.len()
     );
+    s.stop().await;
+}
+
+// ---- the HTTP API ----
+
+/// The HTTP statuses each error code may come with (the protocol's error table).
+fn code_statuses(code: &str) -> &'static [u16] {
+    match code {
+        "bad_frame" => &[400, 408, 426],
+        "bad_channel" => &[400],
+        "unauthorized" => &[401],
+        "forbidden" | "not_member" => &[403],
+        "not_found" => &[404],
+        "method_not_allowed" => &[405],
+        "rejected" => &[409],
+        "too_large" => &[413, 431],
+        "rate_limited" => &[429],
+        "internal" => &[500],
+        "unavailable" | "outcome_unknown" => &[503],
+        _ => &[],
+    }
+}
+
+/// `#/components/...` references resolved against the description.
+fn resolve<'a>(api: &'a Value, v: &'a Value) -> &'a Value {
+    match v["$ref"].as_str() {
+        Some(r) => {
+            let mut at = api;
+            for part in r.trim_start_matches("#/").split('/') {
+                at = &at[part];
+            }
+            resolve(api, at)
+        }
+        None => v,
+    }
+}
+
+/// A value for a schema: mostly of its type (strings from ids that exist, ids that do not and
+/// malformed ones), sometimes anything at all.
+fn value_of(rng: &mut Rng, p: &Pools, api: &Value, schema: &Value, depth: u32) -> Value {
+    let schema = resolve(api, schema);
+    if rng.chance(12) || depth > 3 {
+        return rng.pick(&p.any);
+    }
+    match schema["type"].as_str() {
+        Some("string") => rng.pick(&[
+            json!("alice"),
+            json!("bob"),
+            json!("r1"),
+            json!("room:r1"),
+            json!("user:alice"),
+            json!("global"),
+            json!("chat.message"),
+            json!("fcm"),
+            json!("online"),
+            json!("no such"),
+            json!(""),
+            json!("x".repeat(300)),
+            json!("ü漢字🎉"),
+        ]),
+        Some("integer" | "number") => rng.pick(&p.seq),
+        Some("boolean") => json!(rng.chance(50)),
+        Some("array") => {
+            let n = rng.below(4);
+            let items = &schema["items"];
+            Value::Array(
+                (0..n)
+                    .map(|_| value_of(rng, p, api, items, depth + 1))
+                    .collect(),
+            )
+        }
+        Some("object") | None if schema["properties"].is_object() => {
+            let mut o = serde_json::Map::new();
+            for (name, s) in schema["properties"].as_object().unwrap() {
+                if rng.chance(75) {
+                    o.insert(name.clone(), value_of(rng, p, api, s, depth + 1));
+                }
+            }
+            Value::Object(o)
+        }
+        _ => rng.pick(&p.data),
+    }
+}
+
+/// A path parameter: an id that exists, one that does not, or a malformed one (percent-encoded).
+fn path_value(rng: &mut Rng, name: &str) -> String {
+    let good: &[&str] = match name {
+        "room" => &["r1", "r2"],
+        "user" => &["alice", "bob", "nobody"],
+        "channel" => &[
+            "room:r1",
+            "user:alice",
+            "global",
+            "active:r1",
+            "presence:bob",
+            "room:zz",
+        ],
+        "device" => &["d1", "d2"],
+        "id" => &["0193a0c0-7b1e-7c3a-9f00-2b6d1e4c8a10", "alice"],
+        _ => &["x"],
+    };
+    let bad = [
+        "no%20such",
+        "%00",
+        "%C3%BC",
+        "room%3A",
+        "nope%3Ax",
+        "a%2Fb",
+        "-",
+    ];
+    if rng.chance(75) {
+        good[rng.below(good.len())].to_string()
+    } else if rng.chance(80) {
+        bad[rng.below(bad.len())].to_string()
+    } else {
+        "x".repeat(200)
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn random_http_requests_get_documented_statuses_and_error_bodies() {
+    let seed = seed();
+    let per_op = if std::env::var("HERALD_SLOW").is_ok_and(|v| v == "1") {
+        500
+    } else {
+        25
+    };
+    let api: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let s = TestServer::start().await;
+    s.join("r1", "alice").await;
+    s.join("r1", "bob").await;
+    let jwt = s.token("alice");
+    let p = pools();
+    let mut rng = Rng(seed);
+    let mut calls = 0;
+    let mut by_status = BTreeMap::<u16, u32>::new();
+    let mut undocumented = BTreeMap::<(String, u16), String>::new();
+    for (path, ops) in api["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let ok_type = op["responses"]["200"]["content"]
+                .as_object()
+                .map(|c| c.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            // JSON endpoints only: the streams and pages are exercised elsewhere.
+            if ok_type != ["application/json"] || path == "/api/v1/openapi.json" {
+                continue;
+            }
+            let documented: Vec<u16> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| k.parse().unwrap())
+                .collect();
+            let params: Vec<&Value> = op["parameters"]
+                .as_array()
+                .map(|ps| ps.iter().map(|x| resolve(&api, x)).collect())
+                .unwrap_or_default();
+            let credential = match op["security"][0].as_object().and_then(|o| o.keys().next()) {
+                Some(k) if k == "apiKey" => Some(API_KEY),
+                Some(k) if k == "adminKey" => Some(ADMIN_KEY),
+                Some(_) => Some(jwt.as_str()),
+                None => None,
+            };
+            let body_schema = op["requestBody"]["content"]["application/json"]["schema"].clone();
+            for _ in 0..per_op {
+                let mut url = path.clone();
+                let mut query = Vec::new();
+                for param in &params {
+                    let name = param["name"].as_str().unwrap();
+                    match param["in"].as_str() {
+                        Some("path") => {
+                            url = url.replace(&format!("{{{name}}}"), &path_value(&mut rng, name))
+                        }
+                        Some("query") if name != "token" && rng.chance(60) => {
+                            let v = value_of(&mut rng, &p, &api, &param["schema"], 0);
+                            let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                            query.push((name.to_string(), v));
+                        }
+                        _ => {}
+                    }
+                }
+                if rng.chance(10) {
+                    query.push(("unknown".into(), "1".into()));
+                }
+                let (body, what) = if body_schema.is_null() {
+                    (None, "no body")
+                } else {
+                    match rng.below(10) {
+                        0 => (Some("{".to_string()), "not JSON"),
+                        1 => (Some(rng.pick(&p.any).to_string()), "any JSON"),
+                        2 => (Some("y".repeat(300 * 1024)), "an oversized body"),
+                        _ => (
+                            Some(value_of(&mut rng, &p, &api, &body_schema, 0).to_string()),
+                            "a body after the schema",
+                        ),
+                    }
+                };
+                let wrong_key = credential.is_some() && rng.chance(5);
+                let mut full = url.clone();
+                for (i, (k, v)) in query.iter().enumerate() {
+                    full.push(if i == 0 { '?' } else { '&' });
+                    full.push_str(&format!("{}={}", encode(k), encode(v)));
+                }
+                let mut req = s.http.request(
+                    reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
+                    s.url(&full),
+                );
+                if let Some(c) = credential {
+                    req = req.bearer_auth(if wrong_key { "not-the-key" } else { c });
+                }
+                if let Some(b) = &body {
+                    req = req
+                        .header("content-type", "application/json")
+                        .body(b.clone());
+                }
+                let resp = tokio::time::timeout(Duration::from_secs(10), req.send())
+                    .await
+                    .expect("an answer within 10 s")
+                    .expect("an HTTP answer");
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                let ctx = format!(
+                    "seed {seed}: {} {url} {query:?} ({what}{}): {status} {}",
+                    method.to_uppercase(),
+                    if wrong_key { ", a wrong key" } else { "" },
+                    text.chars().take(300).collect::<String>()
+                );
+                calls += 1;
+                *by_status.entry(status).or_default() += 1;
+                assert!(status != 500, "{ctx}");
+                if !documented.contains(&status) {
+                    // Gathered, so one run names every gap between the description and the code.
+                    let op = format!("{} {path}", method.to_uppercase());
+                    undocumented.entry((op, status)).or_insert(ctx.clone());
+                }
+                if wrong_key {
+                    assert_eq!(status, 401, "{ctx}");
+                }
+                let v: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{ctx}: the body is not JSON ({e})"));
+                if status >= 400 {
+                    let code = v["error"]["code"].as_str().unwrap_or_default();
+                    assert!(
+                        code_statuses(code).contains(&status),
+                        "{ctx}: error code {code:?} with {status}"
+                    );
+                    assert!(v["error"]["message"].is_string(), "{ctx}");
+                }
+            }
+        }
+    }
+    assert!(
+        undocumented.is_empty(),
+        "statuses an operation answered that docs/openapi.json does not list for it:\n{}",
+        undocumented
+            .iter()
+            .map(|((op, status), example)| format!("{op} -> {status}, e.g. {example}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        by_status
+            .get(&200)
+            .is_some_and(|n| *n as usize > calls / 10)
+            && by_status.contains_key(&400),
+        "seed {seed}: too little got through to mean anything: {by_status:?}"
+    );
+    eprintln!("http fuzz seed {seed}: {calls} requests, statuses {by_status:?}");
     s.stop().await;
 }

@@ -24,9 +24,9 @@
 //!
 //! No leaks under `noeviction`: sorted sets and hashes vanish when emptied; per-user, per-room and
 //! per-session keys expire [`KEY_GRACE_MS`] after their latest entry, rounded up to the hour (so a
-//! heartbeat moves scores, not key expiries: `presence_lib.lua`); the status hash is kept while online and
-//! [`FORGET_AFTER_MS`] after going offline; the two global sorted sets lose their members when the
-//! sweeper handles them.
+//! heartbeat moves scores, not key expiries: `presence_lib.lua`); the status hash is kept while
+//! online and [`FORGET_AFTER_MS`] after going offline; the two global sorted sets lose their members
+//! when the sweeper handles them.
 //!
 //! One Redis, not Cluster: scripts touch a user's keys and the global sorted sets together, and the
 //! heartbeat and room sweep build room keys inside the script (from the pieces of their names that

@@ -608,3 +608,26 @@ async fn history_over_http_fills_an_sse_clients_live_gap_and_refuses_like_the_op
         assert_error(&got, status, code);
     }
 }
+
+/// A cursor naming a seq past the channel's end (at most u64::MAX) is a position that cannot be
+/// served, like a wrong epoch: `reset`, then live, rather than an overflow.
+#[tokio::test]
+async fn sse_last_event_id_past_the_channels_end_gets_reset() {
+    let t = TestServer::start().await;
+    t.join("r1", "alice").await;
+    let url = sse_url(&t, "alice", "room:r1");
+    let mut sse = Sse::open(&url, None).await;
+    let rep = t.publish(chat("r1", 1)).await;
+    let e = next_event(&mut sse).await;
+    drop(sse);
+    let mut c = Cursor::decode(&e.id).expect("the id is a herald cursor");
+    c.positions.get_mut("room:r1").expect("covers room:r1").seq = u64::MAX;
+    let mut raw = RawSse::open(&url, Some(&c.encode())).await;
+    assert_eq!(raw.next_block().await.names(), vec!["retry"]);
+    let b = next_block(&mut raw).await;
+    assert_eq!(b.get("event"), Some("reset"), "{b:?}");
+    assert_eq!(b.data()["seq"], 1, "{b:?}");
+    assert_eq!(b.data()["epoch"], rep["deliveries"][0]["epoch"], "{b:?}");
+    t.publish(chat("r1", 2)).await;
+    assert_eq!(next_block(&mut raw).await.data()["seq"], 2);
+}

@@ -8,9 +8,10 @@
 //! once, in `seq` order, without a gap, every accepted publish among them at the seq its reply gave,
 //! and history holds the newest of them, the same.
 //!
-//! The HTTP API gets the same treatment: every JSON operation of `docs/openapi.json`, called with
-//! path ids that exist, that do not and that are malformed, query values and bodies drawn from its
-//! schema (or not JSON, or any JSON, or over the body limit), sometimes with a wrong key. Each answer
+//! The HTTP API gets the same treatment: every JSON operation and event stream of
+//! `docs/openapi.json`, called with path ids that exist, that do not and that are malformed, query
+//! values and bodies drawn from its schema (or not JSON, or any JSON, or over the body limit), SSE
+//! cursors naming real and unknown channels, epochs and seqs, sometimes with a wrong key. Each answer
 //! must be one of the statuses the description lists for that operation, never 500, with an error
 //! body whose code goes with the status as the protocol's error table says.
 //!
@@ -854,6 +855,46 @@ fn path_value(rng: &mut Rng, name: &str) -> String {
     }
 }
 
+/// An SSE cursor (`Last-Event-ID`): lines of `channel epoch seq`, base64url, with channels, epochs
+/// and seqs that exist or not, and now and then not a cursor at all.
+fn cursor(rng: &mut Rng, epochs: &[String]) -> String {
+    use base64::Engine as _;
+    if rng.chance(15) {
+        let junk = ["garbage", "", "%%%", "cm9vbQ"];
+        return junk[rng.below(junk.len())].to_string();
+    }
+    let channels = [
+        "room:r1",
+        "global",
+        "user:alice",
+        "user:bob",
+        "room:zz",
+        "nope:x",
+        "",
+    ];
+    let seqs = [
+        "0",
+        "1",
+        "2",
+        "99",
+        "18446744073709551615",
+        "-1",
+        "x",
+        "1e3",
+    ];
+    let lines: Vec<String> = (0..1 + rng.below(3))
+        .map(|_| {
+            format!(
+                "{} {} {}",
+                channels[rng.below(channels.len())],
+                epochs[rng.below(epochs.len())],
+                seqs[rng.below(seqs.len())]
+            )
+        })
+        .collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(lines.join("\n"))
+}
+
 /// Percent-encodes everything but RFC 3986's unreserved characters.
 fn encode(s: &str) -> String {
     s.bytes()
@@ -883,6 +924,15 @@ async fn random_http_requests_get_documented_statuses_and_error_bodies() {
     s.join("r1", "alice").await;
     s.join("r1", "bob").await;
     let jwt = s.token("alice");
+    s.publish(json!({"channel": "room:r1", "event": "chat.message", "data": {}}))
+        .await;
+    // Real epochs, so some cursors name positions the engine knows.
+    let mut epochs = vec!["000000000000".to_string()];
+    for ch in ["room:r1", "global", "user:alice"] {
+        if let Some(e) = s.history(ch, 0).await["epoch"].as_str() {
+            epochs.push(e.to_string());
+        }
+    }
     let p = pools();
     let mut rng = Rng(seed);
     let mut calls = 0;
@@ -894,8 +944,9 @@ async fn random_http_requests_get_documented_statuses_and_error_bodies() {
                 .as_object()
                 .map(|c| c.keys().cloned().collect::<Vec<_>>())
                 .unwrap_or_default();
-            // JSON endpoints only: the streams and pages are exercised elsewhere.
-            if ok_type != ["application/json"] || path == "/api/v1/openapi.json" {
+            // JSON endpoints and the event streams (the pages and files are checked elsewhere).
+            let stream = ok_type == ["text/event-stream"];
+            if !(stream || ok_type == ["application/json"]) || path == "/api/v1/openapi.json" {
                 continue;
             }
             let documented: Vec<u16> = op["responses"]
@@ -918,8 +969,19 @@ async fn random_http_requests_get_documented_statuses_and_error_bodies() {
             for _ in 0..per_op {
                 let mut url = path.clone();
                 let mut query = Vec::new();
+                let mut headers = Vec::new();
                 for param in &params {
                     let name = param["name"].as_str().unwrap();
+                    if name == "last_event_id" || name == "Last-Event-ID" {
+                        if rng.chance(50) {
+                            let c = cursor(&mut rng, &epochs);
+                            match param["in"].as_str() {
+                                Some("header") => headers.push((name.to_string(), c)),
+                                _ => query.push((name.to_string(), c)),
+                            }
+                        }
+                        continue;
+                    }
                     match param["in"].as_str() {
                         Some("path") => {
                             url = url.replace(&format!("{{{name}}}"), &path_value(&mut rng, name))
@@ -961,6 +1023,9 @@ async fn random_http_requests_get_documented_statuses_and_error_bodies() {
                 if let Some(c) = credential {
                     req = req.bearer_auth(if wrong_key { "not-the-key" } else { c });
                 }
+                for (k, v) in &headers {
+                    req = req.header(k, v);
+                }
                 if let Some(b) = &body {
                     req = req
                         .header("content-type", "application/json")
@@ -971,6 +1036,20 @@ async fn random_http_requests_get_documented_statuses_and_error_bodies() {
                     .expect("an answer within 10 s")
                     .expect("an HTTP answer");
                 let status = resp.status().as_u16();
+                let is_stream = resp
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                if stream && status == 200 {
+                    // Open: dropping the response ends the stream.
+                    assert!(
+                        is_stream,
+                        "seed {seed}: {method} {full}: 200 without a stream"
+                    );
+                    calls += 1;
+                    *by_status.entry(status).or_default() += 1;
+                    continue;
+                }
                 let text = resp.text().await.unwrap_or_default();
                 let ctx = format!(
                     "seed {seed}: {} {url} {query:?} ({what}{}): {status} {}",

@@ -311,19 +311,25 @@ async fn sse_refuses_forbidden_bad_and_unauthenticated_requests() {
     }
 }
 
-#[tokio::test]
-async fn sse_last_event_id_with_a_wrong_epoch_gets_reset() {
-    let t = TestServer::start().await;
+/// alice's stream of `room:r1`, closed after one event: its URL, the cursor that event carried and
+/// the publish's reply.
+async fn cursor_after_one_event(t: &TestServer) -> (String, Cursor, Value) {
     t.join("r1", "alice").await;
-    let url = sse_url(&t, "alice", "room:r1");
+    let url = sse_url(t, "alice", "room:r1");
     let mut sse = Sse::open(&url, None).await;
     let rep = t.publish(chat("r1", 1)).await;
     let e = next_event(&mut sse).await;
-    drop(sse);
+    let c = Cursor::decode(&e.id).expect("the id is a herald cursor");
+    (url, c, rep)
+}
+
+#[tokio::test]
+async fn sse_last_event_id_with_a_wrong_epoch_gets_reset() {
+    let t = TestServer::start().await;
+    let (url, mut c, rep) = cursor_after_one_event(&t).await;
     t.publish(chat("r1", 2)).await;
 
     // The same cursor under another epoch.
-    let mut c = Cursor::decode(&e.id).expect("the id is a herald cursor");
     let p = c
         .positions
         .get_mut("room:r1")
@@ -614,13 +620,7 @@ async fn history_over_http_fills_an_sse_clients_live_gap_and_refuses_like_the_op
 #[tokio::test]
 async fn sse_last_event_id_past_the_channels_end_gets_reset() {
     let t = TestServer::start().await;
-    t.join("r1", "alice").await;
-    let url = sse_url(&t, "alice", "room:r1");
-    let mut sse = Sse::open(&url, None).await;
-    let rep = t.publish(chat("r1", 1)).await;
-    let e = next_event(&mut sse).await;
-    drop(sse);
-    let mut c = Cursor::decode(&e.id).expect("the id is a herald cursor");
+    let (url, mut c, rep) = cursor_after_one_event(&t).await;
     c.positions.get_mut("room:r1").expect("covers room:r1").seq = u64::MAX;
     let mut raw = RawSse::open(&url, Some(&c.encode())).await;
     assert_eq!(raw.next_block().await.names(), vec!["retry"]);

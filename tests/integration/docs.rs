@@ -529,26 +529,42 @@ fn the_close_code_table_is_the_servers() {
     }
 }
 
+/// The protocol's error table: each code and the HTTP statuses it lists.
+pub(crate) fn documented_error_codes() -> BTreeMap<String, BTreeSet<u16>> {
+    first_table(section(&protocol_doc(), "### Error codes"))
+        .into_iter()
+        .map(|r| {
+            let c = plain(&r[0]);
+            let statuses = r[1]
+                .split(',')
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{c}: status {s:?}"))
+                })
+                .collect();
+            (c, statuses)
+        })
+        .collect()
+}
+
+/// The server frame types the protocol's table lists.
+pub(crate) fn documented_server_frames() -> BTreeSet<String> {
+    first_table(section(&protocol_doc(), "### Server frames"))
+        .into_iter()
+        .map(|r| plain(&r[0]))
+        .collect()
+}
+
 #[test]
 fn the_error_code_table_is_the_servers() {
-    let doc = protocol_doc();
-    let documented: BTreeMap<String, String> = first_table(section(&doc, "### Error codes"))
-        .into_iter()
-        .map(|r| (plain(&r[0]), r[1].clone()))
-        .collect();
+    let documented = documented_error_codes();
     let code = error_codes_in_code();
     let a: BTreeSet<&String> = documented.keys().collect();
     let b: BTreeSet<&String> = code.keys().collect();
     assert_eq!(a, b, "error codes: {}", diff(&a, "the doc", &b, "the code"));
     for (c, statuses) in &code {
-        let cell: BTreeSet<u16> = documented[c]
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{c}: status {s:?}"))
-            })
-            .collect();
+        let cell = &documented[c];
         for s in statuses {
             assert!(
                 cell.contains(s),
@@ -892,10 +908,7 @@ fn the_op_tables_reply_fields_are_the_examples() {
 #[tokio::test]
 async fn real_server_frames_look_like_the_examples() {
     let doc = protocol_doc();
-    let types: BTreeSet<String> = first_table(section(&doc, "### Server frames"))
-        .into_iter()
-        .map(|r| plain(&r[0]))
-        .collect();
+    let types = documented_server_frames();
     let examples: Vec<Value> = json_blocks(&doc)
         .into_iter()
         .flat_map(|(_, v)| v)

@@ -852,7 +852,6 @@ impl Proc {
             .unwrap_or_default()
     }
 
-    /// All stdout lines written so far (after the process exited).
     /// What is left of stdout, for a process that has exited: read to the end of the pipe (the
     /// reader thread may still be passing lines on when the exit is seen), bounded by `WAIT`.
     pub fn rest_of_stdout(&self) -> String {

@@ -250,6 +250,9 @@ pub struct Config {
     pub metrics_require_admin: bool,
     /// `TCP_NODELAY` on accepted connections (`[http] tcp_nodelay`, HERALD_TCP_NODELAY).
     pub tcp_nodelay: bool,
+    /// Let the fan-out write deliveries to idle WebSockets itself (`[http] direct_writes`,
+    /// HERALD_DIRECT_WRITES; see `engine::hub::DirectWrite`).
+    pub direct_writes: bool,
     /// How long a connection may take to send a request head (and a request body), and may idle
     /// between keep-alive requests, before it is closed.
     pub read_timeout: Duration,
@@ -362,6 +365,7 @@ struct FileHttp {
     ws_origins: Option<Vec<String>>,
     metrics_require_admin: Option<bool>,
     tcp_nodelay: Option<bool>,
+    direct_writes: Option<bool>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     read_timeout: Option<Duration>,
     max_connections: Option<usize>,
@@ -657,6 +661,16 @@ impl Config {
             }
             None => file.http.tcp_nodelay.unwrap_or(true),
         };
+        c.direct_writes = match env("HERALD_DIRECT_WRITES").as_deref() {
+            Some("1" | "true") => true,
+            Some("0" | "false") => false,
+            Some(_) => {
+                return Err(ConfigError::Invalid(
+                    "HERALD_DIRECT_WRITES: true or false".into(),
+                ));
+            }
+            None => file.http.direct_writes.unwrap_or(true),
+        };
 
         // Rules.
         let r = file.rules_engine;
@@ -717,6 +731,7 @@ impl Config {
             ws_origins: Vec::new(),
             metrics_require_admin: false,
             tcp_nodelay: true,
+            direct_writes: true,
             read_timeout: Duration::from_secs(10),
             max_connections: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),

@@ -98,7 +98,13 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         DELIVERIES,
         Counter,
         "",
-        "Frames handed to local session queues.",
+        "Frames handed to local sessions (queued for their tasks, or written by the fan-out itself).",
+    ),
+    (
+        DIRECT_WRITES,
+        Counter,
+        "",
+        "Deliveries the fan-out wrote to an idle WebSocket's socket itself (or dropped as already sent) instead of queueing them for the session's task.",
     ),
     (
         FANOUT_DURATION,
@@ -304,6 +310,7 @@ const PUBLISH_ERRORS: &str = "herald_publish_errors_total";
 const PUBLISH_DURATION: &str = "herald_publish_duration_seconds";
 const IDEMPOTENT_REPLAYS: &str = "herald_idempotent_replays_total";
 const DELIVERIES: &str = "herald_deliveries_total";
+const DIRECT_WRITES: &str = "herald_direct_writes_total";
 const FANOUT_DURATION: &str = "herald_fanout_duration_seconds";
 const QUEUE_HIGH_WATER: &str = "herald_session_queue_high_water";
 const SLOW_CONSUMER: &str = "herald_slow_consumer_disconnects_total";
@@ -398,13 +405,17 @@ pub fn idempotent_replay() {
 /// The deepest queue seen since the last sample.
 static HIGH_WATER: AtomicU64 = AtomicU64::new(0);
 
-/// One fan-out: `n` frames queued, the deepest queue they left, since `started`.
-pub fn fanned_out(n: u64, deepest: usize, started: Instant) {
+/// One fan-out from `started` to `done`: `n` frames handed over, `direct` of them written by the
+/// fan-out itself, the deepest queue they left.
+pub fn fanned_out(n: u64, direct: u64, deepest: usize, started: Instant, done: Instant) {
     if n > 0 {
         metrics::counter!(DELIVERIES).increment(n);
         HIGH_WATER.fetch_max(deepest as u64, Ordering::Relaxed);
     }
-    metrics::histogram!(FANOUT_DURATION).record(started.elapsed());
+    if direct > 0 {
+        metrics::counter!(DIRECT_WRITES).increment(direct);
+    }
+    metrics::histogram!(FANOUT_DURATION).record(done.saturating_duration_since(started));
 }
 
 /// Sessions closed because their queue filled.

@@ -76,5 +76,8 @@ mod operator;
 #[path = "integration/admin.rs"]
 mod admin;
 
+#[path = "integration/direct.rs"]
+mod direct;
+
 #[path = "integration/fuzz.rs"]
 mod fuzz;

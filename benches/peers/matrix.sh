@@ -14,5 +14,5 @@ WORK=$(mktemp -d /tmp/herald-peers.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 cp -r "$PEERS/." "$WORK/"
 chmod -R u+w "$WORK"
-cp "$HERE"/herald-*.js "$WORK/drivers/"
+cp "$HERE"/herald-*.js "$HERE"/floor.js "$WORK/drivers/"
 "$WORK/matrix.sh" "$@"

@@ -1,22 +1,26 @@
 //! The local registry: connection handles, channel -> local subscribers, user -> local sessions.
 //!
 //! Sharded by channel so fan-out on one channel does not block another; locks are `std` locks held only
-//! for non-blocking work (never across `.await`). Fan-out `try_send`s the same `Arc<Delivery>` (and so
-//! the same frame bytes) to every subscriber's bounded queue; a full queue marks that session for
-//! disconnection (slow consumer) and never slows the others.
+//! for non-blocking work (never across `.await`). Fan-out hands the same `Arc<Delivery>` (and so the
+//! same frame bytes) to every subscriber: a WebSocket whose task waits idle gets it written to its
+//! socket by the fan-out itself ([`DirectWrite`], while the node's [`DirectBudget`] allows), the
+//! others in their bounded queue; a full queue marks that session for disconnection (slow
+//! consumer) and never slows the others.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::subs::{Live, Subs};
 use crate::backend::{Delivery, DeliverySink};
-use crate::channels::ChannelName;
+use crate::channels::{ChannelName, Kind};
 use crate::device::{DevicePolicy, DeviceState};
-use crate::event::Epoch;
+use crate::event::{Epoch, FrameFormat};
 use crate::presence::SessionInfo;
 use crate::primitives::{lock, read, reserve_tight, write};
 
@@ -27,6 +31,10 @@ const SHARDS: usize = 64;
 pub enum Outbound {
     /// A broker delivery (shared by every local recipient).
     Deliver(Arc<Delivery>),
+    /// The rest of a delivery the fan-out began writing to the socket itself ([`DirectWrite`]):
+    /// the socket took the first `.1` bytes of its frame (header included), the session's task
+    /// writes the others, before anything else. Already checked: written as it is.
+    Rest(Arc<Delivery>, usize),
     /// Time to send a transport-level ping.
     Ping,
     /// The backend no longer has this session live (it lost its data, or swept the session while
@@ -44,6 +52,37 @@ pub enum Next {
     Close(CloseReason),
 }
 
+/// A socket the fan-out may write a session's frames to itself, when the session's task is parked
+/// with nothing of its own on it (a WebSocket on plain TCP). The fan-out then writes the frame from
+/// the thread it runs on, in one `send()`, instead of queueing it and waking the task on whichever
+/// core it sleeps: the wake-up, the task's poll and the cache lines a queue moves between cores
+/// cost a delivery more than the write itself.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// Writes `payload` as one text frame, as much of it as the socket takes now without waiting:
+    /// `None` when all of it went out, else how many bytes of the frame (its header included) did;
+    /// `Some(0)` when none did (the socket is full, or broken: the session's task finds out which
+    /// when it writes the rest).
+    fn write_text(&self, payload: &[u8]) -> Option<usize>;
+}
+
+/// The fan-out's writer for a session, set once it is open ([`SessionHandle::write_directly`]).
+#[derive(Debug)]
+struct Direct {
+    socket: Arc<dyn DirectWrite>,
+    format: FrameFormat,
+}
+
+/// Whether a delivery may be written by the fan-out: everything but what the session's task must
+/// act on as well as write (on `user:` channels kicks, `room.left`, sync; on `global`
+/// announcements, which the `announce` rules admit per user).
+fn fan_out_may_write(d: &Delivery) -> bool {
+    match d.channel.kind() {
+        Kind::User => false,
+        Kind::Global => &*d.event != "announcement",
+        _ => true,
+    }
+}
+
 /// Capacity a drained queue keeps (a queue's first allocation); a queue a burst grew past it is given
 /// back once empty, so a burst does not leave an idle session holding its peak.
 const QUEUE_KEEP: usize = 4;
@@ -59,6 +98,18 @@ struct Queue {
     waker: Option<Waker>,
     /// The session is gone: nothing more is accepted.
     closed: bool,
+    /// The session's subscriptions and their positions: its task checks what it writes against
+    /// them, and so does the fan-out for what it writes itself.
+    subs: Subs,
+    /// Where the fan-out may write this session's frames itself.
+    direct: Option<Direct>,
+    /// The task is parked with its queue empty and nothing of its own on the socket: the fan-out
+    /// may write ([`Direct`]). Cleared when anything is queued and when the transport holds the
+    /// socket; set again when the task next waits on an empty queue.
+    idle: bool,
+    /// The transport is using the socket (reading, or writing something of its own) and has not
+    /// said it is done ([`SessionHandle::hold_socket`], [`SessionHandle::release_socket`]).
+    held: bool,
 }
 
 impl Queue {
@@ -277,12 +328,55 @@ impl SessionHandle {
         self.push(o).is_some()
     }
 
+    /// Hands a fan-out's delivery over: written to the socket directly when `direct` (the node's
+    /// budget allows it), the session is idle and its subscription can take it as it is;
+    /// otherwise queued as [`send`](Self::send) does. `Some((depth, written))`: delivered, with the
+    /// queue's depth and whether the fan-out wrote (or dropped as already sent) it itself.
+    fn hand_over(&self, d: &Arc<Delivery>, direct: bool) -> Option<(usize, bool)> {
+        let mut guard = lock(&self.queue);
+        let q = &mut *guard;
+        // Not once the session is closing: its last frames are the transport's.
+        if direct
+            && q.idle
+            && q.items.is_empty()
+            && !q.closed
+            && self.close_reason().is_none()
+            && fan_out_may_write(d)
+            && let Some(w) = &q.direct
+        {
+            match q.subs.live(d) {
+                Live::Skip => return Some((0, true)),
+                Live::Queue => {}
+                Live::Write => {
+                    let Some(wrote) = w.socket.write_text(d.frame_for(w.format)) else {
+                        return Some((0, true));
+                    };
+                    // The socket is full (or gone): the task writes the rest, before anything else.
+                    q.idle = false;
+                    q.items.push_back(Outbound::Rest(d.clone(), wrote));
+                    let waker = q.waker.take();
+                    drop(guard);
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    return Some((1, false));
+                }
+            }
+        }
+        self.push_locked(guard, Outbound::Deliver(d.clone()))
+            .map(|depth| (depth, false))
+    }
+
     /// [`send`](Self::send), with the queue's depth once queued.
     fn push(&self, o: Outbound) -> Option<usize> {
-        let mut q = lock(&self.queue);
+        self.push_locked(lock(&self.queue), o)
+    }
+
+    fn push_locked(&self, mut q: std::sync::MutexGuard<'_, Queue>, o: Outbound) -> Option<usize> {
         if q.closed {
             return None;
         }
+        q.idle = false;
         if q.items.len() >= (self.capacity / 2).max(1)
             && let Outbound::Deliver(d) = &o
             && d.best_effort()
@@ -318,6 +412,7 @@ impl SessionHandle {
             return Poll::Ready(Next::Out(o));
         }
         q.register(cx);
+        q.idle = q.direct.is_some() && !q.held;
         drop(q);
         // `close` sets the reason before it takes the waker: one set after the check above either
         // shows here or finds the waker just registered.
@@ -337,12 +432,44 @@ impl SessionHandle {
         o
     }
 
-    /// The session is gone: drops what is queued and refuses more.
+    /// The session is gone: drops what is queued and refuses more (the fan-out's writer too, so
+    /// the socket closes with the connection).
     pub fn close_queue(&self) {
         let mut q = lock(&self.queue);
         q.closed = true;
+        q.idle = false;
         q.items = VecDeque::new();
         q.waker = None;
+        q.direct = None;
+    }
+
+    /// Lets the fan-out write this session's deliveries in `format` to `socket` itself while the
+    /// session's task is idle. The transport then brackets its own use of the socket with
+    /// [`hold_socket`](Self::hold_socket) and [`release_socket`](Self::release_socket).
+    pub fn write_directly(&self, socket: Arc<dyn DirectWrite>, format: FrameFormat) {
+        let mut q = lock(&self.queue);
+        if !q.closed {
+            q.direct = Some(Direct { socket, format });
+        }
+    }
+
+    /// The transport is about to use the socket: the fan-out stops writing to it (waiting for a
+    /// write it has begun) until [`release_socket`](Self::release_socket).
+    pub fn hold_socket(&self) {
+        let mut q = lock(&self.queue);
+        q.held = true;
+        q.idle = false;
+    }
+
+    /// The transport has nothing of its own on the socket: once the task waits on an empty queue
+    /// again, the fan-out may write.
+    pub fn release_socket(&self) {
+        lock(&self.queue).held = false;
+    }
+
+    /// Runs `f` on the session's subscriptions (under the queue's lock: the fan-out reads them).
+    pub(crate) fn subs<R>(&self, f: impl FnOnce(&mut Subs) -> R) -> R {
+        f(&mut lock(&self.queue).subs)
     }
 
     /// Asks the session to close with `reason`; true when this call set the reason (the first wins).
@@ -458,6 +585,91 @@ struct Local {
     epoch: Option<Epoch>,
 }
 
+/// How long one measuring window of the [`DirectBudget`] lasts.
+const BUDGET_WINDOW: Duration = Duration::from_millis(100);
+
+/// The share of one thread the fan-out may spend writing to sockets itself. Writing from the fan-out
+/// makes one `send()` per delivery on the fan-out's thread; under a load that would take more, the
+/// session tasks, spread over the runtime's threads and putting every frame that queued up in one
+/// write, cost less per delivery.
+const BUDGET_SHARE: f64 = 0.5;
+
+/// Whether the fan-out writes to idle sockets itself: while the deliveries of the last window, at
+/// what a direct write was last seen to cost, would take at most [`BUDGET_SHARE`] of a thread.
+#[derive(Debug)]
+struct DirectBudget {
+    /// When the hub was made: the windows' clock.
+    origin: Instant,
+    /// The current window's start, ns since `origin`.
+    window: AtomicU64,
+    /// Deliveries handed over in the current window, and how many the fan-out wrote itself in how
+    /// long (the fan-outs that wrote any, whole).
+    handed: AtomicU64,
+    direct: AtomicU64,
+    direct_ns: AtomicU64,
+    /// What a direct write costs, ns (the last window that made any).
+    cost_ns: AtomicU64,
+    open: AtomicBool,
+}
+
+impl DirectBudget {
+    fn new() -> Self {
+        DirectBudget {
+            origin: Instant::now(),
+            window: AtomicU64::new(0),
+            handed: AtomicU64::new(0),
+            direct: AtomicU64::new(0),
+            direct_ns: AtomicU64::new(0),
+            cost_ns: AtomicU64::new(0),
+            open: AtomicBool::new(true),
+        }
+    }
+
+    fn open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// One fan-out: `handed` deliveries, `direct` of them written by it, in `took`.
+    fn record(&self, now: Instant, handed: u64, direct: u64, took: Duration) {
+        self.handed.fetch_add(handed, Ordering::Relaxed);
+        if direct > 0 {
+            self.direct.fetch_add(direct, Ordering::Relaxed);
+            self.direct_ns
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        }
+        let at = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        let start = self.window.load(Ordering::Relaxed);
+        let span = BUDGET_WINDOW.as_nanos() as u64;
+        if at.saturating_sub(start) < span
+            || self
+                .window
+                .compare_exchange(start, at, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // This fan-out closes the window (the counters of fan-outs running meanwhile may land in
+        // either window: an estimate).
+        let handed = self.handed.swap(0, Ordering::Relaxed);
+        let direct = self.direct.swap(0, Ordering::Relaxed);
+        let direct_ns = self.direct_ns.swap(0, Ordering::Relaxed);
+        if let Some(cost) = direct_ns.checked_div(direct) {
+            self.cost_ns.store(cost, Ordering::Relaxed);
+        }
+        let elapsed = at - start;
+        let would_take = handed.saturating_mul(self.cost_ns.load(Ordering::Relaxed));
+        let open = (would_take as f64) <= BUDGET_SHARE * elapsed as f64;
+        if self.open.swap(open, Ordering::Relaxed) != open {
+            tracing::debug!(
+                open,
+                handed,
+                cost_ns = self.cost_ns.load(Ordering::Relaxed),
+                "Direct writes from the fan-out switched."
+            );
+        }
+    }
+}
+
 /// The local registry.
 pub struct Hub {
     channels: Vec<RwLock<HashMap<ChannelName, Local>>>,
@@ -466,6 +678,7 @@ pub struct Hub {
     /// (token expiry unix s, session id) of sessions that expire: one sweep for the node instead of a
     /// timer per connection.
     expiries: Mutex<BTreeSet<(u64, u64)>>,
+    budget: DirectBudget,
 }
 
 impl Default for Hub {
@@ -482,6 +695,7 @@ impl Hub {
             sessions: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             expiries: Mutex::new(BTreeSet::new()),
+            budget: DirectBudget::new(),
         }
     }
 
@@ -708,20 +922,25 @@ impl DeliverySink for Hub {
             }
         }
         let filtered = !d.filter.is_empty();
-        let (mut n, mut deepest) = (0u64, 0usize);
+        let direct = self.budget.open();
+        let (mut n, mut wrote, mut deepest) = (0u64, 0u64, 0usize);
         for s in list {
             if filtered
                 && (d.filter.excludes(&s.user, &s.attrs) || !self.admits(d.filter.devices, s))
             {
                 continue;
             }
-            if let Some(depth) = s.push(Outbound::Deliver(d.clone())) {
+            if let Some((depth, itself)) = s.hand_over(&d, direct) {
                 n += 1;
+                wrote += u64::from(itself);
                 deepest = deepest.max(depth);
             }
         }
         drop(shard);
-        crate::metrics::fanned_out(n, deepest, started);
+        let done = std::time::Instant::now();
+        self.budget
+            .record(done, n, wrote, done.saturating_duration_since(started));
+        crate::metrics::fanned_out(n, wrote, deepest, started, done);
     }
 }
 
@@ -775,5 +994,27 @@ mod tests {
         assert_eq!(s.push(Outbound::Ping), Some(2));
         s.try_recv();
         assert_eq!(s.push(Outbound::Ping), Some(2));
+    }
+
+    #[test]
+    fn the_budget_closes_when_direct_writes_would_take_half_a_thread_and_opens_again() {
+        let b = DirectBudget::new();
+        let t0 = b.origin;
+        let ms = Duration::from_millis;
+        assert!(b.open());
+        // 1,000 direct writes in 2 ms per 100 ms window: 2 %.
+        b.record(t0 + ms(1), 1000, 1000, ms(2));
+        b.record(t0 + ms(101), 0, 0, Duration::ZERO);
+        assert!(b.open());
+        // 30,000 deliveries in the next window at 2 µs each: 60 ms of 100.
+        for i in 0..30 {
+            b.record(t0 + ms(102 + i), 1000, 1000, ms(2));
+        }
+        b.record(t0 + ms(202), 0, 0, Duration::ZERO);
+        assert!(!b.open());
+        // Queued meanwhile: 10,000 deliveries would take 20 ms at that cost.
+        b.record(t0 + ms(250), 10_000, 0, ms(1));
+        b.record(t0 + ms(303), 0, 0, Duration::ZERO);
+        assert!(b.open());
     }
 }

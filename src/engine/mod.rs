@@ -39,6 +39,7 @@ pub mod pushsend;
 pub mod roompresence;
 pub mod rooms;
 pub mod session;
+mod subs;
 
 use std::future::Future;
 use std::sync::Arc;

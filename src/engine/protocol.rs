@@ -48,6 +48,10 @@ pub enum ToClient {
     Delivery(std::sync::Arc<Delivery>),
     /// A frame made for this session (a reply, a replayed event, `reset`).
     Frame(Bytes),
+    /// What the fan-out left of a delivery it began writing itself: its frame less the first `.1`
+    /// bytes, which the socket already took. Only for peers that gave the fan-out a writer
+    /// ([`crate::engine::SessionHandle::write_directly`]), and then before anything else.
+    Rest(std::sync::Arc<Delivery>, usize),
     /// A transport-level ping.
     Ping,
 }
@@ -642,6 +646,7 @@ async fn write_outbound<P: Peer>(
                 peer.feed(ToClient::Delivery(d)).await
             }
         },
+        Outbound::Rest(d, written) => peer.feed(ToClient::Rest(d, written)).await,
         Outbound::Ping => peer.feed(ToClient::Ping).await,
         other => {
             session.control(other);

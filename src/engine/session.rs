@@ -22,13 +22,13 @@ use super::pipeline::{PublishReply, PublishRequest};
 use super::presence::PresenceOf;
 use super::roompresence::Change;
 use super::rooms::{Left, ReadMark};
+use super::subs::Sub;
+pub use super::subs::Verdict;
 use super::{Engine, EngineError, EngineResult, ErrorCode, backend};
 use crate::backend::Delivery;
 use crate::channels::{ChannelName, Kind, valid_id};
 use crate::device::DeviceState;
-use crate::event::{
-    Epoch, FrameFormat, Position, Seq, StoredEvent, compact_or_same, replay_frame, reset_frame,
-};
+use crate::event::{Epoch, FrameFormat, Position, Seq, StoredEvent, compact_or_same, replay_frame};
 use crate::presence::{SessionInfo, Status, UserPresence};
 use crate::rules::Source;
 
@@ -53,82 +53,6 @@ pub struct SessionOpen {
     pub expires: Option<u64>,
     /// How its event frames are written (replayed events here; the transport writes live ones).
     pub format: FrameFormat,
-}
-
-/// One subscription. This session has been handed every stored event with `lo < seq <= last`
-/// (replayed or live), so replay serves only seqs at or below `lo` and live delivery only above `last`.
-struct Sub {
-    epoch: Option<Epoch>,
-    lo: Seq,
-    last: Seq,
-    room_presence: bool,
-}
-
-/// A session's subscriptions, sorted by channel. Most sessions hold a handful (their own `user:` and
-/// `global`, a few rooms), where a hash map's smallest table costs ~0.3 KiB per connection; binary
-/// search keeps the per-delivery lookup cheap up to the 512 allowed.
-#[derive(Default)]
-struct Subs(Vec<(ChannelName, Sub)>);
-
-impl Subs {
-    fn find(&self, ch: &ChannelName) -> Result<usize, usize> {
-        // A delivery carries the hub's name, which the subscription holds too (`Hub::subscribe`):
-        // in the few subscriptions most sessions have, a pointer scan finds it without reading
-        // the names (std's binary search goes on comparing after a match, with other names).
-        if self.0.len() <= 8
-            && let Some(at) = self.0.iter().position(|(c, _)| c.same(ch))
-        {
-            return Ok(at);
-        }
-        self.0.binary_search_by(|(c, _)| c.cmp(ch))
-    }
-
-    fn contains_key(&self, ch: &ChannelName) -> bool {
-        self.find(ch).is_ok()
-    }
-
-    fn get_mut(&mut self, ch: &ChannelName) -> Option<&mut Sub> {
-        let at = self.find(ch).ok()?;
-        Some(&mut self.0[at].1)
-    }
-
-    fn insert(&mut self, ch: ChannelName, sub: Sub) {
-        match self.find(&ch) {
-            Ok(at) => self.0[at].1 = sub,
-            Err(at) => {
-                crate::primitives::reserve_tight(&mut self.0);
-                self.0.insert(at, (ch, sub));
-            }
-        }
-    }
-
-    fn remove(&mut self, ch: &ChannelName) -> Option<Sub> {
-        let at = self.find(ch).ok()?;
-        Some(self.0.remove(at).1)
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&ChannelName, &Sub)> {
-        self.0.iter().map(|(c, s)| (c, s))
-    }
-
-    fn drain(&mut self) -> impl Iterator<Item = (ChannelName, Sub)> + '_ {
-        self.0.drain(..)
-    }
-}
-
-/// What to do with a delivery.
-#[derive(Debug)]
-pub enum Verdict {
-    /// Already sent (replayed) or no longer subscribed.
-    Skip,
-    /// Send it.
-    Deliver,
-    /// Send this `reset` frame, then the delivery.
-    Reset(Bytes),
 }
 
 /// The reply to `subscribe`: the channel's position (stored channels) and whether `since` could be
@@ -261,7 +185,6 @@ pub struct Session {
     engine: Engine,
     /// The hub's handle.
     pub handle: Arc<SessionHandle>,
-    subs: Subs,
     transport: Transport,
     format: FrameFormat,
     /// The backend lost this session (an [`Outbound::Restore`] came): register it again after the
@@ -341,7 +264,6 @@ impl Engine {
         Ok(Session {
             engine: self.clone(),
             handle,
-            subs: Subs::default(),
             transport: open.transport,
             format: open.format,
             restore: false,
@@ -371,21 +293,6 @@ impl Session {
         self.handle.try_recv()
     }
 
-    /// Channel positions of stored subscriptions (the SSE cursor).
-    pub fn positions(&self) -> impl Iterator<Item = (&ChannelName, Position)> {
-        self.subs.iter().filter_map(|(ch, s)| {
-            s.epoch.as_ref().map(|e| {
-                (
-                    ch,
-                    Position {
-                        epoch: e.clone(),
-                        seq: s.last,
-                    },
-                )
-            })
-        })
-    }
-
     /// Decides what to do with a delivery: drop duplicates of what was replayed, send `reset` when the
     /// epoch changed under the subscription.
     pub fn check(&mut self, d: &Delivery) -> Verdict {
@@ -394,24 +301,9 @@ impl Session {
             self.handle.close(super::hub::CloseReason::Kicked);
             return Verdict::Skip;
         }
-        let Some(sub) = self.subs.get_mut(&d.channel) else {
-            return Verdict::Skip;
-        };
-        let mut verdict = Verdict::Deliver;
-        if let Some(p) = &d.position {
-            match &sub.epoch {
-                Some(e) if *e == p.epoch => {
-                    if p.seq <= sub.last {
-                        return Verdict::Skip;
-                    }
-                }
-                _ => {
-                    verdict = Verdict::Reset(reset_frame(&d.channel, &p.epoch, p.seq));
-                    crate::metrics::reset_sent();
-                    sub.epoch = Some(p.epoch.clone());
-                }
-            }
-            sub.last = p.seq;
+        let verdict = self.handle.subs(|subs| subs.check(d));
+        if matches!(verdict, Verdict::Skip) {
+            return verdict;
         }
         match (d.channel.kind(), &*d.event) {
             (Kind::User, "room.left") => self.on_room_left(&d.frame),
@@ -495,12 +387,12 @@ impl Session {
                 return;
             }
         }
-        let rooms: Vec<ChannelName> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.room_presence)
-            .map(|(c, _)| c.clone())
-            .collect();
+        let rooms: Vec<ChannelName> = self.handle.subs(|subs| {
+            subs.iter()
+                .filter(|(_, s)| s.room_presence)
+                .map(|(c, _)| c.clone())
+                .collect()
+        });
         for ch in rooms {
             let joined = e.backends.presence.room_join(
                 ch.id(),
@@ -529,7 +421,7 @@ impl Session {
         let Some(room) = room else { return };
         for kind in [Kind::Room, Kind::Active] {
             if let Ok(ch) = ChannelName::try_of(kind, &room)
-                && let Some(sub) = self.subs.remove(&ch)
+                && let Some(sub) = self.handle.subs(|subs| subs.remove(&ch))
             {
                 let engine = self.engine.clone();
                 let handle = self.handle.clone();
@@ -562,9 +454,11 @@ impl Session {
     ) -> EngineResult<(Subscribed, Vec<StoredEvent>)> {
         let e = self.engine.clone();
         let kind = e.kinds().of(&ch).clone();
-        let new = !self.subs.contains_key(&ch);
+        let (new, count) = self
+            .handle
+            .subs(|subs| (!subs.contains_key(&ch), subs.len()));
         if new {
-            if self.subs.len() >= e.config.limits.subscriptions_per_connection {
+            if count >= e.config.limits.subscriptions_per_connection {
                 return Err(EngineError::new(
                     ErrorCode::TooLarge,
                     format!(
@@ -584,15 +478,8 @@ impl Session {
             }
             // The hub's own name for the channel: deliveries carry it, so `check` finds the
             // subscription by pointer.
-            self.subs.insert(
-                joined.unwrap_or_else(|| ch.clone()),
-                Sub {
-                    epoch: None,
-                    lo: 0,
-                    last: 0,
-                    room_presence: false,
-                },
-            );
+            let name = joined.unwrap_or_else(|| ch.clone());
+            self.handle.subs(|subs| subs.insert(name, Sub::new()));
         }
         let mut replay = Vec::new();
         let mut reply = Subscribed {
@@ -641,30 +528,41 @@ impl Session {
                         && s.seq.saturating_add(1) >= page.first_available
                 }
             };
-            let sub = self.subs.get_mut(&ch).expect("inserted above");
-            if new || sub.epoch.as_ref() != Some(&page.position.epoch) {
-                // Everything up to the position read is either replayed now or predates the
-                // subscription; what comes after is (or will be) in the queue.
-                sub.epoch = Some(e.hub.shared_epoch(&ch, page.position.epoch.clone()));
-                sub.lo = page.position.seq;
-                sub.last = page.position.seq;
-            }
-            if let (true, Some(s)) = (recovered, &since) {
+            let moved = new
+                || self.handle.subs(|subs| {
+                    let sub = subs.get_mut(&ch).expect("inserted above");
+                    sub.epoch.as_ref() != Some(&page.position.epoch)
+                });
+            // The hub's copy of the epoch is taken outside the subscriptions' lock (the fan-out
+            // takes the hub's, then a session's).
+            let epoch = moved.then(|| e.hub.shared_epoch(&ch, page.position.epoch.clone()));
+            let format = self.format;
+            replay = self.handle.subs(|subs| {
+                let sub = subs.get_mut(&ch).expect("inserted above");
+                if let Some(epoch) = epoch {
+                    // Everything up to the position read is either replayed now or predates the
+                    // subscription; what comes after is (or will be) in the queue.
+                    sub.epoch = Some(epoch);
+                    sub.lo = page.position.seq;
+                    sub.last = page.position.seq;
+                }
+                let (true, Some(s)) = (recovered, &since) else {
+                    return Vec::new();
+                };
                 let hi = sub.lo;
-                replay = page
-                    .events
+                sub.lo = sub.lo.min(s.seq);
+                page.events
                     .into_iter()
                     .filter(|ev| ev.seq <= hi)
                     .map(|ev| StoredEvent {
-                        frame: match self.format {
+                        frame: match format {
                             FrameFormat::Full => replay_frame(&ev.frame),
                             FrameFormat::Compact => compact_or_same(&ev.frame),
                         },
                         ..ev
                     })
-                    .collect();
-                sub.lo = sub.lo.min(s.seq);
-            }
+                    .collect()
+            });
             if !recovered {
                 crate::metrics::unrecovered(self.transport.as_str());
             }
@@ -673,9 +571,11 @@ impl Session {
             reply.recovered = recovered;
         }
         if kind.presence && ch.kind() == Kind::Room {
-            let sub = self.subs.get_mut(&ch).expect("inserted above");
-            if !sub.room_presence {
-                sub.room_presence = true;
+            let first = self.handle.subs(|subs| {
+                let sub = subs.get_mut(&ch).expect("inserted above");
+                !std::mem::replace(&mut sub.room_presence, true)
+            });
+            if first {
                 let joined = backend(
                     "presence.room_join",
                     e.backends.presence.room_join(
@@ -696,7 +596,7 @@ impl Session {
     }
 
     async fn drop_sub(&mut self, ch: &ChannelName) -> Option<()> {
-        let sub = self.subs.remove(ch)?;
+        let sub = self.handle.subs(|subs| subs.remove(ch))?;
         release(&self.engine, &self.handle, ch, sub.room_presence).await;
         Some(())
     }
@@ -744,13 +644,16 @@ impl Session {
     /// seq it never saw (a buggy client, a seq from another epoch) cannot silence later fallbacks.
     pub async fn ack(&mut self, channel: &str, seq: Seq) -> EngineResult<Acked> {
         let ch = ChannelName::parse(channel)?;
-        let Some(sub) = self.subs.get_mut(&ch) else {
+        let Some(last) = self
+            .handle
+            .subs(|subs| subs.get_mut(&ch).map(|sub| sub.last))
+        else {
             return Err(EngineError::new(
                 ErrorCode::Forbidden,
                 format!("{ch}: not subscribed"),
             ));
         };
-        let upto = seq.min(sub.last);
+        let upto = seq.min(last);
         let e = &self.engine;
         if e.push_enabled() && upto > 0 {
             backend(
@@ -1025,8 +928,9 @@ impl Drop for Session {
         let engine = self.engine.clone();
         let handle = self.handle.clone();
         let subs: Vec<(ChannelName, bool)> = self
-            .subs
-            .drain()
+            .handle
+            .subs(|subs| subs.take())
+            .into_iter()
             .map(|(c, s)| (c, s.room_presence))
             .collect();
         let focus = self.handle.take_focus();

@@ -138,6 +138,95 @@ impl AsyncWrite for Counted {
     }
 }
 
+/// An upgraded connection's TCP stream, shared: the connection reads and writes it as its own, and
+/// the fan-out writes deliveries to it while the session is idle
+/// ([`crate::engine::hub::DirectWrite`]). It keeps the connection's [`Slot`]; the descriptor closes
+/// when the last holder lets go (the session gives the fan-out's up when it closes).
+#[derive(Debug)]
+pub(super) struct SharedTcp {
+    pub(super) tcp: Arc<TcpStream>,
+    _slot: Slot,
+}
+
+/// The upgraded connection's own TCP stream, shared, and the bytes hyper read past the upgrade
+/// request; `Err` gives the connection back when it is not one of this module's.
+pub(super) fn shared(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(SharedTcp, bytes::Bytes), hyper::upgrade::Upgraded> {
+    let parts = upgraded.downcast::<TokioIo<Counted>>()?;
+    let Counted { tcp, _slot } = parts.io.into_inner();
+    Ok((
+        SharedTcp {
+            tcp: Arc::new(tcp),
+            _slot,
+        },
+        parts.read_buf,
+    ))
+}
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.tcp.poll_read_ready(cx))?;
+            // `try_read` clears the readiness when the socket has nothing after all.
+            match self.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
+    }
+}
+
 /// The answer to a connection over the cap: written before its request is read, then closed.
 fn refusal(max: usize) -> Vec<u8> {
     let body = format!(

@@ -20,17 +20,19 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::auth::{AuthError, Claims};
+use super::conn::{self, SharedTcp};
 use super::routes::Routes;
 use super::wsout::Outbox;
 use super::{ApiError, AppState};
 use crate::engine::protocol::{self, Inbound, PeerError, ToClient};
-use crate::engine::{CloseReason, ErrorCode, Session, SessionOpen, Transport};
+use crate::engine::{CloseReason, ErrorCode, Session, SessionHandle, SessionOpen, Transport};
 use crate::event::FrameFormat;
 use crate::primitives::lock;
 
@@ -58,7 +60,72 @@ struct WsQuery {
 }
 
 /// A connection's WebSocket.
-type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
+type WebSocket = WebSocketStream<WsIo>;
+
+/// The socket under a WebSocket: the connection's own TCP stream, shared with the fan-out
+/// ([`conn::shared`]), or, for a connection that is not one of [`conn`]'s, hyper's upgraded one.
+enum WsIo {
+    Shared(SharedTcp),
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl AsyncRead for WsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Shared(t) => Pin::new(t).poll_read(cx, buf),
+            WsIo::Upgraded(u) => Pin::new(u).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WsIo::Shared(t) => Pin::new(t).poll_write(cx, buf),
+            WsIo::Upgraded(u) => Pin::new(u).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WsIo::Shared(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            WsIo::Upgraded(u) => Pin::new(u).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WsIo::Shared(t) => t.is_write_vectored(),
+            WsIo::Upgraded(u) => u.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Shared(t) => Pin::new(t).poll_flush(cx),
+            WsIo::Upgraded(u) => Pin::new(u).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Shared(t) => Pin::new(t).poll_shutdown(cx),
+            WsIo::Upgraded(u) => Pin::new(u).poll_shutdown(cx),
+        }
+    }
+}
 type WsError = tokio_tungstenite::tungstenite::Error;
 
 /// Checks the RFC 6455 upgrade request: the pending upgrade and the `Sec-WebSocket-Accept` value.
@@ -216,17 +283,32 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
                     return;
                 };
                 let config = ws_config(state.engine.config.limits.frame_bytes);
-                Box::pin(WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                ))
-            }
-            .await,
+                match conn::shared(upgraded) {
+                    Ok((tcp, read)) => {
+                        Box::pin(WebSocketStream::from_partially_read(
+                            WsIo::Shared(tcp),
+                            read.to_vec(),
+                            Role::Server,
+                            Some(config),
+                        ))
+                        .await
+                    }
+                    Err(upgraded) => {
+                        Box::pin(WebSocketStream::from_raw_socket(
+                            WsIo::Upgraded(TokioIo::new(upgraded)),
+                            Role::Server,
+                            Some(config),
+                        ))
+                        .await
+                    }
+                }
+            },
             reader: SocketReader::new(),
             out: Outbox::default(),
             tungstenite_pending: false,
             format: FrameFormat::Full,
+            direct: None,
+            held: false,
         };
         let opening = Box::pin(start(&mut peer, &state, upgrade));
         let Some(mut session) = opening.await else {
@@ -370,6 +452,12 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
             if peer.send(ToClient::Frame(f)).await.is_err() {
                 return None;
             }
+            if engine.config.direct_writes
+                && let WsIo::Shared(t) = peer.socket.get_ref()
+            {
+                session.handle.write_directly(t.tcp.clone(), format);
+                peer.direct = Some(session.handle.clone());
+            }
         }
         Err(e) => {
             tracing::warn!(user = %claims.sub, error = %e, "Connect sync failed.");
@@ -436,10 +524,13 @@ impl SocketReader {
         }))))
     }
 
+    /// The next message, when the socket woke the task; `before` runs first when the socket is
+    /// polled (tungstenite may write while it reads: a pong).
     fn poll_next(
         &mut self,
         socket: &mut WebSocket,
         cx: &mut Context<'_>,
+        before: impl FnOnce(),
     ) -> Poll<Option<Result<Message, WsError>>> {
         {
             // The task's waker is stored under the same lock that the flag is read: a wake after
@@ -452,6 +543,7 @@ impl SocketReader {
                 return Poll::Pending;
             }
         }
+        before();
         let waker = Waker::from(self.0.clone());
         let next = socket.poll_next_unpin(&mut Context::from_waker(&waker));
         if next.is_ready() {
@@ -475,18 +567,47 @@ struct WsPeer {
     tungstenite_pending: bool,
     /// How deliveries are written (set once the session is open).
     format: FrameFormat,
+    /// The session, once the fan-out may write to this socket itself: this peer holds the socket
+    /// while it reads or writes ([`SessionHandle::hold_socket`]) and lets go when it has nothing
+    /// of its own on it.
+    direct: Option<Arc<SessionHandle>>,
+    /// This peer holds the socket (the fan-out does not write).
+    held: bool,
+}
+
+/// Holds the socket for the transport (see [`WsPeer::direct`]), once.
+fn hold(direct: &Option<Arc<SessionHandle>>, held: &mut bool) {
+    if let Some(h) = direct
+        && !*held
+    {
+        h.hold_socket();
+        *held = true;
+    }
 }
 
 impl WsPeer {
     /// Writes what tungstenite holds, then the queued frames.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
+        hold(&self.direct, &mut self.held);
         if self.tungstenite_pending {
             ready!(self.socket.poll_flush_unpin(cx)).map_err(|_| PeerError::Gone)?;
             self.tungstenite_pending = false;
         }
-        self.out
-            .poll_write_to(self.socket.get_mut(), cx)
-            .map_err(|_| PeerError::Gone)
+        ready!(self.out.poll_write_to(self.socket.get_mut(), cx)).map_err(|_| PeerError::Gone)?;
+        self.release();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Lets the fan-out write again when nothing of this peer's is on the socket.
+    fn release(&mut self) {
+        if self.held
+            && self.out.is_empty()
+            && !self.tungstenite_pending
+            && let Some(h) = &self.direct
+        {
+            h.release_socket();
+            self.held = false;
+        }
     }
 }
 
@@ -501,8 +622,20 @@ impl Stream for WsPeer {
         {
             return Poll::Ready(Some(Err(e)));
         }
-        let next = match this.reader.poll_next(&mut this.socket, cx) {
-            Poll::Pending => return Poll::Pending,
+        let (direct, held) = (&this.direct, &mut this.held);
+        let next = match this
+            .reader
+            .poll_next(&mut this.socket, cx, || hold(direct, held))
+        {
+            Poll::Pending => {
+                // tungstenite may have answered a ping: out with it before the fan-out may
+                // write (it writes whole frames only between ours).
+                if this.tungstenite_pending && this.socket.poll_flush_unpin(cx).is_ready() {
+                    this.tungstenite_pending = false;
+                }
+                this.release();
+                return Poll::Pending;
+            }
             Poll::Ready(next) => next,
         };
         this.tungstenite_pending = true;
@@ -534,6 +667,10 @@ impl Sink<ToClient> for WsPeer {
                 let frame = d.frame_for(self.format).clone();
                 self.out.text(frame)
             }
+            ToClient::Rest(d, written) => {
+                let frame = d.frame_for(self.format).clone();
+                self.out.rest_of_text(frame, written)
+            }
             ToClient::Frame(f) => self.out.text(f),
             ToClient::Ping => self.out.ping(),
         }
@@ -546,6 +683,9 @@ impl Sink<ToClient> for WsPeer {
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
         ready!(self.as_mut().poll_flush(cx))?;
+        // The close frame is the last thing on the socket.
+        let this = self.as_mut().get_mut();
+        hold(&this.direct, &mut this.held);
         self.socket
             .poll_close_unpin(cx)
             .map_err(|_| PeerError::Gone)

@@ -213,6 +213,16 @@ pub struct Closed {
 }
 
 impl Ws {
+    /// A client over a WebSocket opened some other way (before its `connected` frame).
+    pub fn from_stream(stream: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Ws {
+        Ws {
+            stream,
+            backlog: Default::default(),
+            connected: Value::Null,
+            next_ref: 1,
+        }
+    }
+
     pub async fn connect(url: &str) -> Ws {
         let (stream, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
             .await

@@ -1,0 +1,172 @@
+//! Deliveries the fan-out writes to an idle WebSocket itself (`[http] direct_writes`, on by
+//! default): exactly the frames the session's queue would have written, in order, never interleaved
+//! with the connection's own (op replies, pongs), and when the socket cannot take a whole frame its
+//! task writes the rest before anything else. Counted in `herald_direct_writes_total`, read here
+//! from engines of their own (the test process's recorder is shared by every test).
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use herald::metrics::parse;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::*;
+
+fn token(user: &str) -> String {
+    herald::transport::auth::mint_hs256(SECRET, user, None, 3600).unwrap()
+}
+
+/// `herald serve` on the memory backend, `direct_writes` as given.
+fn engine(direct: bool) -> (Proc, String, TempDir) {
+    let dir = TempDir::new("direct");
+    let channels = shipped_channels();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--channels", &channels];
+    let env = [
+        ("HERALD_JWT_SECRET", SECRET),
+        ("HERALD_API_KEY", API_KEY),
+        ("HERALD_ADMIN_KEY", ADMIN_KEY),
+        (
+            "HERALD_DIRECT_WRITES",
+            if direct { "true" } else { "false" },
+        ),
+    ];
+    let p = Proc::spawn(&dir.path, &args, &env);
+    let addr = p.listening();
+    (p, addr, dir)
+}
+
+async fn api(addr: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = http_client()
+        .request(method, format!("http://{addr}{path}"))
+        .bearer_auth(API_KEY);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = tokio::time::timeout(WAIT, req.send())
+        .await
+        .expect("HTTP timed out")
+        .unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+async fn direct_writes(addr: &str) -> f64 {
+    let text = http_client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    parse(&text)
+        .iter()
+        .filter(|s| s.name == "herald_direct_writes_total")
+        .map(|s| s.value)
+        .sum()
+}
+
+/// A member of `room` subscribed to it, reading events one publish at a time (the session idle
+/// between them), with pings of its own in between: every event once, in order, whole; and how
+/// many the fan-out wrote itself.
+async fn one_at_a_time(direct: bool) -> f64 {
+    let (_p, addr, _dir) = engine(direct);
+    api(
+        &addr,
+        reqwest::Method::PUT,
+        "/api/v1/rooms/r1/members/alice",
+        None,
+    )
+    .await;
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token("alice"))).await;
+    assert_eq!(ws.next().await["type"], "connected");
+    ws.subscribed("room:r1").await;
+    const N: u64 = 30;
+    for n in 1..=N {
+        let body = json!({"event": "chat.message", "room": "r1", "data": {"n": n}});
+        api(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
+        let e = ws.event_on("room:r1").await;
+        assert_eq!(
+            (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+            (Some(n), Some(n)),
+            "{e}"
+        );
+        if n % 5 == 0 {
+            // A ping between deliveries: tungstenite's pong goes out whole, between frames.
+            ws.stream
+                .send(Message::Ping(vec![1, 2, 3].into()))
+                .await
+                .unwrap();
+            let r = ws
+                .request(json!({"op": "presence", "users": ["alice"]}))
+                .await;
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    }
+    ws.assert_none(Duration::from_millis(200), |v| v["channel"] == "room:r1")
+        .await;
+    direct_writes(&addr).await
+}
+
+#[tokio::test]
+async fn an_idle_websocket_gets_its_deliveries_from_the_fan_out_in_order() {
+    let written = one_at_a_time(true).await;
+    // After each op (the subscribe, the presence requests) the first delivery goes through the
+    // queue, which wakes the task to wait idle again; the others are written by the fan-out.
+    assert!(
+        (20.0..=30.0).contains(&written),
+        "fan-out wrote {written} of 30"
+    );
+}
+
+#[tokio::test]
+async fn with_direct_writes_off_every_delivery_goes_through_the_queue() {
+    assert_eq!(one_at_a_time(false).await, 0.0);
+}
+
+/// A client that reads slowly through a small receive window: the fan-out's writes stop fitting,
+/// the task writes what each left, and the frames arrive whole and in order.
+#[tokio::test]
+async fn what_a_full_socket_did_not_take_is_written_by_the_session_first() {
+    let t = TestServer::start_with(|c| c.limits.queue_frames = 4096).await;
+    t.join("r1", "slow").await;
+    // A 4 KiB receive buffer on the client: its window stays small.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(t.addr()).await.unwrap();
+    let url = t.ws_url(&format!("?token={}", t.token("slow")));
+    let (stream, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+    let mut ws = Ws::from_stream(stream);
+    assert_eq!(ws.next().await["type"], "connected");
+    ws.subscribed("room:r1").await;
+
+    // 9 MB: past what the server's send buffer grows to (net.ipv4.tcp_wmem's 4 MiB here).
+    const N: u64 = 300;
+    let pad = "x".repeat(30 * 1024);
+    let mut next = 1;
+    for n in 1..=N {
+        t.publish(json!({"event": "chat.message", "room": "r1", "data": {"n": n, "pad": pad}}))
+            .await;
+        if n % 10 == 0 {
+            // A little reading now and then: the window opens and closes mid-frame.
+            read_one(&mut ws, &mut next).await;
+            read_one(&mut ws, &mut next).await;
+        }
+    }
+    // The rest, each frame whole (the client's parser panics on a broken one) and in order.
+    while next <= N {
+        read_one(&mut ws, &mut next).await;
+    }
+}
+
+/// The next event on `room:r1`, which must be seq `next` with its 30 KiB pad.
+async fn read_one(ws: &mut Ws, next: &mut u64) {
+    let e = ws.event_on("room:r1").await;
+    assert_eq!(e["seq"].as_u64(), Some(*next), "{}", e["seq"]);
+    assert_eq!(e["data"]["pad"].as_str().map(str::len), Some(30 * 1024));
+    *next += 1;
+}

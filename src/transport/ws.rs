@@ -524,13 +524,19 @@ impl SocketReader {
         }))))
     }
 
-    /// The next message, when the socket woke the task; `before` runs first when the socket is
-    /// polled (tungstenite may write while it reads: a pong).
+    /// Whether the socket woke the task (or may hold more frames) since it was last polled.
+    fn woke(&self) -> bool {
+        lock(&self.0.0).socket
+    }
+
+    /// The next message, when the socket woke the task. Not while `!may_read` (the transport does
+    /// not hold the socket yet, and tungstenite may write while it reads): the task is woken again
+    /// to take it first.
     fn poll_next(
         &mut self,
         socket: &mut WebSocket,
         cx: &mut Context<'_>,
-        before: impl FnOnce(),
+        may_read: bool,
     ) -> Poll<Option<Result<Message, WsError>>> {
         {
             // The task's waker is stored under the same lock that the flag is read: a wake after
@@ -539,11 +545,17 @@ impl SocketReader {
             if !w.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
                 w.task = Some(cx.waker().clone());
             }
-            if !std::mem::take(&mut w.socket) {
+            if !w.socket {
                 return Poll::Pending;
             }
+            if !may_read {
+                // The socket woke the task after it looked: come back to hold it first.
+                drop(w);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            w.socket = false;
         }
-        before();
         let waker = Waker::from(self.0.clone());
         let next = socket.poll_next_unpin(&mut Context::from_waker(&waker));
         if next.is_ready() {
@@ -575,20 +587,25 @@ struct WsPeer {
     held: bool,
 }
 
-/// Holds the socket for the transport (see [`WsPeer::direct`]), once.
-fn hold(direct: &Option<Arc<SessionHandle>>, held: &mut bool) {
-    if let Some(h) = direct
-        && !*held
-    {
-        h.hold_socket();
-        *held = true;
-    }
-}
-
 impl WsPeer {
+    /// Holds the socket for the transport (see [`WsPeer::direct`]), once: the rest of a frame the
+    /// fan-out left half written goes to the front of the outbox, to be written before anything
+    /// else (the transport's frames, and what tungstenite writes while it reads).
+    fn hold(&mut self) {
+        if let Some(h) = &self.direct
+            && !self.held
+        {
+            self.held = true;
+            if let Some((d, written)) = h.hold_socket() {
+                self.out
+                    .rest_of_text(d.frame_for(self.format).clone(), written);
+            }
+        }
+    }
+
     /// Writes what tungstenite holds, then the queued frames.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
-        hold(&self.direct, &mut self.held);
+        self.hold();
         if self.tungstenite_pending {
             ready!(self.socket.poll_flush_unpin(cx)).map_err(|_| PeerError::Gone)?;
             self.tungstenite_pending = false;
@@ -616,17 +633,19 @@ impl Stream for WsPeer {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        // The socket is the transport's while it reads (tungstenite may write a pong): held first,
+        // and what the fan-out left half written goes out before the read.
+        if this.direct.is_some() && this.reader.woke() {
+            this.hold();
+        }
         // tungstenite writes while it reads (a pong): never in the middle of one of our frames.
         if !this.out.is_empty()
             && let Err(e) = ready!(this.poll_write_out(cx))
         {
             return Poll::Ready(Some(Err(e)));
         }
-        let (direct, held) = (&this.direct, &mut this.held);
-        let next = match this
-            .reader
-            .poll_next(&mut this.socket, cx, || hold(direct, held))
-        {
+        let may_read = this.direct.is_none() || this.held;
+        let next = match this.reader.poll_next(&mut this.socket, cx, may_read) {
             Poll::Pending => {
                 // tungstenite may have answered a ping: out with it before the fan-out may
                 // write (it writes whole frames only between ours).
@@ -667,6 +686,7 @@ impl Sink<ToClient> for WsPeer {
                 let frame = d.frame_for(self.format).clone();
                 self.out.text(frame)
             }
+            // Taken off the queue before the socket was held (nothing of ours written since).
             ToClient::Rest(d, written) => {
                 let frame = d.frame_for(self.format).clone();
                 self.out.rest_of_text(frame, written)
@@ -684,8 +704,7 @@ impl Sink<ToClient> for WsPeer {
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PeerError>> {
         ready!(self.as_mut().poll_flush(cx))?;
         // The close frame is the last thing on the socket.
-        let this = self.as_mut().get_mut();
-        hold(&this.direct, &mut this.held);
+        self.as_mut().get_mut().hold();
         self.socket
             .poll_close_unpin(cx)
             .map_err(|_| PeerError::Gone)

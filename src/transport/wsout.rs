@@ -95,28 +95,23 @@ impl Outbox {
         self.frames.push((TEXT, payload));
     }
 
-    /// Queues the rest of a text frame the fan-out began writing itself: `payload`'s frame less
-    /// its first `written` bytes. It must come first: nothing else may be waiting.
+    /// Puts the rest of a text frame the fan-out began writing itself first: `payload`'s frame
+    /// less its first `written` bytes, before whatever is queued. Nothing queued may have been
+    /// written yet (the fan-out writes only while the connection holds nothing of its own on the
+    /// socket, and the connection takes the rest before it writes again).
     pub(super) fn rest_of_text(&mut self, payload: Bytes, written: usize) {
-        debug_assert!(
-            self.is_empty(),
-            "the rest of a frame goes before anything else"
+        debug_assert_eq!(
+            self.written, 0,
+            "the rest of a frame goes before anything written"
         );
-        if !self.is_empty() {
-            // Never so: a direct write needs the task idle, its outbox empty. Written whole rather
-            // than as a broken frame in the middle of the stream.
-            self.text(payload);
+        let size = head_len(payload.len()) + payload.len();
+        if written >= size {
             return;
         }
-        let size = head_len(payload.len()) + payload.len();
-        self.frames.clear();
+        self.frames.drain(..self.next as usize);
+        self.frames.insert(0, (TEXT, payload));
         self.next = 0;
-        self.written = written.min(size) as u32;
-        self.frames.push((TEXT, payload));
-        if written >= size {
-            self.frames = Vec::new();
-            self.written = 0;
-        }
+        self.written = written as u32;
     }
 
     /// Queues an empty ping.
@@ -406,8 +401,9 @@ mod tests {
         let whole = expected(&[&payload]);
         for written in [0, 1, 3, 4, 150, whole.len() - 1, whole.len()] {
             let mut o = Outbox::default();
-            o.rest_of_text(Bytes::from(payload.clone()), written);
+            // Whatever was queued meanwhile goes after it.
             o.text(Bytes::from_static(b"next"));
+            o.rest_of_text(Bytes::from(payload.clone()), written);
             let w = write_all(&mut o, 7);
             let mut got = whole[..written].to_vec();
             got.extend_from_slice(&w.out);

@@ -148,24 +148,51 @@ async fn what_a_full_socket_did_not_take_is_written_by_the_session_first() {
     const N: u64 = 300;
     let pad = "x".repeat(30 * 1024);
     let mut next = 1;
+    let mut replies = Vec::new();
     for n in 1..=N {
         t.publish(json!({"event": "chat.message", "room": "r1", "data": {"n": n, "pad": pad}}))
             .await;
         if n % 10 == 0 {
+            // An op and a ping of the client's while the socket is full: its reply and the pong
+            // must wait for the frame the fan-out left half written.
+            ws.send(json!({"op": "presence", "users": ["slow"], "ref": n}))
+                .await;
+            ws.stream.send(Message::Ping(vec![7].into())).await.unwrap();
             // A little reading now and then: the window opens and closes mid-frame.
-            read_one(&mut ws, &mut next).await;
-            read_one(&mut ws, &mut next).await;
+            read_one(&mut ws, &mut next, &mut replies).await;
+            read_one(&mut ws, &mut next, &mut replies).await;
         }
     }
     // The rest, each frame whole (the client's parser panics on a broken one) and in order.
     while next <= N {
-        read_one(&mut ws, &mut next).await;
+        read_one(&mut ws, &mut next, &mut replies).await;
+    }
+    while replies.len() < (N / 10) as usize {
+        let v = ws.next().await;
+        if v["type"] == "reply" {
+            replies.push(v);
+        }
+    }
+    for (r, n) in replies.iter().zip((10..=N).step_by(10)) {
+        assert_eq!(
+            (r["ref"].as_u64(), &r["ok"]),
+            (Some(n), &json!(true)),
+            "{r}"
+        );
     }
 }
 
-/// The next event on `room:r1`, which must be seq `next` with its 30 KiB pad.
-async fn read_one(ws: &mut Ws, next: &mut u64) {
-    let e = ws.event_on("room:r1").await;
+/// The next event on `room:r1`, which must be seq `next` with its 30 KiB pad; the op replies read
+/// on the way go to `replies`.
+async fn read_one(ws: &mut Ws, next: &mut u64, replies: &mut Vec<Value>) {
+    let e = loop {
+        let v = ws.next().await;
+        match v["type"].as_str() {
+            Some("reply") => replies.push(v),
+            Some("event") if v["channel"] == "room:r1" => break v,
+            _ => {}
+        }
+    };
     assert_eq!(e["seq"].as_u64(), Some(*next), "{}", e["seq"]);
     assert_eq!(e["data"]["pad"].as_str().map(str::len), Some(30 * 1024));
     *next += 1;

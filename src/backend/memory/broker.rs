@@ -119,7 +119,7 @@ impl Broker for Memory {
                     lock(&self.outbox).record(step, Some(seq));
                 }
                 // Handing over while the channel lock is held keeps deliveries in seq order; the sink
-                // only does non-blocking queue pushes.
+                // only does non-blocking queue pushes and socket writes.
                 if let Some(sink) = self.sink() {
                     sink.deliver(Arc::new(Delivery {
                         channel,

@@ -22,7 +22,10 @@ export function openSocket({ url, WebSocket, connectFrame, onFrame, onClose }) {
   const finish = (code, reason) => {
     if (done) return;
     done = true;
-    ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    // Not null: a socket dropped while still connecting reports that as an error afterwards, and
+    // in Node (the `ws` package) an error nobody listens to is an uncaught exception.
+    ws.onerror = () => {};
     onClose({ code: disconnect?.code ?? code, reason: disconnect?.reason ?? reason, opened, frame: disconnect });
   };
 

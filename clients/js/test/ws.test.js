@@ -3,6 +3,7 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { connect, HeraldError } from '../src/index.js';
 import {
   api, cleanup, collect, FAST, publishMany, recordingWebSocket, startHerald, startRelay, token, waitFor,
@@ -384,4 +385,27 @@ test('an op called while reconnecting waits, and is sent once the connection is 
   assert.equal(got[0].data.text, 'queued');
   const hist = await api(herald.base, 'GET', '/api/v1/rooms/r7/events?since=0');
   assert.equal(hist.events.length, 1, 'stored once');
+});
+
+test('close() while the socket is still connecting: closed, and nothing thrown afterwards', async () => {
+  // A server that accepts and never answers the upgrade: the socket stays connecting.
+  const held = [];
+  const silent = net.createServer((sock) => held.push(sock));
+  await new Promise((r) => silent.listen(0, '127.0.0.1', r));
+  const uncaught = [];
+  const record = (e) => uncaught.push(e);
+  process.on('uncaughtException', record);
+  try {
+    const url = `http://127.0.0.1:${silent.address().port}`;
+    const c = connect({ url, token: token('carol'), WebSocket, backoff: FAST });
+    await waitFor(() => held.length === 1, 'the socket reaches the server');
+    c.close();
+    assert.equal(c.connectionState, 'closed');
+    await sleep(200);
+  } finally {
+    process.off('uncaughtException', record);
+    for (const sock of held) sock.destroy();
+    silent.close();
+  }
+  assert.deepEqual(uncaught.map(String), []);
 });

@@ -413,6 +413,16 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// A true/false environment variable (`1`/`true`, `0`/`false`); `None` when unset.
+fn env_flag(name: &str) -> Result<Option<bool>, ConfigError> {
+    match env(name).as_deref() {
+        None => Ok(None),
+        Some("1" | "true") => Ok(Some(true)),
+        Some("0" | "false") => Ok(Some(false)),
+        Some(_) => Err(ConfigError::Invalid(format!("{name}: true or false"))),
+    }
+}
+
 /// A random key: 32 alphanumeric characters (~190 bits).
 pub fn random_key() -> String {
     // Alphanumeric only: a key starting with `-` could not be passed as a separate CLI argument.
@@ -651,26 +661,10 @@ impl Config {
         if let Some(m) = file.http.metrics_require_admin {
             c.metrics_require_admin = m;
         }
-        c.tcp_nodelay = match env("HERALD_TCP_NODELAY").as_deref() {
-            Some("1" | "true") => true,
-            Some("0" | "false") => false,
-            Some(_) => {
-                return Err(ConfigError::Invalid(
-                    "HERALD_TCP_NODELAY: true or false".into(),
-                ));
-            }
-            None => file.http.tcp_nodelay.unwrap_or(true),
-        };
-        c.direct_writes = match env("HERALD_DIRECT_WRITES").as_deref() {
-            Some("1" | "true") => true,
-            Some("0" | "false") => false,
-            Some(_) => {
-                return Err(ConfigError::Invalid(
-                    "HERALD_DIRECT_WRITES: true or false".into(),
-                ));
-            }
-            None => file.http.direct_writes.unwrap_or(true),
-        };
+        c.tcp_nodelay =
+            env_flag("HERALD_TCP_NODELAY")?.unwrap_or(file.http.tcp_nodelay.unwrap_or(true));
+        c.direct_writes =
+            env_flag("HERALD_DIRECT_WRITES")?.unwrap_or(file.http.direct_writes.unwrap_or(true));
 
         // Rules.
         let r = file.rules_engine;
@@ -849,16 +843,8 @@ fn apply_push_env(p: &mut PushConfig) -> Result<(), ConfigError> {
         if let Some(v) = env("HERALD_PUSH_WEBPUSH_ALLOWED_HOSTS") {
             w.allowed_hosts = Some(split_list(&v));
         }
-        if let Some(v) = env("HERALD_PUSH_WEBPUSH_ALLOW_LOOPBACK") {
-            w.allow_loopback = match v.as_str() {
-                "1" | "true" => true,
-                "0" | "false" => false,
-                _ => {
-                    return Err(ConfigError::Invalid(
-                        "HERALD_PUSH_WEBPUSH_ALLOW_LOOPBACK: true or false".into(),
-                    ));
-                }
-            };
+        if let Some(v) = env_flag("HERALD_PUSH_WEBPUSH_ALLOW_LOOPBACK")? {
+            w.allow_loopback = v;
         }
     }
     if env("HERALD_PUSH_WEBHOOK_URL").is_some() || env("HERALD_PUSH_WEBHOOK_SECRET").is_some() {

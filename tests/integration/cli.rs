@@ -466,3 +466,20 @@ fn token_refuses_what_the_engine_would_refuse() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// A true/false setting in the environment that is neither: `serve` refuses to start and names it.
+#[test]
+fn a_flag_in_the_environment_must_be_true_or_false() {
+    let dir = TempDir::new("cli-env-flag");
+    for name in [
+        "HERALD_TCP_NODELAY",
+        "HERALD_DIRECT_WRITES",
+        "HERALD_PUSH_WEBPUSH_ALLOW_LOOPBACK",
+    ] {
+        let args = ["serve", "--listen", "127.0.0.1:0"];
+        let mut p = Proc::spawn(&dir.path, &args, &[(name, "yes")]);
+        assert!(!p.exit(WAIT).success(), "{name}=yes was taken");
+        let err = p.stderr();
+        assert!(err.contains(&format!("{name}: true or false")), "{err}");
+    }
+}

@@ -21,8 +21,9 @@
 local now = now_ms()
 local grace = tonumber(ARGV[2])
 local exp = now + tonumber(ARGV[1])
--- What every extension writes, formatted once.
-local exps, keys_exp = int(exp), int(slot_end(exp + grace))
+-- What every extension writes, computed and formatted once.
+local keys_at = slot_end(exp + grace)
+local exps, keys_exp = int(exp), int(keys_at)
 local missing = {}
 -- Rooms whose users' scores moved, settled once at the end (a chunk's sessions often share rooms).
 local touched = {}
@@ -37,11 +38,11 @@ for i = 0, n - 1 do
     if not same_slot(score, exp, grace) then
       redis.call('PEXPIREAT', sessions, keys_exp, 'GT')
       redis.call('PEXPIREAT', devices, keys_exp, 'GT')
-      expire_at_least(index, slot_end(exp + grace))
+      expire_at_least(index, keys_at)
     end
   else
     missing[#missing + 1] = i
-    expire_at_least(index, slot_end(exp + grace))
+    expire_at_least(index, keys_at)
   end
   local rooms = redis.call('SMEMBERS', index)
   for _, room in ipairs(rooms) do

@@ -145,6 +145,11 @@ impl TestServer {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// This engine's `/metrics` text (asserting 200).
+    pub async fn metrics_text(&self) -> String {
+        metrics_at(&self.url("/metrics")).await
+    }
+
     /// Adds `user` to `room`.
     pub async fn join(&self, room: &str, user: &str) {
         let (s, _) = self
@@ -177,6 +182,21 @@ impl TestServer {
     pub async fn stop(self) {
         self.server.stop().await.unwrap();
     }
+}
+
+/// The Prometheus text at `url` (an engine's `/metrics`), asserting 200. Bounded by `WAIT`.
+pub async fn metrics_at(url: &str) -> String {
+    let resp = tokio::time::timeout(WAIT, http_client().get(url).send())
+        .await
+        .expect("GET /metrics timed out")
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.text().await.unwrap()
+}
+
+/// A valid HS256 token for `user` (1 h), signed with the test secret: for engines run as a process.
+pub fn user_token(user: &str) -> String {
+    herald::transport::auth::mint_hs256(SECRET, user, None, 3600).unwrap()
 }
 
 /// Claims for `user`, valid for an hour.
@@ -926,17 +946,20 @@ impl HeraldProcess {
         extra: &[&str],
         more_env: &[(&str, &str)],
     ) -> HeraldProcess {
+        let mut args = vec!["--redis", redis_url];
+        args.extend_from_slice(extra);
+        Self::start(&args, more_env)
+    }
+
+    /// `herald serve` on the memory backend, with more environment variables (later ones win).
+    pub fn memory(more_env: &[(&str, &str)]) -> HeraldProcess {
+        Self::start(&[], more_env)
+    }
+
+    fn start(extra: &[&str], more_env: &[(&str, &str)]) -> HeraldProcess {
         let dir = TempDir::new("node");
         let channels = shipped_channels();
-        let mut args = vec![
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--channels",
-            &channels,
-            "--redis",
-            redis_url,
-        ];
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--channels", &channels];
         args.extend_from_slice(extra);
         let mut env = vec![
             ("HERALD_JWT_SECRET", SECRET),

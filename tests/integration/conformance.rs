@@ -1475,13 +1475,7 @@ async fn redis_heartbeat_moves_scores_not_key_expiries() {
     );
     assert_eq!(count("pexpireat"), 1, "{calls:?}");
 
-    let client = redis::Client::open(server.url.as_str()).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("hbc:*")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let (mut con, keys) = keys_matching(&server.url, "hbc:*").await;
     let now: (i64, i64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
     let now_ms = now.0 * 1000 + now.1 / 1000;
     let mut with_entries = 0;
@@ -1541,13 +1535,7 @@ async fn redis_presence_leaves_no_keys_behind() {
     let r = p.sweep().await.unwrap();
     assert_eq!(r.offline.len(), 1, "{r:?}");
 
-    let client = redis::Client::open(server.url.as_str()).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("pleak:*")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let (mut con, keys) = keys_matching(&server.url, "pleak:*").await;
     assert!(!keys.is_empty(), "status and last_seen are kept a while");
     for key in keys {
         let ttl: i64 = redis::cmd("PTTL")
@@ -1586,6 +1574,21 @@ async fn reset_command_stats(url: &str) {
         .exec_async(&mut con)
         .await
         .unwrap();
+}
+
+/// A connection to the Redis at `url`, and its keys matching `pattern`.
+async fn keys_matching(
+    url: &str,
+    pattern: &str,
+) -> (redis::aio::MultiplexedConnection, Vec<String>) {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    (con, keys)
 }
 
 async fn pttl(url: &str, key: &str) -> i64 {

@@ -13,29 +13,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
-fn token(user: &str) -> String {
-    herald::transport::auth::mint_hs256(SECRET, user, None, 3600).unwrap()
-}
-
-/// `herald serve` on the memory backend, `direct_writes` as given.
-fn engine(direct: bool) -> (Proc, String, TempDir) {
-    let dir = TempDir::new("direct");
-    let channels = shipped_channels();
-    let args = ["serve", "--listen", "127.0.0.1:0", "--channels", &channels];
-    let env = [
-        ("HERALD_JWT_SECRET", SECRET),
-        ("HERALD_API_KEY", API_KEY),
-        ("HERALD_ADMIN_KEY", ADMIN_KEY),
-        (
-            "HERALD_DIRECT_WRITES",
-            if direct { "true" } else { "false" },
-        ),
-    ];
-    let p = Proc::spawn(&dir.path, &args, &env);
-    let addr = p.listening();
-    (p, addr, dir)
-}
-
 async fn api(addr: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
     let mut req = http_client()
         .request(method, format!("http://{addr}{path}"))
@@ -52,15 +29,7 @@ async fn api(addr: &str, method: reqwest::Method, path: &str, body: Option<Value
 }
 
 async fn direct_writes(addr: &str) -> f64 {
-    let text = http_client()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    parse(&text)
+    parse(&metrics_at(&format!("http://{addr}/metrics")).await)
         .iter()
         .filter(|s| s.name == "herald_direct_writes_total")
         .map(|s| s.value)
@@ -71,7 +40,11 @@ async fn direct_writes(addr: &str) -> f64 {
 /// between them), with pings of its own in between: every event once, in order, whole; and how
 /// many the fan-out wrote itself.
 async fn one_at_a_time(direct: bool) -> f64 {
-    let (_p, addr, _dir) = engine(direct);
+    let node = HeraldProcess::memory(&[(
+        "HERALD_DIRECT_WRITES",
+        if direct { "true" } else { "false" },
+    )]);
+    let addr = node.addr.clone();
     api(
         &addr,
         reqwest::Method::PUT,
@@ -79,7 +52,7 @@ async fn one_at_a_time(direct: bool) -> f64 {
         None,
     )
     .await;
-    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token("alice"))).await;
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token("alice"))).await;
     assert_eq!(ws.next().await["type"], "connected");
     ws.subscribed("room:r1").await;
     const N: u64 = 30;

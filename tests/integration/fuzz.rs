@@ -37,23 +37,20 @@ const WITNESS: &str = "fz-witness";
 /// stay cheap to build).
 const FRAME_BYTES: usize = 8 * 1024;
 
-/// xorshift64*: small, deterministic, good enough to pick frames.
-struct Rng(u64);
+/// rand's seeded generator (a seed replays a run), with the few draws the fuzz makes.
+struct Rng(rand::rngs::StdRng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    fn new(seed: u64) -> Self {
+        Rng(rand::SeedableRng::seed_from_u64(seed))
     }
 
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        rand::Rng::random_range(&mut self.0, 0..n)
     }
 
     fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
+        rand::Rng::random_ratio(&mut self.0, percent as u32, 100)
     }
 
     fn pick(&mut self, xs: &[Value]) -> Value {
@@ -65,13 +62,7 @@ fn seed() -> u64 {
     std::env::var("HERALD_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        .max(1)
+        .unwrap_or_else(rand::random)
 }
 
 /// Values for each kind of field: valid ones first, then wrong types and malformed ones.
@@ -511,15 +502,16 @@ fn check_frame(c: &Contract, v: &Value, ctx: &dyn Fn() -> String) {
     }
 }
 
+/// The long run (`HERALD_SLOW=1 scripts/test`).
+fn slow() -> bool {
+    std::env::var("HERALD_SLOW").is_ok_and(|v| v == "1")
+}
+
 #[tokio::test]
 async fn random_frames_get_documented_answers_and_lose_nothing() {
     let seed = seed();
     let contract = Contract::read();
-    let frames = if std::env::var("HERALD_SLOW").is_ok_and(|v| v == "1") {
-        100_000
-    } else {
-        5_000
-    };
+    let frames = if slow() { 100_000 } else { 5_000 };
     let s = TestServer::start_with(|c| {
         c.limits.frame_bytes = FRAME_BYTES;
         c.limits.frames_per_second = 1_000_000;
@@ -575,7 +567,7 @@ async fn random_frames_get_documented_answers_and_lose_nothing() {
     });
 
     let p = pools();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut next_ref = 0u64;
     let (mut ws, _) = open(&s, FUZZER).await;
     // The room's epoch, so some `since` positions are real ones.
@@ -877,11 +869,7 @@ fn encode(s: &str) -> String {
 async fn random_http_requests_get_documented_statuses_and_error_bodies() {
     let seed = seed();
     let contract = Contract::read();
-    let per_op = if std::env::var("HERALD_SLOW").is_ok_and(|v| v == "1") {
-        500
-    } else {
-        25
-    };
+    let per_op = if slow() { 500 } else { 25 };
     let api: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
             .unwrap(),
@@ -901,7 +889,7 @@ async fn random_http_requests_get_documented_statuses_and_error_bodies() {
         }
     }
     let p = pools();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut calls = 0;
     let mut by_status = BTreeMap::<u16, u32>::new();
     let mut undocumented = BTreeMap::<(String, u16), String>::new();

@@ -12,12 +12,7 @@ use serde_json::json;
 use crate::common::*;
 
 async fn scrape(s: &TestServer) -> (String, Vec<Sample>) {
-    let resp = tokio::time::timeout(WAIT, s.http.get(s.url("/metrics")).send())
-        .await
-        .expect("GET /metrics timed out")
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let text = resp.text().await.unwrap();
+    let text = s.metrics_text().await;
     let samples = parse(&text);
     (text, samples)
 }

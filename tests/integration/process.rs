@@ -18,10 +18,6 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
-fn token(user: &str) -> String {
-    herald::transport::auth::mint_hs256(SECRET, user, None, 3600).unwrap()
-}
-
 fn env() -> [(&'static str, &'static str); 3] {
     [
         ("HERALD_JWT_SECRET", SECRET),
@@ -55,7 +51,7 @@ async fn ctrl_c_shuts_down_when_stdout_and_stderr_are_closed_pipes() {
     };
     drop(child.stderr.take());
     let addr = listening_addr(&first);
-    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token("alice"))).await;
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token("alice"))).await;
     assert_eq!(ws.next().await["type"], "connected");
     // Something to log on both closed pipes before the signal.
     let r = ws.request(json!({"op": "ping"})).await;
@@ -81,15 +77,11 @@ async fn ctrl_c_shuts_down_when_stdout_and_stderr_are_closed_pipes() {
 /// frame and in an SSE URL, the API key, the admin key), none reaches the log.
 #[tokio::test]
 async fn no_secret_reaches_the_log_at_trace_level() {
-    let dir = TempDir::new("trace-secrets");
-    let channels = shipped_channels();
-    let args = ["serve", "--listen", "127.0.0.1:0", "--channels", &channels];
-    let mut env: Vec<(&str, &str)> = env().to_vec();
-    env.push(("HERALD_LOG", "trace"));
-    let mut p = Proc::spawn(&dir.path, &args, &env);
     // Proc sets HERALD_LOG=info itself; the one given here comes later and wins.
-    let addr = p.listening();
-    let (in_query, in_frame, in_sse) = (token("alice"), token("bob"), token("carol"));
+    let mut node = HeraldProcess::memory(&[("HERALD_LOG", "trace")]);
+    let (p, addr) = (&mut node.proc, node.addr.clone());
+    let (in_query, in_frame, in_sse) =
+        (user_token("alice"), user_token("bob"), user_token("carol"));
     let mut a = Ws::connect(&format!("ws://{addr}/ws?token={in_query}")).await;
     assert_eq!(a.next().await["type"], "connected");
     let mut b = Ws::connect(&format!("ws://{addr}/ws")).await;
@@ -186,15 +178,10 @@ fn start_and_stop_on(redis: &crate::redis_server::RedisServer) -> String {
 /// debug lines on at `HERALD_LOG=warn`.
 #[tokio::test]
 async fn a_quiet_log_level_stays_quiet() {
-    let dir = TempDir::new("quiet-log");
-    let channels = shipped_channels();
-    let args = ["serve", "--listen", "127.0.0.1:0", "--channels", &channels];
-    let mut env: Vec<(&str, &str)> = env().to_vec();
-    env.push(("HERALD_LOG", "warn"));
-    let mut p = Proc::spawn(&dir.path, &args, &env);
-    let addr = p.listening();
+    let mut node = HeraldProcess::memory(&[("HERALD_LOG", "warn")]);
+    let (p, addr) = (&mut node.proc, node.addr.clone());
     for user in ["alice", "bob"] {
-        let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", token(user))).await;
+        let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(user))).await;
         assert_eq!(ws.next().await["type"], "connected");
         ws.close_client().await;
     }

@@ -142,14 +142,7 @@ async fn push_offline_user_gets_exactly_one_push_with_room_and_seq() {
     assert_eq!(job["body"], "offline body");
     assert_eq!(job["collapse"], "room:r1");
     assert_eq!(job["token"], "tok-phone");
-    let metrics = crate::common::http_client()
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.metrics_text().await;
     assert!(
         metrics.contains("herald_push_sent_total{provider=\"webhook\"}"),
         "{metrics}"
@@ -408,14 +401,7 @@ async fn push_a_permanent_failure_is_dead_lettered() {
         !admin.to_string().contains("tok-phone"),
         "no token: {admin}"
     );
-    let metrics = crate::common::http_client()
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.metrics_text().await;
     // The recorder is per process (other tests count too): present, not an exact figure.
     assert!(
         metrics.contains(

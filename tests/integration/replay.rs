@@ -435,13 +435,7 @@ async fn a_slow_consumer_is_disconnected_and_others_get_everything() {
     assert_eq!(v["online"], false);
     let (s, _) = t.api("GET", "/api/v1/presence/reader", None).await;
     assert_eq!(s, 200);
-    let text = tokio::time::timeout(WAIT, t.http.get(t.url("/metrics")).send())
-        .await
-        .unwrap()
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = t.metrics_text().await;
     assert!(
         text.contains("herald_slow_consumer_disconnects_total"),
         "{text}"

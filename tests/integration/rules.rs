@@ -134,16 +134,7 @@ async fn nothing_more_on(s: &TestServer, clients: &mut [&mut Ws], channel: &str)
 
 /// The value of `herald_rule_errors_total{hook=…}` in `/metrics` (0 when absent).
 async fn rule_errors(s: &TestServer, hook: &str) -> f64 {
-    metric(&metrics_text(s).await, "herald_rule_errors_total", hook)
-}
-
-async fn metrics_text(s: &TestServer) -> String {
-    let resp = tokio::time::timeout(WAIT, s.http.get(s.url("/metrics")).send())
-        .await
-        .expect("GET /metrics timed out")
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    resp.text().await.unwrap()
+    metric(&s.metrics_text().await, "herald_rule_errors_total", hook)
 }
 
 fn metric(text: &str, name: &str, hook: &str) -> f64 {
@@ -457,7 +448,7 @@ async fn a_runaway_route_falls_back_to_the_channel_defaults() {
         assert_eq!(got["event"], ev, "{got}");
         assert_eq!(got["data"], ev, "{got}");
     }
-    let text = metrics_text(&s).await;
+    let text = s.metrics_text().await;
     assert!(text.contains("herald_rule_errors_total"), "{text}");
     let after = metric(&text, "herald_rule_errors_total", "route");
     assert!(after >= before + 3.0, "errors {before} -> {after}");

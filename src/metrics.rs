@@ -418,6 +418,13 @@ pub fn fanned_out(n: u64, direct: u64, deepest: usize, started: Instant, done: I
     metrics::histogram!(FANOUT_DURATION).record(done.saturating_duration_since(started));
 }
 
+/// Deliveries a writer task wrote for a fan-out ([`crate::engine::hub`]'s deferred writes).
+pub fn written_directly(n: u64) {
+    if n > 0 {
+        metrics::counter!(DIRECT_WRITES).increment(n);
+    }
+}
+
 /// Sessions closed because their queue filled.
 pub fn slow_consumer() {
     metrics::counter!(SLOW_CONSUMER).increment(1);

@@ -3,9 +3,10 @@
 //! Sharded by channel so fan-out on one channel does not block another; locks are `std` locks held only
 //! for non-blocking work (never across `.await`). Fan-out hands the same `Arc<Delivery>` (and so the
 //! same frame bytes) to every subscriber: a WebSocket whose task waits idle gets it written to its
-//! socket by the fan-out itself ([`DirectWrite`], while the node's [`DirectBudget`] allows), the
-//! others in their bounded queue; a full queue marks that session for disconnection (slow
-//! consumer) and never slows the others.
+//! socket without its task ([`DirectWrite`], while the node's [`DirectBudget`] allows: by the
+//! fan-out itself for its first [`INLINE_WRITES`] sockets, by writer tasks spread over the
+//! runtime's threads for the rest), the others in their bounded queue; a full queue marks that
+//! session for disconnection (slow consumer) and never slows the others.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -63,6 +64,28 @@ pub trait DirectWrite: Send + Sync + std::fmt::Debug {
     /// `Some(0)` when none did (the socket is full, or broken: the session's task finds out which
     /// when it writes the rest).
     fn write_text(&self, payload: &[u8]) -> Option<usize>;
+}
+
+/// How the fan-out may hand a delivery to an idle WebSocket ([`SessionHandle::hand_over`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HandOver {
+    /// Queue it for the session's task (the node's budget says no).
+    Queue,
+    /// Write it to the socket now.
+    Write,
+    /// Leave it for a writer task to write after the fan-out.
+    Defer,
+}
+
+/// What became of a delivery handed over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handed {
+    /// Queued for the session's task, leaving the queue this deep.
+    Queued(usize),
+    /// Written to the socket (or dropped, as already sent).
+    Written,
+    /// Left at the front of the queue for a writer task.
+    Deferred,
 }
 
 /// The fan-out's writer for a session, set once it is open ([`SessionHandle::write_directly`]).
@@ -328,43 +351,84 @@ impl SessionHandle {
         self.push(o).is_some()
     }
 
-    /// Hands a fan-out's delivery over: written to the socket directly when `direct` (the node's
-    /// budget allows it), the session is idle and its subscription can take it as it is;
-    /// otherwise queued as [`send`](Self::send) does. `Some((depth, written))`: delivered, with the
-    /// queue's depth and whether the fan-out wrote (or dropped as already sent) it itself.
-    fn hand_over(&self, d: &Arc<Delivery>, direct: bool) -> Option<(usize, bool)> {
+    /// Hands a fan-out's delivery over as `how` allows: written to the socket (now, or by a writer
+    /// task after the fan-out) when the session is idle and its subscription can take it as it
+    /// is; otherwise queued as [`send`](Self::send) does. `None` when the session took nothing.
+    fn hand_over(&self, d: &Arc<Delivery>, how: HandOver) -> Option<Handed> {
         let mut guard = lock(&self.queue);
         let q = &mut *guard;
         // Not once the session is closing: its last frames are the transport's.
-        if direct
+        if how != HandOver::Queue
             && q.idle
             && q.items.is_empty()
             && !q.closed
             && self.close_reason().is_none()
             && fan_out_may_write(d)
-            && let Some(w) = &q.direct
+            && q.direct.is_some()
         {
-            match q.subs.live(d) {
-                Live::Skip => return Some((0, true)),
-                Live::Queue => {}
-                Live::Write => {
-                    let Some(wrote) = w.socket.write_text(d.frame_for(w.format)) else {
-                        return Some((0, true));
-                    };
-                    // The socket is full (or gone): the task writes the rest, before anything else.
-                    q.idle = false;
-                    q.items.push_back(Outbound::Rest(d.clone(), wrote));
-                    let waker = q.waker.take();
-                    drop(guard);
-                    if let Some(w) = waker {
-                        w.wake();
-                    }
-                    return Some((1, false));
-                }
+            if how == HandOver::Defer {
+                // Queued without waking the task, which still counts as idle: the writer finds it
+                // at the front ([`write_deferred`](Self::write_deferred)); anything queued behind
+                // it wakes the task, which then takes it first.
+                q.items.push_back(Outbound::Deliver(d.clone()));
+                return Some(Handed::Deferred);
             }
+            return Some(match Self::write_live(guard, d) {
+                true => Handed::Written,
+                false => Handed::Queued(1),
+            });
         }
         self.push_locked(guard, Outbound::Deliver(d.clone()))
-            .map(|depth| (depth, false))
+            .map(Handed::Queued)
+    }
+
+    /// Writes `d` to the idle session's socket as its subscription has it (checked under the
+    /// queue's lock, which `q` holds); true when written (or dropped, as already sent). A frame the
+    /// socket did not take whole, or one the subscription must check first, goes to the front of
+    /// the queue for the task, which is woken.
+    fn write_live(mut q: std::sync::MutexGuard<'_, Queue>, d: &Arc<Delivery>) -> bool {
+        let item = match q.subs.live(d) {
+            Live::Skip => return true,
+            Live::Queue => Outbound::Deliver(d.clone()),
+            Live::Write => {
+                let Some(w) = &q.direct else {
+                    return false;
+                };
+                let Some(wrote) = w.socket.write_text(d.frame_for(w.format)) else {
+                    return true;
+                };
+                // The socket is full (or gone): the task writes the rest, before anything else.
+                Outbound::Rest(d.clone(), wrote)
+            }
+        };
+        q.idle = false;
+        q.items.push_front(item);
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        false
+    }
+
+    /// A writer task's turn at a delivery [`hand_over`](Self::hand_over) deferred: written when it
+    /// is still at the front of the queue and the task still idle (true when written); otherwise
+    /// the task, woken, takes it (unless it already did).
+    fn write_deferred(&self, d: &Arc<Delivery>) -> bool {
+        let mut q = lock(&self.queue);
+        if q.closed || !matches!(q.items.front(), Some(Outbound::Deliver(f)) if Arc::ptr_eq(f, d)) {
+            return false;
+        }
+        if q.idle && q.direct.is_some() && self.close_reason().is_none() {
+            q.items.pop_front();
+            return Self::write_live(q, d);
+        }
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        false
     }
 
     /// [`send`](Self::send), with the queue's depth once queued.
@@ -695,7 +759,7 @@ pub struct Hub {
     /// (token expiry unix s, session id) of sessions that expire: one sweep for the node instead of a
     /// timer per connection.
     expiries: Mutex<BTreeSet<(u64, u64)>>,
-    budget: DirectBudget,
+    budget: Arc<DirectBudget>,
 }
 
 impl Default for Hub {
@@ -712,7 +776,7 @@ impl Hub {
             sessions: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             expiries: Mutex::new(BTreeSet::new()),
-            budget: DirectBudget::new(),
+            budget: Arc::new(DirectBudget::new()),
         }
     }
 
@@ -945,6 +1009,20 @@ impl DeliverySink for Hub {
         } else {
             0
         };
+        // Past the first few sockets a big fan-out leaves its writes to writer tasks, spread over
+        // the runtime's threads: the publish (or the Pub/Sub reader) does not wait for thousands
+        // of sends on one thread.
+        let runtime = if direct {
+            tokio::runtime::Handle::try_current().ok()
+        } else {
+            None
+        };
+        let mut inline = if runtime.is_some() {
+            INLINE_WRITES
+        } else {
+            usize::MAX
+        };
+        let mut deferred = Vec::new();
         let (mut n, mut wrote, mut deepest) = (0u64, 0u64, 0usize);
         for s in list {
             if filtered
@@ -952,11 +1030,21 @@ impl DeliverySink for Hub {
             {
                 continue;
             }
-            if let Some((depth, itself)) = s.hand_over(&d, direct) {
-                n += 1;
-                wrote += u64::from(itself);
-                deepest = deepest.max(depth);
+            let how = match (direct, inline) {
+                (false, _) => HandOver::Queue,
+                (true, 0) => HandOver::Defer,
+                (true, _) => HandOver::Write,
+            };
+            match s.hand_over(&d, how) {
+                None => continue,
+                Some(Handed::Queued(depth)) => deepest = deepest.max(depth),
+                Some(Handed::Written) => {
+                    wrote += 1;
+                    inline -= 1;
+                }
+                Some(Handed::Deferred) => deferred.push(s.clone()),
             }
+            n += 1;
         }
         drop(shard);
         let done = std::time::Instant::now();
@@ -967,6 +1055,43 @@ impl DeliverySink for Hub {
         };
         self.budget.record(done, n, wrote, cpu);
         crate::metrics::fanned_out(n, wrote, deepest, started, done);
+        if let Some(runtime) = runtime
+            && !deferred.is_empty()
+        {
+            spawn_writers(&runtime, &self.budget, &d, deferred);
+        }
+    }
+}
+
+/// How many sockets a fan-out writes to itself before it leaves the rest to writer tasks.
+const INLINE_WRITES: usize = 64;
+
+/// The fewest sockets a writer task takes.
+const WRITER_CHUNK: usize = 128;
+
+/// Writes the deliveries a fan-out deferred: in one task per runtime thread (each at least
+/// [`WRITER_CHUNK`] sockets), which the idle threads take up.
+fn spawn_writers(
+    runtime: &tokio::runtime::Handle,
+    budget: &Arc<DirectBudget>,
+    d: &Arc<Delivery>,
+    mut sessions: Vec<Arc<SessionHandle>>,
+) {
+    let tasks = runtime
+        .metrics()
+        .num_workers()
+        .clamp(1, sessions.len().div_ceil(WRITER_CHUNK));
+    let per_task = sessions.len().div_ceil(tasks);
+    while !sessions.is_empty() {
+        let chunk = sessions.split_off(sessions.len().saturating_sub(per_task));
+        let (budget, d) = (budget.clone(), d.clone());
+        runtime.spawn(async move {
+            let cpu = crate::primitives::thread_cpu_ns();
+            let wrote = chunk.iter().filter(|s| s.write_deferred(&d)).count() as u64;
+            let cpu = crate::primitives::thread_cpu_ns().saturating_sub(cpu);
+            budget.record(Instant::now(), 0, wrote, cpu);
+            crate::metrics::written_directly(wrote);
+        });
     }
 }
 
@@ -1056,7 +1181,10 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         // Not idle before the task waits on its empty queue.
         let first = delivery(&ch, &e, 1, b"one");
-        assert_eq!(s.hand_over(&first, true), Some((1, false)));
+        assert_eq!(
+            s.hand_over(&first, HandOver::Write),
+            Some(Handed::Queued(1))
+        );
         assert!(matches!(
             s.poll_next(&mut cx),
             Poll::Ready(Next::Out(Outbound::Deliver(_)))
@@ -1064,18 +1192,18 @@ mod tests {
         assert!(s.poll_next(&mut cx).is_pending());
         // Idle: written by the fan-out, and a second copy of seq 1 dropped.
         assert_eq!(
-            s.hand_over(&delivery(&ch, &e, 2, b"two"), true),
-            Some((0, true))
+            s.hand_over(&delivery(&ch, &e, 2, b"two"), HandOver::Write),
+            Some(Handed::Written)
         );
         assert_eq!(
-            s.hand_over(&delivery(&ch, &e, 2, b"two"), true),
-            Some((0, true))
+            s.hand_over(&delivery(&ch, &e, 2, b"two"), HandOver::Write),
+            Some(Handed::Written)
         );
         assert_eq!(lock(&socket.0).as_slice(), b"\x81\x03two");
         // Not when the node's budget says no.
         assert_eq!(
-            s.hand_over(&delivery(&ch, &e, 3, b"three"), false),
-            Some((1, false))
+            s.hand_over(&delivery(&ch, &e, 3, b"three"), HandOver::Queue),
+            Some(Handed::Queued(1))
         );
         assert!(matches!(
             s.poll_next(&mut cx),
@@ -1084,9 +1212,12 @@ mod tests {
         assert!(s.poll_next(&mut cx).is_pending());
         // Half written: the rest is the transport's to write first, taken when it holds the socket.
         let long = delivery(&ch, &e, 4, b"a frame too long for one write");
-        assert_eq!(s.hand_over(&long, true), Some((1, false)));
+        assert_eq!(s.hand_over(&long, HandOver::Write), Some(Handed::Queued(1)));
         let after = delivery(&ch, &e, 5, b"five");
-        assert_eq!(s.hand_over(&after, true), Some((2, false)));
+        assert_eq!(
+            s.hand_over(&after, HandOver::Write),
+            Some(Handed::Queued(2))
+        );
         let (rest, written) = s.hold_socket().expect("the rest of seq 4");
         assert!(Arc::ptr_eq(&rest, &long));
         assert_eq!(written, 12);
@@ -1096,22 +1227,156 @@ mod tests {
         );
         assert!(s.poll_next(&mut cx).is_pending());
         assert_eq!(
-            s.hand_over(&delivery(&ch, &e, 6, b"six"), true),
-            Some((1, false))
+            s.hand_over(&delivery(&ch, &e, 6, b"six"), HandOver::Write),
+            Some(Handed::Queued(1))
         );
         s.release_socket();
         assert!(s.poll_next(&mut cx).is_ready());
         assert!(s.poll_next(&mut cx).is_pending());
         assert_eq!(
-            s.hand_over(&delivery(&ch, &e, 7, b"seven"), true),
-            Some((0, true))
+            s.hand_over(&delivery(&ch, &e, 7, b"seven"), HandOver::Write),
+            Some(Handed::Written)
         );
         // Closing: the transport's last frames only.
         s.close(CloseReason::Shutdown);
         assert_eq!(
-            s.hand_over(&delivery(&ch, &e, 8, b"eight"), true),
-            Some((1, false))
+            s.hand_over(&delivery(&ch, &e, 8, b"eight"), HandOver::Write),
+            Some(Handed::Queued(1))
         );
+    }
+
+    /// A WebSocket session subscribed to `ch` at epoch `e`, whose task waits on its empty queue,
+    /// with a socket that takes `takes` bytes a write.
+    fn idle_writer(
+        hub: &Hub,
+        ch: &ChannelName,
+        e: &Epoch,
+        takes: usize,
+    ) -> (Arc<SessionHandle>, Arc<Takes>) {
+        let s = session(hub, 1, Transport::Ws);
+        s.subs(|subs| {
+            let mut sub = super::super::subs::Sub::new();
+            sub.epoch = Some(e.clone());
+            subs.insert(ch.clone(), sub);
+        });
+        let socket = Arc::new(Takes(Mutex::default(), takes));
+        s.write_directly(socket.clone(), FrameFormat::Full);
+        assert!(
+            s.poll_next(&mut Context::from_waker(Waker::noop()))
+                .is_pending()
+        );
+        (s, socket)
+    }
+
+    #[test]
+    fn a_deferred_delivery_is_written_once_by_whoever_comes_first() {
+        let hub = Hub::new();
+        let ch = ChannelName::parse("room:a").unwrap();
+        let e = Epoch::new("e1");
+        let mut cx = Context::from_waker(Waker::noop());
+        let (s, socket) = idle_writer(&hub, &ch, &e, 64);
+        // The writer finds it at the front of the queue and the task still parked.
+        let one = delivery(&ch, &e, 1, b"one");
+        assert_eq!(s.hand_over(&one, HandOver::Defer), Some(Handed::Deferred));
+        assert!(s.write_deferred(&one));
+        assert!(!s.write_deferred(&one));
+        assert!(s.poll_next(&mut cx).is_pending());
+        assert_eq!(lock(&socket.0).as_slice(), b"\x81\x03one");
+        // The task woke first (for anything) and took it: the writer leaves it.
+        let two = delivery(&ch, &e, 2, b"two");
+        assert_eq!(s.hand_over(&two, HandOver::Defer), Some(Handed::Deferred));
+        assert!(
+            matches!(s.poll_next(&mut cx), Poll::Ready(Next::Out(Outbound::Deliver(d))) if Arc::ptr_eq(&d, &two))
+        );
+        assert!(!s.write_deferred(&two));
+        assert!(s.poll_next(&mut cx).is_pending());
+        // Something queued behind it: the task takes both, in order; the writer writes nothing.
+        let three = delivery(&ch, &e, 3, b"three");
+        let four = delivery(&ch, &e, 4, b"four");
+        assert_eq!(s.hand_over(&three, HandOver::Defer), Some(Handed::Deferred));
+        assert_eq!(s.hand_over(&four, HandOver::Write), Some(Handed::Queued(2)));
+        assert!(!s.write_deferred(&three));
+        for d in [&three, &four] {
+            assert!(
+                matches!(s.poll_next(&mut cx), Poll::Ready(Next::Out(Outbound::Deliver(x))) if Arc::ptr_eq(&x, d))
+            );
+        }
+        assert!(s.poll_next(&mut cx).is_pending());
+        // The transport holds the socket (its reader woke): the writer leaves it to the task.
+        let five = delivery(&ch, &e, 5, b"five");
+        assert_eq!(s.hand_over(&five, HandOver::Defer), Some(Handed::Deferred));
+        assert!(s.hold_socket().is_none());
+        assert!(!s.write_deferred(&five));
+        assert!(s.poll_next(&mut cx).is_ready());
+        s.release_socket();
+        assert!(s.poll_next(&mut cx).is_pending());
+        assert_eq!(lock(&socket.0).as_slice(), b"\x81\x03one");
+        // Half written by the writer: the rest goes to the front, for the transport.
+        let long = delivery(
+            &ch,
+            &e,
+            6,
+            b"a frame far too long for the sixty-four bytes this socket takes in one write",
+        );
+        assert_eq!(s.hand_over(&long, HandOver::Defer), Some(Handed::Deferred));
+        assert!(!s.write_deferred(&long));
+        let (rest, written) = s.hold_socket().expect("the rest of seq 6");
+        assert!(Arc::ptr_eq(&rest, &long));
+        assert_eq!(written, 64);
+        // Closed meanwhile: nothing written.
+        s.release_socket();
+        assert!(s.poll_next(&mut cx).is_pending());
+        let seven = delivery(&ch, &e, 7, b"seven");
+        assert_eq!(s.hand_over(&seven, HandOver::Defer), Some(Handed::Deferred));
+        s.close_queue();
+        assert!(!s.write_deferred(&seven));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_fan_out_leaves_its_writes_past_the_first_sockets_to_writer_tasks() {
+        let hub = Hub::new();
+        let ch = ChannelName::parse("room:a").unwrap();
+        let e = Epoch::new("e1");
+        let mut sockets = Vec::new();
+        let mut sessions = Vec::new();
+        for id in 0..(INLINE_WRITES + 2 * WRITER_CHUNK) as u64 {
+            let s = session(&hub, id + 1, Transport::Ws);
+            s.subs(|subs| {
+                let mut sub = super::super::subs::Sub::new();
+                sub.epoch = Some(e.clone());
+                subs.insert(ch.clone(), sub);
+            });
+            let socket = Arc::new(Takes(Mutex::default(), 64));
+            s.write_directly(socket.clone(), FrameFormat::Full);
+            assert!(
+                s.poll_next(&mut Context::from_waker(Waker::noop()))
+                    .is_pending()
+            );
+            hub.subscribe(&ch, &s);
+            sockets.push(socket);
+            sessions.push(s);
+        }
+        hub.deliver(delivery(&ch, &e, 1, b"one"));
+        let written = |range: std::ops::Range<usize>| {
+            sockets[range]
+                .iter()
+                .filter(|s| lock(&s.0).as_slice() == b"\x81\x03one")
+                .count()
+        };
+        // The first sockets are written by the fan-out itself, before it returns.
+        assert_eq!(written(0..INLINE_WRITES), INLINE_WRITES);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while written(0..sockets.len()) < sockets.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(written(0..sockets.len()), sockets.len());
+        // Once each: the queues are empty and the tasks were never needed.
+        for s in &sessions {
+            assert!(
+                s.poll_next(&mut Context::from_waker(Waker::noop()))
+                    .is_pending()
+            );
+        }
     }
 
     #[test]

@@ -170,3 +170,81 @@ async fn read_one(ws: &mut Ws, next: &mut u64, replies: &mut Vec<Value>) {
     assert_eq!(e["data"]["pad"].as_str().map(str::len), Some(30 * 1024));
     *next += 1;
 }
+
+/// A room bigger than what one fan-out writes itself: the sockets past the first few are written
+/// by writer tasks after the publish returns. Every member gets every event once, in order, both
+/// one publish at a time (the sessions idle between them) and in a burst (the writers' turns
+/// racing the next publish, and the pings and ops of a few members).
+#[tokio::test]
+async fn a_big_room_gets_every_event_once_in_order_from_the_writer_tasks() {
+    const MEMBERS: usize = 300;
+    let node = HeraldProcess::memory(&[]);
+    let addr = node.addr.clone();
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let user = format!("m{i}");
+        let path = format!("/api/v1/rooms/big/members/{user}");
+        api(&addr, reqwest::Method::PUT, &path, None).await;
+        let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(&user))).await;
+        assert_eq!(ws.next().await["type"], "connected");
+        ws.subscribed("room:big").await;
+        members.push(ws);
+    }
+    let publish = |n: u64| {
+        let addr = addr.clone();
+        async move {
+            let body = json!({"event": "chat.message", "room": "big", "data": {"n": n}});
+            api(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
+        }
+    };
+    let before = direct_writes(&addr).await;
+    const ONE_BY_ONE: u64 = 5;
+    for n in 1..=ONE_BY_ONE {
+        publish(n).await;
+        for ws in &mut members {
+            let e = ws.event_on("room:big").await;
+            assert_eq!(
+                (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+                (Some(n), Some(n)),
+                "{e}"
+            );
+        }
+    }
+    // More than the fan-outs' own share (at most 64 sockets each) was written directly.
+    let written = direct_writes(&addr).await - before;
+    assert!(
+        written > (64 * ONE_BY_ONE) as f64,
+        "{written} direct writes for {} deliveries",
+        MEMBERS as u64 * ONE_BY_ONE
+    );
+    const BURST: u64 = 20;
+    for n in ONE_BY_ONE + 1..=ONE_BY_ONE + BURST {
+        publish(n).await;
+        if n % 4 == 0 {
+            for ws in members.iter_mut().step_by(37) {
+                ws.stream.send(Message::Ping(vec![9].into())).await.unwrap();
+                ws.send(json!({"op": "presence", "users": ["m0"], "ref": n}))
+                    .await;
+            }
+        }
+    }
+    let expected: Vec<u64> = (ONE_BY_ONE + 1..=ONE_BY_ONE + BURST).collect();
+    for (i, ws) in members.iter_mut().enumerate() {
+        let mut seqs = Vec::new();
+        while seqs.len() < expected.len() {
+            let v = ws.next().await;
+            if v["type"] == "event" && v["channel"] == "room:big" {
+                seqs.push(v["seq"].as_u64().unwrap());
+            } else if v["type"] == "reply" {
+                assert_eq!(v["ok"], true, "{v}");
+            }
+        }
+        assert_eq!(seqs, expected, "member m{i}");
+    }
+    // And nothing twice: no event after the last (on the members that sent ops, and the last one).
+    for i in (0..MEMBERS).step_by(37).chain([MEMBERS - 1]) {
+        members[i]
+            .assert_none(Duration::from_millis(200), |v| v["channel"] == "room:big")
+            .await;
+    }
+}

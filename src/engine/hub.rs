@@ -1168,16 +1168,9 @@ mod tests {
     #[test]
     fn the_fan_out_writes_to_an_idle_session_once_and_hands_what_did_not_fit_to_the_transport() {
         let hub = Hub::new();
-        let s = session(&hub, 1, Transport::Ws);
         let ch = ChannelName::parse("room:a").unwrap();
         let e = Epoch::new("e1");
-        s.subs(|subs| {
-            let mut sub = super::super::subs::Sub::new();
-            sub.epoch = Some(e.clone());
-            subs.insert(ch.clone(), sub);
-        });
-        let socket = Arc::new(Takes(Mutex::default(), 12));
-        s.write_directly(socket.clone(), FrameFormat::Full);
+        let (s, socket) = writer(&hub, 1, &ch, &e, 12);
         let mut cx = Context::from_waker(Waker::noop());
         // Not idle before the task waits on its empty queue.
         let first = delivery(&ch, &e, 1, b"one");
@@ -1245,15 +1238,16 @@ mod tests {
         );
     }
 
-    /// A WebSocket session subscribed to `ch` at epoch `e`, whose task waits on its empty queue,
-    /// with a socket that takes `takes` bytes a write.
-    fn idle_writer(
+    /// WebSocket session `id`, subscribed to `ch` at epoch `e`, whose socket the fan-out may write
+    /// to (taking `takes` bytes a write).
+    fn writer(
         hub: &Hub,
+        id: u64,
         ch: &ChannelName,
         e: &Epoch,
         takes: usize,
     ) -> (Arc<SessionHandle>, Arc<Takes>) {
-        let s = session(hub, 1, Transport::Ws);
+        let s = session(hub, id, Transport::Ws);
         s.subs(|subs| {
             let mut sub = super::super::subs::Sub::new();
             sub.epoch = Some(e.clone());
@@ -1261,11 +1255,15 @@ mod tests {
         });
         let socket = Arc::new(Takes(Mutex::default(), takes));
         s.write_directly(socket.clone(), FrameFormat::Full);
+        (s, socket)
+    }
+
+    /// The session's task waits on its empty queue: idle.
+    fn park(s: &SessionHandle) {
         assert!(
             s.poll_next(&mut Context::from_waker(Waker::noop()))
                 .is_pending()
         );
-        (s, socket)
     }
 
     #[test]
@@ -1274,7 +1272,8 @@ mod tests {
         let ch = ChannelName::parse("room:a").unwrap();
         let e = Epoch::new("e1");
         let mut cx = Context::from_waker(Waker::noop());
-        let (s, socket) = idle_writer(&hub, &ch, &e, 64);
+        let (s, socket) = writer(&hub, 1, &ch, &e, 64);
+        park(&s);
         // The writer finds it at the front of the queue and the task still parked.
         let one = delivery(&ch, &e, 1, b"one");
         assert_eq!(s.hand_over(&one, HandOver::Defer), Some(Handed::Deferred));
@@ -1340,18 +1339,8 @@ mod tests {
         let mut sockets = Vec::new();
         let mut sessions = Vec::new();
         for id in 0..(INLINE_WRITES + 2 * WRITER_CHUNK) as u64 {
-            let s = session(&hub, id + 1, Transport::Ws);
-            s.subs(|subs| {
-                let mut sub = super::super::subs::Sub::new();
-                sub.epoch = Some(e.clone());
-                subs.insert(ch.clone(), sub);
-            });
-            let socket = Arc::new(Takes(Mutex::default(), 64));
-            s.write_directly(socket.clone(), FrameFormat::Full);
-            assert!(
-                s.poll_next(&mut Context::from_waker(Waker::noop()))
-                    .is_pending()
-            );
+            let (s, socket) = writer(&hub, id + 1, &ch, &e, 64);
+            park(&s);
             hub.subscribe(&ch, &s);
             sockets.push(socket);
             sessions.push(s);
@@ -1372,10 +1361,7 @@ mod tests {
         assert_eq!(written(0..sockets.len()), sockets.len());
         // Once each: the queues are empty and the tasks were never needed.
         for s in &sessions {
-            assert!(
-                s.poll_next(&mut Context::from_waker(Waker::noop()))
-                    .is_pending()
-            );
+            park(s);
         }
     }
 

@@ -116,6 +116,10 @@ const QUEUE_KEEP: usize = 4;
 /// block), and most sessions are idle.
 #[derive(Debug, Default)]
 struct Queue {
+    /// A delivery a fan-out left to its writer tasks ([`SessionHandle::write_deferred`]): ahead of
+    /// `items`, and outside them so that deferring allocates nothing (most sessions' queues never
+    /// allocate).
+    deferred: Option<Arc<Delivery>>,
     items: VecDeque<Outbound>,
     /// The session task's waker while it waits.
     waker: Option<Waker>,
@@ -136,6 +140,18 @@ struct Queue {
 }
 
 impl Queue {
+    /// The next item for the task: the deferred delivery first.
+    fn pop(&mut self) -> Option<Outbound> {
+        match self.deferred.take() {
+            Some(d) => Some(Outbound::Deliver(d)),
+            None => self.items.pop_front(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.items.len() + usize::from(self.deferred.is_some())
+    }
+
     fn register(&mut self, cx: &Context<'_>) {
         match &self.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -360,7 +376,7 @@ impl SessionHandle {
         // Not once the session is closing: its last frames are the transport's.
         if how != HandOver::Queue
             && q.idle
-            && q.items.is_empty()
+            && q.len() == 0
             && !q.closed
             && self.close_reason().is_none()
             && fan_out_may_write(d)
@@ -368,9 +384,9 @@ impl SessionHandle {
         {
             if how == HandOver::Defer {
                 // Queued without waking the task, which still counts as idle: the writer finds it
-                // at the front ([`write_deferred`](Self::write_deferred)); anything queued behind
-                // it wakes the task, which then takes it first.
-                q.items.push_back(Outbound::Deliver(d.clone()));
+                // there ([`write_deferred`](Self::write_deferred)); anything queued behind it wakes
+                // the task, which then takes it first.
+                q.deferred = Some(d.clone());
                 return Some(Handed::Deferred);
             }
             return Some(match Self::write_live(guard, d) {
@@ -416,11 +432,11 @@ impl SessionHandle {
     /// the task, woken, takes it (unless it already did).
     fn write_deferred(&self, d: &Arc<Delivery>) -> bool {
         let mut q = lock(&self.queue);
-        if q.closed || !matches!(q.items.front(), Some(Outbound::Deliver(f)) if Arc::ptr_eq(f, d)) {
+        if q.closed || !q.deferred.as_ref().is_some_and(|f| Arc::ptr_eq(f, d)) {
             return false;
         }
         if q.idle && q.direct.is_some() && self.close_reason().is_none() {
-            q.items.pop_front();
+            q.deferred = None;
             return Self::write_live(q, d);
         }
         let waker = q.waker.take();
@@ -441,7 +457,7 @@ impl SessionHandle {
             return None;
         }
         q.idle = false;
-        if q.items.len() >= (self.capacity / 2).max(1)
+        if q.len() >= (self.capacity / 2).max(1)
             && let Outbound::Deliver(d) = &o
             && d.best_effort()
         {
@@ -449,7 +465,7 @@ impl SessionHandle {
             crate::metrics::best_effort_skipped();
             return None;
         }
-        if q.items.len() >= self.capacity {
+        if q.len() >= self.capacity {
             drop(q);
             if self.close(CloseReason::SlowConsumer) {
                 crate::metrics::slow_consumer();
@@ -457,7 +473,7 @@ impl SessionHandle {
             return None;
         }
         q.items.push_back(o);
-        let depth = q.items.len();
+        let depth = q.len();
         let waker = q.waker.take();
         drop(q);
         if let Some(w) = waker {
@@ -472,7 +488,7 @@ impl SessionHandle {
             return Poll::Ready(Next::Close(r));
         }
         let mut q = lock(&self.queue);
-        if let Some(o) = q.items.pop_front() {
+        if let Some(o) = q.pop() {
             return Poll::Ready(Next::Out(o));
         }
         q.register(cx);
@@ -489,7 +505,7 @@ impl SessionHandle {
     /// Takes another queued item without waiting (writers drain the queue before one flush).
     pub fn try_recv(&self) -> Option<Outbound> {
         let mut q = lock(&self.queue);
-        let o = q.items.pop_front();
+        let o = q.pop();
         if o.is_none() && q.items.capacity() > QUEUE_KEEP {
             q.items = VecDeque::new();
         }
@@ -503,6 +519,7 @@ impl SessionHandle {
         q.closed = true;
         q.idle = false;
         q.items = VecDeque::new();
+        q.deferred = None;
         q.waker = None;
         q.direct = None;
     }
@@ -525,7 +542,7 @@ impl SessionHandle {
         let mut q = lock(&self.queue);
         q.held = true;
         q.idle = false;
-        if !matches!(q.items.front(), Some(Outbound::Rest(..))) {
+        if q.deferred.is_some() || !matches!(q.items.front(), Some(Outbound::Rest(..))) {
             return None;
         }
         match q.items.pop_front() {

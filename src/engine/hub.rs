@@ -84,7 +84,7 @@ enum Handed {
     Queued(usize),
     /// Written to the socket (or dropped, as already sent).
     Written,
-    /// Left at the front of the queue for a writer task.
+    /// Left in the session's deferred slot (ahead of its queue) for a writer task.
     Deferred,
 }
 
@@ -428,7 +428,7 @@ impl SessionHandle {
     }
 
     /// A writer task's turn at a delivery [`hand_over`](Self::hand_over) deferred: written when it
-    /// is still at the front of the queue and the task still idle (true when written); otherwise
+    /// is still in its slot and the task still idle (true when written); otherwise
     /// the task, woken, takes it (unless it already did).
     fn write_deferred(&self, d: &Arc<Delivery>) -> bool {
         let mut q = lock(&self.queue);
@@ -1291,7 +1291,7 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         let (s, socket) = writer(&hub, 1, &ch, &e, 64);
         park(&s);
-        // The writer finds it at the front of the queue and the task still parked.
+        // The writer finds it still in its slot and the task still parked.
         let one = delivery(&ch, &e, 1, b"one");
         assert_eq!(s.hand_over(&one, HandOver::Defer), Some(Handed::Deferred));
         assert!(s.write_deferred(&one));

@@ -20,8 +20,8 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::either::Either;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -64,68 +64,8 @@ type WebSocket = WebSocketStream<WsIo>;
 
 /// The socket under a WebSocket: the connection's own TCP stream, shared with the fan-out
 /// ([`conn::shared`]), or, for a connection that is not one of [`conn`]'s, hyper's upgraded one.
-enum WsIo {
-    Shared(SharedTcp),
-    Upgraded(TokioIo<Upgraded>),
-}
+type WsIo = Either<SharedTcp, TokioIo<Upgraded>>;
 
-impl AsyncRead for WsIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            WsIo::Shared(t) => Pin::new(t).poll_read(cx, buf),
-            WsIo::Upgraded(u) => Pin::new(u).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for WsIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            WsIo::Shared(t) => Pin::new(t).poll_write(cx, buf),
-            WsIo::Upgraded(u) => Pin::new(u).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            WsIo::Shared(t) => Pin::new(t).poll_write_vectored(cx, bufs),
-            WsIo::Upgraded(u) => Pin::new(u).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            WsIo::Shared(t) => t.is_write_vectored(),
-            WsIo::Upgraded(u) => u.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            WsIo::Shared(t) => Pin::new(t).poll_flush(cx),
-            WsIo::Upgraded(u) => Pin::new(u).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            WsIo::Shared(t) => Pin::new(t).poll_shutdown(cx),
-            WsIo::Upgraded(u) => Pin::new(u).poll_shutdown(cx),
-        }
-    }
-}
 type WsError = tokio_tungstenite::tungstenite::Error;
 
 /// Checks the RFC 6455 upgrade request: the pending upgrade and the `Sec-WebSocket-Accept` value.
@@ -286,7 +226,7 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
                 match conn::shared(upgraded) {
                     Ok((tcp, read)) => {
                         Box::pin(WebSocketStream::from_partially_read(
-                            WsIo::Shared(tcp),
+                            Either::Left(tcp),
                             read.to_vec(),
                             Role::Server,
                             Some(config),
@@ -295,7 +235,7 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
                     }
                     Err(upgraded) => {
                         Box::pin(WebSocketStream::from_raw_socket(
-                            WsIo::Upgraded(TokioIo::new(upgraded)),
+                            Either::Right(TokioIo::new(upgraded)),
                             Role::Server,
                             Some(config),
                         ))
@@ -453,7 +393,7 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
                 return None;
             }
             if engine.config.direct_writes
-                && let WsIo::Shared(t) = peer.socket.get_ref()
+                && let Either::Left(t) = peer.socket.get_ref()
             {
                 session.handle.write_directly(t.tcp.clone(), format);
                 peer.direct = Some(session.handle.clone());

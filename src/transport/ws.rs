@@ -21,10 +21,10 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::either::Either;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_util::either::Either;
 
 use super::auth::{AuthError, Claims};
 use super::conn::{self, SharedTcp};

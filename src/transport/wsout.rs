@@ -75,6 +75,34 @@ impl Head {
     }
 }
 
+/// Makes one write of `parts` to `to`: copied into one buffer for `plain` when they come to at most
+/// [`COPY_UP_TO`] bytes, else as slices (the first [`SLICES`]) for `vectored`.
+fn write_parts<'a, T, R>(
+    parts: impl Iterator<Item = &'a [u8]> + Clone,
+    to: T,
+    plain: impl FnOnce(T, &[u8]) -> R,
+    vectored: impl FnOnce(T, &[IoSlice<'_>]) -> R,
+) -> R {
+    let size: usize = parts.clone().map(<[u8]>::len).sum();
+    if size <= COPY_UP_TO {
+        let mut flat = [0u8; COPY_UP_TO];
+        let mut n = 0;
+        for part in parts {
+            flat[n..n + part.len()].copy_from_slice(part);
+            n += part.len();
+        }
+        plain(to, &flat[..n])
+    } else {
+        let mut slices = [IoSlice::new(&[]); SLICES];
+        let mut n = 0;
+        for part in parts.take(SLICES) {
+            slices[n] = IoSlice::new(part);
+            n += 1;
+        }
+        vectored(to, &slices[..n])
+    }
+}
+
 /// A queued frame: its first header byte (`FIN|opcode`) and its payload.
 type Frame = (u8, Bytes);
 
@@ -140,24 +168,12 @@ impl Outbox {
                 *h = Head::new(*first, payload.len());
             }
             let heads = &heads[..pending.len().min(SLICES / 2)];
-            let left: usize = self.parts(heads).map(<[u8]>::len).sum();
-            let wrote = if left <= COPY_UP_TO {
-                let mut flat = [0u8; COPY_UP_TO];
-                let mut n = 0;
-                for part in self.parts(heads) {
-                    flat[n..n + part.len()].copy_from_slice(part);
-                    n += part.len();
-                }
-                ready!(Pin::new(&mut *io).poll_write(cx, &flat[..n]))?
-            } else {
-                let mut slices = [IoSlice::new(&[]); SLICES];
-                let mut n = 0;
-                for part in self.parts(heads) {
-                    slices[n] = IoSlice::new(part);
-                    n += 1;
-                }
-                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?
-            };
+            let wrote = ready!(write_parts(
+                self.parts(heads),
+                (&mut *io, &mut *cx),
+                |(io, cx), flat| Pin::new(io).poll_write(cx, flat),
+                |(io, cx), slices| Pin::new(io).poll_write_vectored(cx, slices),
+            ))?;
             if wrote == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -172,7 +188,7 @@ impl Outbox {
     /// What is left to write of the pending frames `heads` covers (their headers, one per frame from
     /// the first pending), in order: each header and payload, less what was written of the first,
     /// empty parts left out.
-    fn parts<'a>(&'a self, heads: &'a [Head]) -> impl Iterator<Item = &'a [u8]> {
+    fn parts<'a>(&'a self, heads: &'a [Head]) -> impl Iterator<Item = &'a [u8]> + Clone {
         let mut skip = self.written as usize;
         heads
             .iter()
@@ -218,15 +234,12 @@ impl DirectWrite for TcpStream {
         let size = head.len as usize + payload.len();
         let socket = socket2::SockRef::from(self);
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-        let wrote = if size <= COPY_UP_TO {
-            let mut flat = [0u8; COPY_UP_TO];
-            flat[..head.len as usize].copy_from_slice(head.as_slice());
-            flat[head.len as usize..size].copy_from_slice(payload);
-            socket.send_with_flags(&flat[..size], flags)
-        } else {
-            let slices = [IoSlice::new(head.as_slice()), IoSlice::new(payload)];
-            socket.send_vectored_with_flags(&slices, flags)
-        };
+        let wrote = write_parts(
+            [head.as_slice(), payload].into_iter(),
+            &socket,
+            |socket, flat| socket.send_with_flags(flat, flags),
+            |socket, slices| socket.send_vectored_with_flags(slices, flags),
+        );
         match wrote {
             Ok(n) if n == size => None,
             Ok(n) => Some(n),

@@ -59,11 +59,18 @@ pub enum Next {
 /// core it sleeps: the wake-up, the task's poll and the cache lines a queue moves between cores
 /// cost a delivery more than the write itself.
 pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// What the writer needs of itself to write, read once when the fan-out is given it and kept
+    /// beside the session's queue (a TCP stream's descriptor): each write is handed it back, so
+    /// a fan-out need not read the writer's own allocation, one more cold cache line per delivery.
+    fn token(&self) -> u64 {
+        0
+    }
+
     /// Writes `payload` as one text frame, as much of it as the socket takes now without waiting:
     /// `None` when all of it went out, else how many bytes of the frame (its header included) did;
     /// `Some(0)` when none did (the socket is full, or broken: the session's task finds out which
-    /// when it writes the rest).
-    fn write_text(&self, payload: &[u8]) -> Option<usize>;
+    /// when it writes the rest). `token` is what [`token`](Self::token) returned.
+    fn write_text(&self, token: u64, payload: &[u8]) -> Option<usize>;
 }
 
 /// How the fan-out may hand a delivery to an idle WebSocket ([`SessionHandle::hand_over`]).
@@ -92,6 +99,8 @@ enum Handed {
 #[derive(Debug)]
 struct Direct {
     socket: Arc<dyn DirectWrite>,
+    /// `socket`'s [`DirectWrite::token`].
+    token: u64,
     format: FrameFormat,
 }
 
@@ -114,20 +123,17 @@ const QUEUE_KEEP: usize = 4;
 /// lock with one waker, which also carries the close signal: nothing allocated until something is
 /// queued, where tokio's mpsc cost ~0.75 KiB per session (cache-padded halves, a 32-slot first
 /// block), and most sessions are idle.
+///
+/// The fields are laid out in the order a fan-out reads them, right after the lock: what decides
+/// whether it may write, the socket, then the subscription it checks (`repr(C)`, so they share the
+/// lock's cache lines rather than wherever the compiler puts them).
 #[derive(Debug, Default)]
+#[repr(C)]
 struct Queue {
     /// A delivery a fan-out left to its writer tasks ([`SessionHandle::write_deferred`]): ahead of
     /// `items`, and outside them so that deferring allocates nothing (most sessions' queues never
     /// allocate).
     deferred: Option<Arc<Delivery>>,
-    items: VecDeque<Outbound>,
-    /// The session task's waker while it waits.
-    waker: Option<Waker>,
-    /// The session is gone: nothing more is accepted.
-    closed: bool,
-    /// The session's subscriptions and their positions: its task checks what it writes against
-    /// them, and so does the fan-out for what it writes itself.
-    subs: Subs,
     /// Where the fan-out may write this session's frames itself.
     direct: Option<Direct>,
     /// The task is parked with its queue empty and nothing of its own on the socket: the fan-out
@@ -137,6 +143,14 @@ struct Queue {
     /// The transport is using the socket (reading, or writing something of its own) and has not
     /// said it is done ([`SessionHandle::hold_socket`], [`SessionHandle::release_socket`]).
     held: bool,
+    /// The session is gone: nothing more is accepted.
+    closed: bool,
+    /// The session's subscriptions and their positions: its task checks what it writes against
+    /// them, and so does the fan-out for what it writes itself.
+    subs: Subs,
+    items: VecDeque<Outbound>,
+    /// The session task's waker while it waits.
+    waker: Option<Waker>,
 }
 
 impl Queue {
@@ -298,9 +312,13 @@ impl CloseReason {
     }
 }
 
-/// A live session as the hub sees it.
+/// A live session as the hub sees it. What a fan-out reads comes first (`repr(C)`): the close flag,
+/// then the queue and its lock.
 #[derive(Debug)]
+#[repr(C)]
 pub struct SessionHandle {
+    close: AtomicU16,
+    queue: Mutex<Queue>,
     /// Local numeric id.
     pub id: u64,
     /// Global session id (node-qualified).
@@ -319,11 +337,9 @@ pub struct SessionHandle {
     focus: Mutex<Vec<Box<str>>>,
     /// JWT attrs (announcement audiences).
     pub attrs: Arc<serde_json::Map<String, serde_json::Value>>,
-    queue: Mutex<Queue>,
     capacity: usize,
     /// When its token expires (unix s).
     pub expires: Option<u64>,
-    close: AtomicU16,
     /// When the close was asked, unix ms (the reaper evicts sessions that do not close in time).
     close_at: AtomicI64,
     /// Last inbound activity, unix ms (presence heartbeats only count live sessions).
@@ -410,7 +426,7 @@ impl SessionHandle {
                 let Some(w) = &q.direct else {
                     return false;
                 };
-                let Some(wrote) = w.socket.write_text(d.frame_for(w.format)) else {
+                let Some(wrote) = w.socket.write_text(w.token, d.frame_for(w.format)) else {
                     return true;
                 };
                 // The socket is full (or gone): the task writes the rest, before anything else.
@@ -530,7 +546,12 @@ impl SessionHandle {
     pub fn write_directly(&self, socket: Arc<dyn DirectWrite>, format: FrameFormat) {
         let mut q = lock(&self.queue);
         if !q.closed {
-            q.direct = Some(Direct { socket, format });
+            let token = socket.token();
+            q.direct = Some(Direct {
+                socket,
+                token,
+                format,
+            });
         }
     }
 
@@ -1159,7 +1180,7 @@ mod tests {
     struct Takes(Mutex<Vec<u8>>, usize);
 
     impl DirectWrite for Takes {
-        fn write_text(&self, payload: &[u8]) -> Option<usize> {
+        fn write_text(&self, _: u64, payload: &[u8]) -> Option<usize> {
             let mut frame = vec![0x81, payload.len() as u8];
             frame.extend_from_slice(payload);
             let n = frame.len().min(self.1);

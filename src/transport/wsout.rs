@@ -10,6 +10,7 @@
 //! (7 bits, or 126 + 16 bits, or 127 + 64 bits), then the payload.
 
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -226,13 +227,23 @@ impl Outbox {
 /// The fan-out's writer for a WebSocket on plain TCP: a text frame in one non-blocking `send()`.
 /// Straight to the descriptor rather than through tokio's `try_write`, whose readiness check reads
 /// one more cold cache line per delivery (in a fan-out to a thousand sockets, a third of the
-/// fan-out's own time). Should the socket be full, the task's write finds that out through tokio
-/// as it would anyway (one more `send()` in a rare case).
+/// fan-out's own time), and to the descriptor the fan-out keeps (the token) rather than the one in
+/// the stream's allocation, for the same reason. Should the socket be full, the task's write finds
+/// that out through tokio as it would anyway (one more `send()` in a rare case).
 impl DirectWrite for TcpStream {
-    fn write_text(&self, payload: &[u8]) -> Option<usize> {
+    fn token(&self) -> u64 {
+        self.as_raw_fd() as u64
+    }
+
+    fn write_text(&self, token: u64, payload: &[u8]) -> Option<usize> {
+        debug_assert_eq!(token, self.token());
+        // SAFETY: `token` is this stream's descriptor (`token` above), open as long as the stream
+        // is, and `self` borrows the stream for this call.
+        #[allow(unsafe_code)]
+        let fd = unsafe { BorrowedFd::borrow_raw(token as RawFd) };
         let head = Head::new(TEXT, payload.len());
         let size = head.len as usize + payload.len();
-        let socket = socket2::SockRef::from(self);
+        let socket = socket2::SockRef::from(&fd);
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
         let wrote = write_parts(
             [head.as_slice(), payload].into_iter(),

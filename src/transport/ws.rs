@@ -16,15 +16,13 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
+use hyper::upgrade::OnUpgrade;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_util::either::Either;
 
 use super::auth::{AuthError, Claims};
 use super::conn::{self, SharedTcp};
@@ -63,8 +61,8 @@ struct WsQuery {
 type WebSocket = WebSocketStream<WsIo>;
 
 /// The socket under a WebSocket: the connection's own TCP stream, shared with the fan-out
-/// ([`conn::shared`]), or, for a connection that is not one of [`conn`]'s, hyper's upgraded one.
-type WsIo = Either<SharedTcp, TokioIo<Upgraded>>;
+/// ([`conn::shared`]). Every connection comes from [`conn`]'s listener, so there is no other kind.
+type WsIo = SharedTcp;
 
 type WsError = tokio_tungstenite::tungstenite::Error;
 
@@ -223,25 +221,18 @@ fn run(state: AppState, mut upgrade: Box<Upgrade>) -> impl Future<Output = ()> +
                     return;
                 };
                 let config = ws_config(state.engine.config.limits.frame_bytes);
-                match conn::shared(upgraded) {
-                    Ok((tcp, read)) => {
-                        Box::pin(WebSocketStream::from_partially_read(
-                            Either::Left(tcp),
-                            read.to_vec(),
-                            Role::Server,
-                            Some(config),
-                        ))
-                        .await
-                    }
-                    Err(upgraded) => {
-                        Box::pin(WebSocketStream::from_raw_socket(
-                            Either::Right(TokioIo::new(upgraded)),
-                            Role::Server,
-                            Some(config),
-                        ))
-                        .await
-                    }
-                }
+                let Ok((tcp, read)) = conn::shared(upgraded) else {
+                    // Only a connection accepted elsewhere than `conn`'s listener gets here.
+                    tracing::error!("Upgraded connection is not herald's own TCP stream; dropped.");
+                    return;
+                };
+                Box::pin(WebSocketStream::from_partially_read(
+                    tcp,
+                    read.to_vec(),
+                    Role::Server,
+                    Some(config),
+                ))
+                .await
             },
             reader: SocketReader::new(),
             out: Outbox::default(),
@@ -392,9 +383,8 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
             if peer.send(ToClient::Frame(f)).await.is_err() {
                 return None;
             }
-            if engine.config.direct_writes
-                && let Either::Left(t) = peer.socket.get_ref()
-            {
+            if engine.config.direct_writes {
+                let t = peer.socket.get_ref();
                 session.handle.write_directly(t.tcp.clone(), format);
                 peer.direct = Some(session.handle.clone());
             }

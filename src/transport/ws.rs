@@ -57,12 +57,9 @@ struct WsQuery {
     format: Option<String>,
 }
 
-/// A connection's WebSocket.
-type WebSocket = WebSocketStream<WsIo>;
-
-/// The socket under a WebSocket: the connection's own TCP stream, shared with the fan-out
+/// A connection's WebSocket, on the connection's own TCP stream, shared with the fan-out
 /// ([`conn::shared`]). Every connection comes from [`conn`]'s listener, so there is no other kind.
-type WsIo = SharedTcp;
+type WebSocket = WebSocketStream<SharedTcp>;
 
 type WsError = tokio_tungstenite::tungstenite::Error;
 
@@ -384,8 +381,8 @@ async fn start(peer: &mut WsPeer, state: &AppState, upgrade: Box<Upgrade>) -> Op
                 return None;
             }
             if engine.config.direct_writes {
-                let t = peer.socket.get_ref();
-                session.handle.write_directly(t.tcp.clone(), format);
+                let tcp = peer.socket.get_ref().tcp.clone();
+                session.handle.write_directly(tcp, format);
                 peer.direct = Some(session.handle.clone());
             }
         }

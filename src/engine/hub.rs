@@ -861,21 +861,23 @@ impl Hub {
         }
     }
 
-    /// Adds a subscriber. `Some` when it was not one already, with the hub's own copy of the name
-    /// (one `Arc` for every local subscriber and every delivery on the channel: the session keeps
-    /// it, so finding a delivery's subscription compares pointers, not text). Every `Some` is paired
-    /// with one [`crate::backend::Broker::subscribe`] (the broker reference-counts).
-    pub fn subscribe(&self, ch: &ChannelName, s: &Arc<SessionHandle>) -> Option<ChannelName> {
+    /// Adds a subscriber that is not one already (the session's own map of its subscriptions says
+    /// which are new: only a session's task subscribes it, one op at a time). Returns the hub's own
+    /// copy of the name (one `Arc` for every local subscriber and every delivery on the channel: the
+    /// session keeps it, so finding a delivery's subscription compares pointers, not text). Every
+    /// call is paired with one [`crate::backend::Broker::subscribe`] (the broker reference-counts).
+    pub fn subscribe(&self, ch: &ChannelName, s: &Arc<SessionHandle>) -> ChannelName {
         let mut shard = write(self.shard(ch));
         let entry = shard.entry(ch.clone());
         let name = entry.key().clone();
         let list = &mut entry.or_default().subs;
-        if list.iter().any(|x| x.id == s.id) {
-            return None;
-        }
+        // No scan for a duplicate: `global` holds every session of the node, and looking at each
+        // subscriber's handle made a connect storm of N sessions cost N^2/2 cold reads under the
+        // shard's lock. The caller's own map is the record (see the doc above).
+        debug_assert!(!list.iter().any(|x| Arc::ptr_eq(x, s)), "subscribed twice");
         reserve_tight(list);
         list.push(s.clone());
-        Some(name)
+        name
     }
 
     /// The hub's copy of `epoch` for `ch` (equal to it): what a subscription keeps. The first
@@ -895,12 +897,13 @@ impl Hub {
     }
 
     /// Removes a subscriber; true when it was one (pair it with one `Broker::unsubscribe`).
-    pub fn unsubscribe(&self, ch: &ChannelName, id: u64) -> bool {
+    pub fn unsubscribe(&self, ch: &ChannelName, s: &SessionHandle) -> bool {
         let mut shard = write(self.shard(ch));
         let Some(local) = shard.get_mut(ch) else {
             return false;
         };
-        let Some(i) = local.subs.iter().position(|x| x.id == id) else {
+        // By address: a scan of the list's pointers, without reading each subscriber's handle.
+        let Some(i) = local.subs.iter().position(|x| std::ptr::eq(&**x, s)) else {
             return false;
         };
         local.subs.swap_remove(i);
@@ -1185,7 +1188,7 @@ mod tests {
             (s.ws_subscriptions, s.sse_subscriptions, s.channels),
             (2, 1, 2)
         );
-        hub.unsubscribe(&b, ws.id);
+        hub.unsubscribe(&b, &ws);
         let s = hub.sample();
         assert_eq!(
             (s.ws_subscriptions, s.sse_subscriptions, s.channels),

@@ -468,17 +468,13 @@ impl Session {
                 ));
             }
             // Join the hub first: from here on every new event is queued (see the module doc).
-            let joined = e.hub.subscribe(&ch, &self.handle);
-            if joined.is_some()
-                && let Err(err) =
-                    backend("broker.subscribe", e.backends.broker.subscribe(&ch)).await
-            {
-                e.hub.unsubscribe(&ch, self.handle.id);
-                return Err(err);
-            }
             // The hub's own name for the channel: deliveries carry it, so `check` finds the
             // subscription by pointer.
-            let name = joined.unwrap_or_else(|| ch.clone());
+            let name = e.hub.subscribe(&ch, &self.handle);
+            if let Err(err) = backend("broker.subscribe", e.backends.broker.subscribe(&ch)).await {
+                e.hub.unsubscribe(&ch, &self.handle);
+                return Err(err);
+            }
             self.handle.subs(|subs| subs.insert(name, Sub::new()));
         }
         let mut replay = Vec::new();
@@ -892,7 +888,7 @@ impl Session {
 
 /// Leaves a channel in the hub and the broker, and room presence.
 async fn release(engine: &Engine, handle: &SessionHandle, ch: &ChannelName, room_presence: bool) {
-    if engine.hub.unsubscribe(ch, handle.id)
+    if engine.hub.unsubscribe(ch, handle)
         && let Err(e) = backend("broker.unsubscribe", engine.backends.broker.unsubscribe(ch)).await
     {
         tracing::warn!(channel = %ch, error = %e, "Broker unsubscribe failed.");

@@ -98,9 +98,15 @@ pub(super) async fn manage(
             result = sub.subscribe(&names).await.map_err(err);
             if result.is_ok() {
                 // Baselines: messages at or below a channel's position now are covered by the
-                // subscribers' own history reads.
-                for ch in &to_sub {
-                    match shared.position(ch).await {
+                // subscribers' own history reads. All of a batch's at once (they share the
+                // multiplexed connection's pipeline): one after the other, a connect storm's batch
+                // of new `user:` channels took a round trip each while every subscribe behind it
+                // waited.
+                let positions =
+                    futures_util::future::join_all(to_sub.iter().map(|ch| shared.position(ch)))
+                        .await;
+                for (ch, position) in to_sub.iter().zip(positions) {
+                    match position {
                         Ok(p) => {
                             if let Some(st) = lock(&shared.channels).get_mut(ch.as_str())
                                 && st.last.is_none()

@@ -51,12 +51,15 @@ impl Engine {
         user: &str,
         attrs: &Map<String, Value>,
     ) -> EngineResult<LoginSync> {
-        let unread = self.unread(user).await?.unread;
-        let all = backend(
-            "announcements.announcements",
-            self.backends.announcements.announcements(now_ms()),
-        )
-        .await?;
+        // Two independent reads, one round trip's wait for both.
+        let (unread, all) = tokio::try_join!(
+            self.unread(user),
+            backend(
+                "announcements.announcements",
+                self.backends.announcements.announcements(now_ms()),
+            )
+        )?;
+        let unread = unread.unread;
         let mut announcements = Vec::new();
         if let Some(newest) = all.last() {
             let cursor = backend(

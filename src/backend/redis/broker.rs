@@ -25,6 +25,7 @@ use crate::backend::{
 };
 use crate::channels::ChannelName;
 use crate::event::{Epoch, Position, event_frame_head, now_ms};
+use crate::primitives::lock;
 
 /// The broker half of [`RedisBackend`].
 pub(super) struct RedisBroker {
@@ -183,6 +184,15 @@ impl Broker for RedisBackend {
     }
 
     async fn subscribe(&self, channel: &ChannelName) -> BackendResult<()> {
+        // A channel the connection already listens on needs only its count raised: no message to
+        // the manager, whose loop a connect storm keeps busy with every new `user:` channel (a
+        // subscribe to `global` or a shared room used to wait behind each of its batches).
+        if let Some(st) = lock(&self.broker.shared.channels).get_mut(channel.as_str())
+            && st.live
+        {
+            st.count += 1;
+            return Ok(());
+        }
         let (tx, rx) = oneshot::channel();
         self.broker
             .ops

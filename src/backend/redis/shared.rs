@@ -37,4 +37,7 @@ pub(super) struct ChannelState {
     pub(super) name: ChannelName,
     pub(super) count: usize,
     pub(super) last: Option<Position>,
+    /// Redis confirmed the SUBSCRIBE and the baseline is read: another local subscriber only
+    /// raises `count` (see `Broker::subscribe`). False while the manager's batch is in flight.
+    pub(super) live: bool,
 }

@@ -62,6 +62,7 @@ pub(super) async fn manage(
                                     name: ch.clone(),
                                     count: 0,
                                     last: None,
+                                    live: false,
                                 });
                         st.count += 1;
                         if st.count == 1 {
@@ -117,6 +118,16 @@ pub(super) async fn manage(
                         Err(e) => {
                             result = Err(e);
                             break;
+                        }
+                    }
+                }
+                if result.is_ok() {
+                    // Only once the whole batch holds: a failed one is undone below, and a
+                    // subscriber let through by `live` in between would miss its messages.
+                    let mut chans = lock(&shared.channels);
+                    for ch in &to_sub {
+                        if let Some(st) = chans.get_mut(ch.as_str()) {
+                            st.live = true;
                         }
                     }
                 }

@@ -689,6 +689,12 @@ impl SessionHandle {
     }
 }
 
+/// Where `s` is in a channel's subscriber list. By address: a scan of the list's pointers, without
+/// reading each subscriber's handle (`global` lists every session of the node).
+fn index_of(list: &[Arc<SessionHandle>], s: &SessionHandle) -> Option<usize> {
+    list.iter().position(|x| std::ptr::eq(&**x, s))
+}
+
 /// A channel's local subscribers.
 #[derive(Debug, Default)]
 struct Local {
@@ -874,7 +880,7 @@ impl Hub {
         // No scan for a duplicate: `global` holds every session of the node, and looking at each
         // subscriber's handle made a connect storm of N sessions cost N^2/2 cold reads under the
         // shard's lock. The caller's own map is the record (see the doc above).
-        debug_assert!(!list.iter().any(|x| Arc::ptr_eq(x, s)), "subscribed twice");
+        debug_assert!(index_of(list, s).is_none(), "subscribed twice");
         reserve_tight(list);
         list.push(s.clone());
         name
@@ -902,8 +908,7 @@ impl Hub {
         let Some(local) = shard.get_mut(ch) else {
             return false;
         };
-        // By address: a scan of the list's pointers, without reading each subscriber's handle.
-        let Some(i) = local.subs.iter().position(|x| std::ptr::eq(&**x, s)) else {
+        let Some(i) = index_of(&local.subs, s) else {
             return false;
         };
         local.subs.swap_remove(i);
@@ -922,7 +927,7 @@ impl Hub {
             let mut shard = write(shard);
             shard.retain(|ch, local| {
                 let list = &mut local.subs;
-                if let Some(i) = list.iter().position(|x| x.id == s.id) {
+                if let Some(i) = index_of(list, s) {
                     list.swap_remove(i);
                     left.push(ch.clone());
                 }

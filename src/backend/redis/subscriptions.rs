@@ -12,6 +12,7 @@ use super::err;
 use super::shared::{ChannelState, Shared};
 use crate::backend::BackendResult;
 use crate::channels::ChannelName;
+use crate::event::Position;
 use crate::primitives::lock;
 
 pub(super) enum SubOp {
@@ -103,33 +104,24 @@ pub(super) async fn manage(
                 // multiplexed connection's pipeline): one after the other, a connect storm's batch
                 // of new `user:` channels took a round trip each while every subscribe behind it
                 // waited.
-                let positions =
+                let positions: BackendResult<Vec<Position>> =
                     futures_util::future::join_all(to_sub.iter().map(|ch| shared.position(ch)))
-                        .await;
-                for (ch, position) in to_sub.iter().zip(positions) {
-                    match position {
-                        Ok(p) => {
-                            if let Some(st) = lock(&shared.channels).get_mut(ch.as_str())
-                                && st.last.is_none()
-                            {
-                                st.last = Some(p);
+                        .await
+                        .into_iter()
+                        .collect();
+                match positions {
+                    // Live only once the whole batch holds: a failed one is undone below, and a
+                    // subscriber let through by `live` meanwhile would miss its messages.
+                    Ok(positions) => {
+                        let mut chans = lock(&shared.channels);
+                        for (ch, p) in to_sub.iter().zip(positions) {
+                            if let Some(st) = chans.get_mut(ch.as_str()) {
+                                st.last.get_or_insert(p);
+                                st.live = true;
                             }
                         }
-                        Err(e) => {
-                            result = Err(e);
-                            break;
-                        }
                     }
-                }
-                if result.is_ok() {
-                    // Only once the whole batch holds: a failed one is undone below, and a
-                    // subscriber let through by `live` in between would miss its messages.
-                    let mut chans = lock(&shared.channels);
-                    for ch in &to_sub {
-                        if let Some(st) = chans.get_mut(ch.as_str()) {
-                            st.live = true;
-                        }
-                    }
+                    Err(e) => result = Err(e),
                 }
             }
         }

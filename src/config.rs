@@ -253,6 +253,12 @@ pub struct Config {
     /// Let the fan-out write deliveries to idle WebSockets itself (`[http] direct_writes`,
     /// HERALD_DIRECT_WRITES; see `engine::hub::DirectWrite`).
     pub direct_writes: bool,
+    /// When fan-outs hold deliveries for the flush tick, so that each connection writes what queued
+    /// up in one write (`[http] coalesce`, HERALD_COALESCE; see `engine::coalesce`).
+    pub coalesce: Coalesce,
+    /// The flush tick's interval: the most a held delivery waits (`[http] coalesce_window`,
+    /// HERALD_COALESCE_WINDOW).
+    pub coalesce_window: Duration,
     /// How long a connection may take to send a request head (and a request body), and may idle
     /// between keep-alive requests, before it is closed.
     pub read_timeout: Duration,
@@ -358,6 +364,31 @@ impl Default for RoomPresenceConfig {
     }
 }
 
+/// When fan-outs coalesce their writes (`[http] coalesce`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Coalesce {
+    /// While the CPU is saturated and deliveries come fast enough to share writes (see
+    /// `engine::coalesce`).
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never: every delivery is written at once.
+    Off,
+}
+
+impl Coalesce {
+    fn parse(s: &str) -> Option<Coalesce> {
+        match s {
+            "auto" => Some(Coalesce::Auto),
+            "on" => Some(Coalesce::On),
+            "off" => Some(Coalesce::Off),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileHttp {
@@ -366,6 +397,9 @@ struct FileHttp {
     metrics_require_admin: Option<bool>,
     tcp_nodelay: Option<bool>,
     direct_writes: Option<bool>,
+    coalesce: Option<Coalesce>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    coalesce_window: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     read_timeout: Option<Duration>,
     max_connections: Option<usize>,
@@ -665,6 +699,23 @@ impl Config {
             env_flag("HERALD_TCP_NODELAY")?.unwrap_or(file.http.tcp_nodelay.unwrap_or(true));
         c.direct_writes =
             env_flag("HERALD_DIRECT_WRITES")?.unwrap_or(file.http.direct_writes.unwrap_or(true));
+        c.coalesce = match env("HERALD_COALESCE") {
+            Some(v) => Coalesce::parse(&v)
+                .ok_or_else(|| ConfigError::Invalid("HERALD_COALESCE: auto, on or off".into()))?,
+            None => file.http.coalesce.unwrap_or_default(),
+        };
+        c.coalesce_window = match env("HERALD_COALESCE_WINDOW") {
+            Some(v) => crate::channels::parse_duration(&v)
+                .map_err(|e| ConfigError::Invalid(format!("HERALD_COALESCE_WINDOW: {e}")))?,
+            None => file.http.coalesce_window.unwrap_or(c.coalesce_window),
+        };
+        if c.coalesce_window < Duration::from_millis(1)
+            || c.coalesce_window > Duration::from_secs(1)
+        {
+            return Err(ConfigError::Invalid(
+                "http.coalesce_window must be between 1ms and 1s".into(),
+            ));
+        }
 
         // Rules.
         let r = file.rules_engine;
@@ -726,6 +777,8 @@ impl Config {
             metrics_require_admin: false,
             tcp_nodelay: true,
             direct_writes: true,
+            coalesce: Coalesce::Auto,
+            coalesce_window: Duration::from_millis(50),
             read_timeout: Duration::from_secs(10),
             max_connections: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),

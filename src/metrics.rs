@@ -107,6 +107,18 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "Deliveries the fan-out wrote to an idle WebSocket's socket itself (or dropped as already sent) instead of queueing them for the session's task.",
     ),
     (
+        COALESCING,
+        Gauge,
+        "",
+        "1 while fan-outs hold deliveries for the flush tick (http.coalesce: on, or auto with the CPU busy), else 0.",
+    ),
+    (
+        COALESCED_FLUSHES,
+        Counter,
+        "",
+        "Sessions the flush tick took up while coalescing: each one write of what queued up for it since the last tick (or a wake-up of its task).",
+    ),
+    (
         FANOUT_DURATION,
         Histogram,
         "",
@@ -311,6 +323,8 @@ const PUBLISH_DURATION: &str = "herald_publish_duration_seconds";
 const IDEMPOTENT_REPLAYS: &str = "herald_idempotent_replays_total";
 const DELIVERIES: &str = "herald_deliveries_total";
 const DIRECT_WRITES: &str = "herald_direct_writes_total";
+const COALESCING: &str = "herald_coalescing";
+const COALESCED_FLUSHES: &str = "herald_coalesced_flushes_total";
 const FANOUT_DURATION: &str = "herald_fanout_duration_seconds";
 const QUEUE_HIGH_WATER: &str = "herald_session_queue_high_water";
 const SLOW_CONSUMER: &str = "herald_slow_consumer_disconnects_total";
@@ -423,6 +437,20 @@ pub fn written_directly(n: u64) {
     if n > 0 {
         metrics::counter!(DIRECT_WRITES).increment(n);
     }
+}
+
+/// One flush tick's part ([`crate::engine::Hub::flush_held`]): `sessions` taken up, `wrote`
+/// deliveries written to their sockets.
+pub fn flushed_held(sessions: u64, wrote: u64) {
+    metrics::counter!(COALESCED_FLUSHES).increment(sessions);
+    if wrote > 0 {
+        metrics::counter!(DIRECT_WRITES).increment(wrote);
+    }
+}
+
+/// Whether fan-outs coalesce ([`crate::engine::Hub::set_coalescing`]).
+pub fn coalescing(on: bool) {
+    metrics::gauge!(COALESCING).set(f64::from(u8::from(on)));
 }
 
 /// Sessions closed because their queue filled.

@@ -79,5 +79,8 @@ mod admin;
 #[path = "integration/direct.rs"]
 mod direct;
 
+#[path = "integration/coalesce.rs"]
+mod coalesce;
+
 #[path = "integration/fuzz.rs"]
 mod fuzz;

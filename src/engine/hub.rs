@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -36,6 +36,10 @@ pub enum Outbound {
     /// the socket took the first `.1` bytes of its frame (header included), the session's task
     /// writes the others, before anything else. Already checked: written as it is.
     Rest(Arc<Delivery>, usize),
+    /// A delivery already checked (the flush tick checks several at once) that the socket did not
+    /// take, behind the [`Rest`](Self::Rest) of the one it stopped in: written whole, as it is, in
+    /// its turn.
+    Checked(Arc<Delivery>),
     /// Time to send a transport-level ping.
     Ping,
     /// The backend no longer has this session live (it lost its data, or swept the session while
@@ -71,6 +75,18 @@ pub trait DirectWrite: Send + Sync + std::fmt::Debug {
     /// `Some(0)` when none did (the socket is full, or broken: the session's task finds out which
     /// when it writes the rest). `token` is what [`token`](Self::token) returned.
     fn write_text(&self, token: u64, payload: &[u8]) -> Option<usize>;
+
+    /// Writes `payloads` as text frames, one after the other, as much of them as the socket takes
+    /// now without waiting (one write where the writer can): how many frames went out whole, and
+    /// how many bytes (header included) of the next one did.
+    fn write_texts(&self, token: u64, payloads: &[&[u8]]) -> (usize, usize) {
+        for (i, p) in payloads.iter().enumerate() {
+            if let Some(wrote) = self.write_text(token, p) {
+                return (i, wrote);
+            }
+        }
+        (payloads.len(), 0)
+    }
 }
 
 /// How the fan-out may hand a delivery to an idle WebSocket ([`SessionHandle::hand_over`]).
@@ -82,6 +98,9 @@ enum HandOver {
     Write,
     /// Leave it for a writer task to write after the fan-out.
     Defer,
+    /// Queue it without waking the task: the node's flush tick does, so that what queues up
+    /// meanwhile goes out in one write ([`Hub::flush_held`]).
+    Hold,
 }
 
 /// What became of a delivery handed over.
@@ -93,6 +112,9 @@ enum Handed {
     Written,
     /// Left in the session's deferred slot (ahead of its queue) for a writer task.
     Deferred,
+    /// Queued without a wake-up, leaving the queue this deep; true when the session was not
+    /// already waiting for the flush tick (the fan-out then lists it for the tick).
+    Held(usize, bool),
 }
 
 /// The fan-out's writer for a session, set once it is open ([`SessionHandle::write_directly`]).
@@ -114,6 +136,11 @@ fn fan_out_may_write(d: &Delivery) -> bool {
         _ => true,
     }
 }
+
+/// Most held deliveries the flush tick writes to one socket in one write (the rest wait for the
+/// session's task): what one vectored write takes (a header and a payload slice each), more than
+/// a window's worth for anything but a flood.
+const HELD_BATCH: usize = 32;
 
 /// Capacity a drained queue keeps (a queue's first allocation); a queue a burst grew past it is given
 /// back once empty, so a burst does not leave an idle session holding its peak.
@@ -145,6 +172,9 @@ struct Queue {
     held: bool,
     /// The session is gone: nothing more is accepted.
     closed: bool,
+    /// Deliveries were queued without a wake-up and the session is listed for the flush tick
+    /// ([`HandOver::Hold`]).
+    held_for_tick: bool,
     /// The session's subscriptions and their positions: its task checks what it writes against
     /// them, and so does the fan-out for what it writes itself.
     subs: Subs,
@@ -328,6 +358,9 @@ impl CloseReason {
 #[repr(C)]
 pub struct SessionHandle {
     close: AtomicU16,
+    /// The flush tick's window in which a fan-out last handed this session a delivery
+    /// ([`Hub::take_window_counts`]).
+    window: AtomicU32,
     queue: Mutex<Queue>,
     /// Local numeric id.
     pub id: u64,
@@ -381,6 +414,7 @@ impl SessionHandle {
             capacity: queue.max(1),
             expires,
             close: AtomicU16::new(0),
+            window: AtomicU32::new(u32::MAX),
             close_at: AtomicI64::new(0),
             last_activity: AtomicI64::new(crate::event::now_ms()),
         })
@@ -405,6 +439,11 @@ impl SessionHandle {
     /// is; otherwise queued as [`send`](Self::send) does. `None` when the session took nothing.
     fn hand_over(&self, d: &Arc<Delivery>, how: HandOver) -> Option<Handed> {
         let mut guard = lock(&self.queue);
+        if how == HandOver::Hold {
+            return self
+                .push_locked(guard, Outbound::Deliver(d.clone()), true)
+                .map(|(depth, first)| Handed::Held(depth, first));
+        }
         let q = &mut *guard;
         // Not once the session is closing: its last frames are the transport's.
         if how != HandOver::Queue
@@ -427,8 +466,8 @@ impl SessionHandle {
                 false => Handed::Queued(1),
             });
         }
-        self.push_locked(guard, Outbound::Deliver(d.clone()))
-            .map(Handed::Queued)
+        self.push_locked(guard, Outbound::Deliver(d.clone()), false)
+            .map(|(depth, _)| Handed::Queued(depth))
     }
 
     /// Writes `d` to the idle session's socket as its subscription has it (checked under the
@@ -474,14 +513,25 @@ impl SessionHandle {
 
     /// [`send`](Self::send), with the queue's depth once queued.
     fn push(&self, o: Outbound) -> Option<usize> {
-        self.push_locked(lock(&self.queue), o)
+        self.push_locked(lock(&self.queue), o, false)
+            .map(|(depth, _)| depth)
     }
 
-    fn push_locked(&self, mut q: std::sync::MutexGuard<'_, Queue>, o: Outbound) -> Option<usize> {
+    /// Queues `o`, waking the task, or with `hold` leaving that to the flush tick: the depth it
+    /// left, and (held) whether the session was not yet waiting for the tick.
+    fn push_locked(
+        &self,
+        mut q: std::sync::MutexGuard<'_, Queue>,
+        o: Outbound,
+        hold: bool,
+    ) -> Option<(usize, bool)> {
         if q.closed {
             return None;
         }
-        q.idle = false;
+        // Held, the task still waits idle: the flush tick writes it (or wakes the task).
+        if !hold {
+            q.idle = false;
+        }
         if q.len() >= (self.capacity / 2).max(1)
             && let Outbound::Deliver(d) = &o
             && d.best_effort()
@@ -499,8 +549,69 @@ impl SessionHandle {
         }
         q.items.push_back(o);
         let depth = q.len();
+        if hold {
+            let first = !std::mem::replace(&mut q.held_for_tick, true);
+            return Some((depth, first));
+        }
         wake_task(q);
-        Some(depth)
+        Some((depth, false))
+    }
+
+    /// The flush tick's turn at what was held for it: written in one write when the task still
+    /// waits idle (each delivery checked as the fan-out checks it), else left to the task, woken.
+    /// Returns how many deliveries it wrote; `batch` is scratch space, left empty.
+    fn release_held(&self, batch: &mut Vec<Arc<Delivery>>) -> usize {
+        let mut guard = lock(&self.queue);
+        let q = &mut *guard;
+        q.held_for_tick = false;
+        let Some(w) = &q.direct else {
+            wake_task(guard);
+            return 0;
+        };
+        if !q.idle || q.deferred.is_some() || q.closed || self.close_reason().is_some() {
+            wake_task(guard);
+            return 0;
+        }
+        while batch.len() < HELD_BATCH {
+            let Some(Outbound::Deliver(d)) = q.items.front() else {
+                break;
+            };
+            if !fan_out_may_write(d) {
+                break;
+            }
+            match q.subs.live(d) {
+                Live::Queue => break,
+                Live::Skip => {}
+                Live::Write => batch.push(d.clone()),
+            }
+            q.items.pop_front();
+        }
+        let mut frames: [&[u8]; HELD_BATCH] = [&[]; HELD_BATCH];
+        for (f, d) in frames.iter_mut().zip(batch.iter()) {
+            *f = d.frame_for(w.format);
+        }
+        let (whole, part) = match batch.len() {
+            0 => (0, 0),
+            n => w.socket.write_texts(w.token, &frames[..n]),
+        };
+        let wrote = whole.min(batch.len());
+        // What the socket did not take goes back to the front, checked: the task writes it
+        // first, the frame it stopped in from where it stopped.
+        for (i, d) in batch.drain(..).enumerate().skip(wrote).rev() {
+            q.items.push_front(match i == wrote {
+                true => Outbound::Rest(d, part),
+                false => Outbound::Checked(d),
+            });
+        }
+        if q.items.is_empty() {
+            if q.items.capacity() > QUEUE_KEEP {
+                q.items = VecDeque::new();
+            }
+            return wrote;
+        }
+        q.idle = false;
+        wake_task(guard);
+        wrote
     }
 
     /// The next queued item or the close signal (which comes first), registering the waiting task.
@@ -806,6 +917,17 @@ pub struct Hub {
     /// timer per connection.
     expiries: Mutex<BTreeSet<(u64, u64)>>,
     budget: Arc<DirectBudget>,
+    /// Fan-outs queue their deliveries without waking the sessions' tasks, and the flush tick
+    /// wakes them ([`Hub::flush_held`]): fewer, larger writes.
+    coalescing: AtomicBool,
+    /// The sessions with deliveries held for the next flush tick.
+    held: Mutex<Vec<Arc<SessionHandle>>>,
+    /// The flush tick's window (one more each tick), and since
+    /// [`take_window_counts`](Self::take_window_counts) last ran, the deliveries fan-outs handed
+    /// over and to how many sessions in each window, summed over the windows.
+    window: AtomicU32,
+    handed: AtomicU64,
+    handed_sessions: AtomicU64,
 }
 
 impl Default for Hub {
@@ -823,7 +945,57 @@ impl Hub {
             users: Mutex::new(HashMap::new()),
             expiries: Mutex::new(BTreeSet::new()),
             budget: Arc::new(DirectBudget::new()),
+            coalescing: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+            window: AtomicU32::new(0),
+            handed: AtomicU64::new(0),
+            handed_sessions: AtomicU64::new(0),
         }
+    }
+
+    /// Whether fan-outs hold their deliveries for the flush tick ([`flush_held`](Self::flush_held))
+    /// instead of handing each over at once.
+    pub fn set_coalescing(&self, on: bool) {
+        self.coalescing.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether fan-outs hold their deliveries for the flush tick.
+    pub fn coalescing(&self) -> bool {
+        self.coalescing.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries fan-outs handed over since the last call, and the sessions they went to counted
+    /// once per flush tick's window: their ratio is how many deliveries a coalesced write carries,
+    /// or would carry (the flush tick makes one write per session and window).
+    pub fn take_window_counts(&self) -> (u64, u64) {
+        (
+            self.handed.swap(0, Ordering::Relaxed),
+            self.handed_sessions.swap(0, Ordering::Relaxed),
+        )
+    }
+
+    /// The flush tick: writes what fan-outs held since the last one for each session (in one
+    /// write per session, from writer tasks spread over the runtime's threads as a big fan-out's
+    /// are), or wakes the session's task for it. Returns how many sessions it took up.
+    pub fn flush_held(&self) -> usize {
+        self.window.fetch_add(1, Ordering::Relaxed);
+        let mut held = std::mem::take(&mut *lock(&self.held));
+        let n = held.len();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            release_all(&held);
+            return n;
+        };
+        let tasks = runtime
+            .metrics()
+            .num_workers()
+            .clamp(1, n.div_ceil(WRITER_CHUNK).max(1));
+        let per_task = n.div_ceil(tasks).max(1);
+        while held.len() > per_task {
+            let chunk = held.split_off(held.len() - per_task);
+            runtime.spawn(async move { release_all(&chunk) });
+        }
+        release_all(&held);
+        n
     }
 
     fn shard(&self, ch: &ChannelName) -> &RwLock<HashMap<ChannelName, Local>> {
@@ -1051,7 +1223,8 @@ impl DeliverySink for Hub {
             }
         }
         let filtered = !d.filter.is_empty();
-        let direct = self.budget.take();
+        let hold = self.coalescing();
+        let direct = !hold && self.budget.take();
         let cpu = if direct {
             crate::primitives::thread_cpu_ns()
         } else {
@@ -1071,7 +1244,9 @@ impl DeliverySink for Hub {
             usize::MAX
         };
         let mut deferred = Vec::new();
-        let (mut n, mut wrote, mut deepest) = (0u64, 0u64, 0usize);
+        let mut held = Vec::new();
+        let window = self.window.load(Ordering::Relaxed);
+        let (mut n, mut wrote, mut deepest, mut fresh) = (0u64, 0u64, 0usize, 0u64);
         for (i, s) in list.iter().enumerate() {
             if let Some(next) = list.get(i + 1) {
                 next.prefetch();
@@ -1082,6 +1257,7 @@ impl DeliverySink for Hub {
                 continue;
             }
             let how = match (direct, inline) {
+                _ if hold => HandOver::Hold,
                 (false, _) => HandOver::Queue,
                 (true, 0) => HandOver::Defer,
                 (true, _) => HandOver::Write,
@@ -1089,6 +1265,15 @@ impl DeliverySink for Hub {
             match s.hand_over(&d, how) {
                 None => continue,
                 Some(Handed::Queued(depth)) => deepest = deepest.max(depth),
+                Some(Handed::Held(depth, first)) => {
+                    deepest = deepest.max(depth);
+                    if first {
+                        if held.is_empty() {
+                            held.reserve_exact(list.len() - i);
+                        }
+                        held.push(s.clone());
+                    }
+                }
                 Some(Handed::Written) => {
                     wrote += 1;
                     inline -= 1;
@@ -1103,8 +1288,20 @@ impl DeliverySink for Hub {
                 }
             }
             n += 1;
+            // Racing fan-outs may both count a session: an estimate.
+            if s.window.load(Ordering::Relaxed) != window {
+                s.window.store(window, Ordering::Relaxed);
+                fresh += 1;
+            }
         }
         drop(shard);
+        if n > 0 {
+            self.handed.fetch_add(n, Ordering::Relaxed);
+            self.handed_sessions.fetch_add(fresh, Ordering::Relaxed);
+        }
+        if !held.is_empty() {
+            lock(&self.held).append(&mut held);
+        }
         let done = std::time::Instant::now();
         let cpu = if wrote > 0 {
             crate::primitives::thread_cpu_ns().saturating_sub(cpu)
@@ -1119,6 +1316,19 @@ impl DeliverySink for Hub {
             spawn_writers(&runtime, &self.budget, &d, deferred);
         }
     }
+}
+
+/// The flush tick's part for `sessions` ([`Hub::flush_held`]).
+fn release_all(sessions: &[Arc<SessionHandle>]) {
+    let mut batch = Vec::with_capacity(HELD_BATCH);
+    let mut wrote = 0;
+    for (i, s) in sessions.iter().enumerate() {
+        if let Some(next) = sessions.get(i + 1) {
+            next.prefetch();
+        }
+        wrote += s.release_held(&mut batch) as u64;
+    }
+    crate::metrics::flushed_held(sessions.len() as u64, wrote);
 }
 
 /// How many sockets a fan-out writes to itself before it leaves the rest to writer tasks.
@@ -1328,6 +1538,107 @@ mod tests {
             s.poll_next(&mut Context::from_waker(Waker::noop()))
                 .is_pending()
         );
+    }
+
+    #[test]
+    fn held_deliveries_wait_for_the_tick_and_go_out_together_checked_and_in_order() {
+        let hub = Hub::new();
+        let ch = ChannelName::parse("room:a").unwrap();
+        let e = Epoch::new("e1");
+        let mut cx = Context::from_waker(Waker::noop());
+        let (s, socket) = writer(&hub, 1, &ch, &e, 64);
+        park(&s);
+        // Held: nothing written, the task not woken (it still waits idle).
+        let one = delivery(&ch, &e, 1, b"one");
+        let two = delivery(&ch, &e, 2, b"two");
+        assert_eq!(
+            s.hand_over(&one, HandOver::Hold),
+            Some(Handed::Held(1, true))
+        );
+        assert_eq!(
+            s.hand_over(&two, HandOver::Hold),
+            Some(Handed::Held(2, false))
+        );
+        assert!(lock(&socket.0).is_empty());
+        // The tick writes both in order; the task finds nothing left.
+        let mut batch = Vec::new();
+        assert_eq!(s.release_held(&mut batch), 2);
+        assert_eq!(lock(&socket.0).as_slice(), b"\x81\x03one\x81\x03two");
+        assert!(s.poll_next(&mut cx).is_pending());
+        // What was sent already is dropped by the tick's check, the next one written.
+        let three = delivery(&ch, &e, 3, b"three");
+        assert_eq!(
+            s.hand_over(&two, HandOver::Hold),
+            Some(Handed::Held(1, true))
+        );
+        assert_eq!(
+            s.hand_over(&three, HandOver::Hold),
+            Some(Handed::Held(2, false))
+        );
+        assert_eq!(s.release_held(&mut batch), 1);
+        assert!(lock(&socket.0).ends_with(b"\x81\x03two\x81\x05three"));
+        // The socket stops mid-frame: the rest of that frame, then the frame after it whole, are
+        // the task's, in order, written as they are.
+        let long = delivery(
+            &ch,
+            &e,
+            4,
+            b"a frame far too long for the sixty-four bytes this socket takes in one write",
+        );
+        let five = delivery(&ch, &e, 5, b"five");
+        s.hand_over(&long, HandOver::Hold);
+        s.hand_over(&five, HandOver::Hold);
+        assert_eq!(s.release_held(&mut batch), 0);
+        let (rest, written) = s.hold_socket().expect("the rest of seq 4");
+        assert!(Arc::ptr_eq(&rest, &long));
+        assert_eq!(written, 64);
+        assert!(matches!(
+            s.poll_next(&mut cx),
+            Poll::Ready(Next::Out(Outbound::Checked(d))) if Arc::ptr_eq(&d, &five)
+        ));
+        s.release_socket();
+        assert!(s.poll_next(&mut cx).is_pending());
+        // While the transport holds the socket, the tick leaves the held ones to the task.
+        let six = delivery(&ch, &e, 6, b"six");
+        assert!(s.hold_socket().is_none());
+        s.hand_over(&six, HandOver::Hold);
+        assert_eq!(s.release_held(&mut batch), 0);
+        assert!(matches!(
+            s.poll_next(&mut cx),
+            Poll::Ready(Next::Out(Outbound::Deliver(d))) if Arc::ptr_eq(&d, &six)
+        ));
+        s.release_socket();
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn while_coalescing_fan_outs_hold_and_each_tick_writes_once_per_session() {
+        let hub = Hub::new();
+        let ch = ChannelName::parse("room:a").unwrap();
+        let e = Epoch::new("e1");
+        let (a, wa) = writer(&hub, 1, &ch, &e, 1024);
+        let (b, wb) = writer(&hub, 2, &ch, &e, 1024);
+        for s in [&a, &b] {
+            hub.subscribe(&ch, s);
+            park(s);
+        }
+        hub.set_coalescing(true);
+        hub.deliver(delivery(&ch, &e, 1, b"one"));
+        hub.deliver(delivery(&ch, &e, 2, b"two"));
+        assert!(lock(&wa.0).is_empty() && lock(&wb.0).is_empty());
+        assert_eq!(hub.flush_held(), 2);
+        for w in [&wa, &wb] {
+            assert_eq!(lock(&w.0).as_slice(), b"\x81\x03one\x81\x03two");
+        }
+        // Four deliveries to two sessions in one window: two writes.
+        assert_eq!(hub.take_window_counts(), (4, 2));
+        assert_eq!(hub.flush_held(), 0);
+        // Off again: the next fan-out writes at once.
+        hub.set_coalescing(false);
+        hub.deliver(delivery(&ch, &e, 3, b"three"));
+        assert!(lock(&wa.0).ends_with(b"\x81\x05three"));
+        assert_eq!(hub.flush_held(), 0);
+        assert_eq!(hub.take_window_counts(), (2, 2));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Layout, by concern (each file names what it owns; operations return typed results that
 //! transports serialise):
 //! - [`hub`]: local registry and fan-out;
+//! - `coalesce`: the flush tick of coalesced writes, and when to coalesce;
 //! - [`pipeline`]: the publish path (dedupe -> route -> append+publish -> unread -> reply);
 //! - [`session`]: one connected device and its ops;
 //! - [`protocol`]: client frames parsed into ops, replies as frames, and a session's life over a
@@ -24,6 +25,7 @@
 
 pub mod access;
 pub mod announcements;
+mod coalesce;
 pub mod control;
 pub mod devices;
 pub mod history;
@@ -284,6 +286,7 @@ impl Engine {
         tokio::spawn(pushsend::run(engine.clone()));
         tokio::spawn(sample_metrics(engine.clone()));
         tokio::spawn(nodes::run(engine.clone()));
+        tokio::spawn(coalesce::run(engine.clone()));
         Ok(engine)
     }
 

@@ -647,6 +647,7 @@ async fn write_outbound<P: Peer>(
             }
         },
         Outbound::Rest(d, written) => peer.feed(ToClient::Rest(d, written)).await,
+        Outbound::Checked(d) => peer.feed(ToClient::Delivery(d)).await,
         Outbound::Ping => peer.feed(ToClient::Ping).await,
         other => {
             session.control(other);

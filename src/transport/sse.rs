@@ -365,36 +365,38 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
 impl StreamState {
     fn write(&mut self, item: Outbound, out: &mut BytesMut) {
         match item {
+            // `Checked` comes only to a WebSocket's writer (the flush tick's), already checked.
+            Outbound::Checked(d) => self.write_delivery(&d, out),
             Outbound::Deliver(d) => {
                 match self.session.check(&d) {
                     Verdict::Skip => return,
                     Verdict::Reset(r) => write_event(out, None, "reset", &r),
                     Verdict::Deliver => {}
                 }
-                let name: &str = match (self.kind, &*d.event) {
-                    (StreamKind::Presence, "presence.changed") => "status_change",
-                    (_, e) => self.names.of(e, &d.frame),
-                };
-                match &d.position {
-                    Some(p) => {
-                        match self.positions.get_mut(d.channel.as_str()) {
-                            Some(have) => have.clone_from(p),
-                            None => {
-                                self.positions.insert(d.channel.to_string(), p.clone());
-                            }
-                        }
-                        Cursor::encode_into(
-                            &self.positions,
-                            &mut self.cursor_text,
-                            &mut self.cursor_id,
-                        );
-                        write_event(out, Some(&self.cursor_id), name, &d.frame);
-                    }
-                    None => write_event(out, None, name, &d.frame),
-                }
+                self.write_delivery(&d, out);
             }
             Outbound::Ping => self.session.handle.touch(),
             other => self.session.control(other),
+        }
+    }
+
+    fn write_delivery(&mut self, d: &crate::backend::Delivery, out: &mut BytesMut) {
+        let name: &str = match (self.kind, &*d.event) {
+            (StreamKind::Presence, "presence.changed") => "status_change",
+            (_, e) => self.names.of(e, &d.frame),
+        };
+        match &d.position {
+            Some(p) => {
+                match self.positions.get_mut(d.channel.as_str()) {
+                    Some(have) => have.clone_from(p),
+                    None => {
+                        self.positions.insert(d.channel.to_string(), p.clone());
+                    }
+                }
+                Cursor::encode_into(&self.positions, &mut self.cursor_text, &mut self.cursor_id);
+                write_event(out, Some(&self.cursor_id), name, &d.frame);
+            }
+            None => write_event(out, None, name, &d.frame),
         }
     }
 }

@@ -271,6 +271,40 @@ impl DirectWrite for TcpStream {
             Err(_) => Some(0),
         }
     }
+
+    fn write_texts(&self, token: u64, payloads: &[&[u8]]) -> (usize, usize) {
+        debug_assert_eq!(token, self.token());
+        // SAFETY: as in `write_text`.
+        #[allow(unsafe_code)]
+        let fd = unsafe { BorrowedFd::borrow_raw(token as RawFd) };
+        let payloads = &payloads[..payloads.len().min(SLICES / 2)];
+        let mut heads = [Head::new(TEXT, 0); SLICES / 2];
+        for (h, p) in heads.iter_mut().zip(payloads) {
+            *h = Head::new(TEXT, p.len());
+        }
+        let parts = heads
+            .iter()
+            .zip(payloads)
+            .flat_map(|(h, p)| [h.as_slice(), *p]);
+        let socket = socket2::SockRef::from(&fd);
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        let wrote = write_parts(
+            parts,
+            &socket,
+            |socket, flat| socket.send_with_flags(flat, flags),
+            |socket, slices| socket.send_vectored_with_flags(slices, flags),
+        );
+        // Full (or broken: the task's own write finds out).
+        let mut left = wrote.unwrap_or(0);
+        for (i, p) in payloads.iter().enumerate() {
+            let size = head_len(p.len()) + p.len();
+            if left < size {
+                return (i, left);
+            }
+            left -= size;
+        }
+        (payloads.len(), 0)
+    }
 }
 
 #[cfg(test)]

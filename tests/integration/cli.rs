@@ -467,6 +467,32 @@ fn token_refuses_what_the_engine_would_refuse() {
     }
 }
 
+/// A coalescing mode or window that is not one: `serve` refuses to start and says what it takes.
+#[test]
+fn a_coalescing_setting_must_be_a_mode_and_a_window_in_range() {
+    let dir = TempDir::new("cli-coalesce");
+    for (name, value, says) in [
+        (
+            "HERALD_COALESCE",
+            "sometimes",
+            "HERALD_COALESCE: auto, on or off",
+        ),
+        ("HERALD_COALESCE_WINDOW", "0ms", "between 1ms and 1s"),
+        ("HERALD_COALESCE_WINDOW", "2s", "between 1ms and 1s"),
+        (
+            "HERALD_COALESCE_WINDOW",
+            "fast",
+            "HERALD_COALESCE_WINDOW: bad duration",
+        ),
+    ] {
+        let args = ["serve", "--listen", "127.0.0.1:0"];
+        let mut p = Proc::spawn(&dir.path, &args, &[(name, value)]);
+        assert!(!p.exit(WAIT).success(), "{name}={value} was taken");
+        let err = p.stderr();
+        assert!(err.contains(says), "{name}={value}: {err}");
+    }
+}
+
 /// A true/false setting in the environment that is neither: `serve` refuses to start and names it.
 #[test]
 fn a_flag_in_the_environment_must_be_true_or_false() {

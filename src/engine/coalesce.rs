@@ -1,0 +1,214 @@
+//! Coalesced writes (`[http] coalesce`): while the machine's CPU is saturated, fan-outs queue each
+//! delivery without waking anyone, and a node-wide tick every `coalesce_window` writes what queued up
+//! for each connection in one write. On loopback, and on any box whose CPU is the limit, one TCP
+//! segment per delivery is most of a delivery's cost (the sender's `send()`, the receiver's read and
+//! wake-up); two or three frames per segment halve it, and the queueing that a saturated CPU adds to
+//! every delivery falls with it. What it costs is up to one window of added latency per delivery,
+//! which is why `auto` (the default) coalesces only while the CPU is busy: an idle box writes every
+//! delivery at once, as before.
+//!
+//! Nagle's algorithm (`tcp_nodelay = false`) batches too, but holds a frame until the client ACKs
+//! the previous one, so a client that delays its ACKs (40 ms on Linux, up to 200 ms elsewhere) sets
+//! the hold; here the hold is at most the window, and only under load.
+
+use std::time::Duration;
+
+use super::Engine;
+use crate::config::Coalesce;
+
+/// How often `auto` looks at the CPU.
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+/// `auto` starts coalescing once this share of the CPU was busy in [`ENGAGE_SAMPLES`] samples in a
+/// row while the deliveries came fast enough for a window's write to carry [`ENGAGE_BATCH`] of them
+/// on average (a CPU saturated by something else, a connect storm say, is no reason to hold
+/// deliveries that would each go out alone anyway). Not 90 %: nodes sharing a machine see one
+/// another's relief, and once the first coalesces the machine may sit at 85 % with the others
+/// still writing every delivery alone...
+const ENGAGE_BUSY: f64 = 0.80;
+const ENGAGE_BATCH: f64 = 1.5;
+const ENGAGE_SAMPLES: u32 = 2;
+/// ... and stops once the CPU fell below this share in [`RELEASE_SAMPLES`] in a row, or its writes
+/// carried fewer than [`RELEASE_BATCH`] deliveries each (the deliveries come too far apart to share
+/// a window: holding them only adds latency). The CPU gap is wide because coalescing itself frees
+/// CPU (a third of it in the two-node benchmark at 100k deliveries/s) and must not stop only
+/// because it worked.
+const RELEASE_BUSY: f64 = 0.50;
+const RELEASE_BATCH: f64 = 1.3;
+const RELEASE_SAMPLES: u32 = 6;
+
+/// The flush tick, and under `auto` the CPU watch that turns coalescing on and off.
+pub(super) async fn run(engine: Engine) {
+    let mode = engine.config.coalesce;
+    if mode == Coalesce::Off {
+        return;
+    }
+    let hub = &engine.hub;
+    hub.set_coalescing(mode == Coalesce::On);
+    crate::metrics::coalescing(hub.coalescing());
+    let mut tick = tokio::time::interval(engine.config.coalesce_window);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cpu = CpuBusy::new();
+    let mut next_sample = tokio::time::Instant::now() + SAMPLE_EVERY;
+    let (mut busy_runs, mut idle_runs) = (0u32, 0u32);
+    loop {
+        tokio::select! {
+            _ = engine.shutdown.cancelled() => {
+                hub.set_coalescing(false);
+                hub.flush_held();
+                return;
+            }
+            _ = tick.tick() => {}
+        }
+        hub.flush_held();
+        let now = tokio::time::Instant::now();
+        if mode != Coalesce::Auto || now < next_sample {
+            continue;
+        }
+        next_sample = now + SAMPLE_EVERY;
+        let (handed, writes) = hub.take_window_counts();
+        let Some(busy) = cpu.sample() else { continue };
+        let on = hub.coalescing();
+        let batch = handed as f64 / writes.max(1) as f64;
+        (busy_runs, idle_runs) = match busy {
+            b if !on && b >= ENGAGE_BUSY && batch >= ENGAGE_BATCH => (busy_runs + 1, 0),
+            b if on && (b < RELEASE_BUSY || batch < RELEASE_BATCH) => (0, idle_runs + 1),
+            _ => (0, 0),
+        };
+        let want = if on {
+            idle_runs < RELEASE_SAMPLES
+        } else {
+            busy_runs >= ENGAGE_SAMPLES
+        };
+        if want != on {
+            hub.set_coalescing(want);
+            crate::metrics::coalescing(want);
+            tracing::info!(
+                coalescing = want,
+                cpu_busy = format!("{:.0}%", busy * 100.0),
+                deliveries_per_write = format!("{batch:.1}"),
+                window_ms = engine.config.coalesce_window.as_millis() as u64,
+                "Coalesced writes switched."
+            );
+        }
+    }
+}
+
+/// How busy the CPU this process may use was since the last sample: the machine's (`/proc/stat`;
+/// steal counts as busy, it is CPU the process could not have), or, under a cgroup v2 CPU quota,
+/// the cgroup's share of its quota, whichever is higher.
+struct CpuBusy {
+    machine: Option<(u64, u64)>,
+    cgroup: Option<Quota>,
+}
+
+/// A cgroup v2 CPU quota and the cgroup's use of it.
+struct Quota {
+    /// `cpu.stat`.
+    stat: std::path::PathBuf,
+    /// CPUs' worth of time the quota allows.
+    cpus: f64,
+    /// The last `usage_usec`, and when it was read.
+    last: Option<(u64, std::time::Instant)>,
+}
+
+impl CpuBusy {
+    fn new() -> Self {
+        let mut c = CpuBusy {
+            machine: None,
+            cgroup: Quota::find(),
+        };
+        c.sample();
+        c
+    }
+
+    /// The busy share since the last call, 0-1; `None` on the first call or when nothing can be
+    /// read (off Linux).
+    fn sample(&mut self) -> Option<f64> {
+        let machine = read_proc_stat().and_then(|now| {
+            let before = self.machine.replace(now)?;
+            let total = now.0.saturating_sub(before.0);
+            let idle = now.1.saturating_sub(before.1);
+            (total > 0).then(|| 1.0 - idle as f64 / total as f64)
+        });
+        let cgroup = self.cgroup.as_mut().and_then(Quota::sample);
+        match (machine, cgroup) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The machine's CPU time so far, in ticks: (all of it, idle and iowait).
+fn read_proc_stat() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_proc_stat(&stat)
+}
+
+fn parse_proc_stat(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line
+        .split_ascii_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Some((total, idle))
+}
+
+impl Quota {
+    /// The quota of the cgroup this process is in, when cgroup v2 sets one.
+    fn find() -> Option<Quota> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let path = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+        let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        let max = std::fs::read_to_string(dir.join("cpu.max")).ok()?;
+        let cpus = parse_cpu_max(&max)?;
+        Some(Quota {
+            stat: dir.join("cpu.stat"),
+            cpus,
+            last: None,
+        })
+    }
+
+    fn sample(&mut self) -> Option<f64> {
+        let stat = std::fs::read_to_string(&self.stat).ok()?;
+        let usage: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let now = std::time::Instant::now();
+        let (before, at) = self.last.replace((usage, now))?;
+        let wall = now.duration_since(at).as_micros() as f64;
+        (wall > 0.0).then(|| (usage.saturating_sub(before) as f64 / (wall * self.cpus)).min(1.0))
+    }
+}
+
+/// CPUs' worth of a `cpu.max` ("quota period", or "max period": no quota).
+fn parse_cpu_max(max: &str) -> Option<f64> {
+    let mut it = max.split_ascii_whitespace();
+    let quota: f64 = it.next()?.parse().ok()?;
+    let period: f64 = it.next()?.parse().ok()?;
+    (quota > 0.0 && period > 0.0).then(|| quota / period)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_counts_idle_and_iowait_as_idle_and_steal_as_busy() {
+        let stat = "cpu  100 5 50 800 20 0 10 15 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        assert_eq!(parse_proc_stat(stat), Some((1000, 820)));
+        assert_eq!(parse_proc_stat("intr 1 2 3\n"), None);
+    }
+
+    #[test]
+    fn cpu_max_is_a_number_of_cpus_or_none() {
+        assert_eq!(parse_cpu_max("150000 100000\n"), Some(1.5));
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max(""), None);
+    }
+}

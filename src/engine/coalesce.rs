@@ -49,7 +49,7 @@ pub(super) async fn run(engine: Engine) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cpu = CpuBusy::new();
     let mut next_sample = tokio::time::Instant::now() + SAMPLE_EVERY;
-    let (mut busy_runs, mut idle_runs) = (0u32, 0u32);
+    let mut policy = Policy::default();
     loop {
         tokio::select! {
             _ = engine.shutdown.cancelled() => {
@@ -69,16 +69,7 @@ pub(super) async fn run(engine: Engine) {
         let Some(busy) = cpu.sample() else { continue };
         let on = hub.coalescing();
         let batch = handed as f64 / writes.max(1) as f64;
-        (busy_runs, idle_runs) = match busy {
-            b if !on && b >= ENGAGE_BUSY && batch >= ENGAGE_BATCH => (busy_runs + 1, 0),
-            b if on && (b < RELEASE_BUSY || batch < RELEASE_BATCH) => (0, idle_runs + 1),
-            _ => (0, 0),
-        };
-        let want = if on {
-            idle_runs < RELEASE_SAMPLES
-        } else {
-            busy_runs >= ENGAGE_SAMPLES
-        };
+        let want = policy.next(on, busy, batch);
         if want != on {
             hub.set_coalescing(want);
             crate::metrics::coalescing(want);
@@ -90,6 +81,31 @@ pub(super) async fn run(engine: Engine) {
                 "Coalesced writes switched."
             );
         }
+    }
+}
+
+/// `auto`'s decision, sample by sample: how many samples in a row spoke for a switch.
+#[derive(Debug, Default)]
+struct Policy {
+    runs: u32,
+}
+
+impl Policy {
+    /// Whether to coalesce from now on, given whether fan-outs do now, how busy the CPU was over
+    /// the sample (0-1) and how many deliveries a window's write carried (or would have).
+    fn next(&mut self, on: bool, busy: f64, batch: f64) -> bool {
+        let for_switch = if on {
+            busy < RELEASE_BUSY || batch < RELEASE_BATCH
+        } else {
+            busy >= ENGAGE_BUSY && batch >= ENGAGE_BATCH
+        };
+        self.runs = if for_switch { self.runs + 1 } else { 0 };
+        let needed = if on { RELEASE_SAMPLES } else { ENGAGE_SAMPLES };
+        if self.runs < needed {
+            return on;
+        }
+        self.runs = 0;
+        !on
     }
 }
 
@@ -197,6 +213,37 @@ fn parse_cpu_max(max: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_coalesces_while_the_cpu_is_saturated_and_deliveries_would_share_writes() {
+        let mut p = Policy::default();
+        // Saturated, but each write would carry one delivery: nothing to gain.
+        for _ in 0..10 {
+            assert!(!p.next(false, 1.0, 1.2));
+        }
+        // One busy sample is not enough; two in a row are.
+        assert!(!p.next(false, 0.95, 2.5));
+        assert!(!p.next(false, 0.60, 2.5));
+        assert!(!p.next(false, 0.85, 2.5));
+        assert!(p.next(false, 0.85, 2.5));
+        // On, it holds while it pays, however much CPU it freed.
+        for _ in 0..20 {
+            assert!(p.next(true, 0.60, 2.5));
+        }
+        // It stops after three seconds of an idle CPU or of writes that carry too little; a
+        // sample in between starts the count again.
+        for _ in 0..5 {
+            assert!(p.next(true, 0.30, 2.5));
+        }
+        assert!(p.next(true, 0.60, 2.5));
+        for _ in 0..5 {
+            assert!(p.next(true, 0.95, 1.1));
+        }
+        assert!(!p.next(true, 0.95, 1.1));
+        // Off again, the count starts from nothing.
+        assert!(!p.next(false, 0.95, 2.5));
+        assert!(p.next(false, 0.95, 2.5));
+    }
 
     #[test]
     fn proc_stat_counts_idle_and_iowait_as_idle_and_steal_as_busy() {

@@ -9,33 +9,10 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use herald::config::Coalesce;
-use herald::metrics::parse;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
-
-async fn api(addr: &str, method: reqwest::Method, path: &str, body: Option<Value>) {
-    let mut req = http_client()
-        .request(method, format!("http://{addr}{path}"))
-        .bearer_auth(API_KEY);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = tokio::time::timeout(WAIT, req.send())
-        .await
-        .expect("HTTP timed out")
-        .unwrap();
-    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-}
-
-async fn metric(addr: &str, name: &str) -> f64 {
-    parse(&metrics_at(&format!("http://{addr}/metrics")).await)
-        .iter()
-        .filter(|s| s.name == name)
-        .map(|s| s.value)
-        .sum()
-}
 
 /// Three members of a room get a burst of events published faster than the window: each gets
 /// every one once and in order, answers to its ops and pings in between, and the node made fewer
@@ -47,11 +24,11 @@ async fn coalesced_deliveries_arrive_once_in_order_in_fewer_writes() {
         ("HERALD_COALESCE_WINDOW", "300ms"),
     ]);
     let addr = node.addr.clone();
-    assert_eq!(metric(&addr, "herald_coalescing").await, 1.0);
+    assert_eq!(metric_at(&addr, "herald_coalescing").await, 1.0);
     let mut members = Vec::new();
     for user in ["m1", "m2", "m3"] {
         let path = format!("/api/v1/rooms/r1/members/{user}");
-        api(&addr, reqwest::Method::PUT, &path, None).await;
+        api_at(&addr, reqwest::Method::PUT, &path, None).await;
         let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(user))).await;
         assert_eq!(ws.next().await["type"], "connected");
         ws.subscribed("room:r1").await;
@@ -60,7 +37,7 @@ async fn coalesced_deliveries_arrive_once_in_order_in_fewer_writes() {
     const N: u64 = 12;
     for n in 1..=N {
         let body = json!({"event": "chat.message", "room": "r1", "data": {"n": n}});
-        api(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
+        api_at(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
         if n % 4 == 0 {
             let ws = &mut members[1];
             ws.stream.send(Message::Ping(vec![4].into())).await.unwrap();
@@ -88,8 +65,8 @@ async fn coalesced_deliveries_arrive_once_in_order_in_fewer_writes() {
         ws.assert_none(Duration::from_millis(400), |v| v["channel"] == "room:r1")
             .await;
     }
-    let deliveries = metric(&addr, "herald_deliveries_total").await;
-    let writes = metric(&addr, "herald_coalesced_flushes_total").await;
+    let deliveries = metric_at(&addr, "herald_deliveries_total").await;
+    let writes = metric_at(&addr, "herald_coalesced_flushes_total").await;
     assert!(deliveries >= (3 * N) as f64, "{deliveries} deliveries");
     assert!(
         writes > 0.0 && writes < deliveries,
@@ -103,7 +80,7 @@ async fn off_and_auto_on_an_idle_box_write_every_delivery_at_once() {
     for mode in ["off", "auto"] {
         let node = HeraldProcess::memory(&[("HERALD_COALESCE", mode)]);
         let addr = node.addr.clone();
-        api(
+        api_at(
             &addr,
             reqwest::Method::PUT,
             "/api/v1/rooms/r1/members/a",
@@ -115,12 +92,12 @@ async fn off_and_auto_on_an_idle_box_write_every_delivery_at_once() {
         ws.subscribed("room:r1").await;
         for n in 1..=5u64 {
             let body = json!({"event": "chat.message", "room": "r1", "data": {"n": n}});
-            api(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
+            api_at(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
             assert_eq!(ws.event_on("room:r1").await["seq"].as_u64(), Some(n));
         }
-        assert_eq!(metric(&addr, "herald_coalescing").await, 0.0, "{mode}");
+        assert_eq!(metric_at(&addr, "herald_coalescing").await, 0.0, "{mode}");
         assert_eq!(
-            metric(&addr, "herald_coalesced_flushes_total").await,
+            metric_at(&addr, "herald_coalesced_flushes_total").await,
             0.0,
             "{mode}"
         );
@@ -141,16 +118,7 @@ async fn what_a_coalesced_write_did_not_take_is_written_by_the_session_in_order(
     })
     .await;
     t.join("r1", "slow").await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(t.addr()).await.unwrap();
-    let url = t.ws_url(&format!("?token={}", t.token("slow")));
-    let (stream, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
-            .await
-            .unwrap();
-    let mut ws = Ws::from_stream(stream);
-    assert_eq!(ws.next().await["type"], "connected");
+    let mut ws = t.ws_slow_reader("slow").await;
     ws.subscribed("room:r1").await;
     let mut next = 1;
     // 16 frames of 400 KB held for one window: 6.4 MB for one write.

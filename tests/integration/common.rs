@@ -179,6 +179,21 @@ impl TestServer {
         ws
     }
 
+    /// A WebSocket client for `user` that reads through a 4 KiB receive buffer (its window stays
+    /// small, so the server's writes stop fitting), past its `connected` frame.
+    pub async fn ws_slow_reader(&self, user: &str) -> Ws {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(self.addr()).await.unwrap();
+        let url = self.ws_url(&format!("?token={}", self.token(user)));
+        let (stream, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+        let mut ws = Ws::from_stream(stream);
+        assert_eq!(ws.next().await["type"], "connected");
+        ws
+    }
+
     pub async fn stop(self) {
         self.server.stop().await.unwrap();
     }
@@ -192,6 +207,33 @@ pub async fn metrics_at(url: &str) -> String {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     resp.text().await.unwrap()
+}
+
+/// An API call to the engine at `addr` (a process's address) with the API key, asserting success:
+/// its JSON body (`Null` when there is none). Bounded by `WAIT`.
+pub async fn api_at(addr: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = http_client()
+        .request(method, format!("http://{addr}{path}"))
+        .bearer_auth(API_KEY);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = tokio::time::timeout(WAIT, req.send())
+        .await
+        .expect("HTTP timed out")
+        .unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+/// The sum of metric `name` over its labels at the engine at `addr` (a process's address: the
+/// test process's own recorder is shared by every in-process engine).
+pub async fn metric_at(addr: &str, name: &str) -> f64 {
+    herald::metrics::parse(&metrics_at(&format!("http://{addr}/metrics")).await)
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.value)
+        .sum()
 }
 
 /// A valid HS256 token for `user` (1 h), signed with the test secret: for engines run as a process.

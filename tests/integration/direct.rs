@@ -7,34 +7,10 @@
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use herald::metrics::parse;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
-
-async fn api(addr: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let mut req = http_client()
-        .request(method, format!("http://{addr}{path}"))
-        .bearer_auth(API_KEY);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = tokio::time::timeout(WAIT, req.send())
-        .await
-        .expect("HTTP timed out")
-        .unwrap();
-    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-    resp.json().await.unwrap_or(Value::Null)
-}
-
-async fn direct_writes(addr: &str) -> f64 {
-    parse(&metrics_at(&format!("http://{addr}/metrics")).await)
-        .iter()
-        .filter(|s| s.name == "herald_direct_writes_total")
-        .map(|s| s.value)
-        .sum()
-}
 
 /// A member of `room` subscribed to it, reading events one publish at a time (the session idle
 /// between them), with pings of its own in between: every event once, in order, whole; and how
@@ -45,7 +21,7 @@ async fn one_at_a_time(direct: bool) -> f64 {
         if direct { "true" } else { "false" },
     )]);
     let addr = node.addr.clone();
-    api(
+    api_at(
         &addr,
         reqwest::Method::PUT,
         "/api/v1/rooms/r1/members/alice",
@@ -58,7 +34,7 @@ async fn one_at_a_time(direct: bool) -> f64 {
     const N: u64 = 30;
     for n in 1..=N {
         let body = json!({"event": "chat.message", "room": "r1", "data": {"n": n}});
-        api(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
+        api_at(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
         let e = ws.event_on("room:r1").await;
         assert_eq!(
             (e["seq"].as_u64(), e["data"]["n"].as_u64()),
@@ -79,7 +55,7 @@ async fn one_at_a_time(direct: bool) -> f64 {
     }
     ws.assert_none(Duration::from_millis(200), |v| v["channel"] == "room:r1")
         .await;
-    direct_writes(&addr).await
+    metric_at(&addr, "herald_direct_writes_total").await
 }
 
 #[tokio::test]
@@ -105,16 +81,7 @@ async fn what_a_full_socket_did_not_take_is_written_by_the_session_first() {
     let t = TestServer::start_with(|c| c.limits.queue_frames = 4096).await;
     t.join("r1", "slow").await;
     // A 4 KiB receive buffer on the client: its window stays small.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(t.addr()).await.unwrap();
-    let url = t.ws_url(&format!("?token={}", t.token("slow")));
-    let (stream, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
-            .await
-            .unwrap();
-    let mut ws = Ws::from_stream(stream);
-    assert_eq!(ws.next().await["type"], "connected");
+    let mut ws = t.ws_slow_reader("slow").await;
     ws.subscribed("room:r1").await;
 
     // 9 MB: past what the server's send buffer grows to (net.ipv4.tcp_wmem's 4 MiB here).
@@ -184,7 +151,7 @@ async fn a_big_room_gets_every_event_once_in_order_from_the_writer_tasks() {
     for i in 0..MEMBERS {
         let user = format!("m{i}");
         let path = format!("/api/v1/rooms/big/members/{user}");
-        api(&addr, reqwest::Method::PUT, &path, None).await;
+        api_at(&addr, reqwest::Method::PUT, &path, None).await;
         let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(&user))).await;
         assert_eq!(ws.next().await["type"], "connected");
         ws.subscribed("room:big").await;
@@ -194,10 +161,10 @@ async fn a_big_room_gets_every_event_once_in_order_from_the_writer_tasks() {
         let addr = addr.clone();
         async move {
             let body = json!({"event": "chat.message", "room": "big", "data": {"n": n}});
-            api(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
+            api_at(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;
         }
     };
-    let before = direct_writes(&addr).await;
+    let before = metric_at(&addr, "herald_direct_writes_total").await;
     const ONE_BY_ONE: u64 = 5;
     for n in 1..=ONE_BY_ONE {
         publish(n).await;
@@ -211,7 +178,7 @@ async fn a_big_room_gets_every_event_once_in_order_from_the_writer_tasks() {
         }
     }
     // More than the fan-outs' own share (at most 64 sockets each) was written directly.
-    let written = direct_writes(&addr).await - before;
+    let written = metric_at(&addr, "herald_direct_writes_total").await - before;
     assert!(
         written > (64 * ONE_BY_ONE) as f64,
         "{written} direct writes for {} deliveries",

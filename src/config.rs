@@ -778,7 +778,7 @@ impl Config {
             tcp_nodelay: true,
             direct_writes: true,
             coalesce: Coalesce::Auto,
-            coalesce_window: Duration::from_millis(50),
+            coalesce_window: Duration::from_millis(40),
             read_timeout: Duration::from_secs(10),
             max_connections: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),

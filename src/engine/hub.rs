@@ -445,15 +445,7 @@ impl SessionHandle {
                 .map(|(depth, first)| Handed::Held(depth, first));
         }
         let q = &mut *guard;
-        // Not once the session is closing: its last frames are the transport's.
-        if how != HandOver::Queue
-            && q.idle
-            && q.len() == 0
-            && !q.closed
-            && self.close_reason().is_none()
-            && fan_out_may_write(d)
-            && q.direct.is_some()
-        {
+        if how != HandOver::Queue && q.len() == 0 && self.socket_free(q) && fan_out_may_write(d) {
             if how == HandOver::Defer {
                 // Queued without waking the task, which still counts as idle: the writer finds it
                 // there ([`write_deferred`](Self::write_deferred)); anything queued behind it wakes
@@ -503,12 +495,19 @@ impl SessionHandle {
         if q.closed || !q.deferred.as_ref().is_some_and(|f| Arc::ptr_eq(f, d)) {
             return false;
         }
-        if q.idle && q.direct.is_some() && self.close_reason().is_none() {
+        if self.socket_free(&q) {
             q.deferred = None;
             return Self::write_live(q, d);
         }
         wake_task(q);
         false
+    }
+
+    /// Whether a fan-out (or the flush tick) may write to the socket now: the task waits idle with
+    /// nothing of its own on it, a writer is set, and the session is not closing (its last frames
+    /// are the transport's).
+    fn socket_free(&self, q: &Queue) -> bool {
+        q.idle && !q.closed && q.direct.is_some() && self.close_reason().is_none()
     }
 
     /// [`send`](Self::send), with the queue's depth once queued.
@@ -564,14 +563,10 @@ impl SessionHandle {
         let mut guard = lock(&self.queue);
         let q = &mut *guard;
         q.held_for_tick = false;
-        let Some(w) = &q.direct else {
+        let (Some(w), true) = (&q.direct, q.deferred.is_none() && self.socket_free(q)) else {
             wake_task(guard);
             return 0;
         };
-        if !q.idle || q.deferred.is_some() || q.closed || self.close_reason().is_some() {
-            wake_task(guard);
-            return 0;
-        }
         while batch.len() < HELD_BATCH {
             let Some(Outbound::Deliver(d)) = q.items.front() else {
                 break;
@@ -985,15 +980,10 @@ impl Hub {
             release_all(&held);
             return n;
         };
-        let tasks = runtime
-            .metrics()
-            .num_workers()
-            .clamp(1, n.div_ceil(WRITER_CHUNK).max(1));
-        let per_task = n.div_ceil(tasks).max(1);
-        while held.len() > per_task {
-            let chunk = held.split_off(held.len() - per_task);
+        for chunk in split_for_workers(&runtime, &mut held) {
             runtime.spawn(async move { release_all(&chunk) });
         }
+        // The tick's own thread takes the share left.
         release_all(&held);
         n
     }
@@ -1337,6 +1327,22 @@ const INLINE_WRITES: usize = 64;
 /// The fewest sockets a writer task takes.
 const WRITER_CHUNK: usize = 128;
 
+/// Splits `sessions` into one share per runtime thread (each at least [`WRITER_CHUNK`]), taken off
+/// its end: the first share left in `sessions` itself, the others yielded.
+fn split_for_workers<'a>(
+    runtime: &tokio::runtime::Handle,
+    sessions: &'a mut Vec<Arc<SessionHandle>>,
+) -> impl Iterator<Item = Vec<Arc<SessionHandle>>> + 'a {
+    let tasks = runtime
+        .metrics()
+        .num_workers()
+        .clamp(1, sessions.len().div_ceil(WRITER_CHUNK).max(1));
+    let per_task = sessions.len().div_ceil(tasks).max(1);
+    std::iter::from_fn(move || {
+        (sessions.len() > per_task).then(|| sessions.split_off(sessions.len() - per_task))
+    })
+}
+
 /// Writes the deliveries a fan-out deferred: in one task per runtime thread (each at least
 /// [`WRITER_CHUNK`] sockets), which the idle threads take up.
 fn spawn_writers(
@@ -1345,13 +1351,7 @@ fn spawn_writers(
     d: &Arc<Delivery>,
     mut sessions: Vec<Arc<SessionHandle>>,
 ) {
-    let tasks = runtime
-        .metrics()
-        .num_workers()
-        .clamp(1, sessions.len().div_ceil(WRITER_CHUNK));
-    let per_task = sessions.len().div_ceil(tasks);
-    while !sessions.is_empty() {
-        let chunk = sessions.split_off(sessions.len().saturating_sub(per_task));
+    let spawn = |chunk: Vec<Arc<SessionHandle>>| {
         let (budget, d) = (budget.clone(), d.clone());
         runtime.spawn(async move {
             let cpu = crate::primitives::thread_cpu_ns();
@@ -1366,7 +1366,11 @@ fn spawn_writers(
             budget.record(Instant::now(), 0, wrote, cpu);
             crate::metrics::written_directly(wrote);
         });
+    };
+    for chunk in split_for_workers(runtime, &mut sessions) {
+        spawn(chunk);
     }
+    spawn(sessions);
 }
 
 #[cfg(test)]

@@ -250,21 +250,9 @@ impl DirectWrite for TcpStream {
 
     fn write_text(&self, token: u64, payload: &[u8]) -> Option<usize> {
         debug_assert_eq!(token, self.token());
-        // SAFETY: `token` is this stream's descriptor (`token` above), open as long as the stream
-        // is, and `self` borrows the stream for this call.
-        #[allow(unsafe_code)]
-        let fd = unsafe { BorrowedFd::borrow_raw(token as RawFd) };
         let head = Head::new(TEXT, payload.len());
         let size = head.len as usize + payload.len();
-        let socket = socket2::SockRef::from(&fd);
-        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-        let wrote = write_parts(
-            [head.as_slice(), payload].into_iter(),
-            &socket,
-            |socket, flat| socket.send_with_flags(flat, flags),
-            |socket, slices| socket.send_vectored_with_flags(slices, flags),
-        );
-        match wrote {
+        match send_now(token, [head.as_slice(), payload].into_iter()) {
             Ok(n) if n == size => None,
             Ok(n) => Some(n),
             // Full (or broken: the task's own write finds out).
@@ -274,9 +262,6 @@ impl DirectWrite for TcpStream {
 
     fn write_texts(&self, token: u64, payloads: &[&[u8]]) -> (usize, usize) {
         debug_assert_eq!(token, self.token());
-        // SAFETY: as in `write_text`.
-        #[allow(unsafe_code)]
-        let fd = unsafe { BorrowedFd::borrow_raw(token as RawFd) };
         let payloads = &payloads[..payloads.len().min(SLICES / 2)];
         let mut heads = [Head::new(TEXT, 0); SLICES / 2];
         for (h, p) in heads.iter_mut().zip(payloads) {
@@ -286,16 +271,8 @@ impl DirectWrite for TcpStream {
             .iter()
             .zip(payloads)
             .flat_map(|(h, p)| [h.as_slice(), *p]);
-        let socket = socket2::SockRef::from(&fd);
-        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-        let wrote = write_parts(
-            parts,
-            &socket,
-            |socket, flat| socket.send_with_flags(flat, flags),
-            |socket, slices| socket.send_vectored_with_flags(slices, flags),
-        );
         // Full (or broken: the task's own write finds out).
-        let mut left = wrote.unwrap_or(0);
+        let mut left = send_now(token, parts).unwrap_or(0);
         for (i, p) in payloads.iter().enumerate() {
             let size = head_len(p.len()) + p.len();
             if left < size {
@@ -305,6 +282,23 @@ impl DirectWrite for TcpStream {
         }
         (payloads.len(), 0)
     }
+}
+
+/// One non-blocking write of `parts` ([`write_parts`]) straight to the descriptor `token`: the
+/// bytes the socket took.
+fn send_now<'a>(token: u64, parts: impl Iterator<Item = &'a [u8]> + Clone) -> io::Result<usize> {
+    // SAFETY: `token` is a stream's descriptor (`DirectWrite::token`), open as long as the stream
+    // is, and the caller borrows the stream for this call.
+    #[allow(unsafe_code)]
+    let fd = unsafe { BorrowedFd::borrow_raw(token as RawFd) };
+    let socket = socket2::SockRef::from(&fd);
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    write_parts(
+        parts,
+        &socket,
+        |socket, flat| socket.send_with_flags(flat, flags),
+        |socket, slices| socket.send_vectored_with_flags(slices, flags),
+    )
 }
 
 #[cfg(test)]

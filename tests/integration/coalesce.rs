@@ -27,12 +27,7 @@ async fn coalesced_deliveries_arrive_once_in_order_in_fewer_writes() {
     assert_eq!(metric_at(&addr, "herald_coalescing").await, 1.0);
     let mut members = Vec::new();
     for user in ["m1", "m2", "m3"] {
-        let path = format!("/api/v1/rooms/r1/members/{user}");
-        api_at(&addr, reqwest::Method::PUT, &path, None).await;
-        let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(user))).await;
-        assert_eq!(ws.next().await["type"], "connected");
-        ws.subscribed("room:r1").await;
-        members.push(ws);
+        members.push(room_member_at(&addr, "r1", user).await);
     }
     const N: u64 = 12;
     for n in 1..=N {
@@ -80,16 +75,7 @@ async fn off_and_auto_on_an_idle_box_write_every_delivery_at_once() {
     for mode in ["off", "auto"] {
         let node = HeraldProcess::memory(&[("HERALD_COALESCE", mode)]);
         let addr = node.addr.clone();
-        api_at(
-            &addr,
-            reqwest::Method::PUT,
-            "/api/v1/rooms/r1/members/a",
-            None,
-        )
-        .await;
-        let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token("a"))).await;
-        assert_eq!(ws.next().await["type"], "connected");
-        ws.subscribed("room:r1").await;
+        let mut ws = room_member_at(&addr, "r1", "a").await;
         for n in 1..=5u64 {
             let body = json!({"event": "chat.message", "room": "r1", "data": {"n": n}});
             api_at(&addr, reqwest::Method::POST, "/api/v1/events", Some(body)).await;

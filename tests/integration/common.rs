@@ -226,6 +226,17 @@ pub async fn api_at(addr: &str, method: reqwest::Method, path: &str, body: Optio
     resp.json().await.unwrap_or(Value::Null)
 }
 
+/// `user` made a member of `room` on the engine at `addr` (a process's address), connected over
+/// WebSocket and subscribed to `room:{room}`.
+pub async fn room_member_at(addr: &str, room: &str, user: &str) -> Ws {
+    let path = format!("/api/v1/rooms/{room}/members/{user}");
+    api_at(addr, reqwest::Method::PUT, &path, None).await;
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(user))).await;
+    assert_eq!(ws.next().await["type"], "connected");
+    ws.subscribed(&format!("room:{room}")).await;
+    ws
+}
+
 /// The sum of metric `name` over its labels at the engine at `addr` (a process's address: the
 /// test process's own recorder is shared by every in-process engine).
 pub async fn metric_at(addr: &str, name: &str) -> f64 {

@@ -21,16 +21,7 @@ async fn one_at_a_time(direct: bool) -> f64 {
         if direct { "true" } else { "false" },
     )]);
     let addr = node.addr.clone();
-    api_at(
-        &addr,
-        reqwest::Method::PUT,
-        "/api/v1/rooms/r1/members/alice",
-        None,
-    )
-    .await;
-    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token("alice"))).await;
-    assert_eq!(ws.next().await["type"], "connected");
-    ws.subscribed("room:r1").await;
+    let mut ws = room_member_at(&addr, "r1", "alice").await;
     const N: u64 = 30;
     for n in 1..=N {
         let body = json!({"event": "chat.message", "room": "r1", "data": {"n": n}});
@@ -149,13 +140,7 @@ async fn a_big_room_gets_every_event_once_in_order_from_the_writer_tasks() {
     let addr = node.addr.clone();
     let mut members = Vec::new();
     for i in 0..MEMBERS {
-        let user = format!("m{i}");
-        let path = format!("/api/v1/rooms/big/members/{user}");
-        api_at(&addr, reqwest::Method::PUT, &path, None).await;
-        let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(&user))).await;
-        assert_eq!(ws.next().await["type"], "connected");
-        ws.subscribed("room:big").await;
-        members.push(ws);
+        members.push(room_member_at(&addr, "big", &format!("m{i}")).await);
     }
     let publish = |n: u64| {
         let addr = addr.clone();

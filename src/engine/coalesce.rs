@@ -27,13 +27,16 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 const ENGAGE_BUSY: f64 = 0.80;
 const ENGAGE_BATCH: f64 = 1.5;
 const ENGAGE_SAMPLES: u32 = 2;
-/// ... and stops once the CPU fell below this share in [`RELEASE_SAMPLES`] in a row, or its writes
-/// carried fewer than [`RELEASE_BATCH`] deliveries each (the deliveries come too far apart to share
-/// a window: holding them only adds latency; that is how it stops when the load falls). The CPU
-/// gap is wide because coalescing itself frees CPU (a third to a half of it in the two-node
-/// benchmark at 100k deliveries/s, where a coalesced box sat at 48-70 % busy) and must not stop
-/// only because it worked: at 50 % it stopped and started again every few seconds there.
+/// ... and stops once its writes carried fewer than [`RELEASE_BATCH`] deliveries each in
+/// [`RELEASE_SAMPLES`] samples in a row (the deliveries come too far apart to share a window:
+/// holding them only adds latency; that is how it stops when the load falls), or the CPU was below
+/// [`RELEASE_BUSY`] while fewer than [`RELEASE_LOAD`] of the deliveries of the sample that started
+/// it were handed over. Not on the CPU alone: coalescing itself frees CPU, and the more deliveries
+/// a write carries the more (at 100k deliveries/s in the two-node benchmark a coalesced box sat at
+/// 48-70 % busy; one node at 200k/s with eight deliveries per write fell from 96 % to 21 %), so a
+/// CPU threshold alone stops it only because it worked, and it starts again a second later.
 const RELEASE_BUSY: f64 = 0.35;
+const RELEASE_LOAD: f64 = 0.5;
 const RELEASE_BATCH: f64 = 1.3;
 const RELEASE_SAMPLES: u32 = 6;
 
@@ -70,7 +73,7 @@ pub(super) async fn run(engine: Engine) {
         let Some(busy) = cpu.sample() else { continue };
         let on = hub.coalescing();
         let batch = handed as f64 / writes.max(1) as f64;
-        let want = policy.next(on, busy, batch);
+        let want = policy.next(on, busy, handed, batch);
         if want != on {
             hub.set_coalescing(want);
             crate::metrics::coalescing(want);
@@ -89,14 +92,19 @@ pub(super) async fn run(engine: Engine) {
 #[derive(Debug, Default)]
 struct Policy {
     runs: u32,
+    /// The deliveries handed over in the sample that started coalescing.
+    engaged_load: u64,
 }
 
 impl Policy {
     /// Whether to coalesce from now on, given whether fan-outs do now, how busy the CPU was over
-    /// the sample (0-1) and how many deliveries a window's write carried (or would have).
-    fn next(&mut self, on: bool, busy: f64, batch: f64) -> bool {
+    /// the sample (0-1), how many deliveries fan-outs handed over in it and how many of them a
+    /// window's write carried (or would have).
+    fn next(&mut self, on: bool, busy: f64, handed: u64, batch: f64) -> bool {
         let for_switch = if on {
-            busy < RELEASE_BUSY || batch < RELEASE_BATCH
+            batch < RELEASE_BATCH
+                || (busy < RELEASE_BUSY
+                    && (handed as f64) < self.engaged_load as f64 * RELEASE_LOAD)
         } else {
             busy >= ENGAGE_BUSY && batch >= ENGAGE_BATCH
         };
@@ -106,33 +114,47 @@ impl Policy {
             return on;
         }
         self.runs = 0;
+        if !on {
+            self.engaged_load = handed;
+        }
         !on
     }
 }
 
 /// How busy the CPU this process may use was since the last sample: the machine's (`/proc/stat`;
-/// steal counts as busy, it is CPU the process could not have), or, under a cgroup v2 CPU quota,
-/// the cgroup's share of its quota, whichever is higher.
+/// steal counts as busy, it is CPU the process could not have), or, under a cgroup CPU quota (v2
+/// `cpu.max`, v1 `cpu.cfs_quota_us`), the cgroup's share of its quota, whichever is higher.
 struct CpuBusy {
     machine: Option<(u64, u64)>,
     cgroup: Option<Quota>,
 }
 
-/// A cgroup v2 CPU quota and the cgroup's use of it.
+/// A cgroup's CPU quota and the cgroup's use of it.
+#[derive(Debug)]
 struct Quota {
-    /// `cpu.stat`.
-    stat: std::path::PathBuf,
+    /// The file that counts the cgroup's CPU time: v2 `cpu.stat` (`usage_usec`, microseconds) or
+    /// v1 `cpuacct.usage` (nanoseconds).
+    usage: Usage,
     /// CPUs' worth of time the quota allows.
     cpus: f64,
-    /// The last `usage_usec`, and when it was read.
+    /// The last usage in microseconds, and when it was read.
     last: Option<(u64, std::time::Instant)>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Usage {
+    V2(std::path::PathBuf),
+    V1(std::path::PathBuf),
 }
 
 impl CpuBusy {
     fn new() -> Self {
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|own| Quota::find(std::path::Path::new("/sys/fs/cgroup"), &own));
         let mut c = CpuBusy {
             machine: None,
-            cgroup: Quota::find(),
+            cgroup,
         };
         c.sample();
         c
@@ -174,28 +196,74 @@ fn parse_proc_stat(stat: &str) -> Option<(u64, u64)> {
 }
 
 impl Quota {
-    /// The quota of the cgroup this process is in, when cgroup v2 sets one.
-    fn find() -> Option<Quota> {
-        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        let path = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
-        let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
-        let max = std::fs::read_to_string(dir.join("cpu.max")).ok()?;
-        let cpus = parse_cpu_max(&max)?;
-        Some(Quota {
-            stat: dir.join("cpu.stat"),
-            cpus,
-            last: None,
+    /// The quota of the cgroup this process is in (`own` is its `/proc/self/cgroup`, `root` where
+    /// cgroup file systems are mounted), when one is set: cgroup v2 first, then v1's `cpu`
+    /// controller with `cpuacct` counting the time (a container runtime on a v1 host mounts the
+    /// container's own cgroup at `root/cpu`, and `/proc/self/cgroup` then names `/`).
+    fn find(root: &std::path::Path, own: &str) -> Option<Quota> {
+        let v2 = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .and_then(|path| {
+                let dir = root.join(path.trim().trim_start_matches('/'));
+                let cpus = parse_cpu_max(&std::fs::read_to_string(dir.join("cpu.max")).ok()?)?;
+                Some(Quota {
+                    usage: Usage::V2(dir.join("cpu.stat")),
+                    cpus,
+                    last: None,
+                })
+            });
+        v2.or_else(|| {
+            let v1 = |controller: &str| {
+                own.lines().find_map(|l| {
+                    let mut parts = l.splitn(3, ':');
+                    let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
+                    list.split(',').any(|c| c == controller).then(|| {
+                        (
+                            list.to_owned(),
+                            path.trim().trim_start_matches('/').to_owned(),
+                        )
+                    })
+                })
+            };
+            let (list, path) = v1("cpu")?;
+            let dir = [list.as_str(), "cpu"]
+                .iter()
+                .map(|m| root.join(m).join(&path))
+                .find(|d| d.join("cpu.cfs_quota_us").exists())?;
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+            let cpus = parse_cfs_quota(&read("cpu.cfs_quota_us")?, &read("cpu.cfs_period_us")?)?;
+            let (list, path) = v1("cpuacct")?;
+            let usage = [list.as_str(), "cpuacct"]
+                .iter()
+                .map(|m| root.join(m).join(&path).join("cpuacct.usage"))
+                .find(|f| f.exists())?;
+            Some(Quota {
+                usage: Usage::V1(usage),
+                cpus,
+                last: None,
+            })
         })
     }
 
     fn sample(&mut self) -> Option<f64> {
-        let stat = std::fs::read_to_string(&self.stat).ok()?;
-        let usage: u64 = stat
-            .lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))?
-            .trim()
-            .parse()
-            .ok()?;
+        let usage = match &self.usage {
+            Usage::V2(stat) => std::fs::read_to_string(stat)
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse()
+                .ok()?,
+            Usage::V1(usage) => {
+                std::fs::read_to_string(usage)
+                    .ok()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?
+                    / 1000
+            }
+        };
         let now = std::time::Instant::now();
         let (before, at) = self.last.replace((usage, now))?;
         let wall = now.duration_since(at).as_micros() as f64;
@@ -211,6 +279,13 @@ fn parse_cpu_max(max: &str) -> Option<f64> {
     (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
+/// CPUs' worth of a cgroup v1 `cpu.cfs_quota_us` over its `cpu.cfs_period_us` (-1: no quota).
+fn parse_cfs_quota(quota: &str, period: &str) -> Option<f64> {
+    let quota: f64 = quota.trim().parse().ok()?;
+    let period: f64 = period.trim().parse().ok()?;
+    (quota > 0.0 && period > 0.0).then(|| quota / period)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,31 +295,41 @@ mod tests {
         let mut p = Policy::default();
         // Saturated, but each write would carry one delivery: nothing to gain.
         for _ in 0..10 {
-            assert!(!p.next(false, 1.0, 1.2));
+            assert!(!p.next(false, 1.0, 50_000, 1.2));
         }
         // One busy sample is not enough; two in a row are.
-        assert!(!p.next(false, 0.95, 2.5));
-        assert!(!p.next(false, 0.60, 2.5));
-        assert!(!p.next(false, 0.85, 2.5));
-        assert!(p.next(false, 0.85, 2.5));
-        // On, it holds while it pays, however much CPU it freed.
-        for _ in 0..20 {
-            assert!(p.next(true, 0.45, 2.5));
+        assert!(!p.next(false, 0.95, 50_000, 2.5));
+        assert!(!p.next(false, 0.60, 50_000, 2.5));
+        assert!(!p.next(false, 0.85, 50_000, 2.5));
+        assert!(p.next(false, 0.85, 50_000, 2.5));
+        // On, it holds while it pays, however much CPU it freed: an idle CPU with the load it
+        // started at (or more, or a bit less) is coalescing working.
+        for load in [50_000, 80_000, 30_000] {
+            for _ in 0..20 {
+                assert!(p.next(true, 0.20, load, 2.5));
+            }
         }
-        // It stops after three seconds of an idle CPU or of writes that carry too little; a
-        // sample in between starts the count again.
+        // It stops after three seconds of writes that carry too little, or of an idle CPU with
+        // less than half the load; a sample in between starts the count again.
         for _ in 0..5 {
-            assert!(p.next(true, 0.30, 2.5));
+            assert!(p.next(true, 0.30, 20_000, 2.5));
         }
-        assert!(p.next(true, 0.45, 2.5));
-        assert!(p.next(true, 0.60, 2.5));
+        assert!(p.next(true, 0.45, 20_000, 2.5));
+        assert!(p.next(true, 0.30, 30_000, 2.5));
         for _ in 0..5 {
-            assert!(p.next(true, 0.95, 1.1));
+            assert!(p.next(true, 0.95, 50_000, 1.1));
         }
-        assert!(!p.next(true, 0.95, 1.1));
-        // Off again, the count starts from nothing.
-        assert!(!p.next(false, 0.95, 2.5));
-        assert!(p.next(false, 0.95, 2.5));
+        assert!(!p.next(true, 0.95, 50_000, 1.1));
+        // Off again, the count starts from nothing, and the load to compare with is the new one.
+        assert!(!p.next(false, 0.95, 10_000, 2.5));
+        assert!(p.next(false, 0.95, 10_000, 2.5));
+        for _ in 0..5 {
+            assert!(p.next(true, 0.10, 6_000, 2.5));
+        }
+        for _ in 0..5 {
+            assert!(p.next(true, 0.10, 4_000, 2.5));
+        }
+        assert!(!p.next(true, 0.10, 4_000, 2.5));
     }
 
     #[test]
@@ -259,5 +344,68 @@ mod tests {
         assert_eq!(parse_cpu_max("150000 100000\n"), Some(1.5));
         assert_eq!(parse_cpu_max("max 100000\n"), None);
         assert_eq!(parse_cpu_max(""), None);
+        assert_eq!(parse_cfs_quota("150000\n", "100000\n"), Some(1.5));
+        assert_eq!(parse_cfs_quota("-1\n", "100000\n"), None);
+    }
+
+    /// A cgroup tree under a scratch directory: `files` are (path, content).
+    fn tree(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("herald-cg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (path, content) in files {
+            let f = root.join(path);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, content).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn the_quota_is_found_in_cgroup_v2_and_in_v1_and_none_without_one() {
+        let v2 = tree(
+            "v2",
+            &[
+                ("app/cpu.max", "50000 100000\n"),
+                ("app/cpu.stat", "usage_usec 10\n"),
+            ],
+        );
+        let q = Quota::find(&v2, "0::/app\n").unwrap();
+        assert_eq!((q.cpus, q.usage), (0.5, Usage::V2(v2.join("app/cpu.stat"))));
+        assert!(Quota::find(&tree("v2max", &[("cpu.max", "max 100000\n")]), "0::/\n").is_none());
+
+        // v1 with cpu and cpuacct co-mounted, the way Docker on a v1 host shows it.
+        let v1 = tree(
+            "v1",
+            &[
+                ("cpu,cpuacct/c1/cpu.cfs_quota_us", "200000\n"),
+                ("cpu,cpuacct/c1/cpu.cfs_period_us", "100000\n"),
+                ("cpu,cpuacct/c1/cpuacct.usage", "5000000\n"),
+            ],
+        );
+        let own = "12:memory:/c1\n3:cpu,cpuacct:/c1\n0::/\n";
+        let mut q = Quota::find(&v1, own).unwrap();
+        let usage = v1.join("cpu,cpuacct/c1/cpuacct.usage");
+        assert_eq!((q.cpus, &q.usage), (2.0, &Usage::V1(usage.clone())));
+        assert_eq!(
+            q.sample(),
+            None,
+            "the first sample has nothing to compare with"
+        );
+        std::fs::write(&usage, "900000000000\n").unwrap();
+        assert_eq!(q.sample(), Some(1.0), "more than the quota is all of it");
+
+        // Separate mounts (`cpu` and `cpuacct`), no quota: the machine's figure alone.
+        let none = tree(
+            "v1none",
+            &[
+                ("cpu/cpu.cfs_quota_us", "-1\n"),
+                ("cpu/cpu.cfs_period_us", "100000\n"),
+                ("cpuacct/cpuacct.usage", "1\n"),
+            ],
+        );
+        assert!(Quota::find(&none, "2:cpuacct:/\n1:cpu:/\n0::/\n").is_none());
+        for d in [v2, v1, none] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

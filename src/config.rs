@@ -253,6 +253,9 @@ pub struct Config {
     /// Let the fan-out write deliveries to idle WebSockets itself (`[http] direct_writes`,
     /// HERALD_DIRECT_WRITES; see `engine::hub::DirectWrite`).
     pub direct_writes: bool,
+    /// Let writer tasks send a fan-out's frames to many sockets in one io_uring submission
+    /// (`[http] io_uring`, HERALD_IO_URING; see `sendbatch`).
+    pub io_uring: bool,
     /// When fan-outs hold deliveries for the flush tick, so that each connection writes what queued
     /// up in one write (`[http] coalesce`, HERALD_COALESCE; see `engine::coalesce`).
     pub coalesce: Coalesce,
@@ -397,6 +400,7 @@ struct FileHttp {
     metrics_require_admin: Option<bool>,
     tcp_nodelay: Option<bool>,
     direct_writes: Option<bool>,
+    io_uring: Option<bool>,
     coalesce: Option<Coalesce>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     coalesce_window: Option<Duration>,
@@ -699,6 +703,7 @@ impl Config {
             env_flag("HERALD_TCP_NODELAY")?.unwrap_or(file.http.tcp_nodelay.unwrap_or(true));
         c.direct_writes =
             env_flag("HERALD_DIRECT_WRITES")?.unwrap_or(file.http.direct_writes.unwrap_or(true));
+        c.io_uring = env_flag("HERALD_IO_URING")?.unwrap_or(file.http.io_uring.unwrap_or(true));
         c.coalesce = match env("HERALD_COALESCE") {
             Some(v) => Coalesce::parse(&v)
                 .ok_or_else(|| ConfigError::Invalid("HERALD_COALESCE: auto, on or off".into()))?,
@@ -777,6 +782,7 @@ impl Config {
             metrics_require_admin: false,
             tcp_nodelay: true,
             direct_writes: true,
+            io_uring: true,
             coalesce: Coalesce::Auto,
             coalesce_window: Duration::from_millis(40),
             read_timeout: Duration::from_secs(10),

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
@@ -75,6 +76,15 @@ pub trait DirectWrite: Send + Sync + std::fmt::Debug {
     /// `Some(0)` when none did (the socket is full, or broken: the session's task finds out which
     /// when it writes the rest). `token` is what [`token`](Self::token) returned.
     fn write_text(&self, token: u64, payload: &[u8]) -> Option<usize>;
+
+    /// For a writer task that sends to many sockets in one system call ([`crate::sendbatch`]):
+    /// appends the frame [`write_text`](Self::write_text) would write for `payload` to `frame`
+    /// and returns the descriptor to send it on, when this writer is a plain socket and the frame
+    /// small; `None` (the default, `frame` untouched) to be written with `write_text`.
+    fn batch_frame(&self, token: u64, payload: &[u8], frame: &mut Vec<u8>) -> Option<RawFd> {
+        let _ = (token, payload, frame);
+        None
+    }
 
     /// Writes `payloads` as text frames, one after the other, as much of them as the socket takes
     /// now without waiting (one write where the writer can): how many frames went out whole, and
@@ -481,10 +491,16 @@ impl SessionHandle {
                 Outbound::Rest(d.clone(), wrote)
             }
         };
+        Self::left_to_task(q, item);
+        false
+    }
+
+    /// Puts `item`, which the fan-out could not write (the rest of a frame, or a delivery its
+    /// subscription must check first), at the front of the queue, for the task, woken.
+    fn left_to_task(mut q: std::sync::MutexGuard<'_, Queue>, item: Outbound) {
         q.idle = false;
         q.items.push_front(item);
         wake_task(q);
-        false
     }
 
     /// A writer task's turn at a delivery [`hand_over`](Self::hand_over) deferred: written when it
@@ -1228,10 +1244,13 @@ impl DeliverySink for Hub {
         } else {
             None
         };
-        let mut inline = if runtime.is_some() {
-            INLINE_WRITES
-        } else {
-            usize::MAX
+        // Where writer tasks batch their sends, the fan-out's own share is one batch too, made
+        // once it has handed every delivery over (below).
+        let batched = runtime.is_some() && crate::sendbatch::enabled();
+        let mut inline = match (&runtime, batched) {
+            (None, _) => usize::MAX,
+            (Some(_), true) => 0,
+            (Some(_), false) => INLINE_WRITES,
         };
         let mut deferred = Vec::new();
         let mut held = Vec::new();
@@ -1292,6 +1311,11 @@ impl DeliverySink for Hub {
         if !held.is_empty() {
             lock(&self.held).append(&mut held);
         }
+        if batched && !deferred.is_empty() {
+            let own = deferred.len().min(INLINE_WRITES);
+            wrote += write_all_deferred(&deferred[..own], &d);
+            deferred.drain(..own);
+        }
         let done = std::time::Instant::now();
         let cpu = if wrote > 0 {
             crate::primitives::thread_cpu_ns().saturating_sub(cpu)
@@ -1321,7 +1345,8 @@ fn release_all(sessions: &[Arc<SessionHandle>]) {
     crate::metrics::flushed_held(sessions.len() as u64, wrote);
 }
 
-/// How many sockets a fan-out writes to itself before it leaves the rest to writer tasks.
+/// How many sockets a fan-out writes to itself before it leaves the rest to writer tasks (with
+/// io_uring, in one batch once it handed every delivery over; else as it goes).
 const INLINE_WRITES: usize = 64;
 
 /// The fewest sockets a writer task takes.
@@ -1355,13 +1380,7 @@ fn spawn_writers(
         let (budget, d) = (budget.clone(), d.clone());
         runtime.spawn(async move {
             let cpu = crate::primitives::thread_cpu_ns();
-            let mut wrote = 0;
-            for (i, s) in chunk.iter().enumerate() {
-                if let Some(next) = chunk.get(i + 1) {
-                    next.prefetch();
-                }
-                wrote += u64::from(s.write_deferred(&d));
-            }
+            let wrote = write_all_deferred(&chunk, &d);
             let cpu = crate::primitives::thread_cpu_ns().saturating_sub(cpu);
             budget.record(Instant::now(), 0, wrote, cpu);
             crate::metrics::written_directly(wrote);
@@ -1371,6 +1390,113 @@ fn spawn_writers(
         spawn(chunk);
     }
     spawn(sessions);
+}
+
+/// A writer task's scratch space, kept by its thread.
+#[derive(Default)]
+struct SendScratch {
+    /// The frames of one batch, one after the other.
+    frames: Vec<u8>,
+    /// Each send's descriptor and frame (in `frames`).
+    jobs: Vec<(RawFd, std::ops::Range<usize>)>,
+    /// What each send wrote ([`crate::sendbatch::send_all`]).
+    sent: Vec<isize>,
+    /// Sessions whose queue was locked when the batch came to them: written after it, one by one.
+    later: Vec<usize>,
+}
+
+thread_local! {
+    static SEND_SCRATCH: std::cell::RefCell<SendScratch> = std::cell::RefCell::default();
+}
+
+/// A writer task's turn at the sessions a fan-out deferred `d` for ([`SessionHandle::write_deferred`]
+/// for each), with the sends of up to [`crate::sendbatch::MOST`] sockets at a time in one system
+/// call. Each socket is written under its queue's lock, as a single write is: the batch takes the
+/// locks it can without waiting (it holds others meanwhile: waiting could deadlock with another
+/// batch), and writes the sessions whose lock was taken after it, one by one. Returns how many
+/// deliveries were written (or dropped, as already sent).
+fn write_all_deferred(chunk: &[Arc<SessionHandle>], d: &Arc<Delivery>) -> u64 {
+    let one_by_one = |sessions: &[Arc<SessionHandle>]| {
+        let mut wrote = 0;
+        for (i, s) in sessions.iter().enumerate() {
+            if let Some(next) = sessions.get(i + 1) {
+                next.prefetch();
+            }
+            wrote += u64::from(s.write_deferred(d));
+        }
+        wrote
+    };
+    if !crate::sendbatch::enabled() {
+        return one_by_one(chunk);
+    }
+    SEND_SCRATCH.with(|scratch| {
+        let Ok(mut scratch) = scratch.try_borrow_mut() else {
+            return one_by_one(chunk);
+        };
+        let b = &mut *scratch;
+        let mut wrote = 0;
+        for part in chunk.chunks(crate::sendbatch::MOST) {
+            b.frames.clear();
+            b.jobs.clear();
+            b.later.clear();
+            let mut locked: smallvec::SmallVec<
+                [std::sync::MutexGuard<'_, Queue>; crate::sendbatch::MOST],
+            > = smallvec::SmallVec::new();
+            for (i, s) in part.iter().enumerate() {
+                if let Some(next) = part.get(i + 1) {
+                    next.prefetch();
+                }
+                let mut q = match s.queue.try_lock() {
+                    Ok(q) => q,
+                    Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        b.later.push(i);
+                        continue;
+                    }
+                };
+                // As `write_deferred`: taken already, or the task must take it.
+                if q.closed || !q.deferred.as_ref().is_some_and(|f| Arc::ptr_eq(f, d)) {
+                    continue;
+                }
+                if !s.socket_free(&q) {
+                    wake_task(q);
+                    continue;
+                }
+                q.deferred = None;
+                match q.subs.live(d) {
+                    Live::Skip => wrote += 1,
+                    Live::Queue => SessionHandle::left_to_task(q, Outbound::Deliver(d.clone())),
+                    Live::Write => {
+                        let Some(w) = &q.direct else { continue };
+                        let payload = d.frame_for(w.format);
+                        let start = b.frames.len();
+                        if let Some(fd) = w.socket.batch_frame(w.token, payload, &mut b.frames) {
+                            b.jobs.push((fd, start..b.frames.len()));
+                            locked.push(q);
+                        } else if let Some(took) = w.socket.write_text(w.token, payload) {
+                            SessionHandle::left_to_task(q, Outbound::Rest(d.clone(), took));
+                        } else {
+                            wrote += 1;
+                        }
+                    }
+                }
+            }
+            crate::sendbatch::send_all(&b.jobs, &b.frames, &mut b.sent);
+            for ((q, (_, frame)), &sent) in locked.drain(..).zip(&b.jobs).zip(&b.sent) {
+                if usize::try_from(sent) == Ok(frame.len()) {
+                    wrote += 1;
+                } else {
+                    // The socket is full (or gone): the task writes the rest, before anything else.
+                    let took = usize::try_from(sent).unwrap_or(0);
+                    SessionHandle::left_to_task(q, Outbound::Rest(d.clone(), took));
+                }
+            }
+            for &i in &b.later {
+                wrote += u64::from(part[i].write_deferred(d));
+            }
+        }
+        wrote
+    })
 }
 
 #[cfg(test)]

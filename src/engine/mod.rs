@@ -287,6 +287,7 @@ impl Engine {
         tokio::spawn(sample_metrics(engine.clone()));
         tokio::spawn(nodes::run(engine.clone()));
         tokio::spawn(coalesce::run(engine.clone()));
+        crate::sendbatch::set_enabled(engine.config.io_uring);
         Ok(engine)
     }
 

@@ -500,6 +500,7 @@ fn a_flag_in_the_environment_must_be_true_or_false() {
     for name in [
         "HERALD_TCP_NODELAY",
         "HERALD_DIRECT_WRITES",
+        "HERALD_IO_URING",
         "HERALD_PUSH_WEBPUSH_ALLOW_LOOPBACK",
     ] {
         let args = ["serve", "--listen", "127.0.0.1:0"];

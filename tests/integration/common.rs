@@ -182,16 +182,8 @@ impl TestServer {
     /// A WebSocket client for `user` that reads through a 4 KiB receive buffer (its window stays
     /// small, so the server's writes stop fitting), past its `connected` frame.
     pub async fn ws_slow_reader(&self, user: &str) -> Ws {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let tcp = socket.connect(self.addr()).await.unwrap();
         let url = self.ws_url(&format!("?token={}", self.token(user)));
-        let (stream, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
-            .await
-            .unwrap();
-        let mut ws = Ws::from_stream(stream);
-        assert_eq!(ws.next().await["type"], "connected");
-        ws
+        ws_slow_reader_at(self.addr(), &url).await
     }
 
     pub async fn stop(self) {
@@ -234,6 +226,20 @@ pub async fn room_member_at(addr: &str, room: &str, user: &str) -> Ws {
     let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={}", user_token(user))).await;
     assert_eq!(ws.next().await["type"], "connected");
     ws.subscribed(&format!("room:{room}")).await;
+    ws
+}
+
+/// A WebSocket to `url` (at `addr`) whose client side reads through a 4 KiB receive buffer: the
+/// server's writes stop fitting soon. Past its `connected` frame.
+pub async fn ws_slow_reader_at(addr: std::net::SocketAddr, url: &str) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (stream, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+        .await
+        .unwrap();
+    let mut ws = Ws::from_stream(stream);
+    assert_eq!(ws.next().await["type"], "connected");
     ws
 }
 

@@ -200,3 +200,114 @@ async fn a_big_room_gets_every_event_once_in_order_from_the_writer_tasks() {
             .await;
     }
 }
+
+/// Writer tasks send a fan-out's small frames to many sockets at once (`[http] io_uring`, on by
+/// default; one `send()` each with it off): a member whose socket fills up mid-batch gets the
+/// rest of the frame from its task, before anything else, while the batch goes on for the others.
+/// Every member gets every event once, in order, whole, and the op replies and pong of the full
+/// one come after the frame the batch left half written.
+async fn a_full_socket_in_a_batch(io_uring: bool) {
+    // The slow member's queue holds what its socket does not (the frames past ~4 MiB).
+    let dir = TempDir::new("batch-full");
+    let config = dir.path.join("herald.toml");
+    std::fs::write(&config, "[limits]\nqueue_frames = 8192\n").unwrap();
+    let node = HeraldProcess::memory(&[
+        ("HERALD_IO_URING", if io_uring { "true" } else { "false" }),
+        ("HERALD_CONFIG", config.to_str().unwrap()),
+    ]);
+    let addr = node.addr.clone();
+    let mut readers = Vec::new();
+    for i in 0..3 {
+        let mut ws = room_member_at(&addr, "r1", &format!("fast{i}")).await;
+        // Read all along, so that their sockets never fill.
+        readers.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while seqs.len() < N as usize {
+                let v = ws.next().await;
+                if v["type"] == "event" {
+                    assert_eq!(v["data"]["pad"].as_str().map(str::len), Some(PAD), "{v}");
+                    seqs.push(v["seq"].as_u64().unwrap());
+                }
+            }
+            seqs
+        }));
+    }
+    api_at(
+        &addr,
+        reqwest::Method::PUT,
+        "/api/v1/rooms/r1/members/slow",
+        None,
+    )
+    .await;
+    let url = format!("ws://{addr}/ws?token={}", user_token("slow"));
+    let mut slow = ws_slow_reader_at(addr.parse().unwrap(), &url).await;
+    slow.subscribed("room:r1").await;
+
+    // 2.9 MB of 960-byte frames (the batches' largest), none read by the slow member until the
+    // end: past what its socket holds (a 4 KiB window; here the send buffer stopped growing at
+    // 1.9 MB, short of net.ipv4.tcp_wmem's 4 MiB).
+    const N: u64 = 3000;
+    const PAD: usize = 900;
+    let pad = "x".repeat(PAD);
+    let before = metric_at(&addr, "herald_direct_writes_total").await;
+    // Ten publishes at a time (the seqs are the store's order, whatever the requests' order).
+    for n in (10..=N).step_by(10) {
+        futures_util::future::join_all((0..10).map(|_| {
+            let body = json!({"event": "chat.message", "room": "r1", "data": {"pad": pad}});
+            api_at(&addr, reqwest::Method::POST, "/api/v1/events", Some(body))
+        }))
+        .await;
+        if n == N / 2 {
+            slow.send(json!({"op": "presence", "users": ["slow"], "ref": 77}))
+                .await;
+            slow.stream
+                .send(Message::Ping(vec![7].into()))
+                .await
+                .unwrap();
+        }
+    }
+    let expected: Vec<u64> = (1..=N).collect();
+    for r in readers {
+        assert_eq!(r.await.unwrap(), expected);
+    }
+    let (mut seqs, mut reply) = (Vec::new(), None);
+    while seqs.len() < N as usize || reply.is_none() {
+        let v = slow.next().await;
+        match v["type"].as_str() {
+            Some("event") => {
+                assert_eq!(v["data"]["pad"].as_str().map(str::len), Some(PAD), "{v}");
+                seqs.push(v["seq"].as_u64().unwrap());
+            }
+            Some("reply") => {
+                assert_eq!(
+                    (v["ref"].as_u64(), &v["ok"]),
+                    (Some(77), &json!(true)),
+                    "{v}"
+                );
+                reply = Some(seqs.len());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seqs, expected);
+    // The slow member's socket did fill: its later deliveries went through its queue, not the
+    // fan-out's writes (which took every delivery of the others).
+    let written = metric_at(&addr, "herald_direct_writes_total").await - before;
+    assert!(
+        written < (4 * N) as f64 && written >= (3 * N) as f64,
+        "{written} direct writes of {} deliveries",
+        4 * N
+    );
+    slow.assert_none(Duration::from_millis(200), |v| v["channel"] == "room:r1")
+        .await;
+}
+
+#[tokio::test]
+async fn a_socket_that_fills_up_in_a_batched_send_gets_the_rest_from_its_task() {
+    a_full_socket_in_a_batch(true).await;
+}
+
+#[tokio::test]
+async fn a_socket_that_fills_up_with_one_send_each_gets_the_rest_from_its_task() {
+    a_full_socket_in_a_batch(false).await;
+}

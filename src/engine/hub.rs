@@ -543,7 +543,11 @@ impl SessionHandle {
         if q.closed {
             return None;
         }
-        // Held, the task still waits idle: the flush tick writes it (or wakes the task).
+        // Held, the task still waits idle: the flush tick writes it (or wakes the task). Not past a
+        // quarter of the queue: a flood (800 frames a window for a client of 20,000 events a
+        // second) must not fill it while it waits for the tick, which would close the session as
+        // a slow consumer; past that the task is woken and writes as it would uncoalesced.
+        let hold = hold && q.len() < (self.capacity / 4).max(1);
         if !hold {
             q.idle = false;
         }

@@ -164,3 +164,35 @@ async fn read_one(ws: &mut Ws, next: &mut u64, pad: usize) -> u64 {
     *next += 1;
     replies
 }
+
+/// A flood to one client while coalescing (more events in one window than its queue holds): the
+/// queue is not left to fill up waiting for the tick, whose write would take only a part of it;
+/// past a write's worth the session's task is woken and writes as it would uncoalesced. Every event
+/// arrives, once and in order, and the session stays open.
+#[tokio::test]
+async fn a_flood_within_one_window_does_not_fill_the_queue_while_it_waits() {
+    let t = TestServer::start_with(|c| {
+        c.coalesce = Coalesce::On;
+        c.coalesce_window = Duration::from_secs(1);
+        c.limits.queue_frames = 64;
+    })
+    .await;
+    t.join("r1", "alice").await;
+    let mut ws = t.ws("alice").await;
+    ws.subscribed("room:r1").await;
+    // 200 events well within one 1 s window: three times what the queue holds.
+    const N: u64 = 200;
+    for n in 1..=N {
+        t.publish(json!({"event": "chat.message", "room": "r1", "data": {"n": n}}))
+            .await;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < N as usize {
+        let v = ws.next().await;
+        assert_ne!(v["type"], "disconnect", "{v}");
+        if v["type"] == "event" {
+            seqs.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+}

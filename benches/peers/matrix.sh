@@ -2,7 +2,8 @@
 # The side-by-side harness (../shared/bench/peers, or $PEERS) with herald's own driver variants
 # added: herald-compact (compact event frames), herald-nagle (TCP_NODELAY off), herald-1w (one
 # tokio worker thread per node), herald-queued (no direct writes from the fan-out),
-# herald-uncoalesced (coalesced writes off), herald-w50 (a 50 ms coalescing window, against the default 40), and `floor`
+# herald-uncoalesced (coalesced writes off), herald-w50 (a 50 ms coalescing window, against the default 40),
+# herald-nouring (one send() per socket from the writer tasks, no io_uring batches), and `floor`
 # (examples/fanfloor: the least a node can do; cargo build --release --example fanfloor). The harness is
 # copied to a scratch directory (it stays untouched), these drivers are put beside its herald driver,
 # and its matrix.sh runs with the arguments and environment given, e.g.

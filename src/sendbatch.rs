@@ -125,6 +125,7 @@ mod ring {
         bytes: &[u8],
         sent: &mut [isize],
     ) -> bool {
+        let mut left = 0;
         {
             let mut sq = ring.submission();
             for (i, (fd, range)) in jobs.iter().enumerate() {
@@ -135,21 +136,25 @@ mod ring {
                     .user_data(i as u64);
                 #[allow(unsafe_code)]
                 // SAFETY: `buf` (inside `bytes`) and `fd` outlive the send: this function waits for
-                // every completion before it returns, and the caller keeps `bytes` and the
-                // descriptors for the call. The ring holds `MOST` entries and was drained before.
-                let pushed = unsafe { sq.push(&sqe) };
-                debug_assert!(pushed.is_ok(), "the ring was drained");
+                // the completion of every send it queued before it returns, and the caller keeps
+                // `bytes` and the descriptors for the call. The ring holds `MOST` entries, all
+                // drained by the call before.
+                match unsafe { sq.push(&sqe) } {
+                    Ok(()) => left += 1,
+                    // Not queued (it cannot be full): not sent, left to the caller.
+                    Err(_) => sent[i] = -(libc::EAGAIN as isize),
+                }
             }
         }
-        let mut left = jobs.len();
+        // Which sends completed (each has one completion).
+        let mut done = [false; MOST];
         let mut refused = 0;
         while left > 0 {
             match ring.submit_and_wait(left) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // The kernel took none of what is still queued (EAGAIN: no memory for requests
-                // now): try again, and past a few hundred tries leave those sends to the callers
-                // as not sent (the sessions' tasks write them) and stop using io_uring.
+                // now): try again, and past a few hundred tries give up on io_uring.
                 Err(e) => {
                     refused += 1;
                     if refused <= 300 {
@@ -157,30 +162,35 @@ mod ring {
                         continue;
                     }
                     tracing::warn!(error = %e, "io_uring_enter keeps failing: one send() per write from now on.");
+                    reap(ring, sent, &mut done, &mut left);
                     // What it did not take is left to the callers as not sent (the sessions'
-                    // tasks write it), and the ring is dropped with it, so it is never sent;
-                    // what it took completed as it was taken (non-blocking sends).
-                    for cqe in ring.completion() {
-                        if let Some(out) = sent.get_mut(cqe.user_data() as usize) {
-                            *out = cqe.result() as isize;
-                            left = left.saturating_sub(1);
+                    // tasks write it), and the ring is dropped with it, so it is never sent (what
+                    // it took completed as it was taken: non-blocking sends).
+                    for (out, done) in sent.iter_mut().zip(done) {
+                        if !done {
+                            *out = -(libc::EAGAIN as isize);
                         }
-                    }
-                    let untaken = ring.submission().len();
-                    for out in &mut sent[jobs.len() - untaken..] {
-                        *out = -(libc::EAGAIN as isize);
                     }
                     return false;
                 }
             }
-            for cqe in ring.completion() {
-                if let Some(out) = sent.get_mut(cqe.user_data() as usize) {
-                    *out = cqe.result() as isize;
-                    left = left.saturating_sub(1);
-                }
-            }
+            reap(ring, sent, &mut done, &mut left);
         }
         true
+    }
+
+    /// Takes the completions there are: each send's result into `sent`.
+    fn reap(ring: &mut IoUring, sent: &mut [isize], done: &mut [bool; MOST], left: &mut usize) {
+        for cqe in ring.completion() {
+            let i = cqe.user_data() as usize;
+            if let (Some(out), Some(d)) = (sent.get_mut(i), done.get_mut(i))
+                && !*d
+            {
+                *out = cqe.result() as isize;
+                *d = true;
+                *left = left.saturating_sub(1);
+            }
+        }
     }
 }
 

@@ -29,8 +29,8 @@ pub(crate) fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether a batch would go through io_uring now (false before this thread's first batch when the
-/// ring is yet to be tried, if it will fail).
+/// Whether batches go through io_uring: true until configuration turns it off or a thread finds
+/// that no ring can be made (the first batch after that, on any thread, is plain `send()`s).
 pub(crate) fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }

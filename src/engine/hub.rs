@@ -476,22 +476,42 @@ impl SessionHandle {
     /// queue's lock, which `q` holds); true when written (or dropped, as already sent). A frame the
     /// socket did not take whole, or one the subscription must check first, goes to the front of
     /// the queue for the task, which is woken.
-    fn write_live(mut q: std::sync::MutexGuard<'_, Queue>, d: &Arc<Delivery>) -> bool {
-        let item = match q.subs.live(d) {
-            Live::Skip => return true,
-            Live::Queue => Outbound::Deliver(d.clone()),
-            Live::Write => {
-                let Some(w) = &q.direct else {
-                    return false;
-                };
-                let Some(wrote) = w.socket.write_text(w.token, d.frame_for(w.format)) else {
-                    return true;
-                };
-                // The socket is full (or gone): the task writes the rest, before anything else.
-                Outbound::Rest(d.clone(), wrote)
+    fn write_live(q: std::sync::MutexGuard<'_, Queue>, d: &Arc<Delivery>) -> bool {
+        match Self::check_live(q, d) {
+            Ok(q) => Self::write_checked(q, d),
+            Err(written) => written,
+        }
+    }
+
+    /// [`write_live`](Self::write_live)'s check: `Ok` with the lock when `d` is to be written to
+    /// the socket now; else whether it counts as written (dropped, as already sent), a delivery the
+    /// subscription must check first going to the front of the queue for the task, woken.
+    fn check_live<'a>(
+        mut q: std::sync::MutexGuard<'a, Queue>,
+        d: &Arc<Delivery>,
+    ) -> Result<std::sync::MutexGuard<'a, Queue>, bool> {
+        match q.subs.live(d) {
+            Live::Skip => Err(true),
+            Live::Queue => {
+                Self::left_to_task(q, Outbound::Deliver(d.clone()));
+                Err(false)
             }
+            Live::Write if q.direct.is_some() => Ok(q),
+            Live::Write => Err(false),
+        }
+    }
+
+    /// [`write_live`](Self::write_live)'s write, of a delivery [`check_live`](Self::check_live)
+    /// let through: true when the socket took all of it, else the task writes the rest.
+    fn write_checked(q: std::sync::MutexGuard<'_, Queue>, d: &Arc<Delivery>) -> bool {
+        let Some(w) = &q.direct else {
+            return false;
         };
-        Self::left_to_task(q, item);
+        let Some(wrote) = w.socket.write_text(w.token, d.frame_for(w.format)) else {
+            return true;
+        };
+        // The socket is full (or gone): the task writes the rest, before anything else.
+        Self::left_to_task(q, Outbound::Rest(d.clone(), wrote));
         false
     }
 
@@ -507,16 +527,27 @@ impl SessionHandle {
     /// is still in its slot and the task still idle (true when written); otherwise
     /// the task, woken, takes it (unless it already did).
     fn write_deferred(&self, d: &Arc<Delivery>) -> bool {
-        let mut q = lock(&self.queue);
+        self.take_deferred(lock(&self.queue), d)
+            .is_some_and(|q| Self::write_live(q, d))
+    }
+
+    /// [`write_deferred`](Self::write_deferred)'s claim on the socket, under the queue's lock `q`:
+    /// the lock back, `d` taken from its slot, when it is still there and the task still idle;
+    /// `None` otherwise (the task, woken, takes it, unless it already did).
+    fn take_deferred<'a>(
+        &self,
+        mut q: std::sync::MutexGuard<'a, Queue>,
+        d: &Arc<Delivery>,
+    ) -> Option<std::sync::MutexGuard<'a, Queue>> {
         if q.closed || !q.deferred.as_ref().is_some_and(|f| Arc::ptr_eq(f, d)) {
-            return false;
+            return None;
         }
-        if self.socket_free(&q) {
-            q.deferred = None;
-            return Self::write_live(q, d);
+        if !self.socket_free(&q) {
+            wake_task(q);
+            return None;
         }
-        wake_task(q);
-        false
+        q.deferred = None;
+        Some(q)
     }
 
     /// Whether a fan-out (or the flush tick) may write to the socket now: the task waits idle with
@@ -1450,7 +1481,7 @@ fn write_all_deferred(chunk: &[Arc<SessionHandle>], d: &Arc<Delivery>) -> u64 {
                 if let Some(next) = part.get(i + 1) {
                     next.prefetch();
                 }
-                let mut q = match s.queue.try_lock() {
+                let q = match s.queue.try_lock() {
                     Ok(q) => q,
                     Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
                     Err(std::sync::TryLockError::WouldBlock) => {
@@ -1458,31 +1489,27 @@ fn write_all_deferred(chunk: &[Arc<SessionHandle>], d: &Arc<Delivery>) -> u64 {
                         continue;
                     }
                 };
-                // As `write_deferred`: taken already, or the task must take it.
-                if q.closed || !q.deferred.as_ref().is_some_and(|f| Arc::ptr_eq(f, d)) {
+                let Some(q) = s.take_deferred(q, d) else {
                     continue;
-                }
-                if !s.socket_free(&q) {
-                    wake_task(q);
-                    continue;
-                }
-                q.deferred = None;
-                match q.subs.live(d) {
-                    Live::Skip => wrote += 1,
-                    Live::Queue => SessionHandle::left_to_task(q, Outbound::Deliver(d.clone())),
-                    Live::Write => {
-                        let Some(w) = &q.direct else { continue };
-                        let payload = d.frame_for(w.format);
-                        let start = b.frames.len();
-                        if let Some(fd) = w.socket.batch_frame(w.token, payload, &mut b.frames) {
-                            b.jobs.push((fd, start..b.frames.len()));
-                            locked.push(q);
-                        } else if let Some(took) = w.socket.write_text(w.token, payload) {
-                            SessionHandle::left_to_task(q, Outbound::Rest(d.clone(), took));
-                        } else {
-                            wrote += 1;
-                        }
+                };
+                let q = match SessionHandle::check_live(q, d) {
+                    Ok(q) => q,
+                    Err(written) => {
+                        wrote += u64::from(written);
+                        continue;
                     }
+                };
+                let start = b.frames.len();
+                let fd = q.direct.as_ref().and_then(|w| {
+                    w.socket
+                        .batch_frame(w.token, d.frame_for(w.format), &mut b.frames)
+                });
+                match fd {
+                    Some(fd) => {
+                        b.jobs.push((fd, start..b.frames.len()));
+                        locked.push(q);
+                    }
+                    None => wrote += u64::from(SessionHandle::write_checked(q, d)),
                 }
             }
             crate::sendbatch::send_all(&b.jobs, &b.frames, &mut b.sent);

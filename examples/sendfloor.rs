@@ -86,51 +86,25 @@ const HELP: &str =
 
 Prints one JSON line: sends, sends_per_s, sender_cpu_us_per_send, reader_cpu_us_per_frame.";
 
-/// One frame to every connection, in io_uring submissions of 64 sends (one ring, made once per
-/// thread): the sends made.
-#[cfg(target_os = "linux")]
-fn send_round_uring(servers: &[TcpStream], frame: &[u8]) -> std::io::Result<u64> {
+/// One frame to every connection the way herald's writer tasks send (`herald::sendbatch`: io_uring
+/// submissions of 64 non-blocking sends), what a full socket did not take written after, blocking:
+/// the sends made.
+fn send_round_uring(servers: &mut [TcpStream], frame: &[u8]) -> std::io::Result<u64> {
     use std::os::fd::AsRawFd;
-    thread_local! {
-        static RING: std::cell::RefCell<Option<io_uring::IoUring>> = const { std::cell::RefCell::new(None) };
+    let jobs: Vec<_> = servers
+        .iter()
+        .map(|s| (s.as_raw_fd(), 0..frame.len()))
+        .collect();
+    let mut sent = Vec::with_capacity(jobs.len());
+    herald::sendbatch::send_all(&jobs, frame, &mut sent);
+    for (s, n) in servers.iter_mut().zip(sent) {
+        match usize::try_from(n) {
+            Ok(n) => s.write_all(&frame[n..])?,
+            Err(_) if n == -(libc::EAGAIN as isize) => s.write_all(frame)?,
+            Err(_) => return Err(std::io::Error::from_raw_os_error(-n as i32)),
+        }
     }
-    RING.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(io_uring::IoUring::new(64)?);
-        }
-        let ring = slot.as_mut().expect("made above");
-        for chunk in servers.chunks(64) {
-            for (i, s) in chunk.iter().enumerate() {
-                let e = io_uring::opcode::Send::new(
-                    io_uring::types::Fd(s.as_raw_fd()),
-                    frame.as_ptr(),
-                    frame.len() as u32,
-                )
-                .build()
-                .user_data(i as u64);
-                #[allow(unsafe_code)]
-                // SAFETY: `frame` and the streams outlive the sends: every completion is reaped
-                // below, before this returns.
-                unsafe { ring.submission().push(&e) }.map_err(std::io::Error::other)?;
-            }
-            ring.submit_and_wait(chunk.len())?;
-            for c in ring.completion() {
-                if c.result() != frame.len() as i32 {
-                    return Err(std::io::Error::other(format!(
-                        "a send wrote {}",
-                        c.result()
-                    )));
-                }
-            }
-        }
-        Ok(servers.len() as u64)
-    })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn send_round_uring(_: &[TcpStream], _: &[u8]) -> std::io::Result<u64> {
-    Err(std::io::Error::other("--uring needs Linux"))
+    Ok(servers.len() as u64)
 }
 
 /// This thread's time on the CPU, from /proc/thread-self/schedstat (ns).
@@ -214,7 +188,7 @@ fn run(args: &Args) -> std::io::Result<()> {
             std::thread::sleep(wait);
         }
         if args.uring {
-            sends += send_round_uring(&servers, &frame)?;
+            sends += send_round_uring(&mut servers, &frame)?;
             continue;
         }
         for s in &mut servers {

@@ -41,7 +41,7 @@ pub mod presence;
 pub(crate) mod primitives;
 pub mod push;
 pub mod rules;
-pub(crate) mod sendbatch;
+pub mod sendbatch;
 pub mod transport;
 
 use std::future::Future;

@@ -17,9 +17,11 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Most sends in one submission (the ring's size).
-pub(crate) const MOST: usize = 64;
+pub const MOST: usize = 64;
 
-const FLAGS: i32 = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+/// How every fan-out send is made, batched or not: without waiting, and a closed peer an error
+/// rather than a SIGPIPE.
+pub(crate) const FLAGS: i32 = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
 
 /// io_uring may be tried (cleared by configuration, or once a ring could not be made).
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -38,7 +40,7 @@ pub(crate) fn enabled() -> bool {
 /// Sends `bytes[range]` on each `(fd, range)` of `jobs`, without waiting: `sent[i]` is how many
 /// bytes the socket of job `i` took, or minus the errno (`-EAGAIN`: full). Every descriptor must
 /// stay open until this returns.
-pub(crate) fn send_all(jobs: &[(RawFd, Range<usize>)], bytes: &[u8], sent: &mut Vec<isize>) {
+pub fn send_all(jobs: &[(RawFd, Range<usize>)], bytes: &[u8], sent: &mut Vec<isize>) {
     sent.clear();
     sent.resize(jobs.len(), 0);
     if jobs.len() > 1 && enabled() && ring::send_all(jobs, bytes, sent) {

@@ -214,32 +214,28 @@ impl Quota {
                 })
             });
         v2.or_else(|| {
-            let v1 = |controller: &str| {
-                own.lines().find_map(|l| {
+            // `file` in `controller`'s directory: the line naming it in `/proc/self/cgroup`, under
+            // the mount named after its co-mounted list (`cpu,cpuacct`) or after it alone.
+            let v1 = |controller: &str, file: &str| {
+                let (list, path) = own.lines().find_map(|l| {
                     let mut parts = l.splitn(3, ':');
                     let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
-                    list.split(',').any(|c| c == controller).then(|| {
-                        (
-                            list.to_owned(),
-                            path.trim().trim_start_matches('/').to_owned(),
-                        )
-                    })
-                })
+                    list.split(',')
+                        .any(|c| c == controller)
+                        .then_some((list, path))
+                })?;
+                let path = path.trim().trim_start_matches('/');
+                [list, controller]
+                    .iter()
+                    .map(|m| root.join(m).join(path).join(file))
+                    .find(|f| f.exists())
             };
-            let (list, path) = v1("cpu")?;
-            let dir = [list.as_str(), "cpu"]
-                .iter()
-                .map(|m| root.join(m).join(&path))
-                .find(|d| d.join("cpu.cfs_quota_us").exists())?;
-            let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-            let cpus = parse_cfs_quota(&read("cpu.cfs_quota_us")?, &read("cpu.cfs_period_us")?)?;
-            let (list, path) = v1("cpuacct")?;
-            let usage = [list.as_str(), "cpuacct"]
-                .iter()
-                .map(|m| root.join(m).join(&path).join("cpuacct.usage"))
-                .find(|f| f.exists())?;
+            let quota = v1("cpu", "cpu.cfs_quota_us")?;
+            let read = |f: &std::path::Path| std::fs::read_to_string(f).ok();
+            let period = read(&quota.with_file_name("cpu.cfs_period_us"))?;
+            let cpus = parse_cfs_quota(&read(&quota)?, &period)?;
             Some(Quota {
-                usage: Usage::V1(usage),
+                usage: Usage::V1(v1("cpuacct", "cpuacct.usage")?),
                 cpus,
                 last: None,
             })
@@ -281,9 +277,7 @@ fn parse_cpu_max(max: &str) -> Option<f64> {
 
 /// CPUs' worth of a cgroup v1 `cpu.cfs_quota_us` over its `cpu.cfs_period_us` (-1: no quota).
 fn parse_cfs_quota(quota: &str, period: &str) -> Option<f64> {
-    let quota: f64 = quota.trim().parse().ok()?;
-    let period: f64 = period.trim().parse().ok()?;
-    (quota > 0.0 && period > 0.0).then(|| quota / period)
+    parse_cpu_max(&format!("{} {}", quota.trim(), period.trim()))
 }
 
 #[cfg(test)]

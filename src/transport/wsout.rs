@@ -303,7 +303,7 @@ fn send_now<'a>(token: u64, parts: impl Iterator<Item = &'a [u8]> + Clone) -> io
     #[allow(unsafe_code)]
     let fd = unsafe { BorrowedFd::borrow_raw(token as RawFd) };
     let socket = socket2::SockRef::from(&fd);
-    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    let flags = crate::sendbatch::FLAGS;
     write_parts(
         parts,
         &socket,
